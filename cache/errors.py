@@ -1,0 +1,30 @@
+"""Errors that reach the user as one line of text.
+
+Every failure a user can cause or meet (bad arguments, missing data, a damaged cache) is raised as a
+:class:`RepaError` subclass with a message written for that user; the CLI prints the message and
+exits with ``exit_code``. Anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+
+class RepaError(Exception):
+    """Base class: a failure explained by its message alone."""
+
+    exit_code: int = 1
+
+
+class UsageError(RepaError):
+    """The user asked for something that cannot work (bad path, unknown name, bad value)."""
+
+    exit_code = 2
+
+
+class CacheError(RepaError):
+    """A cache is missing, uncommitted, damaged or does not match what was asked for."""
+
+    exit_code = 2
+
+
+class FingerprintMismatch(CacheError):
+    """A resume or an added group would mix data made under different settings."""

@@ -1,0 +1,1 @@
+"""Evaluation: samplers, image export, FID and alignment metrics."""

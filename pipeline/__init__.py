@@ -1,0 +1,1 @@
+"""Stage one orchestration: shard plan, dask tasks, resume and commit."""
