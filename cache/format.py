@@ -1,0 +1,243 @@
+"""The on-disk layout of a cache (format v1) and the small typed records stored in it.
+
+A cache is one zarr v3 group plus a few JSON and Parquet files beside the arrays::
+
+    CACHE/
+      zarr.json                     root group; attributes["repa_cache"] = CacheMeta
+      plan.parquet                  cache index -> source key, label (written before any data)
+      latents/                      group: mean, std            (N, V, C, h, w) float32
+      teachers/<name>/              group: patch (N, V, T, D), cls (N, V, D)   float16 by default
+      _records/<group>/<shard>.json one ShardRecord per written shard (after its data is durable)
+      manifest.parquet              plan + per-input outcome (written before the first commit)
+      _commits/<group>.json         CommitRecord, written last: the group is committed
+
+Every array is chunked along the sample axis with zarr's sharding codec: one zarr shard = one
+cache shard = one unit of work, written whole by exactly one task. Inner chunks hold one sample
+(all views), so random access by index reads only what it asks for. The fill value is NaN, so a
+chunk that was never written can never pass for data: readers check shard records, commit
+records and finiteness before they hand anything out. See docs/cache-format.md.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+FORMAT_VERSION = 1
+CODE_VERSION = "0.1.0"
+
+ROOT_ATTR = "repa_cache"
+GROUP_ATTR = "repa_group"
+LATENTS = "latents"
+TEACHER_PREFIX = "teachers/"
+PLAN_FILE = "plan.parquet"
+MANIFEST_FILE = "manifest.parquet"
+RECORDS_DIR = "_records"
+COMMITS_DIR = "_commits"
+
+VIEW_NAMES = ("orig", "hflip")
+CROP_RULE = "adm-center"  # ADM/DiT: BOX-halve while >= 2x, BICUBIC resize of the short side, center crop
+
+
+def teacher_group(name: str) -> str:
+    """Group path of a teacher's features inside the cache."""
+    return f"{TEACHER_PREFIX}{name}"
+
+
+def group_kind(group: str) -> str:
+    """``"latents"`` or ``"teacher"`` for a group path."""
+    if group == LATENTS:
+        return "latents"
+    if group.startswith(TEACHER_PREFIX):
+        return "teacher"
+    raise ValueError(f"not a cache group: {group!r}")
+
+
+def canonical_json(obj: Any) -> str:
+    """JSON with sorted keys and no spaces: the input of every hash in the cache."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+
+
+def sha256_json(obj: Any) -> str:
+    return hashlib.sha256(canonical_json(obj).encode()).hexdigest()
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    """Write ``obj`` as JSON so that readers see either nothing or the whole file.
+
+    Data first, fsync, then rename: after a SIGKILL or power loss the file is either absent or
+    complete, never half written.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1, sort_keys=True, default=str)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read_json(path: Path) -> Any:
+    with open(path) as f:
+        return json.load(f)
+
+
+@dataclass(frozen=True)
+class CacheMeta:
+    """Cache-wide description, fixed when the cache is created (root attributes).
+
+    ``base_fingerprint`` covers everything every group shares: the dataset listing, crop rule,
+    resolution, views, sample order (seed) and shard size. Each group adds its own model part.
+    """
+
+    format_version: int
+    code_version: str
+    num_samples: int
+    shard_size: int
+    resolution: int
+    crop: str
+    views: tuple[str, ...]
+    seed: int
+    class_names: tuple[str, ...]
+    source: dict[str, Any]
+    base_fingerprint: dict[str, Any]
+
+    @property
+    def num_shards(self) -> int:
+        return -(-self.num_samples // self.shard_size)
+
+    def shard_range(self, shard: int) -> tuple[int, int]:
+        """Cache indices ``[start, stop)`` of one shard."""
+        start = shard * self.shard_size
+        return start, min(start + self.shard_size, self.num_samples)
+
+    def shard_of(self, index: int) -> int:
+        return index // self.shard_size
+
+    def to_json(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["views"] = list(self.views)
+        d["class_names"] = list(self.class_names)
+        d["num_shards"] = self.num_shards
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> CacheMeta:
+        names = {f.name for f in dataclasses.fields(cls)}
+        kw = {k: v for k, v in d.items() if k in names}
+        kw["views"] = tuple(kw["views"])
+        kw["class_names"] = tuple(kw["class_names"])
+        return cls(**kw)
+
+
+@dataclass(frozen=True)
+class ArraySpec:
+    """One array of a group: per-sample shape after the (N, V) axes, dtype and codec."""
+
+    name: str
+    sample_shape: tuple[int, ...]
+    dtype: str
+    codec: dict[str, Any]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "sample_shape": list(self.sample_shape), "dtype": self.dtype, "codec": self.codec}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> ArraySpec:
+        return cls(d["name"], tuple(d["sample_shape"]), d["dtype"], d["codec"])
+
+
+@dataclass(frozen=True)
+class GroupMeta:
+    """A feature group (latents or one teacher): what made it and how it is stored.
+
+    ``model`` is the model description known before encoding (ids, revision, preprocessing,
+    scaling factor, geometry); the hash of the weights actually used is in every shard record
+    and in the commit record, since only the workers load the weights.
+    """
+
+    group: str
+    kind: str
+    model: dict[str, Any]
+    arrays: tuple[ArraySpec, ...]
+    fingerprint: dict[str, Any]
+
+    @property
+    def fingerprint_hash(self) -> str:
+        return sha256_json(self.fingerprint)
+
+    def array(self, name: str) -> ArraySpec:
+        for a in self.arrays:
+            if a.name == name:
+                return a
+        raise KeyError(name)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "group": self.group,
+            "kind": self.kind,
+            "model": self.model,
+            "arrays": [a.to_json() for a in self.arrays],
+            "fingerprint": self.fingerprint,
+        }
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> GroupMeta:
+        return cls(d["group"], d["kind"], d["model"], tuple(ArraySpec.from_json(a) for a in d["arrays"]), d["fingerprint"])
+
+
+@dataclass
+class ShardRecord:
+    """Written after one group's shard data is durable: proof that the shard is complete.
+
+    ``outcomes`` lists, for each sample of the shard in cache order, ``[status, reason, width,
+    height]``; ``checksums`` maps array name to the sha256 of the stored zarr shard object.
+    """
+
+    group: str
+    shard: int
+    start: int
+    stop: int
+    count: int
+    checksums: dict[str, str]
+    stored_bytes: dict[str, int]
+    weights_sha256: str
+    fingerprint_hash: str
+    outcomes: list[list[Any]] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> ShardRecord:
+        return cls(**d)
+
+
+def record_path(root: Path, group: str, shard: int) -> Path:
+    return root / RECORDS_DIR / group / f"{shard:06d}.json"
+
+
+def commit_path(root: Path, group: str) -> Path:
+    return root / COMMITS_DIR / f"{group}.json"
+
+
+def fingerprint_diff(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    """Human-readable list of the fields that differ between two fingerprint dicts."""
+    out: list[str] = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key, "<absent>"), new.get(key, "<absent>")
+        name = f"{prefix}{key}"
+        if isinstance(a, dict) and isinstance(b, dict):
+            out.extend(fingerprint_diff(a, b, prefix=f"{name}."))
+        elif canonical_json(a) != canonical_json(b):
+            show_a, show_b = canonical_json(a), canonical_json(b)
+            if len(show_a) > 40 or len(show_b) > 40:
+                out.append(f"{name} (changed)")
+            else:
+                out.append(f"{name}: {show_a} -> {show_b}")
+    return out

@@ -1,0 +1,287 @@
+"""The read side of the cache: open a committed cache and read groups by index or by block.
+
+Readers are stateless on disk (no locks, no reference counts), so any number of training runs
+can read one cache at once, also while another process adds a group. A reader:
+
+* refuses a cache or group without a commit record, and a group whose shards lack records or
+  stored objects (naming the shard);
+* reads only the groups it was asked for;
+* never hands out fill values: rows of skipped inputs are refused by index, and any non-finite
+  value in a row the manifest calls valid (a lost chunk reads back as NaN) raises, naming the
+  shard; with ``verify_checksums=True`` each shard's stored bytes are also hashed on first touch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+import zarr
+
+from cache.errors import CacheError
+from cache.format import (
+    FORMAT_VERSION,
+    GROUP_ATTR,
+    LATENTS,
+    MANIFEST_FILE,
+    ROOT_ATTR,
+    TEACHER_PREFIX,
+    CacheMeta,
+    GroupMeta,
+    ShardRecord,
+    commit_path,
+    read_json,
+    record_path,
+)
+from cache.writer import read_shard_bytes, shard_key
+
+log = logging.getLogger(__name__)
+
+
+def open_meta(path: str | Path) -> tuple[Path, CacheMeta]:
+    """Root folder and metadata of a cache, or a CacheError saying why it is not one."""
+    root = Path(path)
+    if not root.exists():
+        raise CacheError(f"no cache at {root}")
+    if not (root / "zarr.json").is_file():
+        raise CacheError(f"{root} is not a repa cache (no zarr.json)")
+    try:
+        attrs = zarr.open_group(str(root), mode="r").attrs.asdict()
+    except Exception as e:  # noqa: BLE001 - any failure here means "not a readable cache"
+        raise CacheError(f"{root} is not a readable zarr group: {e}") from e
+    if ROOT_ATTR not in attrs:
+        raise CacheError(f"{root} is a zarr group but not a repa cache (no '{ROOT_ATTR}' attributes)")
+    meta = CacheMeta.from_json(attrs[ROOT_ATTR])
+    if meta.format_version > FORMAT_VERSION:
+        raise CacheError(f"{root} has cache format v{meta.format_version}; this version reads v{FORMAT_VERSION}")
+    return root, meta
+
+
+def list_groups(root: Path) -> list[str]:
+    """Group paths present in the cache (committed or not), latents first."""
+    out = []
+    if (root / LATENTS / "zarr.json").exists():
+        out.append(LATENTS)
+    tdir = root / TEACHER_PREFIX.rstrip("/")
+    if tdir.is_dir():
+        out += [f"{TEACHER_PREFIX}{p.name}" for p in sorted(tdir.iterdir()) if (p / "zarr.json").exists()]
+    return out
+
+
+def group_meta(root: Path, group: str) -> GroupMeta:
+    attrs = zarr.open_group(str(root / group), mode="r").attrs.asdict()
+    return GroupMeta.from_json(attrs[GROUP_ATTR])
+
+
+def commit_record(root: Path, group: str) -> dict[str, Any] | None:
+    path = commit_path(root, group)
+    return read_json(path) if path.exists() else None
+
+
+@dataclass(frozen=True)
+class GroupInfo:
+    meta: GroupMeta
+    commit: dict[str, Any]
+    arrays: dict[str, zarr.Array]
+    records: dict[int, ShardRecord]
+
+
+class CacheReader:
+    """Random-access and block reads of a committed cache.
+
+    ``groups`` names what to read: ``"latents"`` and/or ``"teachers/<name>"`` (a bare teacher
+    name is accepted too). ``None`` opens every committed group. Returned arrays are keyed
+    ``"<group>/<array>"``, e.g. ``"latents/mean"`` or ``"teachers/dinov2-vit-b/patch"``, and have
+    shape ``(n, V, ...)`` with V the stored views (``meta.views``).
+    """
+
+    def __init__(self, path: str | Path, groups: Iterable[str] | None = None, verify_checksums: bool = False) -> None:
+        self.root, self.meta = open_meta(path)
+        present = list_groups(self.root)
+        if groups is None:
+            wanted = [g for g in present if commit_path(self.root, g).exists()]
+            if not wanted:
+                raise CacheError(f"{self.root} has no committed group (was its precompute interrupted? run it again)")
+        else:
+            wanted = [self.resolve_group(g) for g in groups]
+        self.verify_checksums = verify_checksums
+        self._verified: set[tuple[str, int]] = set()
+        self._lock = threading.Lock()
+        self.groups: dict[str, GroupInfo] = {g: self._open_group(g, present) for g in wanted}
+        manifest = pq.read_table(self.root / MANIFEST_FILE)
+        self.labels: np.ndarray = manifest.column("label").to_numpy().astype(np.int64)
+        self.keys: list[str] = manifest.column("key").to_pylist()
+        self.status: np.ndarray = np.asarray(manifest.column("status").to_pylist())
+        self.valid: np.ndarray = self.status != "skipped"
+
+    # -- opening -------------------------------------------------------------------------------
+    @staticmethod
+    def resolve_group(name: str) -> str:
+        return name if name == LATENTS or name.startswith(TEACHER_PREFIX) else f"{TEACHER_PREFIX}{name}"
+
+    def _open_group(self, group: str, present: list[str]) -> GroupInfo:
+        if group not in present:
+            have = ", ".join(present) or "none"
+            raise CacheError(f"{self.root} has no group '{group}' (groups present: {have})")
+        commit = commit_record(self.root, group)
+        if commit is None:
+            raise CacheError(f"group '{group}' of {self.root} is not committed (its precompute did not finish; run it again)")
+        gmeta = group_meta(self.root, group)
+        if commit["fingerprint_hash"] != gmeta.fingerprint_hash:
+            raise CacheError(f"group '{group}' of {self.root}: commit record does not match its metadata")
+        grp = zarr.open_group(str(self.root / group), mode="r")
+        arrays = {spec.name: grp[spec.name] for spec in gmeta.arrays}
+        records: dict[int, ShardRecord] = {}
+        for shard in range(self.meta.num_shards):
+            path = record_path(self.root, group, shard)
+            if not path.exists():
+                raise CacheError(f"group '{group}' of {self.root}: shard {shard} has no record (damaged cache)")
+            rec = ShardRecord.from_json(read_json(path))
+            for name, arr in arrays.items():
+                if rec.checksums[name] != "absent" and not _exists(arr, shard):
+                    raise CacheError(f"group '{group}' of {self.root}: shard {shard} of '{name}' is missing")
+            records[shard] = rec
+        return GroupInfo(gmeta, commit, arrays, records)
+
+    # -- properties ----------------------------------------------------------------------------
+    @property
+    def num_samples(self) -> int:
+        return self.meta.num_samples
+
+    @property
+    def views(self) -> tuple[str, ...]:
+        return self.meta.views
+
+    def group(self, name: str) -> GroupInfo:
+        return self.groups[self.resolve_group(name)]
+
+    def valid_indices(self) -> np.ndarray:
+        """Cache indices whose inputs were encoded (not skipped), ascending."""
+        return np.flatnonzero(self.valid)
+
+    # -- reading -------------------------------------------------------------------------------
+    def read(self, indices: Sequence[int] | np.ndarray, groups: Iterable[str] | None = None) -> dict[str, np.ndarray]:
+        """Rows at ``indices`` (any order, repeats allowed) of the requested groups.
+
+        Raises CacheError for an index out of range or of a skipped input.
+        """
+        idx = np.asarray(indices, dtype=np.int64)
+        if idx.size and (idx.min() < 0 or idx.max() >= self.num_samples):
+            raise CacheError(f"index out of range [0, {self.num_samples}) in read()")
+        bad = idx[~self.valid[idx]]
+        if bad.size:
+            raise CacheError(f"cache index {int(bad[0])} is a skipped input ({self.keys[int(bad[0])]}); read valid_indices() only")
+        # Sort once so consecutive rows come from the same shard, then undo the permutation.
+        order = np.argsort(idx, kind="stable")
+        sorted_idx = idx[order]
+        out: dict[str, np.ndarray] = {}
+        for group in self._select(groups):
+            info = self.groups[group]
+            self._check_shards(group, {self.meta.shard_of(int(i)) for i in np.unique(sorted_idx)})
+            for name, arr in info.arrays.items():
+                if sorted_idx.size:
+                    rows = self._decode(group, name, lambda a=arr: a.get_orthogonal_selection((sorted_idx,)), sorted_idx)
+                else:
+                    rows = np.empty((0, *arr.shape[1:]), arr.dtype)
+                self._check_finite(group, name, rows, sorted_idx)
+                data = np.empty_like(rows)
+                data[order] = rows
+                out[f"{group}/{name}"] = data
+        out["label"] = self.labels[idx]
+        out["index"] = idx
+        return out
+
+    def read_block(self, start: int, stop: int, groups: Iterable[str] | None = None) -> dict[str, np.ndarray]:
+        """Valid rows of the contiguous block ``[start, stop)``; ``out["index"]`` says which."""
+        if not 0 <= start <= stop <= self.num_samples:
+            raise CacheError(f"block [{start}, {stop}) is outside [0, {self.num_samples})")
+        keep = self.valid[start:stop]
+        out: dict[str, np.ndarray] = {}
+        for group in self._select(groups):
+            info = self.groups[group]
+            if stop > start:
+                self._check_shards(group, set(range(self.meta.shard_of(start), self.meta.shard_of(stop - 1) + 1)))
+            for name, arr in info.arrays.items():
+                rows = self._decode(group, name, lambda a=arr: a[start:stop], np.arange(start, stop))[keep]
+                self._check_finite(group, name, rows, np.arange(start, stop)[keep])
+                out[f"{group}/{name}"] = rows
+        idx = np.arange(start, stop)[keep]
+        out["label"] = self.labels[idx]
+        out["index"] = idx
+        return out
+
+    def _select(self, groups: Iterable[str] | None) -> list[str]:
+        if groups is None:
+            return list(self.groups)
+        names = [self.resolve_group(g) for g in groups]
+        for g in names:
+            if g not in self.groups:
+                raise CacheError(f"group '{g}' was not opened by this reader (opened: {', '.join(self.groups)})")
+        return names
+
+    def _check_shards(self, group: str, shards: set[int]) -> None:
+        if not self.verify_checksums:
+            return
+        for shard in sorted(shards):
+            if (group, shard) in self._verified:
+                continue
+            problem = check_shard(self.groups[group], shard)
+            if problem:
+                raise CacheError(f"group '{group}' of {self.root}: shard {shard} {problem}")
+            with self._lock:
+                self._verified.add((group, shard))
+
+    def _decode(self, group: str, name: str, read: Any, idx: np.ndarray) -> np.ndarray:
+        """Run a zarr read; a chunk that does not decode becomes a CacheError naming its shard."""
+        try:
+            return read()
+        except Exception as e:  # noqa: BLE001 - codec errors of damaged data have many types
+            shards = sorted({self.meta.shard_of(int(i)) for i in idx})
+            for shard in shards:  # name the shard that is at fault
+                problem = check_shard(self.groups[group], shard)
+                if problem:
+                    raise CacheError(f"group '{group}' of {self.root}: shard {shard} {problem}") from e
+            raise CacheError(f"group '{group}' of {self.root}: shards {shards} of '{name}' do not decode: {e}") from e
+
+    def _check_finite(self, group: str, name: str, rows: np.ndarray, idx: np.ndarray) -> None:
+        if rows.size == 0:
+            return
+        finite = np.isfinite(rows.reshape(rows.shape[0], -1)).all(axis=1)
+        if not finite.all():
+            i = int(idx[np.flatnonzero(~finite)[0]])
+            raise CacheError(
+                f"group '{group}' of {self.root}: shard {self.meta.shard_of(i)} has missing or non-finite data "
+                f"in '{name}' at index {i} (damaged cache; run `repa verify`)"
+            )
+
+
+def _exists(arr: zarr.Array, shard: int) -> bool:
+    from zarr.core.sync import sync
+
+    return bool(sync(arr.store.exists(shard_key(arr, shard))))
+
+
+def check_shard(info: GroupInfo, shard: int) -> str | None:
+    """None when a shard's stored objects hash to its record, else what is wrong."""
+    rec = info.records.get(shard)
+    if rec is None:
+        return "has no record"
+    for name, arr in info.arrays.items():
+        raw = read_shard_bytes(arr, shard)
+        want = rec.checksums.get(name)
+        if raw is None:
+            if want != "absent":
+                return f"of '{name}' is missing"
+            continue
+        if want == "absent":
+            return f"of '{name}' holds data where none was written"
+        if hashlib.sha256(raw).hexdigest() != want:
+            return f"of '{name}' fails its checksum ({len(raw)} bytes stored, {rec.stored_bytes[name]} written)"
+    return None

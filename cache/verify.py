@@ -1,0 +1,112 @@
+"""``repa verify``: check every shard of every group against its record.
+
+For each group: the commit record exists; every shard has a record; every stored shard object
+exists and hashes to the record's checksum; it decodes to the expected shape; and the rows of
+inputs that were not skipped hold finite values (a lost chunk reads back as NaN fill).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import zarr
+from tqdm import tqdm
+
+from cache.format import MANIFEST_FILE, CacheMeta, ShardRecord, read_json, record_path
+from cache.reader import GroupInfo, check_shard, commit_record, group_meta, list_groups, open_meta
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Problem:
+    group: str
+    shard: int | None
+    what: str
+
+    def __str__(self) -> str:
+        where = f"{self.group} shard {self.shard}" if self.shard is not None else self.group
+        return f"{where}: {self.what}"
+
+
+@dataclass
+class VerifyReport:
+    root: Path
+    groups: list[str] = field(default_factory=list)
+    shards_checked: int = 0
+    problems: list[Problem] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def damaged_shards(self) -> list[tuple[str, int]]:
+        return sorted({(p.group, p.shard) for p in self.problems if p.shard is not None})
+
+
+def verify_cache(path: str | Path, quiet: bool = False) -> VerifyReport:
+    """Check the whole cache; never raises for damage, it reports it (CacheError if not a cache)."""
+    root, meta = open_meta(path)
+    report = VerifyReport(root)
+    groups = list_groups(root)
+    report.groups = groups
+    if not groups:
+        report.problems.append(Problem("cache", None, "has no groups"))
+        return report
+    valid = _valid_mask(root, meta)
+    total = len(groups) * meta.num_shards
+    bar = tqdm(total=total, unit="shard", desc="verify", disable=quiet or not sys.stderr.isatty())
+    for group in groups:
+        if commit_record(root, group) is None:
+            report.problems.append(Problem(group, None, "is not committed (its precompute did not finish)"))
+        gmeta = group_meta(root, group)
+        zgroup = zarr.open_group(str(root / group), mode="r")
+        arrays = {spec.name: zgroup[spec.name] for spec in gmeta.arrays}
+        records = {}
+        for shard in range(meta.num_shards):
+            path = record_path(root, group, shard)
+            if path.exists():
+                records[shard] = ShardRecord.from_json(read_json(path))
+        info = GroupInfo(gmeta, {}, arrays, records)
+        for shard in range(meta.num_shards):
+            bar.update(1)
+            report.shards_checked += 1
+            if shard not in records:
+                report.problems.append(Problem(group, shard, "has no record (never finished)"))
+                continue
+            problem = check_shard(info, shard) or _check_contents(info, meta, shard, valid)
+            if problem:
+                report.problems.append(Problem(group, shard, problem))
+    bar.close()
+    return report
+
+
+def _valid_mask(root: Path, meta: CacheMeta) -> np.ndarray | None:
+    if not (root / MANIFEST_FILE).exists():
+        return None
+    status = np.asarray(pq.read_table(root / MANIFEST_FILE, columns=["status"]).column("status").to_pylist())
+    return status != "skipped"
+
+
+def _check_contents(info: GroupInfo, meta: CacheMeta, shard: int, valid: np.ndarray | None) -> str | None:
+    start, stop = meta.shard_range(shard)
+    rec = info.records[shard]
+    keep = np.array([o[0] != "skipped" for o in rec.outcomes], dtype=bool) if valid is None else valid[start:stop]
+    for name, arr in info.arrays.items():
+        try:
+            block = arr[start:stop]
+        except Exception as e:  # noqa: BLE001 - undecodable data is exactly what verify reports
+            return f"of '{name}' does not decode: {e}"
+        spec = info.meta.array(name)
+        want = (stop - start, len(meta.views), *spec.sample_shape)
+        if block.shape != want:
+            return f"of '{name}' has shape {block.shape}, expected {want}"
+        rows = block[keep].reshape(int(keep.sum()), -1)
+        if rows.size and not np.isfinite(rows).all():
+            return f"of '{name}' has missing or non-finite values in encoded rows"
+    return None

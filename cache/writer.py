@@ -1,0 +1,220 @@
+"""The write side of the cache format: create a cache, add groups, write whole shards, commit.
+
+Ordering is what makes a cache trustworthy (see :mod:`cache.format`):
+
+1. ``create_cache`` writes the root metadata and the plan (index -> source key) before any data.
+2. ``create_group`` writes a group's zarr metadata (its arrays are empty: NaN fill).
+3. ``write_shard`` writes one whole zarr shard per array (never a partial shard: zarr's sharding
+   codec does read-modify-write, and two writers on one shard lose data), makes it durable, hashes
+   the stored bytes and only then writes the shard record.
+4. ``commit_group`` checks that every shard has a record, writes the manifest and finally the
+   commit record. Readers trust a group only once its commit record exists.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import zarr
+from zarr.codecs import BloscCodec
+from zarr.core.buffer import default_buffer_prototype
+from zarr.core.sync import sync
+
+from cache.errors import CacheError
+from cache.format import (
+    GROUP_ATTR,
+    MANIFEST_FILE,
+    PLAN_FILE,
+    ROOT_ATTR,
+    ArraySpec,
+    CacheMeta,
+    GroupMeta,
+    ShardRecord,
+    commit_path,
+    read_json,
+    record_path,
+    sha256_json,
+    write_json_atomic,
+)
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CODEC: dict[str, Any] = {"name": "blosc", "cname": "zstd", "clevel": 3, "shuffle": "shuffle"}
+
+
+def make_codec(codec: dict[str, Any]) -> BloscCodec:
+    if codec.get("name") != "blosc":
+        raise CacheError(f"unsupported codec {codec!r} (this version writes blosc)")
+    return BloscCodec(cname=codec["cname"], clevel=codec["clevel"], shuffle=codec["shuffle"])
+
+
+def create_cache(root: Path, meta: CacheMeta, plan: pa.Table) -> None:
+    """Create an empty cache: root group with its metadata, and the plan table."""
+    root.mkdir(parents=True, exist_ok=True)
+    zarr.open_group(str(root), mode="w", attributes={ROOT_ATTR: meta.to_json()})
+    _write_parquet_atomic(root / PLAN_FILE, plan)
+
+
+def _write_parquet_atomic(path: Path, table: pa.Table) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    pq.write_table(table, tmp)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def create_group(root: Path, meta: CacheMeta, gmeta: GroupMeta) -> None:
+    """Create a group and its (empty) arrays. Safe to call again with identical metadata."""
+    store_root = zarr.open_group(str(root), mode="r+")
+    grp = store_root.require_group(gmeta.group)
+    for spec in gmeta.arrays:
+        shape = (meta.num_samples, len(meta.views), *spec.sample_shape)
+        if spec.name in grp:
+            continue
+        grp.create_array(
+            spec.name,
+            shape=shape,
+            shards=(meta.shard_size, *shape[1:]),
+            chunks=(1, *shape[1:]),
+            dtype=spec.dtype,
+            compressors=make_codec(spec.codec),
+            fill_value=np.nan,
+            dimension_names=("sample", "view", *[f"d{i}" for i in range(len(spec.sample_shape))]),
+        )
+    grp.attrs[GROUP_ATTR] = gmeta.to_json()
+
+
+def shard_key(array: zarr.Array, shard: int) -> str:
+    """Store key of one zarr shard object (= one cache shard) of ``array``."""
+    coords = (shard,) + (0,) * (array.ndim - 1)
+    return f"{array.path}/{array.metadata.encode_chunk_key(coords)}"
+
+
+def read_shard_bytes(array: zarr.Array, shard: int) -> bytes | None:
+    """Raw stored bytes of one shard, or None when the object is absent."""
+    buf = sync(array.store.get(shard_key(array, shard), prototype=default_buffer_prototype()))
+    return None if buf is None else buf.to_bytes()
+
+
+def _fsync_local(array: zarr.Array, shard: int) -> None:
+    root = getattr(array.store, "root", None)
+    if root is None:
+        return
+    path = Path(root) / shard_key(array, shard)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_shard(
+    root: Path,
+    meta: CacheMeta,
+    gmeta: GroupMeta,
+    shard: int,
+    data: dict[str, np.ndarray],
+    outcomes: list[list[Any]],
+    weights_sha256: str,
+) -> ShardRecord:
+    """Write one whole shard of every array of a group, then its record.
+
+    ``data[name]`` has shape ``(stop - start, V, *sample_shape)``; rows of skipped inputs must be
+    NaN (they are never read as data). Returns the record that was written.
+    """
+    start, stop = meta.shard_range(shard)
+    grp = zarr.open_group(str(root), mode="r+")[gmeta.group]
+    checksums: dict[str, str] = {}
+    stored: dict[str, int] = {}
+    for spec in gmeta.arrays:
+        arr = grp[spec.name]
+        block = data[spec.name]
+        expected = (stop - start, len(meta.views), *spec.sample_shape)
+        if block.shape != expected:
+            raise ValueError(f"{gmeta.group}/{spec.name} shard {shard}: shape {block.shape}, expected {expected}")
+        arr[start:stop] = block.astype(spec.dtype, copy=False)
+        _fsync_local(arr, shard)
+        raw = read_shard_bytes(arr, shard)
+        if raw is None:  # every row skipped: nothing to store, NaN fill is the truth
+            checksums[spec.name], stored[spec.name] = "absent", 0
+        else:
+            checksums[spec.name], stored[spec.name] = hashlib.sha256(raw).hexdigest(), len(raw)
+    record = ShardRecord(
+        group=gmeta.group,
+        shard=shard,
+        start=start,
+        stop=stop,
+        count=stop - start,
+        checksums=checksums,
+        stored_bytes=stored,
+        weights_sha256=weights_sha256,
+        fingerprint_hash=gmeta.fingerprint_hash,
+        outcomes=outcomes,
+    )
+    write_json_atomic(record_path(root, gmeta.group, shard), record.to_json())
+    return record
+
+
+def load_records(root: Path, meta: CacheMeta, group: str) -> dict[int, ShardRecord]:
+    """All shard records present for a group, by shard number."""
+    out: dict[int, ShardRecord] = {}
+    for shard in range(meta.num_shards):
+        path = record_path(root, group, shard)
+        if path.exists():
+            out[shard] = ShardRecord.from_json(read_json(path))
+    return out
+
+
+def manifest_table(plan: pa.Table, outcomes: list[list[Any]]) -> pa.Table:
+    """The plan with each input's outcome: status, reason and original size."""
+    status, reason, width, height = zip(*outcomes) if outcomes else ((), (), (), ())
+    return plan.append_column("status", pa.array(list(status), pa.string())) \
+        .append_column("reason", pa.array(list(reason), pa.string())) \
+        .append_column("width", pa.array(list(width), pa.int32())) \
+        .append_column("height", pa.array(list(height), pa.int32()))
+
+
+def commit_group(root: Path, meta: CacheMeta, gmeta: GroupMeta) -> dict[str, Any]:
+    """Commit a group whose shards are all written: manifest, then the commit record (last)."""
+    records = load_records(root, meta, gmeta.group)
+    missing = [s for s in range(meta.num_shards) if s not in records]
+    if missing:
+        raise CacheError(f"cannot commit {gmeta.group}: shards {missing[:10]} have no record")
+    weights = {r.weights_sha256 for r in records.values()}
+    if len(weights) != 1:
+        raise CacheError(f"cannot commit {gmeta.group}: its shards were written with different weights {sorted(weights)}")
+    if any(r.fingerprint_hash != gmeta.fingerprint_hash for r in records.values()):
+        raise CacheError(f"cannot commit {gmeta.group}: some shards were written under another fingerprint")
+    outcomes = [o for s in range(meta.num_shards) for o in records[s].outcomes]
+    plan = pq.read_table(root / PLAN_FILE)
+    manifest = manifest_table(plan, outcomes)
+    mpath = root / MANIFEST_FILE
+    if mpath.exists():
+        old = pq.read_table(mpath)
+        if not old.select(["status", "reason"]).equals(manifest.select(["status", "reason"])):
+            raise CacheError(
+                f"cannot commit {gmeta.group}: the inputs decoded differently than when the cache was "
+                "first written (did the image files change?)"
+            )
+    else:
+        _write_parquet_atomic(mpath, manifest)
+    statuses = manifest.column("status").to_pylist()
+    commit = {
+        "group": gmeta.group,
+        "fingerprint_hash": gmeta.fingerprint_hash,
+        "weights_sha256": weights.pop(),
+        "num_shards": meta.num_shards,
+        "records_sha256": sha256_json([records[s].checksums for s in range(meta.num_shards)]),
+        "counts": {k: statuses.count(k) for k in ("ok", "converted", "skipped")},
+        "committed_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    write_json_atomic(commit_path(root, gmeta.group), commit)
+    return commit

@@ -1,0 +1,154 @@
+"""The ``repa`` command line: thin commands that parse their arguments and call one function."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from cache.errors import RepaError
+
+app = typer.Typer(
+    name="repa",
+    help="Encode a dataset once (SD-VAE latents + teacher ViT features) and train REPA models from the cache.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+@app.command()
+def precompute(
+    data: Annotated[Path, typer.Argument(help="Image folder (one sub-folder per class) or folder of webdataset .tar shards.")],
+    out: Annotated[Path, typer.Argument(help="Cache folder to create, resume, or add teachers to.")],
+    resolution: Annotated[int, typer.Option(help="Crop size in pixels (ADM center crop).")] = 256,
+    vae: Annotated[
+        Optional[str], typer.Option(help="Diffusers AutoencoderKL: HF id, local folder, or 'tiny'. Default: the cache's VAE, else stabilityai/sd-vae-ft-ema.")
+    ] = None,
+    vae_revision: Annotated[Optional[str], typer.Option(help="HF revision of the VAE.")] = None,
+    teacher: Annotated[Optional[list[str]], typer.Option(help="Teacher name from the registry (repeatable). Default: dinov2-vit-b.")] = None,
+    teacher_checkpoint: Annotated[
+        Optional[list[str]], typer.Option(help="NAME=FILE: load a teacher's weights from a local file (repeatable).")
+    ] = None,
+    flip: Annotated[bool, typer.Option(help="Also encode the horizontally flipped view.")] = True,
+    shard_size: Annotated[int, typer.Option(help="Samples per shard (the unit of work and of writing).")] = 256,
+    batch_size: Annotated[int, typer.Option(help="Images per encoder forward pass.")] = 64,
+    feature_dtype: Annotated[str, typer.Option(help="Stored teacher feature dtype: float16 or float32.")] = "float16",
+    device: Annotated[str, typer.Option(help="'auto' (one GPU per worker, else CPU), 'cpu', 'cuda', 'cuda:1'.")] = "auto",
+    workers: Annotated[Optional[int], typer.Option(help="Local dask worker processes. Default: one per GPU, else 1.")] = None,
+    scheduler: Annotated[Optional[str], typer.Option(help="Address of an existing dask scheduler (tcp://host:8786).")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the sample order permutation.")] = 0,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+) -> None:
+    """Encode DATA into the cache OUT. Running it again resumes; naming a new --teacher adds it."""
+    from pipeline.plan import PrecomputeConfig
+    from pipeline.precompute import describe_result, precompute as run
+
+    cfg = PrecomputeConfig(
+        data=str(data),
+        out=str(out),
+        resolution=resolution,
+        vae=vae,
+        vae_revision=vae_revision,
+        teachers=tuple(teacher) if teacher else ("dinov2-vit-b",),
+        teacher_checkpoints=_pairs(teacher_checkpoint or [], "--teacher-checkpoint"),
+        flip=flip,
+        shard_size=shard_size,
+        batch_size=batch_size,
+        feature_dtype=feature_dtype,
+        device=device,
+        workers=workers,
+        scheduler=scheduler,
+        seed=seed,
+        quiet=quiet,
+    )
+    print(describe_result(run(cfg)))
+
+
+def _pairs(values: list[str], flag: str) -> dict[str, str]:
+    from cache.errors import UsageError
+
+    out = {}
+    for v in values:
+        if "=" not in v:
+            raise UsageError(f"{flag} takes NAME=FILE, got '{v}'")
+        k, f = v.split("=", 1)
+        out[k] = f
+    return out
+
+
+@app.command()
+def stats(
+    cache: Annotated[Path, typer.Argument(help="Cache folder.")],
+    json_out: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+    plot: Annotated[Optional[Path], typer.Option(help="Write histograms to this PNG file.")] = None,
+    max_samples: Annotated[int, typer.Option(help="Samples read for latent/feature statistics.")] = 10_000,
+) -> None:
+    """Print what a cache holds: samples, classes, outcomes, groups, storage, latent and feature statistics."""
+    from cache.stats import cache_stats, format_stats, plot_stats
+
+    s = cache_stats(cache, max_samples=max_samples, with_histograms=plot is not None)
+    if plot is not None:
+        plot_stats(s, plot)
+    s.pop("_histograms", None)
+    print(json.dumps(s, indent=1, default=str) if json_out else format_stats(s))
+
+
+@app.command()
+def verify(
+    cache: Annotated[Path, typer.Argument(help="Cache folder.")],
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+) -> None:
+    """Check every shard's checksum, shape and completeness. Exit 0 if intact, 1 naming each damaged shard."""
+    from cache.verify import verify_cache
+
+    report = verify_cache(cache, quiet=quiet)
+    for p in report.problems:
+        print(f"DAMAGED {p}")
+    if report.ok:
+        print(f"ok: {report.shards_checked} shards in {len(report.groups)} groups verified ({', '.join(report.groups)})")
+    else:
+        print(f"{len(report.problems)} problem(s) in {report.root}")
+        raise typer.Exit(1)
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option(help="Folder for the demo images and cache.")] = Path("demo-out"),
+    per_class: Annotated[int, typer.Option(help="Images per class (4 classes).")] = 12,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
+) -> None:
+    """Run the whole pipeline offline on a small generated image set with tiny random-init models."""
+    from pipeline.demo import run_demo
+
+    run_demo(out, per_class=per_class, quiet=quiet)
+
+
+def main() -> None:
+    """Entry point: configure logging once, turn user-facing errors into one line and an exit code."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        app(standalone_mode=False)
+    except RepaError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(e.exit_code)
+    except typer.Exit as e:
+        sys.exit(e.exit_code)
+    except (typer.Abort, KeyboardInterrupt):
+        print("aborted", file=sys.stderr)
+        sys.exit(130)
+    except Exception as e:  # click usage errors in standalone_mode=False
+        import click
+
+        if isinstance(e, click.exceptions.ClickException):
+            e.show()
+            sys.exit(e.exit_code)
+        raise
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,91 @@
+"""The shard plan: a seeded permutation of the source listing cut into fixed-size shards, and the
+fingerprints that decide whether a resume or an added group may write into an existing cache."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from cache.format import CODE_VERSION, CROP_RULE, FORMAT_VERSION, VIEW_NAMES, CacheMeta
+from stages.images import SourceListing
+
+
+@dataclass(frozen=True)
+class PrecomputeConfig:
+    """Everything ``repa precompute`` needs; defaults follow the REPA recipe (256 px, SD-VAE ft-ema,
+    DINOv2-B). The resolved config is stored in the cache's root metadata."""
+
+    data: str
+    out: str
+    resolution: int = 256
+    vae: str | None = None  # None: the cache's VAE when resuming, else stages.vae.DEFAULT_VAE
+    vae_revision: str | None = None
+    teachers: tuple[str, ...] = ("dinov2-vit-b",)
+    teacher_checkpoints: dict[str, str] = field(default_factory=dict)
+    flip: bool = True
+    shard_size: int = 256
+    batch_size: int = 64
+    device: str = "auto"
+    workers: int | None = None
+    scheduler: str | None = None
+    seed: int = 0
+    feature_dtype: str = "float16"
+    processes: bool = True
+    quiet: bool = False
+
+    @property
+    def views(self) -> tuple[str, ...]:
+        return VIEW_NAMES if self.flip else VIEW_NAMES[:1]
+
+
+def sample_order(num_items: int, seed: int) -> np.ndarray:
+    """Cache index -> listing position: a seeded permutation, so every contiguous block of the
+    cache is already class-mixed."""
+    return np.random.default_rng(seed).permutation(num_items)
+
+
+def base_fingerprint(listing: SourceListing, cfg: PrecomputeConfig) -> dict[str, Any]:
+    """The part of the fingerprint every group of a cache shares."""
+    return {
+        "format_version": FORMAT_VERSION,
+        "listing": listing.fingerprint(),
+        "num_samples": len(listing.items),
+        "resolution": cfg.resolution,
+        "crop": CROP_RULE,
+        "views": list(cfg.views),
+        "seed": cfg.seed,
+        "shard_size": cfg.shard_size,
+    }
+
+
+def make_plan(listing: SourceListing, cfg: PrecomputeConfig) -> tuple[CacheMeta, pa.Table]:
+    """Root metadata and plan table (cache index -> source key, label) for a new cache."""
+    order = sample_order(len(listing.items), cfg.seed)
+    items = [listing.items[i] for i in order]
+    plan = pa.table(
+        {
+            "index": pa.array(np.arange(len(items)), pa.int64()),
+            "key": pa.array([it.key for it in items], pa.string()),
+            "label": pa.array([it.label for it in items], pa.int32()),
+            "class_name": pa.array([listing.class_names[it.label] for it in items], pa.string()),
+            "source_position": pa.array(order, pa.int64()),
+            "source_bytes": pa.array([it.size for it in items], pa.int64()),
+        }
+    )
+    meta = CacheMeta(
+        format_version=FORMAT_VERSION,
+        code_version=CODE_VERSION,
+        num_samples=len(items),
+        shard_size=cfg.shard_size,
+        resolution=cfg.resolution,
+        crop=CROP_RULE,
+        views=cfg.views,
+        seed=cfg.seed,
+        class_names=listing.class_names,
+        source=listing.describe(),
+        base_fingerprint=base_fingerprint(listing, cfg),
+    )
+    return meta, plan

@@ -1,0 +1,200 @@
+"""``repa precompute``: encode a dataset into a cache, resuming or adding groups as needed.
+
+Running the same command again is always safe: it compares fingerprints, skips committed groups,
+and submits only the shards that have no record yet. Asking for a new teacher on an existing cache
+re-reads the images but does not run the VAE.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from cache.errors import FingerprintMismatch, UsageError
+from cache.format import PLAN_FILE, ROOT_ATTR, GroupMeta, fingerprint_diff
+from cache.reader import commit_record, group_meta, list_groups, open_meta
+from cache.writer import commit_group, create_cache, create_group, load_records
+from pipeline.groups import teacher_group_meta, vae_group
+from pipeline.plan import PrecomputeConfig, make_plan, sample_order
+from pipeline.worker import encode_shard, shard_tasks
+from stages.images import list_source
+from stages.teachers import get_teacher
+from stages.vae import DEFAULT_VAE, VAESpec
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PrecomputeResult:
+    root: Path
+    groups: dict[str, str] = field(default_factory=dict)  # group -> "written" | "resumed" | "already committed"
+    shards_written: int = 0
+    seconds: float = 0.0
+    samples: int = 0
+    skipped: int = 0
+
+
+def _check_out_path(out: Path) -> bool:
+    """True when ``out`` already holds a cache; UsageError when it holds something else."""
+    if not out.exists():
+        return False
+    if out.is_file():
+        raise UsageError(f"output path {out} is an existing file, not a cache")
+    if (out / "zarr.json").exists():
+        return True
+    if any(out.iterdir()):
+        raise UsageError(f"output folder {out} is not empty and is not a repa cache")
+    return False
+
+
+def precompute(cfg: PrecomputeConfig) -> PrecomputeResult:
+    t0 = time.perf_counter()
+    if cfg.resolution % 8 or cfg.resolution <= 0:
+        raise UsageError(f"--resolution must be a positive multiple of 8, not {cfg.resolution}")
+    if cfg.shard_size <= 0 or cfg.batch_size <= 0:
+        raise UsageError("--shard-size and --batch-size must be positive")
+    for name in cfg.teachers:
+        get_teacher(name)  # unknown teacher: one clear message before any work
+    if len(set(cfg.teachers)) != len(cfg.teachers):
+        raise UsageError("a teacher is named twice")
+    out = Path(cfg.out)
+    existing = _check_out_path(out)
+    listing = list_source(cfg.data)
+    meta, plan = make_plan(listing, cfg)
+
+    if existing:
+        _, old = open_meta(out)
+        diff = fingerprint_diff(old.base_fingerprint, meta.base_fingerprint)
+        if diff:
+            raise FingerprintMismatch(f"{out} was made with other settings: {'; '.join(diff)}")
+        meta = old
+        if not (out / PLAN_FILE).exists():  # killed between the root metadata and the plan
+            create_cache(out, meta, plan)
+    else:
+        create_cache(out, meta, plan)
+
+    wanted: list[GroupMeta] = [vae_group(meta, _vae_spec(cfg, out if existing else None))]
+    wanted += [teacher_group_meta(meta, t, cfg.feature_dtype, cfg.teacher_checkpoints.get(t)) for t in cfg.teachers]
+
+    result = PrecomputeResult(root=out, samples=meta.num_samples)
+    present = list_groups(out)
+    todo: dict[int, list[str]] = {}
+    for g in wanted:
+        if g.group in present:
+            old_g = group_meta(out, g.group)
+            diff = fingerprint_diff(old_g.fingerprint, g.fingerprint)
+            if diff:
+                raise FingerprintMismatch(f"group '{g.group}' of {out} was made with other settings: {'; '.join(diff)}")
+            if commit_record(out, g.group) is not None:
+                result.groups[g.group] = "already committed"
+                continue
+            result.groups[g.group] = "resumed"
+        else:
+            create_group(out, meta, g)
+            result.groups[g.group] = "written"
+        done = load_records(out, meta, g.group)
+        for shard in range(meta.num_shards):
+            if shard not in done:
+                todo.setdefault(shard, []).append(g.group)
+
+    items = [listing.items[i] for i in sample_order(len(listing.items), cfg.seed)]
+    tasks = shard_tasks(out, meta, items, todo, cfg.batch_size, cfg.device)
+    if tasks:
+        result.shards_written = _run_tasks(cfg, tasks, out, meta)
+    for g in wanted:
+        if result.groups[g.group] != "already committed":
+            commit = commit_group(out, meta, g)
+            result.skipped = commit["counts"]["skipped"]
+    result.seconds = time.perf_counter() - t0
+    return result
+
+
+def _vae_spec(cfg: PrecomputeConfig, existing: Path | None) -> VAESpec:
+    """The VAE asked for; when none is named, the one the cache already has, else the default."""
+    if cfg.vae is not None:
+        return VAESpec(cfg.vae, cfg.vae_revision)
+    if existing is not None and "latents" in list_groups(existing):
+        model = group_meta(existing, "latents").model
+        return VAESpec(model["id"], model["revision"])
+    return VAESpec(DEFAULT_VAE, cfg.vae_revision)
+
+
+def _run_tasks(cfg: PrecomputeConfig, tasks: list[Any], out: Path, meta: Any) -> int:
+    """Submit one task per shard to the dask cluster and wait, checking records as they arrive."""
+    from distributed import Client, LocalCluster, as_completed
+
+    cuda = torch.cuda.is_available() and cfg.device in ("auto", "cuda")
+    if cfg.scheduler:
+        client = Client(cfg.scheduler)
+        cluster = None
+    else:
+        n = cfg.workers or (torch.cuda.device_count() if cuda else 1)
+        cluster = LocalCluster(
+            n_workers=n,
+            threads_per_worker=1,
+            processes=cfg.processes,
+            dashboard_address=":0" if cfg.processes else None,
+            silence_logs=logging.ERROR,
+        )
+        client = Client(cluster)
+        if cfg.processes:
+            client.run(_die_with_parent)
+        threads = max(1, (os.cpu_count() or 1) // n)
+        client.run(torch.set_num_threads, threads)
+    if not cfg.quiet and client.dashboard_link:
+        print(f"dask dashboard: {client.dashboard_link}", file=sys.stderr)
+
+    weights: dict[str, str] = {}
+    for task in tasks:
+        for group in task.groups:
+            recs = load_records(out, meta, group)
+            if recs and group not in weights:
+                weights[group] = next(iter(recs.values())).weights_sha256
+    written = 0
+    try:
+        futures = [client.submit(encode_shard, t, pure=False, retries=2, key=f"shard-{t.shard:06d}-{time.time_ns()}") for t in tasks]
+        bar = tqdm(total=len(futures), unit="shard", disable=cfg.quiet or not sys.stderr.isatty(), desc="precompute")
+        for _, records in as_completed(futures, with_results=True):
+            for rec in records:
+                w = weights.setdefault(rec["group"], rec["weights_sha256"])
+                if w != rec["weights_sha256"]:
+                    raise FingerprintMismatch(
+                        f"the weights of '{rec['group']}' differ from those that wrote its other shards "
+                        f"({w[:12]} vs {rec['weights_sha256'][:12]}); use the same model files to resume"
+                    )
+            written += 1
+            bar.update(1)
+        bar.close()
+    finally:
+        client.close()
+        if cluster is not None:
+            cluster.close()
+    return written
+
+
+def _die_with_parent() -> None:
+    """Make a local worker process die with the driver (Linux), so a killed run leaves no writer."""
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+def describe_result(res: PrecomputeResult) -> str:
+    parts = [f"{g}: {s}" for g, s in res.groups.items()]
+    return (
+        f"cache {res.root}: {res.samples} samples ({res.skipped} skipped), {res.shards_written} shard tasks run "
+        f"in {res.seconds:.1f}s; " + ", ".join(parts)
+    )
+
+
+__all__ = ["PrecomputeConfig", "PrecomputeResult", "precompute", "describe_result", "ROOT_ATTR"]

@@ -1,0 +1,130 @@
+"""One dask task = one shard: read its images, crop, encode with the groups it still lacks, write
+each group's whole shard and its record. Models are loaded once per worker process and reused
+by every task that process runs."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from cache.format import CacheMeta, GroupMeta
+from cache.reader import group_meta, open_meta
+from cache.writer import write_shard
+from stages import teachers as teachers_mod
+from stages import vae as vae_mod
+from stages.images import SourceItem, decode_and_crop, read_bytes
+
+log = logging.getLogger(__name__)
+
+_MODELS: dict[tuple[Any, ...], tuple[torch.nn.Module, str]] = {}
+_MODELS_LOCK = threading.Lock()
+
+
+@dataclass(frozen=True)
+class ShardTask:
+    """What a worker needs for one shard: where, which inputs (in cache order), which groups."""
+
+    root: str
+    shard: int
+    items: tuple[SourceItem, ...]
+    groups: tuple[str, ...]
+    batch_size: int
+    device: str
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` -> this worker's GPU (worker ``i`` of a local cluster takes GPU ``i % n``), else CPU."""
+    if device != "auto":
+        return torch.device(device)
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    index = 0
+    try:
+        from distributed import get_worker
+
+        name = get_worker().name
+        index = int(name) % torch.cuda.device_count() if str(name).isdigit() else 0
+    except (ImportError, ValueError):
+        pass
+    return torch.device("cuda", index)
+
+
+def _model(gmeta: GroupMeta, resolution: int, device: torch.device) -> tuple[torch.nn.Module, str]:
+    """The group's model on ``device`` and the sha256 of its weights, loaded once per process."""
+    m = gmeta.model
+    key = (gmeta.group, m.get("id"), m.get("revision"), m.get("timm_id"), m.get("checkpoint"), resolution, str(device))
+    with _MODELS_LOCK:
+        if key not in _MODELS:
+            if gmeta.kind == "latents":
+                model = vae_mod.load_vae(vae_mod.VAESpec(m["id"], m["revision"]), device=device)
+            else:
+                spec = teachers_mod.get_teacher(m["name"])
+                model = teachers_mod.load_teacher(spec, resolution, device=device, checkpoint=m.get("checkpoint"))
+            _MODELS[key] = (model, vae_mod.state_dict_sha256(model))
+            log.info("loaded %s on %s", gmeta.group, device)
+        return _MODELS[key]
+
+
+def _encode(gmeta: GroupMeta, model: torch.nn.Module, images: torch.Tensor, resolution: int) -> dict[str, np.ndarray]:
+    """Encode a batch of uint8 crops (B, 3, H, W) into the group's arrays (numpy, float32)."""
+    if gmeta.kind == "latents":
+        mean, std = vae_mod.encode_images(model, images)  # (B, C, h, w) each
+        return {"mean": mean.cpu().numpy(), "std": std.cpu().numpy()}
+    spec = teachers_mod.get_teacher(gmeta.model["name"])
+    patch, cls = teachers_mod.encode_images(model, spec, images, resolution)  # (B, T, D), (B, D)
+    return {"patch": patch.cpu().numpy(), "cls": cls.cpu().numpy()}
+
+
+def encode_shard(task: ShardTask) -> list[dict[str, Any]]:
+    """Run one shard task; returns the shard records it wrote (as JSON dicts)."""
+    root = Path(task.root)
+    _, meta = open_meta(root)
+    start, stop = meta.shard_range(task.shard)
+    assert len(task.items) == stop - start, "task items do not match the shard range"
+    device = resolve_device(task.device)
+
+    # Decode and crop every input; skipped ones keep a defined outcome and no pixels.
+    decoded = [decode_and_crop(read_bytes(it), meta.resolution) for it in task.items]
+    outcomes = [[d.status, d.reason, d.width, d.height] for d in decoded]
+    keep = np.array([d.image is not None for d in decoded], dtype=bool)
+    crops = np.stack([d.image for d in decoded if d.image is not None]) if keep.any() else None  # (n, H, W, 3)
+
+    records = []
+    for group in task.groups:
+        gmeta = group_meta(root, group)
+        model, weights = _model(gmeta, meta.resolution, device)
+        data = {
+            a.name: np.full((stop - start, len(meta.views), *a.sample_shape), np.nan, dtype=np.float32)
+            for a in gmeta.arrays
+        }
+        if crops is not None:
+            for v, view in enumerate(meta.views):
+                for b0 in range(0, len(crops), task.batch_size):
+                    batch = torch.from_numpy(crops[b0 : b0 + task.batch_size]).permute(0, 3, 1, 2)  # (B, 3, H, W)
+                    if view == "hflip":
+                        batch = batch.flip(-1)
+                    batch = batch.contiguous().to(device, non_blocking=True)
+                    out = _encode(gmeta, model, batch, meta.resolution)
+                    rows = np.flatnonzero(keep)[b0 : b0 + task.batch_size]
+                    for name, arr in out.items():
+                        data[name][rows, v] = arr
+        record = write_shard(root, meta, gmeta, task.shard, data, outcomes, weights)
+        records.append(record.to_json())
+    return records
+
+
+def shard_tasks(
+    root: Path, meta: CacheMeta, items_in_order: list[SourceItem], todo: dict[int, list[str]], batch_size: int, device: str
+) -> list[ShardTask]:
+    """One task per shard that still lacks at least one group."""
+    tasks = []
+    for shard in sorted(todo):
+        start, stop = meta.shard_range(shard)
+        tasks.append(ShardTask(str(root), shard, tuple(items_in_order[start:stop]), tuple(todo[shard]), batch_size, device))
+    return tasks
