@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -131,6 +132,7 @@ def demo(
 def main() -> None:
     """Entry point: configure logging once, turn user-facing errors into one line and an exit code."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "error")  # dask reads this when distributed is imported
     try:
         app(standalone_mode=False)
     except RepaError as e:

@@ -8,6 +8,7 @@ samples: the cache order is a seeded random permutation, so that prefix is a uni
 from __future__ import annotations
 
 import os
+import re
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,11 @@ from cache.format import MANIFEST_FILE, sha256_json
 from cache.reader import commit_record, group_meta, list_groups, open_meta
 
 DEFAULT_MAX_SAMPLES = 10_000
+
+
+def _reason_kind(reason: str) -> str:
+    """A reason with its numbers masked, so that like outcomes count together."""
+    return re.sub(r"\d+", "N", reason.split(":")[0] if reason.startswith("corrupt") else reason)
 
 
 def _dir_bytes(path: Path) -> int:
@@ -53,10 +59,10 @@ def cache_stats(path: str | Path, max_samples: int = DEFAULT_MAX_SAMPLES, with_h
         counts = Counter(labels[valid].tolist())
         out["per_class"] = {meta.class_names[k]: int(counts.get(k, 0)) for k in range(len(meta.class_names))}
         out["outcomes"] = dict(Counter(status))
-        reasons = Counter(r for s, r in zip(status, m.column("reason").to_pylist()) if s == "skipped")
-        out["skipped_by_reason"] = dict(reasons.most_common())
-        conv = Counter(r for s, r in zip(status, m.column("reason").to_pylist()) if s == "converted")
-        out["converted_by_reason"] = dict(conv.most_common())
+        reason = m.column("reason").to_pylist()
+        for kind in ("skipped", "converted"):
+            found = Counter(_reason_kind(part) for st, r in zip(status, reason) if st == kind for part in r.split("; "))
+            out[f"{kind}_by_reason"] = dict(found.most_common())
     else:
         out["outcomes"] = "unknown (no group committed yet)"
     idx = np.flatnonzero(valid)[:max_samples]

@@ -50,7 +50,7 @@ def make_demo_images(root: str | Path, per_class: int = 12, seed: int = 0, bad_i
     for kind in DEMO_CLASSES:
         (root / kind).mkdir(parents=True, exist_ok=True)
         for i in range(per_class):
-            w, h = int(rng.integers(200, 420)), int(rng.integers(200, 420))
+            w, h = int(rng.integers(240, 560)), int(rng.integers(256, 560))
             img = _draw(kind, w, h, rng)
             if i % 2:
                 img.save(root / kind / f"{kind}_{i:03d}.jpg", quality=92)

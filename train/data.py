@@ -1,0 +1,179 @@
+"""Batches for the trainer, streamed from a committed cache.
+
+Data order is a pure function of ``(seed, epoch, global position)``:
+
+* the valid cache indices are cut into contiguous blocks of ``block_size`` samples (the cache order
+  is already a random permutation, so a block is class-mixed), the block order is permuted per
+  epoch, and samples are shuffled within windows of ``window_blocks`` blocks;
+* global batch ``b`` of an epoch is positions ``[b*G, (b+1)*G)`` of that order (an incomplete last
+  batch is dropped), and rank ``r`` of ``W`` takes the ``r``-th of ``W`` equal slices of it — every
+  rank gets the same number of batches by construction, and resume needs only the global step;
+* the stored view of each sample (original or flipped) is drawn from the same seed; latent and
+  features always come from the same view.
+
+A batch item is a dict of CPU tensors; :func:`to_device` turns it into the model's inputs on the
+device (posterior sample ``mean + std·ε`` and the latent scale read from the cache).
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from cache.errors import UsageError
+from cache.format import LATENTS, teacher_group
+from cache.reader import CacheReader
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where batches come from and in which order."""
+
+    cache: str
+    teachers: tuple[str, ...]
+    global_batch: int = 256
+    seed: int = 0
+    block_size: int = 64  # contiguous cache samples read together
+    window_blocks: int = 32  # samples are shuffled across this many blocks
+    num_workers: int = 2
+    prefetch_factor: int = 2
+    verify_checksums: bool = False
+
+
+def _rng(*key: int) -> np.random.Generator:
+    return np.random.default_rng(np.random.SeedSequence([int(k) & 0xFFFFFFFF for k in key]))
+
+
+def epoch_order(valid: np.ndarray, seed: int, epoch: int, block_size: int, window_blocks: int) -> np.ndarray:
+    """All valid cache indices in the order of one epoch (a pure function of its arguments)."""
+    blocks = [valid[i : i + block_size] for i in range(0, len(valid), block_size)]
+    rng = _rng(seed, epoch, 0)
+    perm = rng.permutation(len(blocks))
+    order = []
+    for w in range(0, len(perm), window_blocks):
+        window = np.concatenate([blocks[b] for b in perm[w : w + window_blocks]])
+        order.append(window[_rng(seed, epoch, 1, w).permutation(len(window))])
+    return np.concatenate(order) if order else np.empty(0, dtype=np.int64)
+
+
+class CacheBatches(Dataset):
+    """Map-style dataset: item ``step`` is this rank's slice of global batch ``step``.
+
+    Each DataLoader worker opens its own reader (readers are stateless on disk).
+    """
+
+    def __init__(self, cfg: DataConfig, rank: int = 0, world_size: int = 1) -> None:
+        if cfg.global_batch % world_size:
+            raise UsageError(f"--batch-size {cfg.global_batch} is not divisible by the world size {world_size}")
+        self.cfg, self.rank, self.world_size = cfg, rank, world_size
+        self.groups = [LATENTS] + [teacher_group(t) for t in cfg.teachers]
+        reader = self._open()
+        self.valid = reader.valid_indices()
+        self.num_views = len(reader.views)
+        self.batches_per_epoch = len(self.valid) // cfg.global_batch
+        if self.batches_per_epoch == 0:
+            raise UsageError(
+                f"the cache has {len(self.valid)} usable samples, fewer than one batch of {cfg.global_batch}; lower --batch-size"
+            )
+        self._reader: CacheReader | None = reader
+
+    def _open(self) -> CacheReader:
+        return CacheReader(self.cfg.cache, groups=self.groups, verify_checksums=self.cfg.verify_checksums)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_reader"] = None  # each worker process opens its own
+        return state
+
+    @property
+    def local_batch(self) -> int:
+        return self.cfg.global_batch // self.world_size
+
+    @functools.lru_cache(maxsize=2)
+    def _order(self, epoch: int) -> np.ndarray:
+        return epoch_order(self.valid, self.cfg.seed, epoch, self.cfg.block_size, self.cfg.window_blocks)
+
+    def indices(self, step: int) -> tuple[np.ndarray, np.ndarray]:
+        """(cache indices, view per sample) of this rank's part of global batch ``step``."""
+        epoch, b = divmod(step, self.batches_per_epoch)
+        G, L = self.cfg.global_batch, self.local_batch
+        glob = self._order(epoch)[b * G : (b + 1) * G]
+        views = _rng(self.cfg.seed, epoch, 2, b).integers(0, self.num_views, size=G)
+        sl = slice(self.rank * L, (self.rank + 1) * L)
+        return glob[sl], views[sl]
+
+    def __len__(self) -> int:  # effectively unbounded; the trainer stops at max_steps
+        return 2**62
+
+    def __getitem__(self, step: int) -> dict[str, torch.Tensor]:
+        if self._reader is None:
+            self._reader = self._open()
+        idx, views = self.indices(step)
+        data = self._reader.read(idx, groups=self.groups)
+        rows = np.arange(len(idx))
+        out = {
+            "mean": torch.from_numpy(np.ascontiguousarray(data["latents/mean"][rows, views])),  # (B, C, h, w)
+            "std": torch.from_numpy(np.ascontiguousarray(data["latents/std"][rows, views])),
+            "label": torch.from_numpy(data["label"]),
+            "index": torch.from_numpy(idx),
+            "view": torch.from_numpy(views),
+            "step": torch.tensor(step),
+        }
+        for t, g in zip(self.cfg.teachers, self.groups[1:]):
+            out[f"feat/{t}"] = torch.from_numpy(np.ascontiguousarray(data[f"{g}/patch"][rows, views]))  # (B, T, D)
+        return out
+
+
+class StepSampler(torch.utils.data.Sampler[int]):
+    """Yields global steps ``start, start+1, ...`` up to ``stop``."""
+
+    def __init__(self, start: int, stop: int) -> None:
+        self.start, self.stop = start, stop
+
+    def __iter__(self):  # type: ignore[override]
+        return iter(range(self.start, self.stop))
+
+    def __len__(self) -> int:
+        return max(0, self.stop - self.start)
+
+
+def make_loader(ds: CacheBatches, start_step: int, stop_step: int, pin_memory: bool) -> DataLoader:
+    """A DataLoader over global steps; one item = one local batch, prefetched by workers."""
+    workers = ds.cfg.num_workers
+    return DataLoader(
+        ds,
+        batch_size=None,
+        sampler=StepSampler(start_step, stop_step),
+        num_workers=workers,
+        pin_memory=pin_memory,
+        prefetch_factor=ds.cfg.prefetch_factor if workers > 0 else None,
+        persistent_workers=False,
+    )
+
+
+@dataclass(frozen=True)
+class LatentScale:
+    """How to turn a stored posterior into the model's input, read from the cache."""
+
+    scaling_factor: float
+    shift_factor: float
+
+    @classmethod
+    def from_cache(cls, reader: CacheReader) -> LatentScale:
+        m = reader.group(LATENTS).meta.model
+        return cls(float(m["scaling_factor"]), float(m.get("shift_factor") or 0.0))
+
+
+def to_device(batch: dict[str, torch.Tensor], scale: LatentScale, teachers: tuple[str, ...], device: torch.device) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    """(x, y, teacher features) on the device; x is a fresh posterior sample, scaled."""
+    mean = batch["mean"].to(device, non_blocking=True)
+    std = batch["std"].to(device, non_blocking=True)
+    x = (mean + std * torch.randn_like(mean) - scale.shift_factor) * scale.scaling_factor  # (B, C, h, w)
+    y = batch["label"].to(device, non_blocking=True)
+    feats = [batch[f"feat/{t}"].to(device, non_blocking=True).float() for t in teachers]  # (B, T, D) each
+    return x, y, feats

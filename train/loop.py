@@ -1,0 +1,360 @@
+"""``repa train``: the cache-backed REPA training loop (single process or torchrun/DDP).
+
+Per step: a batch of cached (posterior, teacher tokens, label) from :mod:`train.data`, a fresh
+latent sample and scale on the device, ``transport.training_losses`` for the denoising loss and
+the student's projected hidden states, :func:`train.loss.repa_loss` against the cached tokens, and
+``loss = denoise + proj_coeff * repa``. No teacher forward, no image decoding.
+
+Exact resume: all randomness of step ``s`` on rank ``r`` comes from a generator seeded with
+``(seed, r, s)`` and the data order is a function of ``(seed, s)``, so a checkpoint needs only the
+step besides model, EMA and optimiser state.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import json
+import logging
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from cache.errors import CacheError, RepaError, UsageError
+from cache.format import LATENTS, TEACHER_PREFIX, sha256_json, teacher_group
+from cache.reader import CacheReader, list_groups, open_meta
+from train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from train.data import CacheBatches, DataConfig, LatentScale, make_loader, to_device
+from train.loss import repa_loss, resample_tokens
+from train.model import SiT, count_parameters, sit_config
+from train.transport import Transport, TransportConfig
+
+log = logging.getLogger(__name__)
+
+
+class TrainingDiverged(RepaError):
+    """The loss became NaN or infinite; the run stops and keeps its last good checkpoint."""
+
+    exit_code = 1
+
+
+@dataclass
+class OptimConfig:
+    """AdamW as in REPA: constant lr 1e-4, betas (0.9, 0.999), no weight decay, clip 1.0, EMA 0.9999."""
+
+    lr: float = 1e-4
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    ema_decay: float = 0.9999
+
+
+@dataclass
+class TrainConfig:
+    """A training run. Values that belong to the data (latent shape and scale, token count, teacher
+    dims, number of classes) are not here: they are read from the cache."""
+
+    cache: str
+    out: str
+    model: str = "SiT-B/2"
+    teachers: tuple[str, ...] = ()  # empty: the cache's only teacher
+    encoder_depth: int | None = None  # None: the model size's default (4 for S/B, 8 for L/XL)
+    proj_coeff: float = 0.5
+    batch_size: int = 256  # global, over all ranks
+    max_steps: int = 400_000
+    seed: int = 0
+    device: str = "auto"
+    precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
+    compile: bool = False
+    ckpt_every: int = 10_000
+    log_every: int = 100
+    keep_checkpoints: int = 2
+    num_workers: int = 2
+    resample_teacher: bool = False  # resample teacher tokens to the student grid instead of refusing
+    transport: TransportConfig = field(default_factory=TransportConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    tensorboard: bool = False
+    quiet: bool = False
+
+    # Fields that may change between a run and its resume.
+    RESUMABLE_CHANGES = frozenset({"max_steps", "ckpt_every", "log_every", "keep_checkpoints", "num_workers", "device", "compile", "tensorboard", "quiet", "out", "cache"})
+
+    def to_json(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["teachers"] = list(self.teachers)
+        return d
+
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device: torch.device) -> DistInfo:
+    """Join the torchrun process group when launched by torchrun (NCCL on CUDA, gloo on CPU)."""
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        return DistInfo()
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def resolve_device(name: str, local_rank: int) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda was asked for but no CUDA device is available")
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", local_rank)
+    return dev
+
+
+def step_seed(seed: int, rank: int, step: int) -> int:
+    """The seed of all randomness of one step on one rank."""
+    return (seed * 1_000_003 + rank * 7_919 + step * 104_729) % (2**63 - 1)
+
+
+@dataclass
+class RunSetup:
+    """What the loop needs, derived from the config and the cache."""
+
+    cfg: TrainConfig
+    teachers: tuple[str, ...]
+    model_config: Any
+    scale: LatentScale
+    teacher_tokens: dict[str, int]
+    cache_info: dict[str, Any]
+
+
+def plan_run(cfg: TrainConfig) -> RunSetup:
+    """Check the config against the cache and resolve the model config; raises user-facing errors."""
+    root, meta = open_meta(cfg.cache)
+    present = list_groups(root)
+    cached_teachers = [g[len(TEACHER_PREFIX):] for g in present if g.startswith(TEACHER_PREFIX)]
+    teachers = cfg.teachers
+    if not teachers:
+        if len(cached_teachers) != 1:
+            have = ", ".join(cached_teachers) or "none"
+            raise UsageError(f"the cache has teachers: {have}; choose with --teacher")
+        teachers = tuple(cached_teachers)
+    for t in teachers:
+        if t not in cached_teachers:
+            raise UsageError(f"teacher '{t}' is not in the cache {root} (teachers present: {', '.join(cached_teachers) or 'none'})")
+    if cfg.batch_size <= 0 or cfg.max_steps < 0 or cfg.ckpt_every <= 0 or cfg.log_every <= 0:
+        raise UsageError("--batch-size, --ckpt-every and --log-every must be positive, --max-steps not negative")
+    reader = CacheReader(root, groups=[LATENTS] + [teacher_group(t) for t in teachers])  # refuses uncommitted/damaged
+    lat = reader.group(LATENTS).meta.model
+    dims = tuple(int(reader.group(t).meta.model["dim"]) for t in teachers)
+    overrides: dict[str, Any] = {
+        "input_size": int(lat["latent_size"]),
+        "in_channels": int(lat["latent_channels"]),
+        "num_classes": len(meta.class_names),
+        "z_dims": dims,
+    }
+    if cfg.encoder_depth is not None:
+        overrides["encoder_depth"] = cfg.encoder_depth
+    mcfg = sit_config(cfg.model, **overrides)
+    tokens = {t: int(reader.group(t).meta.model["num_tokens"]) for t in teachers}
+    for t, n in tokens.items():
+        if n != mcfg.num_tokens and not cfg.resample_teacher:
+            raise UsageError(
+                f"teacher '{t}' has {n} tokens but {cfg.model} on {lat['latent_size']}x{lat['latent_size']} latents has "
+                f"{mcfg.num_tokens}; pick a matching patch size or pass --resample-teacher"
+            )
+    cache_info = {
+        "base_fingerprint": sha256_json(meta.base_fingerprint),
+        "groups": {g: info.commit["fingerprint_hash"] for g, info in reader.groups.items()},
+        "weights": {g: info.commit["weights_sha256"] for g, info in reader.groups.items()},
+    }
+    return RunSetup(cfg, teachers, mcfg, LatentScale.from_cache(reader), tokens, cache_info)
+
+
+def check_resume(state: dict[str, Any], cfg: TrainConfig, setup: RunSetup, path: Path) -> None:
+    if state.get("kind") != "repa-train-checkpoint":
+        raise UsageError(f"{path} is not a training checkpoint of this tool")
+    if state["cache"] != setup.cache_info:
+        raise CacheError(f"checkpoint {path} was trained on another cache (fingerprints differ); use a new --out")
+    old, new = state["config"], cfg.to_json()
+    changed = [k for k in new if k not in TrainConfig.RESUMABLE_CHANGES and old.get(k) != new[k]]
+    if changed:
+        details = "; ".join(f"{k}: {old.get(k)} -> {new[k]}" for k in changed)
+        raise UsageError(f"cannot resume {path}: the config changed ({details}); use a new --out")
+
+
+@dataclass
+class TrainResult:
+    run: Path
+    step: int
+    last_metrics: dict[str, float]
+    resumed_from: int | None
+
+
+def train(cfg: TrainConfig) -> TrainResult:
+    """Train (or resume) a run; returns where it stopped."""
+    setup = plan_run(cfg)
+    device = resolve_device(cfg.device, int(os.environ.get("LOCAL_RANK", 0)))
+    di = init_distributed(device)
+    if cfg.batch_size % di.world_size:
+        raise UsageError(f"--batch-size {cfg.batch_size} is not divisible by the world size {di.world_size}")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    run = Path(cfg.out)
+    if di.is_main:
+        run.mkdir(parents=True, exist_ok=True)
+        (run / "config.json").write_text(json.dumps({"train": cfg.to_json(), "model": dataclasses.asdict(setup.model_config), "teachers": list(setup.teachers), "cache": setup.cache_info}, indent=1, default=str))
+
+    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+    model = SiT(setup.model_config).to(device)
+    ema = copy.deepcopy(model).requires_grad_(False)
+    opt = torch.optim.AdamW(
+        model.parameters(), lr=cfg.optim.lr, betas=cfg.optim.betas, weight_decay=cfg.optim.weight_decay, fused=device.type == "cuda"
+    )
+    start, resumed = 0, None
+    ckpt = latest_checkpoint(run)
+    if ckpt is not None:
+        state = load_checkpoint(ckpt)
+        check_resume(state, cfg, setup, ckpt)
+        model.load_state_dict(state["model"])
+        ema.load_state_dict(state["ema"])
+        opt.load_state_dict(state["optimizer"])
+        start = resumed = int(state["step"])
+    if di.is_main:
+        n = count_parameters(model)
+        log.info("model %s: %.1fM backbone parameters; teachers %s; world size %d", cfg.model, n / 1e6, ", ".join(setup.teachers), di.world_size)
+        if resumed is not None:
+            print(f"resuming {run} from step {resumed} ({ckpt.name})", file=sys.stderr)
+
+    ddp_model: torch.nn.Module = model
+    if di.world_size > 1:
+        ddp_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    fwd = torch.compile(ddp_model) if cfg.compile else ddp_model
+    # The null (unconditional) class is the row after the cache's classes.
+    transport = Transport(dataclasses.replace(cfg.transport, null_class=setup.model_config.num_classes))
+    use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
+
+    ds = CacheBatches(
+        DataConfig(cfg.cache, setup.teachers, cfg.batch_size, cfg.seed, num_workers=cfg.num_workers), di.rank, di.world_size
+    )
+    loader = make_loader(ds, start, cfg.max_steps, pin_memory=device.type == "cuda")
+    metrics_file = run / "metrics.jsonl"
+    writer = _tensorboard(run) if cfg.tensorboard and di.is_main else None
+    bar = tqdm(total=cfg.max_steps, initial=start, unit="step", disable=cfg.quiet or not di.is_main or not sys.stderr.isatty())
+
+    step = start
+    last: dict[str, float] = {}
+    acc = _Accumulator()
+    t_last, wait = time.perf_counter(), 0.0
+    t_wait0 = time.perf_counter()
+    for batch in loader:
+        wait += time.perf_counter() - t_wait0
+        assert int(batch["step"]) == step, "data order out of step"
+        gen_seed = step_seed(cfg.seed, di.rank, step)
+        torch.manual_seed(gen_seed)
+        x, y, feats = to_device(batch, setup.scale, setup.teachers, device)
+        if cfg.resample_teacher:
+            feats = [resample_tokens(f, setup.model_config.grid) if f.shape[1] != setup.model_config.num_tokens else f for f in feats]
+        with autocast:
+            out = transport.training_losses(fwd, x, y)
+        denoise = out["denoise"].float()
+        repa, cos = repa_loss(out["zs"], feats)
+        loss = denoise + cfg.proj_coeff * repa
+        if not torch.isfinite(loss):
+            kept = latest_checkpoint(run)
+            raise TrainingDiverged(
+                f"loss became non-finite at step {step} (denoise {denoise.item():.4g}, repa {repa.item():.4g}); "
+                f"stopped. Last good checkpoint: {kept if kept else 'none'}"
+            )
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+        opt.step()
+        with torch.no_grad():
+            ema_p, p = list(ema.parameters()), list(model.parameters())
+            torch._foreach_lerp_(ema_p, p, 1.0 - cfg.optim.ema_decay)
+        step += 1
+        acc.add(loss=loss, denoise=denoise, repa=repa, grad_norm=gnorm, **{f"cos/{t}": c for t, c in zip(setup.teachers, cos)})
+        bar.update(1)
+
+        if step % cfg.log_every == 0 or step == cfg.max_steps:
+            now = time.perf_counter()
+            last = acc.mean()
+            n_steps = acc.count
+            last.update(
+                step=step,
+                img_per_s=n_steps * cfg.batch_size / max(now - t_last, 1e-9),
+                data_wait=wait / max(now - t_last, 1e-9),
+            )
+            if device.type == "cuda":
+                last["gpu_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+            acc, t_last, wait = _Accumulator(), now, 0.0
+            if di.is_main:
+                with open(metrics_file, "a") as f:
+                    f.write(json.dumps(last) + "\n")
+                if writer is not None:
+                    for k, v in last.items():
+                        writer.add_scalar(k, v, step)
+                if not cfg.quiet:
+                    bar.write(_status(last, cfg.max_steps, setup.teachers))
+        if step % cfg.ckpt_every == 0 or step == cfg.max_steps:
+            if di.is_main:
+                save_checkpoint(run, step, model, ema, opt, cfg.to_json(), setup.cache_info, keep=cfg.keep_checkpoints)
+            if di.world_size > 1:
+                dist.barrier()
+        t_wait0 = time.perf_counter()
+    bar.close()
+    if writer is not None:
+        writer.close()
+    return TrainResult(run, step, last, resumed)
+
+
+class _Accumulator:
+    """Sums of scalar tensors between log steps, synchronised with the host only when read."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, torch.Tensor] = {}
+        self.count = 0
+
+    def add(self, **values: torch.Tensor) -> None:
+        for k, v in values.items():
+            v = v.detach().float()
+            self.sums[k] = self.sums[k] + v if k in self.sums else v
+        self.count += 1
+
+    def mean(self) -> dict[str, float]:
+        return {k: float(v.item()) / max(1, self.count) for k, v in self.sums.items()}
+
+
+def _status(m: dict[str, float], max_steps: int, teachers: tuple[str, ...]) -> str:
+    cos = " ".join(f"cos[{t}] {m.get(f'cos/{t}', math.nan):.3f}" for t in teachers)
+    mem = f" mem {m['gpu_mem_gib']:.1f}GiB" if "gpu_mem_gib" in m else ""
+    return (
+        f"step {int(m['step'])}/{max_steps} loss {m['loss']:.4f} (denoise {m['denoise']:.4f} repa {m['repa']:.4f}) "
+        f"{cos} gnorm {m['grad_norm']:.2f} {m['img_per_s']:.1f} img/s data-wait {m['data_wait']:.0%}{mem}"
+    )
+
+
+def _tensorboard(run: Path) -> Any:
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as e:
+        raise UsageError("--tensorboard needs the tensorboard package (pip install tensorboard)") from e
+    return SummaryWriter(str(run / "tb"))
