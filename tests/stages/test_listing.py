@@ -1,0 +1,287 @@
+"""list_source and read_bytes on generated image folders and webdataset shards."""
+
+from __future__ import annotations
+
+import io
+import logging
+import shutil
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cache.errors import UsageError
+from stages.images import SourceItem, SourceListing, decode_and_crop, list_source, read_bytes
+from tests.stages.conftest import encode, random_rgb
+
+
+def write(path: Path, data: bytes) -> bytes:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return data
+
+
+@pytest.fixture
+def image_folder(tmp_path: Path, rng: np.random.Generator) -> tuple[Path, dict[str, bytes]]:
+    """cat/ and dog/ classes with nested, hidden and non-image files."""
+    root = tmp_path / "folder"
+    files = {
+        "cat/b.png": encode(random_rgb(rng, 20, 20), "PNG"),
+        "cat/a.jpg": encode(random_rgb(rng, 30, 20), "JPEG"),
+        "cat/sub/c.png": encode(random_rgb(rng, 10, 40), "PNG"),
+        "dog/d.webp": encode(random_rgb(rng, 20, 20), "WEBP"),
+        "dog/notes.txt": b"not an image\n",
+        "dog/empty.jpg": b"",
+    }
+    for rel, data in files.items():
+        write(root / rel, data)
+    # Everything below must be ignored.
+    write(root / "cat" / ".DS_Store", b"junk")
+    write(root / "dog" / ".cache" / "x.png", files["cat/b.png"])
+    write(root / ".hidden_class" / "y.png", files["cat/b.png"])
+    write(root / "README.txt", b"top-level files are not classes")
+    return root, files
+
+
+def test_image_folder(image_folder: tuple[Path, dict[str, bytes]]) -> None:
+    root, files = image_folder
+    listing = list_source(root)
+    assert listing.kind == "imagefolder"
+    assert listing.root == str(root.resolve())
+    assert listing.class_names == ("cat", "dog")
+    assert [item.key for item in listing.items] == sorted(files)
+    assert [item.key for item in listing.items] == [
+        "cat/a.jpg",
+        "cat/b.png",
+        "cat/sub/c.png",
+        "dog/d.webp",
+        "dog/empty.jpg",
+        "dog/notes.txt",
+    ]
+    for item in listing.items:
+        assert item.label == (0 if item.key.startswith("cat/") else 1)
+        assert item.offset == -1
+        assert item.size == len(files[item.key])
+        assert Path(item.path) == root.resolve() / item.key
+        assert read_bytes(item) == files[item.key]
+    assert listing.describe() == {
+        "kind": "imagefolder",
+        "root": str(root.resolve()),
+        "num_items": 6,
+        "num_classes": 2,
+    }
+
+
+def test_non_images_are_listed_and_skipped_at_decode(
+    image_folder: tuple[Path, dict[str, bytes]],
+) -> None:
+    root, _ = image_folder
+    outcomes = {
+        item.key: decode_and_crop(read_bytes(item), 16).reason for item in list_source(root).items
+    }
+    assert outcomes["dog/notes.txt"] == "not an image"
+    assert outcomes["dog/empty.jpg"] == "empty file"
+    assert outcomes["cat/b.png"] == ""
+
+
+def test_fingerprint(image_folder: tuple[Path, dict[str, bytes]], tmp_path: Path) -> None:
+    root, _ = image_folder
+    first = list_source(root).fingerprint()
+    assert len(first) == 64 and int(first, 16) >= 0
+    assert list_source(root).fingerprint() == first
+
+    moved = tmp_path / "elsewhere" / "copy"
+    shutil.copytree(root, moved)
+    (moved / "cat" / "a.jpg").touch()  # a new mtime changes nothing either
+    assert list_source(moved).fingerprint() == first
+
+    (moved / "dog" / "notes.txt").write_bytes(b"a different size")
+    assert list_source(moved).fingerprint() != first
+
+    shutil.rmtree(moved)
+    shutil.copytree(root, moved)
+    (moved / "dog").rename(moved / "bird")  # same files, labels and class names change
+    assert list_source(moved).fingerprint() != first
+
+
+def test_fingerprint_covers_kind_labels_and_order() -> None:
+    items = (SourceItem("a", 0, "/x/a", size=3), SourceItem("b", 1, "/x/b", size=4))
+    base = SourceListing("imagefolder", "/x", ("c0", "c1"), items)
+    assert SourceListing("imagefolder", "/elsewhere", ("c0", "c1"), items).fingerprint() == (
+        base.fingerprint()
+    )
+    variants = [
+        SourceListing("webdataset", "/x", ("c0", "c1"), items),
+        SourceListing("imagefolder", "/x", ("c0", "c2"), items),
+        SourceListing("imagefolder", "/x", ("c0", "c1"), items[::-1]),
+        SourceListing(
+            "imagefolder", "/x", ("c0", "c1"), (items[0], SourceItem("b", 0, "/x/b", size=4))
+        ),
+    ]
+    assert len({v.fingerprint() for v in variants} | {base.fingerprint()}) == 5
+
+
+def add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
+
+
+@pytest.fixture
+def shards(tmp_path: Path, rng: np.random.Generator) -> tuple[Path, dict[str, tuple[bytes, int]]]:
+    """Two webdataset shards (written out of name order) with incomplete samples."""
+    import webdataset as wds
+
+    root = tmp_path / "shards"
+    root.mkdir()
+    expected: dict[str, tuple[bytes, int]] = {}
+
+    # Shard 1 through webdataset's own writer.
+    with wds.TarWriter(str(root / "train-000001.tar")) as sink:
+        for index, label in enumerate([7, 2]):
+            data = encode(random_rgb(rng, 24, 24), "JPEG")
+            sink.write({"__key__": f"s{index:03d}", "jpg": data, "cls": label})
+            expected[f"train-000001.tar/s{index:03d}"] = (data, label)
+
+    # Shard 0 by hand, with the awkward cases.
+    png = encode(random_rgb(rng, 24, 24), "PNG")
+    webp = encode(random_rgb(rng, 24, 24), "WEBP")
+    jpeg = encode(random_rgb(rng, 24, 24), "JPEG")
+    with tarfile.open(root / "train-000000.tar", "w") as tar:
+        add_member(tar, "b/0005.cls", b"3\n")  # label before image, key with a folder
+        add_member(tar, "b/0005.png", png)
+        add_member(tar, "b/0005.json", b"{}")
+        add_member(tar, "0001.webp", webp)
+        add_member(tar, "0001.jpeg", jpeg)  # jpeg is preferred to webp
+        add_member(tar, "0001.cls", b"0")
+        add_member(tar, "0002.jpg", jpeg)  # no label
+        add_member(tar, "0003.cls", b"1")  # no image
+        add_member(tar, "0004.jpg", jpeg)
+        add_member(tar, "0004.cls", b"cat")  # not an integer
+        add_member(tar, "._0001.jpg", b"resource fork")  # hidden
+    expected["train-000000.tar/b/0005"] = (png, 3)
+    expected["train-000000.tar/0001"] = (jpeg, 0)
+
+    # Not part of the dataset.
+    (root / ".partial.tar").write_bytes(b"")
+    (root / "notes.txt").write_text("hello")
+    return root, expected
+
+
+def test_webdataset(
+    shards: tuple[Path, dict[str, tuple[bytes, int]]], caplog: pytest.LogCaptureFixture
+) -> None:
+    root, expected = shards
+    with caplog.at_level(logging.WARNING, logger="stages.images"):
+        listing = list_source(root)
+    assert listing.kind == "webdataset"
+    assert listing.root == str(root.resolve())
+    assert listing.class_names == tuple(str(i) for i in range(8))
+    assert [item.key for item in listing.items] == [
+        "train-000000.tar/b/0005",
+        "train-000000.tar/0001",
+        "train-000001.tar/s000",
+        "train-000001.tar/s001",
+    ]
+    for item in listing.items:
+        data, label = expected[item.key]
+        assert item.label == label
+        assert item.size == len(data)
+        assert item.offset > 0 and item.offset % 512 == 0
+        assert item.path == str(root.resolve() / item.key.split("/")[0])
+        assert read_bytes(item) == data
+        assert decode_and_crop(read_bytes(item), 16).status == "ok"
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and warnings[0].startswith("3 webdataset samples")
+    assert listing.describe()["num_items"] == 4
+
+
+def test_webdataset_agrees_with_webdataset_reader(
+    shards: tuple[Path, dict[str, tuple[bytes, int]]],
+) -> None:
+    import webdataset as wds
+
+    root, _ = shards
+    shard = root / "train-000001.tar"
+    ours = {
+        item.key.split("/", 1)[1]: (read_bytes(item), item.label)
+        for item in list_source(root).items
+        if item.path == str(shard.resolve())
+    }
+    theirs = {
+        sample["__key__"]: (sample["jpg"], int(sample["cls"]))
+        for sample in wds.WebDataset(str(shard), shardshuffle=False, empty_check=False)
+    }
+    assert ours == theirs
+
+
+def test_tars_take_precedence_over_folders(
+    shards: tuple[Path, dict[str, tuple[bytes, int]]], rng: np.random.Generator
+) -> None:
+    root, _ = shards
+    write(root / "someclass" / "x.png", encode(random_rgb(rng, 8, 8), "PNG"))
+    assert list_source(root).kind == "webdataset"
+
+
+def test_missing_folder(tmp_path: Path) -> None:
+    missing = tmp_path / "nope"
+    with pytest.raises(UsageError) as info:
+        list_source(missing)
+    assert str(info.value) == f"data folder {missing} does not exist"
+    assert info.value.exit_code == 2
+
+
+def test_file_instead_of_folder(tmp_path: Path) -> None:
+    path = tmp_path / "a.png"
+    write(path, b"x")
+    with pytest.raises(UsageError, match=r"^data folder .*a\.png is a file"):
+        list_source(path)
+
+
+@pytest.mark.parametrize("layout", ["empty", "empty-classes", "loose-files", "hidden-only"])
+def test_no_images(tmp_path: Path, layout: str) -> None:
+    root = tmp_path / "data"
+    root.mkdir()
+    if layout == "empty-classes":
+        (root / "a").mkdir()
+        (root / "b" / "c").mkdir(parents=True)
+    elif layout == "loose-files":
+        write(root / "x.png", b"data")
+    elif layout == "hidden-only":
+        write(root / "a" / ".x.png", b"data")
+    with pytest.raises(UsageError) as info:
+        list_source(str(root))
+    assert str(info.value) == (
+        f"no images found in {root} (expected one sub-folder per class, or webdataset .tar shards)"
+    )
+
+
+def test_tar_without_samples(tmp_path: Path) -> None:
+    root = tmp_path / "data"
+    root.mkdir()
+    with tarfile.open(root / "a.tar", "w") as tar:
+        add_member(tar, "1.txt", b"hi")
+    with pytest.raises(UsageError, match="^no images found in "):
+        list_source(root)
+
+
+def test_broken_tar(tmp_path: Path) -> None:
+    root = tmp_path / "data"
+    root.mkdir()
+    (root / "a.tar").write_bytes(b"\x1f\x8b" + bytes(2000))
+    with pytest.raises(UsageError, match="^cannot read tar shard "):
+        list_source(root)
+
+
+def test_read_bytes_short_tar_gives_truncated_outcome(
+    shards: tuple[Path, dict[str, tuple[bytes, int]]],
+) -> None:
+    root, _ = shards
+    item = list_source(root).items[0]
+    short = SourceItem(item.key, item.label, item.path, item.offset, item.size)
+    with open(item.path, "r+b") as handle:
+        handle.truncate(item.offset + item.size // 2)
+    data = read_bytes(short)
+    assert len(data) == item.size // 2
+    assert decode_and_crop(data, 16).status == "skipped"

@@ -1,0 +1,232 @@
+"""The cache-backed trainer end to end on the tiny cache: resume equals no resume (also after
+SIGKILL), torchrun/gloo data split, refusals with exit 2, divergence stops the run."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from cache.errors import UsageError
+from train.checkpoint import latest_checkpoint, load_checkpoint
+from train.data import CacheBatches, DataConfig, epoch_order
+from train.loop import OptimConfig, TrainConfig, TrainingDiverged, train
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def cfg(cache: Path, out: Path, **kw) -> TrainConfig:
+    base = dict(model="SiT-tiny/2", batch_size=8, max_steps=8, ckpt_every=4, log_every=4, num_workers=0, device="cpu", quiet=True)
+    base.update(kw)
+    return TrainConfig(cache=str(cache), out=str(out), **base)
+
+
+def _state(run: Path) -> dict:
+    return load_checkpoint(latest_checkpoint(run))
+
+
+def _assert_same_state(a: dict, b: dict) -> None:
+    assert a["step"] == b["step"]
+    for part in ("model", "ema"):
+        for k, v in a[part].items():
+            assert torch.equal(v, b[part][k]), f"{part}.{k} differs"
+    sa, sb = a["optimizer"]["state"], b["optimizer"]["state"]
+    for i in sa:
+        for k in sa[i]:
+            assert torch.equal(sa[i][k], sb[i][k]), f"optimizer state {i}.{k} differs"
+
+
+def test_resume_equals_uninterrupted(tiny_cache, tmp_path):
+    train(cfg(tiny_cache, tmp_path / "a", max_steps=8))
+    first = train(cfg(tiny_cache, tmp_path / "b", max_steps=4))
+    assert first.step == 4
+    second = train(cfg(tiny_cache, tmp_path / "b", max_steps=8))
+    assert second.resumed_from == 4 and second.step == 8
+    _assert_same_state(_state(tmp_path / "a"), _state(tmp_path / "b"))
+    lines = [json.loads(x) for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in lines] == [4, 8]
+    assert {"loss", "denoise", "repa", "grad_norm", "cos/tiny", "img_per_s", "data_wait"} <= set(lines[0])
+
+
+def test_sigkill_then_rerun_equals_uninterrupted(tiny_cache, tmp_path):
+    args = [sys.executable, str(ROOT / "cli.py"), "train", "--cache", str(tiny_cache), "--model", "SiT-tiny/2",
+            "--batch-size", "8", "--max-steps", "40", "--ckpt-every", "5", "--log-every", "5", "--workers", "0",
+            "--device", "cpu", "--quiet"]
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(args + ["--out", str(killed)], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while latest_checkpoint(killed) is None and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    kept = latest_checkpoint(killed)
+    assert kept is not None, proc.stderr.read().decode()
+    step_at_kill = load_checkpoint(kept)["step"]
+    assert step_at_kill < 40, "the run finished before it could be killed; the test proves nothing"
+    out = subprocess.run(args + ["--out", str(killed)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert f"resuming {killed} from step {step_at_kill}" in out.stderr
+    train(cfg(tiny_cache, tmp_path / "clean", max_steps=40, ckpt_every=5, log_every=5))
+    _assert_same_state(_state(tmp_path / "clean"), _state(killed))
+
+
+def test_ranks_get_disjoint_equal_slices_of_the_global_batch(tiny_cache):
+    dc = DataConfig(str(tiny_cache), ("tiny",), global_batch=8, seed=3, num_workers=0, block_size=4, window_blocks=2)
+    single = CacheBatches(dc)
+    ranks = [CacheBatches(dc, rank=r, world_size=2) for r in range(2)]
+    for step in range(2 * single.batches_per_epoch + 1):  # crosses epoch boundaries
+        idx, views = single.indices(step)
+        parts = [r.indices(step) for r in ranks]
+        assert [len(p[0]) for p in parts] == [4, 4]
+        np.testing.assert_array_equal(np.concatenate([p[0] for p in parts]), idx)
+        np.testing.assert_array_equal(np.concatenate([p[1] for p in parts]), views)
+        assert len(set(idx.tolist())) == 8  # no duplicates within a batch
+    with pytest.raises(UsageError, match="--batch-size 8 is not divisible by the world size 3"):
+        CacheBatches(dc, rank=0, world_size=3)
+
+
+def test_epoch_order_is_a_permutation_and_depends_on_seed_and_epoch():
+    valid = np.array([0, 1, 2, 4, 5, 6, 7, 9, 10, 11])
+    a = epoch_order(valid, seed=0, epoch=0, block_size=3, window_blocks=2)
+    assert sorted(a.tolist()) == valid.tolist()
+    np.testing.assert_array_equal(a, epoch_order(valid, 0, 0, 3, 2))
+    assert not np.array_equal(a, epoch_order(valid, 0, 1, 3, 2))
+    assert not np.array_equal(a, epoch_order(valid, 1, 0, 3, 2))
+
+
+def test_batches_pair_latent_and_features_from_the_same_view(tiny_cache):
+    from cache.reader import CacheReader
+
+    ds = CacheBatches(DataConfig(str(tiny_cache), ("tiny",), global_batch=8, num_workers=0))
+    batch = ds[0]
+    idx, views = batch["index"].numpy(), batch["view"].numpy()
+    full = CacheReader(tiny_cache).read(idx)
+    rows = np.arange(len(idx))
+    np.testing.assert_array_equal(batch["mean"].numpy(), full["latents/mean"][rows, views])
+    np.testing.assert_array_equal(batch["feat/tiny"].numpy(), full["teachers/tiny/patch"][rows, views])
+    assert set(views.tolist()) <= {0, 1}
+
+
+@pytest.mark.slow
+def test_torchrun_two_gloo_processes(tiny_cache, tmp_path):
+    script = tmp_path / "gather.py"
+    script.write_text(
+        "import json, sys, torch.distributed as dist\n"
+        "from train.data import CacheBatches, DataConfig\n"
+        "dist.init_process_group('gloo')\n"
+        "ds = CacheBatches(DataConfig(sys.argv[1], ('tiny',), global_batch=8, num_workers=0), dist.get_rank(), dist.get_world_size())\n"
+        "mine = [ds[s]['index'].tolist() for s in range(3)]\n"
+        "allr = [None, None]\n"
+        "dist.all_gather_object(allr, mine)\n"
+        "if dist.get_rank() == 0: open(sys.argv[2], 'w').write(json.dumps(allr))\n"
+        "dist.destroy_process_group()\n"
+    )
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    res = subprocess.run(torchrun + [str(script), str(tiny_cache), str(tmp_path / "idx.json")], env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    per_rank = json.loads((tmp_path / "idx.json").read_text())
+    single = CacheBatches(DataConfig(str(tiny_cache), ("tiny",), global_batch=8, num_workers=0))
+    for step in range(3):
+        a, b = per_rank[0][step], per_rank[1][step]
+        assert len(a) == len(b) == 4 and not set(a) & set(b)
+        assert a + b == single.indices(step)[0].tolist()
+    # The trainer itself under torchrun (DDP on gloo): two steps and a checkpoint.
+    run = tmp_path / "ddp"
+    res = subprocess.run(
+        torchrun + [str(ROOT / "cli.py"), "train", "--cache", str(tiny_cache), "--out", str(run), "--model", "SiT-tiny/2",
+                    "--batch-size", "8", "--max-steps", "2", "--ckpt-every", "2", "--log-every", "1", "--workers", "0", "--device", "cpu"],
+        env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert load_checkpoint(latest_checkpoint(run))["step"] == 2
+
+
+def _cli(args: list[str], capsys) -> tuple[int, str]:
+    import cli
+
+    old = sys.argv
+    sys.argv = ["repa", *args]
+    try:
+        cli.main()
+        code = 0
+    except SystemExit as e:
+        code = int(e.code or 0)
+    finally:
+        sys.argv = old
+    return code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--teacher", "dinov2-vit-b"], "error: teacher 'dinov2-vit-b' is not in the cache"),
+        (["--model", "SiT-tiny/4"], "error: teacher 'tiny' has 256 tokens but SiT-tiny/4 on 32x32 latents has 64"),
+        (["--encoder-depth", "9"], "error: --encoder-depth 9 is beyond the model depth 4"),
+        (["--model", "SiT-Q/2"], "error: unknown model 'SiT-Q/2'"),
+        (["--batch-size", "64"], "error: the cache has 21 usable samples, fewer than one batch of 64"),
+    ],
+)
+def test_bad_train_arguments_exit_2(tiny_cache, tmp_path, capsys, extra, message):
+    code, err = _cli(["train", "--cache", str(tiny_cache), "--out", str(tmp_path / "r"), "--model", "SiT-tiny/2",
+                      "--batch-size", "8", "--max-steps", "1", "--workers", "0", "--quiet", *extra], capsys)
+    assert code == 2
+    assert err.startswith(message), err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_uncommitted_or_damaged_cache_refused(tiny_cache, tmp_path, capsys):
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_cache, bad)
+    (bad / "_commits" / "teachers" / "tiny.json").unlink()
+    code, err = _cli(["train", "--cache", str(bad), "--out", str(tmp_path / "r"), "--model", "SiT-tiny/2", "--batch-size", "8"], capsys)
+    assert code == 2 and "group 'teachers/tiny' of" in err and "is not committed" in err
+    shutil.rmtree(bad)
+    shutil.copytree(tiny_cache, bad)
+    shard = sorted(p for p in (bad / "latents" / "mean" / "c").rglob("*") if p.is_file())[1]
+    shard.unlink()
+    code, err = _cli(["train", "--cache", str(bad), "--out", str(tmp_path / "r"), "--model", "SiT-tiny/2", "--batch-size", "8"], capsys)
+    assert code == 2 and "shard 1 of 'mean' is missing" in err
+
+
+def test_resume_with_changed_config_refused(tiny_cache, tmp_path):
+    train(cfg(tiny_cache, tmp_path / "r", max_steps=2, ckpt_every=2))
+    with pytest.raises(UsageError, match=r"cannot resume .*the config changed \(proj_coeff: 0.5 -> 0.25\)"):
+        train(cfg(tiny_cache, tmp_path / "r", max_steps=4, proj_coeff=0.25))
+
+
+def test_divergence_stops_with_step_and_keeps_last_good_checkpoint(tiny_cache, tmp_path):
+    run = tmp_path / "nan"
+    with pytest.raises(TrainingDiverged, match=r"loss became non-finite at step (\d+) .*Last good checkpoint: .*step-0000000\d\.pt"):
+        train(cfg(tiny_cache, run, max_steps=50, ckpt_every=1, optim=OptimConfig(lr=1e30, grad_clip=1e30)))
+    kept = load_checkpoint(latest_checkpoint(run))
+    assert all(torch.isfinite(v).all() for v in kept["model"].values() if v.is_floating_point())
+
+
+def test_dry_run_reads_geometry_and_scale_from_the_cache(tiny_cache, tmp_path):
+    from train.loop import describe_run
+
+    resolved = json.loads(describe_run(cfg(tiny_cache, tmp_path / "d"), dry_run=True))
+    assert resolved["model"]["input_size"] == 32 and resolved["model"]["in_channels"] == 4
+    assert resolved["model"]["num_classes"] == 4 and resolved["model"]["z_dims"] == [32]
+    assert resolved["latent_scale"] == {"scaling_factor": 0.18215, "shift_factor": 0.0}
+    assert not (tmp_path / "d").exists()
+
+
+def test_overfits_a_handful_of_cached_samples(tiny_cache, tmp_path):
+    run = tmp_path / "fit"
+    train(cfg(tiny_cache, run, max_steps=300, log_every=50, ckpt_every=300, optim=OptimConfig(lr=1e-3, ema_decay=0.99)))
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    first, last = lines[0], lines[-1]
+    assert last["denoise"] < first["denoise"] / 1.5, (first, last)
+    assert (1 + last["repa"]) < (1 + first["repa"]) / 3, (first, last)
