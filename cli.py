@@ -118,6 +118,60 @@ def verify(
 
 
 @app.command()
+def train(
+    cache: Annotated[Path, typer.Option(help="Committed cache to train from.")],
+    out: Annotated[Path, typer.Option(help="Run folder (checkpoints, metrics.jsonl, config.json). Running again resumes.")],
+    model: Annotated[str, typer.Option(help="SiT size: SiT-S/2 ... SiT-XL/2 (patch 2/4/8), or SiT-tiny/2.")] = "SiT-B/2",
+    teacher: Annotated[Optional[list[str]], typer.Option(help="Teacher group(s) to align to (repeatable). Default: the cache's only teacher.")] = None,
+    encoder_depth: Annotated[Optional[int], typer.Option(help="Align the output of this block (default: 4 for S/B, 8 for L/XL).")] = None,
+    proj_coeff: Annotated[float, typer.Option(help="Weight of the REPA loss.")] = 0.5,
+    batch_size: Annotated[int, typer.Option(help="Global batch size (over all ranks).")] = 256,
+    max_steps: Annotated[int, typer.Option(help="Stop after this many optimiser steps.")] = 400_000,
+    lr: Annotated[float, typer.Option(help="AdamW learning rate (constant).")] = 1e-4,
+    seed: Annotated[int, typer.Option(help="Seed of data order, initial weights and noise.")] = 0,
+    device: Annotated[str, typer.Option(help="'auto' (CUDA if present), 'cpu', 'cuda'.")] = "auto",
+    precision: Annotated[str, typer.Option(help="'auto' (bf16 autocast on CUDA, fp32 on CPU), 'bf16' or 'fp32'.")] = "auto",
+    compile: Annotated[bool, typer.Option(help="torch.compile the model.")] = False,
+    ckpt_every: Annotated[int, typer.Option(help="Checkpoint every N steps (and at the end).")] = 10_000,
+    log_every: Annotated[int, typer.Option(help="Status line and metrics.jsonl every N steps.")] = 100,
+    path: Annotated[str, typer.Option(help="Interpolation path: linear or cosine.")] = "linear",
+    time_sampling: Annotated[str, typer.Option(help="Time sampling: uniform or lognormal.")] = "uniform",
+    workers: Annotated[int, typer.Option(help="DataLoader worker processes per rank.")] = 2,
+    resample_teacher: Annotated[bool, typer.Option(help="Resample teacher tokens to the student's grid when counts differ.")] = False,
+    tensorboard: Annotated[bool, typer.Option(help="Also write TensorBoard scalars to RUN/tb.")] = False,
+    dry_run: Annotated[bool, typer.Option(help="Print the resolved config and exit.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or status lines.")] = False,
+) -> None:
+    """Train a SiT with REPA from a cache: no teacher forward, no image decoding. Also under torchrun."""
+    from train.loop import OptimConfig, TrainConfig, describe_run, train as run
+    from train.transport import TransportConfig
+
+    cfg = TrainConfig(
+        cache=str(cache),
+        out=str(out),
+        model=model,
+        teachers=tuple(teacher or ()),
+        encoder_depth=encoder_depth,
+        proj_coeff=proj_coeff,
+        batch_size=batch_size,
+        max_steps=max_steps,
+        seed=seed,
+        device=device,
+        precision=precision,
+        compile=compile,
+        ckpt_every=ckpt_every,
+        log_every=log_every,
+        num_workers=workers,
+        resample_teacher=resample_teacher,
+        transport=TransportConfig(path=path, time_sampling=time_sampling),
+        optim=OptimConfig(lr=lr),
+        tensorboard=tensorboard,
+        quiet=quiet,
+    )
+    print(describe_run(cfg, dry_run=dry_run))
+
+
+@app.command()
 def demo(
     out: Annotated[Path, typer.Option(help="Folder for the demo images and cache.")] = Path("demo-out"),
     per_class: Annotated[int, typer.Option(help="Images per class (4 classes).")] = 12,
@@ -134,22 +188,13 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "error")  # dask reads this when distributed is imported
     try:
-        app(standalone_mode=False)
+        app()  # standalone: usage errors print their message and exit 2, typer.Exit exits with its code
     except RepaError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(e.exit_code)
-    except typer.Exit as e:
-        sys.exit(e.exit_code)
-    except (typer.Abort, KeyboardInterrupt):
+    except KeyboardInterrupt:
         print("aborted", file=sys.stderr)
         sys.exit(130)
-    except Exception as e:  # click usage errors in standalone_mode=False
-        import click
-
-        if isinstance(e, click.exceptions.ClickException):
-            e.show()
-            sys.exit(e.exit_code)
-        raise
 
 
 if __name__ == "__main__":

@@ -140,6 +140,10 @@ def write_shard(
         expected = (stop - start, len(meta.views), *spec.sample_shape)
         if block.shape != expected:
             raise ValueError(f"{gmeta.group}/{spec.name} shard {shard}: shape {block.shape}, expected {expected}")
+        # zarr's sharding codec merges a write into whatever shard object exists, even when the
+        # write covers the whole shard; a half-written object left by a killed run would poison
+        # the merge. This task owns the shard, so it starts from nothing.
+        sync(arr.store.delete(shard_key(arr, shard)))
         arr[start:stop] = block.astype(spec.dtype, copy=False)
         _fsync_local(arr, shard)
         raw = read_shard_bytes(arr, shard)

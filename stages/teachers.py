@@ -129,14 +129,25 @@ _REGISTRY: tuple[TeacherSpec, ...] = (
         tiny=True,
         description="random 2-block ViT (dim 32) with DINOv2 preprocessing, for tests and demos",
     ),
+    TeacherSpec(
+        name="tiny-reg",
+        timm_id="tiny-random-vit-reg4",
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+        patch_size=14,
+        resize_base=224,
+        tiny=True,
+        description="random 2-block ViT (dim 48) with 4 register tokens and DINOv2 preprocessing, for tests",
+    ),
 )
 
 #: Known teachers by registry name.
 TEACHERS: dict[str, TeacherSpec] = {spec.name: spec for spec in _REGISTRY}
 
 _TINY_DEPTH = 2
-_TINY_DIM = 32
 _TINY_HEADS = 2
+# Per tiny preset: (embedding dim, register tokens).
+_TINY_SHAPES: dict[str, tuple[int, int]] = {"tiny": (32, 0), "tiny-reg": (48, 4)}
 
 
 def get_teacher(name: str) -> TeacherSpec:
@@ -177,17 +188,19 @@ def token_grid(spec: TeacherSpec, resolution: int) -> int:
     return teacher_input_size(spec, resolution) // spec.patch_size
 
 
-def _build_tiny_teacher(img_size: int) -> VisionTransformer:
-    """Build the tiny teacher with identical weights in every process (global RNG untouched)."""
+def _build_tiny_teacher(name: str, img_size: int) -> VisionTransformer:
+    """Build a tiny teacher with identical weights in every process (global RNG untouched)."""
+    dim, registers = _TINY_SHAPES[name]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         return VisionTransformer(
             img_size=img_size,
             patch_size=14,
-            embed_dim=_TINY_DIM,
+            embed_dim=dim,
             depth=_TINY_DEPTH,
             num_heads=_TINY_HEADS,
             num_classes=0,
+            reg_tokens=registers,
         )
 
 
@@ -218,7 +231,7 @@ def load_teacher(
     if spec.tiny:
         if checkpoint is not None:
             raise UsageError(f"teacher '{spec.name}' is built from a seed and takes no checkpoint")
-        model: torch.nn.Module = _build_tiny_teacher(img_size)
+        model: torch.nn.Module = _build_tiny_teacher(spec.name, img_size)
     else:
         kwargs: dict[str, Any] = {"img_size": img_size, "num_classes": 0}
         try:

@@ -38,3 +38,26 @@ def tiny_cache(demo_images, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("cache") / "c"
     precompute(tiny_config(demo_images, out))
     return out
+
+
+@pytest.fixture()
+def run_cli(capsys):
+    """Run ``repa ARGS`` in this process through the real entry point; (exit code, stdout, stderr)."""
+    import sys
+
+    import cli
+
+    def run(args: list[str]) -> tuple[int, str, str]:
+        old = sys.argv
+        sys.argv = ["repa", *args]
+        try:
+            cli.main()
+            code = 0
+        except SystemExit as e:
+            code = int(e.code or 0)
+        finally:
+            sys.argv = old
+        out = capsys.readouterr()
+        return code, out.out, out.err
+
+    return run

@@ -358,3 +358,26 @@ def _tensorboard(run: Path) -> Any:
     except ImportError as e:
         raise UsageError("--tensorboard needs the tensorboard package (pip install tensorboard)") from e
     return SummaryWriter(str(run / "tb"))
+
+
+def describe_run(cfg: TrainConfig, dry_run: bool = False) -> str:
+    """``repa train``: with ``dry_run`` the resolved config (from the cache) as JSON, else train and
+    return a one-line summary."""
+    if cfg.precision not in ("auto", "bf16", "fp32"):
+        raise UsageError(f"--precision must be auto, bf16 or fp32, not '{cfg.precision}'")
+    setup = plan_run(cfg)
+    if dry_run:
+        resolved = {
+            "train": cfg.to_json(),
+            "teachers": list(setup.teachers),
+            "model": dataclasses.asdict(setup.model_config),
+            "latent_scale": dataclasses.asdict(setup.scale),
+            "teacher_tokens": setup.teacher_tokens,
+            "cache": setup.cache_info,
+        }
+        return json.dumps(resolved, indent=1, default=str)
+    res = train(cfg)
+    m = res.last_metrics
+    resumed = f" (resumed from step {res.resumed_from})" if res.resumed_from is not None else ""
+    loss = f"; last loss {m['loss']:.4f} (denoise {m['denoise']:.4f}, repa {m['repa']:.4f})" if m else ""
+    return f"run {res.run}: step {res.step}{resumed}{loss}"

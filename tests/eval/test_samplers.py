@@ -11,6 +11,8 @@ x(0) = m + s z. Per-class means give a conditional model; the null class has its
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch import Tensor
@@ -103,13 +105,11 @@ def test_sde_reaches_the_data_distribution() -> None:
     assert len(times) == 40 and times[0] == 1.0 and times[-1] == pytest.approx(0.04)
 
 
-def test_score_from_velocity_linear_path() -> None:
-    """On the linear path the score of x_t is -eps/t; v = eps - x0 gives it back exactly."""
+def test_score_from_velocity() -> None:
+    """The score of x_t = a x0 + s eps is -eps/s; it is recovered exactly from v = a' x0 + s' eps."""
     g = torch.Generator().manual_seed(1)
     x0, eps = torch.randn(4, 3, generator=g, dtype=torch.float64), torch.randn(4, 3, generator=g, dtype=torch.float64)
     for path in ("linear", "cosine"):
-        import math
-
         t = 0.37
         if path == "linear":
             a, s, da, ds = 1 - t, t, -1.0, 1.0

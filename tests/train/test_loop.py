@@ -169,7 +169,7 @@ def _cli(args: list[str], capsys) -> tuple[int, str]:
     "extra, message",
     [
         (["--teacher", "dinov2-vit-b"], "error: teacher 'dinov2-vit-b' is not in the cache"),
-        (["--model", "SiT-tiny/4"], "error: teacher 'tiny' has 256 tokens but SiT-tiny/4 on 32x32 latents has 64"),
+        (["--model", "SiT-S/4"], "error: teacher 'tiny' has 256 tokens but SiT-S/4 on 32x32 latents has 64"),
         (["--encoder-depth", "9"], "error: --encoder-depth 9 is beyond the model depth 4"),
         (["--model", "SiT-Q/2"], "error: unknown model 'SiT-Q/2'"),
         (["--batch-size", "64"], "error: the cache has 21 usable samples, fewer than one batch of 64"),
@@ -224,9 +224,12 @@ def test_dry_run_reads_geometry_and_scale_from_the_cache(tiny_cache, tmp_path):
 
 
 def test_overfits_a_handful_of_cached_samples(tiny_cache, tmp_path):
+    """Both losses fall on 21 cached samples. The REPA cosine is bounded well below 1 here: near
+    t = 1 the student's input carries almost nothing about which sample it is."""
     run = tmp_path / "fit"
-    train(cfg(tiny_cache, run, max_steps=300, log_every=50, ckpt_every=300, optim=OptimConfig(lr=1e-3, ema_decay=0.99)))
+    train(cfg(tiny_cache, run, max_steps=200, log_every=1, ckpt_every=200, optim=OptimConfig(lr=1e-3)))
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-    first, last = lines[0], lines[-1]
-    assert last["denoise"] < first["denoise"] / 1.5, (first, last)
-    assert (1 + last["repa"]) < (1 + first["repa"]) / 3, (first, last)
+    first = lines[0]
+    last = {k: float(np.mean([m[k] for m in lines[-20:]])) for k in ("denoise", "repa", "cos/tiny")}
+    assert last["denoise"] < first["denoise"] / 2, (first, last)
+    assert last["cos/tiny"] > 3 * max(first["cos/tiny"], 0.02) and last["repa"] < first["repa"] - 0.15, (first, last)

@@ -1,0 +1,295 @@
+"""Samplers for a velocity model: ODE Euler / Heun and SDE Euler–Maruyama, with guidance.
+
+Convention (as in training): ``x_t = alpha(t) x + sigma(t) eps`` with t=0 data and t=1 noise, and
+the model predicts ``v = dx_t/dt``. Sampling integrates from t=1 (pure noise) to t=0 (data).
+
+* **ODE** (probability flow): ``dx = v(x, t) dt`` on the uniform grid ``t_i = 1 - i/steps``, with
+  Euler or Heun steps (Heun's correction is skipped on the last step, which ends at t=0).
+* **SDE** (reverse-time Euler–Maruyama, as REPA's sampler): drift ``v - w(t)/2 * score`` with
+  ``w(t) = 2t`` and the score obtained from the velocity, noise ``sqrt(w(t) |dt|) * z``; the grid
+  is ``steps`` points from 1 down to ``last_t`` (0.04) and the final step from ``last_t`` to 0 is
+  the deterministic drift step. Either way the model is evaluated ``steps`` times (doubled batch
+  inside the guidance interval; twice per step for Heun).
+* **Classifier-free guidance**: ``v = v_uncond + scale * (v_cond - v_uncond)`` on the drift, only
+  at steps whose start time ``t`` lies in ``[low, high]``; elsewhere the conditional model alone
+  runs (no doubled batch). The unconditional label is the null class ``num_classes``.
+
+All randomness (initial noise and SDE increments) comes from :class:`SampleNoise`: one generator
+per sample, seeded from ``(seed, sample index)``, so a sample does not depend on the batch it is
+in, on the batch size, or on how the job is split across ranks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from cache.errors import UsageError
+from train.transport import PATHS, VelocityModel
+
+logger = logging.getLogger(__name__)
+
+SAMPLERS = ("ode", "sde")
+PRECISIONS = ("auto", "fp32", "bf16")
+#: REPA's SDE sampler stops the stochastic steps here and ends with one deterministic step to 0.
+SDE_LAST_T = 0.04
+
+
+@dataclass(frozen=True)
+class SamplerConfig:
+    """How to integrate from noise to data.
+
+    Attributes:
+        sampler: ``"ode"`` (Euler / Heun) or ``"sde"`` (Euler–Maruyama, diffusion ``2t``).
+        steps: model evaluations per sample (per Heun stage, per guidance half).
+        heun: second-order Heun steps (ODE only).
+        cfg_scale: classifier-free guidance scale; 1 means no guidance.
+        guidance_interval: ``(low, high)``; guidance applies at steps starting at ``low <= t <= high``.
+        path: the interpolant the model was trained with (``"linear"`` or ``"cosine"``).
+        last_t: time at which the SDE sampler switches to its final deterministic step.
+    """
+
+    sampler: str = "sde"
+    steps: int = 250
+    heun: bool = False
+    cfg_scale: float = 1.0
+    guidance_interval: tuple[float, float] = (0.0, 0.7)
+    path: str = "linear"
+    last_t: float = SDE_LAST_T
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "guidance_interval", tuple(float(v) for v in self.guidance_interval))
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise :class:`UsageError` with one line when the settings cannot work."""
+        if self.sampler not in SAMPLERS:
+            raise UsageError(f"unknown sampler '{self.sampler}'; known samplers: {', '.join(SAMPLERS)}")
+        if self.path not in PATHS:
+            raise UsageError(f"unknown path '{self.path}'; known paths: {', '.join(PATHS)}")
+        if self.steps < 1:
+            raise UsageError(f"--steps must be at least 1, got {self.steps}")
+        if self.sampler == "sde" and self.steps < 2:
+            raise UsageError("the SDE sampler needs --steps of at least 2 (the last step is deterministic)")
+        if self.sampler == "sde" and self.heun:
+            raise UsageError("--heun applies to the ODE sampler only; use --sampler ode or --euler")
+        if not math.isfinite(self.cfg_scale) or self.cfg_scale < 0:
+            raise UsageError(f"--cfg must be a finite number >= 0, got {self.cfg_scale}")
+        check_guidance_interval(self.guidance_interval)
+        if not 0.0 < self.last_t < 1.0:
+            raise UsageError(f"the SDE switch time must be in (0, 1), got {self.last_t}")
+
+    @property
+    def guided(self) -> bool:
+        """Whether guidance can change anything (scale other than 1)."""
+        return self.cfg_scale != 1.0
+
+    def guidance_active(self, t: float) -> bool:
+        """Whether guidance applies to a step that starts at time ``t``."""
+        low, high = self.guidance_interval
+        return self.guided and low <= t <= high
+
+    def time_grid(self) -> Tensor:
+        """The float64 times visited, from 1 down to 0 (``steps + 1`` points)."""
+        if self.sampler == "ode":
+            return torch.linspace(1.0, 0.0, self.steps + 1, dtype=torch.float64)
+        head = torch.linspace(1.0, self.last_t, self.steps, dtype=torch.float64)
+        return torch.cat([head, torch.zeros(1, dtype=torch.float64)])
+
+
+def check_guidance_interval(interval: Sequence[float]) -> tuple[float, float]:
+    """Validate a guidance interval ``(low, high)`` with ``0 <= low <= high <= 1``."""
+    if len(interval) != 2:
+        raise UsageError(f"--guidance-interval takes two numbers LOW,HIGH, got {len(interval)}")
+    low, high = (float(v) for v in interval)
+    if not (0.0 <= low <= 1.0 and 0.0 <= high <= 1.0):
+        raise UsageError(f"--guidance-interval must lie within [0, 1], got {low:g},{high:g}")
+    if low > high:
+        raise UsageError(f"--guidance-interval needs LOW <= HIGH, got {low:g},{high:g}")
+    return low, high
+
+
+def parse_guidance_interval(text: str) -> tuple[float, float]:
+    """Parse ``"LOW,HIGH"`` (e.g. ``"0,0.7"``) into a validated interval."""
+    parts = [p.strip() for p in text.split(",")]
+    try:
+        values = [float(p) for p in parts]
+    except ValueError:
+        raise UsageError(f"--guidance-interval takes LOW,HIGH such as 0,0.7, got '{text}'") from None
+    return check_guidance_interval(values)
+
+
+# --------------------------------------------------------------------------------------------
+# per-sample randomness
+
+
+def sample_seed(seed: int, index: int, stream: int = 0) -> int:
+    """A 63-bit seed for one stream of sample ``index`` of a job seeded ``seed``."""
+    state = np.random.SeedSequence([int(seed) & 0xFFFFFFFF, int(seed) >> 32, int(index), int(stream)])
+    return int(state.generate_state(1, np.uint64)[0] >> np.uint64(1))
+
+
+class SampleNoise:
+    """Gaussian noise for a batch of samples, each drawn from its own generator.
+
+    Generators live on the CPU (the draws are identical whatever the device) and are seeded with
+    :func:`sample_seed` ``(seed, index)``. Successive calls continue each sample's stream: the
+    first call gives the initial noise, the following ones the SDE increments.
+    """
+
+    def __init__(self, seed: int, indices: Sequence[int], device: torch.device | str = "cpu") -> None:
+        self.indices = [int(i) for i in indices]
+        self.device = torch.device(device)
+        self.generators = [torch.Generator().manual_seed(sample_seed(seed, i)) for i in self.indices]
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def randn(self, shape: Sequence[int], repeat: int = 1) -> Tensor:
+        """(B, *shape) float64 standard normals on the device; ``repeat`` tiles the batch."""
+        draws = [torch.randn(tuple(shape), generator=g, dtype=torch.float32) for g in self.generators]
+        z = torch.stack(draws).to(self.device, torch.float64)  # (B, *shape)
+        return z.repeat(repeat, *([1] * len(shape))) if repeat > 1 else z
+
+
+def sample_labels(seed: int, indices: Sequence[int], num_classes: int, classes: Sequence[int] = ()) -> Tensor:
+    """Class label of each sample: ``classes[i % len(classes)]``, or uniform from ``(seed, i)``."""
+    if classes:
+        return torch.tensor([int(classes[i % len(classes)]) for i in indices], dtype=torch.long)
+    labels = [int(np.random.default_rng(sample_seed(seed, i, stream=1)).integers(num_classes)) for i in indices]
+    return torch.tensor(labels, dtype=torch.long)
+
+
+# --------------------------------------------------------------------------------------------
+# integration
+
+
+def path_coefficients(path: str, t: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(alpha, sigma, alpha', sigma')`` of the path at t (float64); same formulas as training."""
+    if path == "linear":
+        return 1 - t, t, -torch.ones_like(t), torch.ones_like(t)
+    half_pi = math.pi / 2
+    return torch.cos(half_pi * t), torch.sin(half_pi * t), -half_pi * torch.sin(half_pi * t), half_pi * torch.cos(half_pi * t)
+
+
+def score_from_velocity(v: Tensor, x: Tensor, t: float, path: str = "linear") -> Tensor:
+    """Score ``grad log p_t(x)`` implied by a velocity prediction at time ``t`` (0 < t).
+
+    With ``x = alpha x0 + sigma eps`` and ``v = alpha' x0 + sigma' eps``, eliminating ``x0`` gives
+    ``eps = (alpha v - alpha' x) / (alpha sigma' - alpha' sigma)`` and the score is ``-eps / sigma``.
+    On the linear path this is ``((t - 1) v - x) / t``.
+    """
+    tt = torch.tensor(t, dtype=torch.float64)
+    alpha, sigma, d_alpha, d_sigma = (float(a) for a in path_coefficients(path, tt))
+    eps = (alpha * v - d_alpha * x) / (alpha * d_sigma - d_alpha * sigma)
+    return -eps / sigma
+
+
+def autocast_context(device: torch.device, precision: str) -> contextlib.AbstractContextManager[object]:
+    """bf16 autocast when asked for ("auto": on CUDA only), else nothing."""
+    if precision not in PRECISIONS:
+        raise UsageError(f"unknown precision '{precision}'; known: {', '.join(PRECISIONS)}")
+    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    return torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
+
+
+class _Drift:
+    """Evaluates the (guided) velocity of the model at one time for a batch."""
+
+    def __init__(self, model: VelocityModel, y: Tensor, null_class: int, cfg: SamplerConfig,
+                 precision: str) -> None:
+        self.model, self.cfg, self.precision = model, cfg, precision
+        self.y = y
+        self.y_pair = torch.cat([y, torch.full_like(y, null_class)])  # (2B,)
+        self.evaluations = 0
+
+    def velocity(self, x: Tensor, t: float, guided: bool) -> tuple[Tensor, Tensor]:
+        """``(v, x_in)``: float64 velocity (B, ...) and, when guided, (2B, ...) halves stacked."""
+        x_in = torch.cat([x, x]) if guided else x  # (B or 2B, C, H, W)
+        y_in = self.y_pair if guided else self.y
+        t_in = torch.full((x_in.shape[0],), t, device=x.device, dtype=torch.float32)
+        with autocast_context(x.device, self.precision):
+            out = self.model(x_in.float(), t_in, y_in)
+        self.evaluations += 1
+        return out[0].to(torch.float64), x_in
+
+    def combine(self, d: Tensor, guided: bool) -> Tensor:
+        """Guidance on a stacked (cond, uncond) drift; identity when not guided."""
+        if not guided:
+            return d
+        cond, uncond = d.chunk(2)
+        return uncond + self.cfg.cfg_scale * (cond - uncond)
+
+
+@torch.no_grad()
+def sample_latents(
+    model: VelocityModel,
+    noise: Tensor,
+    y: Tensor,
+    config: SamplerConfig,
+    null_class: int,
+    step_noise: SampleNoise | None = None,
+    precision: str = "fp32",
+) -> Tensor:
+    """Integrate a batch from noise (t=1) to data (t=0).
+
+    Args:
+        model: ``model(x, t, y) -> (v, ...)``; called with float32 inputs.
+        noise: initial noise (B, C, H, W) on the model's device.
+        y: class labels (B,) long on the same device.
+        config: the sampler settings.
+        null_class: label of the unconditional model (the SiT's ``num_classes``).
+        step_noise: source of the SDE increments (required for ``"sde"``), one stream per sample.
+        precision: ``"fp32"``, ``"bf16"`` (autocast) or ``"auto"`` (bf16 on CUDA).
+
+    Returns:
+        float32 latents (B, C, H, W) at t=0.
+    """
+    if noise.shape[0] != y.shape[0]:
+        raise ValueError(f"{noise.shape[0]} noise samples but {y.shape[0]} labels")
+    drift = _Drift(model, y, null_class, config, precision)
+    x = noise.to(torch.float64)
+    times = config.time_grid().tolist()
+    if config.sampler == "ode":
+        x = _ode(drift, x, times, config)
+    else:
+        if step_noise is None:
+            raise ValueError("the SDE sampler needs a SampleNoise for its increments")
+        x = _sde(drift, x, times, config, step_noise)
+    return x.float()
+
+
+def _ode(drift: _Drift, x: Tensor, times: list[float], cfg: SamplerConfig) -> Tensor:
+    last = len(times) - 2
+    for i, (t, t_next) in enumerate(zip(times[:-1], times[1:])):
+        guided = cfg.guidance_active(t)
+        dt = t_next - t
+        v, _ = drift.velocity(x, t, guided)
+        d = drift.combine(v, guided)
+        x_next = x + dt * d
+        if cfg.heun and i < last:
+            v2, _ = drift.velocity(x_next, t_next, guided)  # guidance decided by the step's start
+            x_next = x + dt * 0.5 * (d + drift.combine(v2, guided))
+        x = x_next
+    return x
+
+
+def _sde(drift: _Drift, x: Tensor, times: list[float], cfg: SamplerConfig, noise: SampleNoise) -> Tensor:
+    shape = tuple(x.shape[1:])
+    for i, (t, t_next) in enumerate(zip(times[:-1], times[1:])):
+        guided = cfg.guidance_active(t)
+        dt = t_next - t
+        w = 2.0 * t  # diffusion coefficient w(t) = g(t)^2, as in REPA
+        v, x_in = drift.velocity(x, t, guided)
+        d = drift.combine(v - 0.5 * w * score_from_velocity(v, x_in, t, cfg.path), guided)
+        if i == len(times) - 2:  # final step to t=0: the drift alone
+            return x + dt * d
+        x = x + dt * d + math.sqrt(w * abs(dt)) * noise.randn(shape)
+    return x
