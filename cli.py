@@ -172,15 +172,83 @@ def train(
 
 
 @app.command()
+def sample(
+    ckpt: Annotated[Path, typer.Option(help="Run folder (latest checkpoint) or a checkpoint / EMA weights file.")],
+    out: Annotated[Path, typer.Option(help="Folder for images/, grid.png and samples.npz (ADM layout). Running again resumes.")],
+    num: Annotated[int, typer.Option(help="Number of samples (50000 for FID).")] = 50_000,
+    cfg: Annotated[float, typer.Option(help="Classifier-free guidance scale (1 = off; REPA's best: 1.8 with interval 0,0.7).")] = 1.0,
+    guidance_interval: Annotated[str, typer.Option(help="LOW,HIGH: apply guidance only for t in this interval.")] = "0,0.7",
+    sampler: Annotated[str, typer.Option(help="ode or sde (Euler-Maruyama).")] = "sde",
+    steps: Annotated[int, typer.Option(help="Integration steps.")] = 250,
+    heun: Annotated[bool, typer.Option("--heun/--euler", help="Heun (2nd order) or Euler steps for the ODE sampler.")] = False,
+    class_id: Annotated[Optional[list[int]], typer.Option("--class", help="Sample only these class ids (repeatable).")] = None,
+    seed: Annotated[int, typer.Option(help="Sample i uses seed (seed, i): results do not depend on batch size or ranks.")] = 0,
+    batch_size: Annotated[int, typer.Option(help="Samples per forward pass.")] = 64,
+    cache: Annotated[Optional[Path], typer.Option(help="The training cache, if it moved since training.")] = None,
+    device: Annotated[str, typer.Option(help="'auto', 'cpu' or 'cuda'.")] = "auto",
+    precision: Annotated[str, typer.Option(help="'auto' (bf16 on CUDA), 'bf16' or 'fp32'.")] = "auto",
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+) -> None:
+    """Sample images from a checkpoint's EMA weights and decode them with the cache's VAE. Also under torchrun."""
+    from eval.sample import sample as run
+    from eval.samplers import parse_guidance_interval
+
+    res = run(
+        ckpt, out, num=num, cfg_scale=cfg, guidance_interval=parse_guidance_interval(guidance_interval), sampler=sampler,
+        steps=steps, heun=heun, classes=tuple(class_id or ()), seed=seed, batch_size=batch_size, cache=cache,
+        device=device, precision=precision, quiet=quiet,
+    )
+    print(res.describe())
+
+
+@app.command()
+def fid(
+    samples: Annotated[Path, typer.Argument(help="Samples: an .npz (arr_0, uint8 NHWC) or a folder of images.")],
+    ref: Annotated[Path, typer.Argument(help="Reference: the ADM reference batch .npz, another .npz or an image folder.")],
+    fd_dinov2: Annotated[bool, typer.Option(help="Also compute the Frechet distance on DINOv2 features.")] = False,
+    inception_weights: Annotated[Optional[Path], typer.Option(help="Local Inception weights file for torch-fidelity.")] = None,
+    dinov2_checkpoint: Annotated[Optional[Path], typer.Option(help="Local DINOv2 weights file for --fd-dinov2.")] = None,
+    batch_size: Annotated[int, typer.Option(help="Images per feature-extractor batch.")] = 50,
+    device: Annotated[str, typer.Option(help="'auto', 'cpu' or 'cuda'.")] = "auto",
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+) -> None:
+    """Frechet Inception Distance (torch-fidelity) between SAMPLES and REF; reference statistics are cached."""
+    from eval.fid import fid as run
+
+    res = run(
+        samples, ref, fd_dinov2=fd_dinov2, inception_weights=inception_weights,
+        dinov2_checkpoint=None if dinov2_checkpoint is None else str(dinov2_checkpoint),
+        batch_size=batch_size, device=device, quiet=quiet,
+    )
+    print(json.dumps(res, indent=1, default=str))
+
+
+@app.command()
+def align(
+    ckpt: Annotated[Path, typer.Option(help="Run folder or checkpoint file.")],
+    cache: Annotated[Optional[Path], typer.Option(help="Cache with the teacher features (default: the training cache).")] = None,
+    num: Annotated[int, typer.Option(help="Samples from the end of the cache's valid indices.")] = 1024,
+    t: Annotated[float, typer.Option(help="Noise level at which the student is probed.")] = 0.5,
+    k: Annotated[int, typer.Option(help="Neighbours for CKNNA and mutual kNN.")] = 10,
+    device: Annotated[str, typer.Option(help="'auto', 'cpu' or 'cuda'.")] = "auto",
+) -> None:
+    """Alignment of a checkpoint to its teacher(s) on cached features: mean cosine and CKNNA."""
+    from eval.align import align as run
+
+    print(json.dumps(run(ckpt, cache, num=num, t=t, k=k, device=device), indent=1, default=str))
+
+
+@app.command()
 def demo(
     out: Annotated[Path, typer.Option(help="Folder for the demo images and cache.")] = Path("demo-out"),
     per_class: Annotated[int, typer.Option(help="Images per class (4 classes).")] = 12,
+    train_steps: Annotated[int, typer.Option(help="Training steps of the demo run.")] = 200,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
 ) -> None:
     """Run the whole pipeline offline on a small generated image set with tiny random-init models."""
     from pipeline.demo import run_demo
 
-    run_demo(out, per_class=per_class, quiet=quiet)
+    run_demo(out, per_class=per_class, train_steps=train_steps, quiet=quiet)
 
 
 def main() -> None:

@@ -64,8 +64,9 @@ def make_demo_images(root: str | Path, per_class: int = 12, seed: int = 0, bad_i
     return root
 
 
-def run_demo(out: str | Path, per_class: int = 12, quiet: bool = False) -> None:
-    """Generate the images, precompute a cache with the tiny presets, print its statistics."""
+def run_demo(out: str | Path, per_class: int = 12, train_steps: int = 200, quiet: bool = False) -> None:
+    """Generate images, precompute a cache with the tiny presets, print its statistics, train a few
+    hundred steps from it and sample a grid from the EMA weights."""
     from cache.stats import cache_stats, format_stats
     from pipeline.plan import PrecomputeConfig
     from pipeline.precompute import describe_result, precompute
@@ -74,7 +75,7 @@ def run_demo(out: str | Path, per_class: int = 12, quiet: bool = False) -> None:
     images = out / "images"
     if not images.exists():
         make_demo_images(images, per_class=per_class)
-    print(f"[1/2] demo images in {images} ({len(DEMO_CLASSES)} classes, {per_class} per class, 2 bad inputs)")
+    print(f"[1/4] demo images in {images} ({len(DEMO_CLASSES)} classes, {per_class} per class, 2 bad inputs)")
     cfg = PrecomputeConfig(
         data=str(images),
         out=str(out / "cache"),
@@ -88,5 +89,20 @@ def run_demo(out: str | Path, per_class: int = 12, quiet: bool = False) -> None:
         quiet=quiet,
     )
     print(describe_result(precompute(cfg)))
-    print("[2/2] cache statistics")
+    print("[2/4] cache statistics")
     print(format_stats(cache_stats(cfg.out)))
+
+    from eval.sample import sample
+    from train.loop import OptimConfig, TrainConfig, describe_run
+
+    print("[3/4] train SiT-tiny/2 with REPA from the cache (no teacher, no image decoding)")
+    tcfg = TrainConfig(
+        cache=cfg.out, out=str(out / "run"), model="SiT-tiny/2", batch_size=16, max_steps=train_steps,
+        ckpt_every=train_steps, log_every=max(1, train_steps // 5), num_workers=0, device="cpu",
+        optim=OptimConfig(lr=1e-3, ema_decay=0.99), quiet=quiet,
+    )
+    print(describe_run(tcfg))
+    print("[4/4] sample a grid from the EMA weights, decoded with the cache's VAE")
+    res = sample(out / "run", out / "samples", num=16, sampler="ode", steps=20, heun=True, batch_size=16, device="cpu", quiet=quiet)
+    print(res.describe())
+    print(f"demo done: images {images}, cache {cfg.out}, run {out / 'run'}, samples {out / 'samples'}")
