@@ -139,6 +139,8 @@ def train(
     workers: Annotated[int, typer.Option(help="DataLoader worker processes per rank.")] = 2,
     resample_teacher: Annotated[bool, typer.Option(help="Resample teacher tokens to the student's grid when counts differ.")] = False,
     tensorboard: Annotated[bool, typer.Option(help="Also write TensorBoard scalars to RUN/tb.")] = False,
+    align_every: Annotated[int, typer.Option(help="Log CKNNA/cosine to the teacher every N steps (0: off; at log steps).")] = 0,
+    holdout: Annotated[int, typer.Option(help="Hold the last N valid cache samples out of training (used by --align-every).")] = 0,
     dry_run: Annotated[bool, typer.Option(help="Print the resolved config and exit.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or status lines.")] = False,
 ) -> None:
@@ -166,6 +168,8 @@ def train(
         transport=TransportConfig(path=path, time_sampling=time_sampling),
         optim=OptimConfig(lr=lr),
         tensorboard=tensorboard,
+        align_every=align_every,
+        holdout=holdout,
         quiet=quiet,
     )
     print(describe_run(cfg, dry_run=dry_run))

@@ -43,6 +43,7 @@ class DataConfig:
     num_workers: int = 2
     prefetch_factor: int = 2
     verify_checksums: bool = False
+    holdout: int = 0  # the last N valid cache samples are never trained on (alignment metrics use them)
 
 
 def _rng(*key: int) -> np.random.Generator:
@@ -73,7 +74,10 @@ class CacheBatches(Dataset):
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
         self.groups = [LATENTS] + [teacher_group(t) for t in cfg.teachers]
         reader = self._open()
-        self.valid = reader.valid_indices()
+        valid = reader.valid_indices()
+        if not 0 <= cfg.holdout < len(valid):
+            raise UsageError(f"--holdout {cfg.holdout} must leave samples to train on (the cache has {len(valid)} usable samples)")
+        self.valid = valid[: len(valid) - cfg.holdout]
         self.num_views = len(reader.views)
         self.batches_per_epoch = len(self.valid) // cfg.global_batch
         if self.batches_per_epoch == 0:

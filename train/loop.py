@@ -80,13 +80,15 @@ class TrainConfig:
     keep_checkpoints: int = 2
     num_workers: int = 2
     resample_teacher: bool = False  # resample teacher tokens to the student grid instead of refusing
+    align_every: int = 0  # every N steps log CKNNA and cosine to the teacher on the held-out samples (0: off)
+    holdout: int = 0  # the last N valid cache samples are held out of training (for alignment metrics)
     transport: TransportConfig = field(default_factory=TransportConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     tensorboard: bool = False
     quiet: bool = False
 
     # Fields that may change between a run and its resume.
-    RESUMABLE_CHANGES = frozenset({"max_steps", "ckpt_every", "log_every", "keep_checkpoints", "num_workers", "device", "compile", "tensorboard", "quiet", "out", "cache"})
+    RESUMABLE_CHANGES = frozenset({"max_steps", "ckpt_every", "log_every", "keep_checkpoints", "num_workers", "device", "compile", "tensorboard", "quiet", "out", "cache", "align_every"})
 
     def to_json(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -252,7 +254,9 @@ def train(cfg: TrainConfig) -> TrainResult:
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
 
     ds = CacheBatches(
-        DataConfig(cfg.cache, setup.teachers, cfg.batch_size, cfg.seed, num_workers=cfg.num_workers), di.rank, di.world_size
+        DataConfig(cfg.cache, setup.teachers, cfg.batch_size, cfg.seed, num_workers=cfg.num_workers, holdout=cfg.holdout),
+        di.rank,
+        di.world_size,
     )
     loader = make_loader(ds, start, cfg.max_steps, pin_memory=device.type == "cuda")
     metrics_file = run / "metrics.jsonl"
@@ -306,6 +310,13 @@ def train(cfg: TrainConfig) -> TrainResult:
             if device.type == "cuda":
                 last["gpu_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
             acc, t_last, wait = _Accumulator(), now, 0.0
+            if di.is_main and cfg.align_every and step % cfg.align_every == 0:
+                from eval.align import alignment_metrics
+
+                if not cfg.holdout:
+                    log.warning("--align-every without --holdout: alignment is measured on samples the model trains on")
+                last.update(alignment_metrics(model, cfg.cache, setup.teachers, num=cfg.holdout or 512, resample=cfg.resample_teacher,
+                                              path=cfg.transport.path, precision="bf16" if use_bf16 else "fp32"))
             if di.is_main:
                 with open(metrics_file, "a") as f:
                     f.write(json.dumps(last) + "\n")

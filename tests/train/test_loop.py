@@ -233,3 +233,15 @@ def test_overfits_a_handful_of_cached_samples(tiny_cache, tmp_path):
     last = {k: float(np.mean([m[k] for m in lines[-20:]])) for k in ("denoise", "repa", "cos/tiny")}
     assert last["denoise"] < first["denoise"] / 2, (first, last)
     assert last["cos/tiny"] > 3 * max(first["cos/tiny"], 0.02) and last["repa"] < first["repa"] - 0.15, (first, last)
+
+
+def test_holdout_samples_are_never_trained_on(tiny_cache):
+    from cache.reader import CacheReader
+
+    valid = CacheReader(tiny_cache).valid_indices()
+    ds = CacheBatches(DataConfig(str(tiny_cache), ("tiny",), global_batch=4, num_workers=0, holdout=5))
+    seen = set()
+    for step in range(3 * ds.batches_per_epoch):
+        seen |= set(ds.indices(step)[0].tolist())
+    assert seen <= set(valid[:-5].tolist()) and not seen & set(valid[-5:].tolist())
+    assert len(seen) >= len(valid) - 5 - 3  # drop-last leaves at most batch-1 out of an epoch
