@@ -150,21 +150,6 @@ def test_torchrun_two_gloo_processes(tiny_cache, tmp_path):
     assert load_checkpoint(latest_checkpoint(run))["step"] == 2
 
 
-def _cli(args: list[str], capsys) -> tuple[int, str]:
-    import cli
-
-    old = sys.argv
-    sys.argv = ["repa", *args]
-    try:
-        cli.main()
-        code = 0
-    except SystemExit as e:
-        code = int(e.code or 0)
-    finally:
-        sys.argv = old
-    return code, capsys.readouterr().err
-
-
 @pytest.mark.parametrize(
     "extra, message",
     [
@@ -175,27 +160,27 @@ def _cli(args: list[str], capsys) -> tuple[int, str]:
         (["--batch-size", "64"], "error: the cache has 21 usable samples, fewer than one batch of 64"),
     ],
 )
-def test_bad_train_arguments_exit_2(tiny_cache, tmp_path, capsys, extra, message):
-    code, err = _cli(["train", "--cache", str(tiny_cache), "--out", str(tmp_path / "r"), "--model", "SiT-tiny/2",
-                      "--batch-size", "8", "--max-steps", "1", "--workers", "0", "--quiet", *extra], capsys)
+def test_bad_train_arguments_exit_2(tiny_cache, tmp_path, run_cli, extra, message):
+    code, _, err = run_cli(["train", "--cache", str(tiny_cache), "--out", str(tmp_path / "r"), "--model", "SiT-tiny/2",
+                      "--batch-size", "8", "--max-steps", "1", "--workers", "0", "--quiet", *extra])
     assert code == 2
     assert err.startswith(message), err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
 
 
-def test_uncommitted_or_damaged_cache_refused(tiny_cache, tmp_path, capsys):
+def test_uncommitted_or_damaged_cache_refused(tiny_cache, tmp_path, run_cli):
     import shutil
 
     bad = tmp_path / "bad"
     shutil.copytree(tiny_cache, bad)
     (bad / "_commits" / "teachers" / "tiny.json").unlink()
-    code, err = _cli(["train", "--cache", str(bad), "--out", str(tmp_path / "r"), "--model", "SiT-tiny/2", "--batch-size", "8"], capsys)
+    code, _, err = run_cli(["train", "--cache", str(bad), "--out", str(tmp_path / "r"), "--model", "SiT-tiny/2", "--batch-size", "8"])
     assert code == 2 and "group 'teachers/tiny' of" in err and "is not committed" in err
     shutil.rmtree(bad)
     shutil.copytree(tiny_cache, bad)
     shard = sorted(p for p in (bad / "latents" / "mean" / "c").rglob("*") if p.is_file())[1]
     shard.unlink()
-    code, err = _cli(["train", "--cache", str(bad), "--out", str(tmp_path / "r"), "--model", "SiT-tiny/2", "--batch-size", "8"], capsys)
+    code, _, err = run_cli(["train", "--cache", str(bad), "--out", str(tmp_path / "r"), "--model", "SiT-tiny/2", "--batch-size", "8"])
     assert code == 2 and "shard 1 of 'mean' is missing" in err
 
 
