@@ -105,4 +105,5 @@ def run_demo(out: str | Path, per_class: int = 12, train_steps: int = 200, quiet
     print("[4/4] sample a grid from the EMA weights, decoded with the cache's VAE")
     res = sample(out / "run", out / "samples", num=16, sampler="ode", steps=20, heun=True, batch_size=16, device="cpu", quiet=quiet)
     print(res.describe())
+    print("    (the tiny VAE is random-initialised, so the decoded grid is texture, not pictures)")
     print(f"demo done: images {images}, cache {cfg.out}, run {out / 'run'}, samples {out / 'samples'}")
