@@ -242,6 +242,19 @@ def align(
     print(json.dumps(run(ckpt, cache, num=num, t=t, k=k, device=device), indent=1, default=str))
 
 
+@app.command("export-wds")
+def export_wds(
+    cache: Annotated[Path, typer.Argument(help="Committed cache folder.")],
+    out: Annotated[Path, typer.Argument(help="Folder for the tar shards and index.json (new, empty, or a previous export).")],
+    shard_bytes: Annotated[int, typer.Option(help="Bytes of sample data per tar shard (a shard may exceed it by one sample).")] = 1_000_000_000,
+    teacher: Annotated[Optional[list[str]], typer.Option(help="Export only these teachers (repeatable; latents always). Default: every committed group.")] = None,
+) -> None:
+    """Export a cache as webdataset tar shards (one sample per valid index) with a self-describing index.json."""
+    from cache.wds import describe_export, export_wds as run
+
+    print(describe_export(run(cache, out, shard_bytes=shard_bytes, groups=["latents", *teacher] if teacher else None), out))
+
+
 @app.command()
 def demo(
     out: Annotated[Path, typer.Option(help="Folder for the demo images and cache.")] = Path("demo-out"),
