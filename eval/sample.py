@@ -130,8 +130,7 @@ def _read_checkpoint(path: Path) -> dict[str, Any]:
                 raise
             state = torch.load(path, map_location="cpu", weights_only=True)  # legacy format
     except Exception as e:  # noqa: BLE001 - whatever the file is, it is not ours
-        first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
-        raise UsageError(f"{path} is not a checkpoint of this tool (cannot read it: {first})") from e
+        raise UsageError(f"{path} is not a checkpoint of this tool (torch.load with weights_only cannot read it)") from e
     kind = state.get("kind") if isinstance(state, dict) else None
     if kind not in (KIND_TRAIN, KIND_EMA):
         raise UsageError(
