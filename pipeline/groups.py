@@ -4,6 +4,7 @@ storage, and the group's fingerprint. Runs in the driver process, so it only rea
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -57,7 +58,9 @@ def _vae_config(spec: VAESpec) -> dict[str, Any]:
 
         return dict(load_vae(spec).config)
     try:
-        return dict(AutoencoderKL.load_config(spec.name, revision=spec.revision))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # hub deprecation chatter; the outcome is reported below
+            return dict(AutoencoderKL.load_config(spec.name, revision=spec.revision))
     except Exception as e:  # noqa: BLE001 - offline, missing folder, bad id: one message
         raise UsageError(
             f"cannot load VAE '{spec.name}': {str(e).splitlines()[0][:200]}; pass a local diffusers folder with --vae"

@@ -20,13 +20,13 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from cache.errors import FingerprintMismatch, UsageError
+from cache.errors import FingerprintMismatch, RepaError, UsageError
 from cache.format import PLAN_FILE, ROOT_ATTR, GroupMeta, fingerprint_diff
 from cache.reader import commit_record, group_meta, list_groups, open_meta
 from cache.writer import commit_group, create_cache, create_group, load_records
 from pipeline.groups import teacher_group_meta, vae_group
 from pipeline.plan import PrecomputeConfig, make_plan, sample_order
-from pipeline.worker import encode_shard, shard_tasks
+from pipeline.worker import run_shard_task, shard_tasks
 from stages.images import list_source
 from stages.teachers import get_teacher
 from stages.vae import DEFAULT_VAE, VAESpec
@@ -162,10 +162,15 @@ def _run_tasks(cfg: PrecomputeConfig, tasks: list[Any], out: Path, meta: Any) ->
                 weights[group] = next(iter(recs.values())).weights_sha256
     written = 0
     try:
-        futures = [client.submit(encode_shard, t, pure=False, retries=2, key=f"shard-{t.shard:06d}-{time.time_ns()}") for t in tasks]
+        futures = [client.submit(run_shard_task, t, pure=False, retries=2, key=f"shard-{t.shard:06d}-{time.time_ns()}") for t in tasks]
         bar = tqdm(total=len(futures), unit="shard", disable=cfg.quiet or not sys.stderr.isatty(), desc="precompute")
-        for _, records in as_completed(futures, with_results=True):
-            for rec in records:
+        for _, result in as_completed(futures, with_results=True):
+            if "user_error" in result:
+                client.cancel(futures)
+                err = RepaError(result["user_error"])
+                err.exit_code = result["exit_code"]
+                raise err
+            for rec in result["records"]:
                 w = weights.setdefault(rec["group"], rec["weights_sha256"])
                 if w != rec["weights_sha256"]:
                     raise FingerprintMismatch(

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from cache.errors import RepaError
 from cache.format import CacheMeta, GroupMeta
 from cache.reader import group_meta, open_meta
 from cache.writer import write_shard
@@ -79,6 +80,17 @@ def _encode(gmeta: GroupMeta, model: torch.nn.Module, images: torch.Tensor, reso
     spec = teachers_mod.get_teacher(gmeta.model["name"])
     patch, cls = teachers_mod.encode_images(model, spec, images, resolution)  # (B, T, D), (B, D)
     return {"patch": patch.cpu().numpy(), "cls": cls.cpu().numpy()}
+
+
+def run_shard_task(task: ShardTask) -> dict[str, Any]:
+    """The dask task: ``{"records": [...]}``, or ``{"user_error": message}`` for a failure the user
+    must fix (a model that cannot load, say) — returned, not raised, so dask neither retries it
+    nor logs a traceback; the driver raises it once. Other exceptions are bugs or lost workers and
+    are raised (and retried)."""
+    try:
+        return {"records": encode_shard(task)}
+    except RepaError as e:
+        return {"user_error": str(e), "exit_code": e.exit_code}
 
 
 def encode_shard(task: ShardTask) -> list[dict[str, Any]]:

@@ -229,6 +229,9 @@ def test_cli_stats_json_plot_and_verify(tiny_cache, tmp_path, run_cli):
         (["stats", "/nonexistent/cache"], "error: no cache at /nonexistent/cache"),
         (["verify", "EMPTY"], "error: EMPTY is not a repa cache"),
         (["precompute", "DATA"], "Missing argument 'out'"),
+        # Weights that cannot load on a worker (offline): one line from the driver, no dask traceback.
+        (["precompute", "DATA", "OUT", "--vae", "tiny", "--teacher", "dinov2-vit-b", "--device", "cpu", "-q"],
+         "error: cannot load teacher 'dinov2-vit-b' (vit_base_patch14_dinov2.lvd142m)"),
     ],
 )
 def test_bad_cli_input_one_line_exit_2(args, message, demo_images, tmp_path, run_cli):
