@@ -106,7 +106,6 @@ def _check_contents(info: GroupInfo, meta: CacheMeta, shard: int, valid: np.ndar
         want = (stop - start, len(meta.views), *spec.sample_shape)
         if block.shape != want:
             return f"of '{name}' has shape {block.shape}, expected {want}"
-        rows = block[keep].reshape(int(keep.sum()), -1)
-        if rows.size and not np.isfinite(rows).all():
+        if keep.any() and not np.isfinite(block[keep]).all():
             return f"of '{name}' has missing or non-finite values in encoded rows"
     return None

@@ -109,6 +109,8 @@ def _fsync_local(array: zarr.Array, shard: int) -> None:
     if root is None:
         return
     path = Path(root) / shard_key(array, shard)
+    if not path.exists():  # every row skipped: zarr stored nothing (NaN fill)
+        return
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)

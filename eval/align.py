@@ -34,6 +34,7 @@ from torch import Tensor
 from cache.errors import CacheError, UsageError
 from cache.format import LATENTS, TEACHER_PREFIX, teacher_group
 from cache.reader import CacheReader, list_groups
+from cache.wds import WdsReader, open_reader
 from eval.sample import (LoadedCheckpoint, load_checkpoint_for_eval, open_training_cache, resolve_device,
                          training_cache_path)
 from eval.samplers import SampleNoise, autocast_context, path_coefficients
@@ -118,7 +119,7 @@ def _teacher_name(group: str) -> str:
 @torch.no_grad()
 def alignment_metrics(
     model: SiT,
-    cache: str | Path | CacheReader,
+    cache: str | Path | CacheReader | WdsReader,
     teachers: Sequence[str],
     *,
     num: int = 512,
@@ -146,7 +147,7 @@ def alignment_metrics(
         raise UsageError("--num and --batch-size must be positive")
     if len(teachers) != len(model.projectors):
         raise UsageError(f"{len(teachers)} teachers named for a model with {len(model.projectors)} projectors")
-    reader = cache if isinstance(cache, CacheReader) else CacheReader(
+    reader = cache if isinstance(cache, (CacheReader, WdsReader)) else open_reader(
         cache, groups=[LATENTS] + [teacher_group(n) for n in teachers])
     valid = reader.valid_indices()
     indices = valid[-num:]

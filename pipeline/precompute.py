@@ -108,7 +108,7 @@ def precompute(cfg: PrecomputeConfig) -> PrecomputeResult:
                 todo.setdefault(shard, []).append(g.group)
 
     items = [listing.items[i] for i in sample_order(len(listing.items), cfg.seed)]
-    tasks = shard_tasks(out, meta, items, todo, cfg.batch_size, cfg.device)
+    tasks = shard_tasks(out, meta, items, todo, cfg.batch_size, cfg.device, cpu_threads=_cpu_threads(cfg))
     if tasks:
         result.shards_written = _run_tasks(cfg, tasks, out, meta)
     for g in wanted:
@@ -149,8 +149,6 @@ def _run_tasks(cfg: PrecomputeConfig, tasks: list[Any], out: Path, meta: Any) ->
         client = Client(cluster)
         if cfg.processes:
             client.run(_die_with_parent)
-        threads = max(1, (os.cpu_count() or 1) // n)
-        client.run(torch.set_num_threads, threads)
     if not cfg.quiet and client.dashboard_link:
         print(f"dask dashboard: {client.dashboard_link}", file=sys.stderr)
 
@@ -185,6 +183,13 @@ def _run_tasks(cfg: PrecomputeConfig, tasks: list[Any], out: Path, meta: Any) ->
         if cluster is not None:
             cluster.close()
     return written
+
+
+def _cpu_threads(cfg: PrecomputeConfig) -> int:
+    """Torch threads per local CPU worker: the cores shared among the workers (0 on a remote cluster)."""
+    if cfg.scheduler:
+        return 0
+    return max(1, (os.cpu_count() or 1) // (cfg.workers or 1))
 
 
 def _die_with_parent() -> None:

@@ -37,6 +37,7 @@ class ShardTask:
     groups: tuple[str, ...]
     batch_size: int
     device: str
+    cpu_threads: int = 0  # torch threads on a CPU worker (0: leave as is); set per task so a restarted worker matches
 
 
 def resolve_device(device: str) -> torch.device:
@@ -100,6 +101,8 @@ def encode_shard(task: ShardTask) -> list[dict[str, Any]]:
     start, stop = meta.shard_range(task.shard)
     assert len(task.items) == stop - start, "task items do not match the shard range"
     device = resolve_device(task.device)
+    if device.type == "cpu" and task.cpu_threads and torch.get_num_threads() != task.cpu_threads:
+        torch.set_num_threads(task.cpu_threads)  # CPU results depend on it in the last bits
 
     # Decode and crop every input; skipped ones keep a defined outcome and no pixels.
     decoded = [decode_and_crop(read_bytes(it), meta.resolution) for it in task.items]
@@ -132,11 +135,18 @@ def encode_shard(task: ShardTask) -> list[dict[str, Any]]:
 
 
 def shard_tasks(
-    root: Path, meta: CacheMeta, items_in_order: list[SourceItem], todo: dict[int, list[str]], batch_size: int, device: str
+    root: Path,
+    meta: CacheMeta,
+    items_in_order: list[SourceItem],
+    todo: dict[int, list[str]],
+    batch_size: int,
+    device: str,
+    cpu_threads: int = 0,
 ) -> list[ShardTask]:
     """One task per shard that still lacks at least one group."""
     tasks = []
     for shard in sorted(todo):
         start, stop = meta.shard_range(shard)
-        tasks.append(ShardTask(str(root), shard, tuple(items_in_order[start:stop]), tuple(todo[shard]), batch_size, device))
+        items = tuple(items_in_order[start:stop])
+        tasks.append(ShardTask(str(root), shard, items, tuple(todo[shard]), batch_size, device, cpu_threads))
     return tasks

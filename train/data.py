@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader, Dataset
 from cache.errors import UsageError
 from cache.format import LATENTS, teacher_group
 from cache.reader import CacheReader
+from cache.wds import WdsReader, open_reader
 
 
 @dataclass(frozen=True)
@@ -84,10 +85,10 @@ class CacheBatches(Dataset):
             raise UsageError(
                 f"the cache has {len(self.valid)} usable samples, fewer than one batch of {cfg.global_batch}; lower --batch-size"
             )
-        self._reader: CacheReader | None = reader
+        self._reader: CacheReader | WdsReader | None = reader
 
-    def _open(self) -> CacheReader:
-        return CacheReader(self.cfg.cache, groups=self.groups, verify_checksums=self.cfg.verify_checksums)
+    def _open(self) -> CacheReader | WdsReader:
+        return open_reader(self.cfg.cache, groups=self.groups, verify_checksums=self.cfg.verify_checksums)
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
@@ -168,7 +169,7 @@ class LatentScale:
     shift_factor: float
 
     @classmethod
-    def from_cache(cls, reader: CacheReader) -> LatentScale:
+    def from_cache(cls, reader: CacheReader | WdsReader) -> LatentScale:
         m = reader.group(LATENTS).meta.model
         return cls(float(m["scaling_factor"]), float(m.get("shift_factor") or 0.0))
 

@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from cache.errors import CacheError, RepaError, UsageError
 from cache.format import LATENTS, TEACHER_PREFIX, sha256_json, teacher_group
-from cache.reader import CacheReader, list_groups, open_meta
+from cache.wds import open_meta_any, open_reader
 from train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from train.data import CacheBatches, DataConfig, LatentScale, make_loader, to_device
 from train.loss import repa_loss, resample_tokens
@@ -146,8 +146,7 @@ class RunSetup:
 
 def plan_run(cfg: TrainConfig) -> RunSetup:
     """Check the config against the cache and resolve the model config; raises user-facing errors."""
-    root, meta = open_meta(cfg.cache)
-    present = list_groups(root)
+    root, meta, present = open_meta_any(cfg.cache)  # a zarr cache or its webdataset export
     cached_teachers = [g[len(TEACHER_PREFIX):] for g in present if g.startswith(TEACHER_PREFIX)]
     teachers = cfg.teachers
     if not teachers:
@@ -160,7 +159,7 @@ def plan_run(cfg: TrainConfig) -> RunSetup:
             raise UsageError(f"teacher '{t}' is not in the cache {root} (teachers present: {', '.join(cached_teachers) or 'none'})")
     if cfg.batch_size <= 0 or cfg.max_steps < 0 or cfg.ckpt_every <= 0 or cfg.log_every <= 0:
         raise UsageError("--batch-size, --ckpt-every and --log-every must be positive, --max-steps not negative")
-    reader = CacheReader(root, groups=[LATENTS] + [teacher_group(t) for t in teachers])  # refuses uncommitted/damaged
+    reader = open_reader(root, groups=[LATENTS] + [teacher_group(t) for t in teachers])  # refuses uncommitted/damaged
     lat = reader.group(LATENTS).meta.model
     dims = tuple(int(reader.group(t).meta.model["dim"]) for t in teachers)
     overrides: dict[str, Any] = {

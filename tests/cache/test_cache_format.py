@@ -234,3 +234,28 @@ def test_copy_of_cache_reads_identically(cache, tmp_path):
     dst = tmp_path / "copy"
     shutil.copytree(root, dst)
     np.testing.assert_array_equal(CacheReader(dst).read([0])["latents/mean"], truth[LATENTS]["mean"][[0]])
+
+
+def test_all_skipped_shard_writes_no_object_and_reads_as_refused(tmp_path):
+    root = tmp_path / "c"
+    meta = _meta()
+    create_cache(root, meta, pa.table({"index": np.arange(N), "key": [str(i) for i in range(N)], "label": pa.array([0] * N, pa.int32())}))
+    g = _groups()[0]
+    create_group(root, meta, g)
+    data = _data(meta, g, 0)
+    for s in range(meta.num_shards):
+        a, b = meta.shard_range(s)
+        block = {k: v[a:b].copy() for k, v in data.items()}
+        outcomes = _outcomes(a, b)
+        if s == 2:  # the last shard: every input failed to decode
+            for v in block.values():
+                v[:] = np.nan
+            outcomes = [["skipped", "corrupt", 0, 0]] * (b - a)
+        rec = write_shard(root, meta, g, s, block, outcomes, "w")
+    assert rec.checksums == {"mean": "absent", "std": "absent"}
+    commit_group(root, meta, g)
+    r = CacheReader(root)
+    assert r.valid_indices().max() < 8
+    with pytest.raises(CacheError, match="is a skipped input"):
+        r.read([9])
+    assert verify_cache(root, quiet=True).ok

@@ -1,0 +1,433 @@
+"""Webdataset export of a committed cache, and a reader with the same API as :class:`CacheReader`.
+
+``export_wds(CACHE, OUT)`` writes plain webdataset tar shards (``webdataset.ShardWriter``), one tar
+sample per valid cache index, in cache order::
+
+    OUT/
+      shard-000000.tar ...   members <key>.<field>, key = zero-padded cache index:
+                               latents.mean.npy, latents.std.npy      (V, C, h, w) float32
+                               teachers.<name>.patch.npy              (V, T, D)   stored dtype
+                               teachers.<name>.cls.npy                (V, D)
+                               cls (label), txt (source key)
+      manifest.parquet       copy of the cache's manifest (index, key, label, status, ...)
+      index.json             written last: shards (file, first/last index, count, bytes, sha256),
+                             the field -> member map and a copy of the cache metadata (root meta,
+                             every group's meta and commit record, class names)
+
+The shards stream with any webdataset loader (``wds.WebDataset(urls).decode()``). For random
+access, :class:`WdsReader` builds a per-shard index of member offsets from the tar headers on the
+first read that touches a shard, then reads members with ``os.pread``: one read per requested array
+per sample, never a scan of other shards. ``open_reader(path)`` picks the backend.
+
+The export is committed like the cache: shards first (fsynced), then ``index.json`` atomically.
+A folder without ``index.json`` (an interrupted export) is not an export.
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import io
+import json
+import os
+import re
+import shutil
+import tarfile
+import threading
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from cache.errors import CacheError, UsageError
+from cache.format import (
+    FORMAT_VERSION,
+    LATENTS,
+    MANIFEST_FILE,
+    TEACHER_PREFIX,
+    CacheMeta,
+    GroupMeta,
+    write_json_atomic,
+)
+from cache.reader import CacheReader
+
+WDS_MARKER = "repa-cache-wds"
+WDS_VERSION = 1
+INDEX_FILE = "index.json"
+SHARD_PATTERN = "shard-%06d.tar"
+_SHARD_RE = re.compile(r"^shard-\d{6}\.tar$")
+DEFAULT_SHARD_BYTES = 1_000_000_000
+LABEL_FIELD = "cls"
+KEY_FIELD = "txt"
+_TAR_MTIME = 0  # fixed member mtime: the same cache exports to byte-identical shards
+
+
+def member_field(group: str, array: str) -> str:
+    """Tar member suffix of one array: ``latents/mean`` -> ``latents.mean.npy``."""
+    return f"{group.replace('/', '.')}.{array}.npy"
+
+
+def _sha256_file(path: Path, bufsize: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(bufsize):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def is_export(path: str | Path) -> bool:
+    """True when ``path`` is a finished webdataset export of a cache (``index.json`` with the marker)."""
+    index = Path(path) / INDEX_FILE
+    if not index.is_file():
+        return False
+    try:
+        return json.loads(index.read_text()).get("format") == WDS_MARKER
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _is_export_file(name: str) -> bool:
+    return bool(_SHARD_RE.match(name)) or name in (INDEX_FILE, MANIFEST_FILE) or (name.startswith(f".{INDEX_FILE}.") and name.endswith(".tmp"))
+
+
+def _prepare_out(out: Path) -> None:
+    """Create ``out``, or clear a previous export in it; refuse anything else."""
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"output path {out} is an existing file, not a folder")
+    if out.is_dir() and any(out.iterdir()):
+        # A previous export, finished or interrupted (only its own files), is replaced; anything else is refused.
+        names = [p.name for p in out.iterdir()]
+        if not all(_is_export_file(n) for n in names):
+            raise UsageError(f"output folder {out} is not empty and is not a webdataset export of a cache")
+        if INDEX_FILE in names:
+            (out / INDEX_FILE).unlink()  # uncommit first: a half-rewritten export is never read as whole
+        for n in names:
+            if n != INDEX_FILE and (out / n).is_file():
+                (out / n).unlink()
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def export_wds(
+    cache_path: str | Path,
+    out_dir: str | Path,
+    shard_bytes: int = DEFAULT_SHARD_BYTES,
+    groups: Iterable[str] | None = None,
+) -> dict[str, Any]:
+    """Export the committed groups of a cache (or ``groups``) to webdataset shards; returns the index.
+
+    ``shard_bytes`` bounds the payload of a tar shard (a shard closes once it reaches it, so a shard
+    exceeds it by at most one sample). Refuses an uncommitted or damaged cache (through
+    :class:`CacheReader`, checking every shard's checksum as it reads it) and an output folder
+    that holds anything but a previous export (which it replaces).
+    """
+    if shard_bytes <= 0:
+        raise UsageError(f"--shard-bytes must be positive, not {shard_bytes}")
+    # Checksums on: an export must never give damaged cache data fresh, valid-looking checksums.
+    reader = CacheReader(cache_path, groups=groups, verify_checksums=True)
+    out = Path(out_dir)
+    if out.resolve() == reader.root.resolve() or reader.root.resolve() in out.resolve().parents:
+        raise UsageError(f"output folder {out} is inside the cache {reader.root}")
+    _prepare_out(out)
+    meta = reader.meta
+    fields = {f"{g}/{a.name}": member_field(g, a.name) for g, info in reader.groups.items() for a in info.meta.arrays}
+    width = max(9, len(str(meta.num_samples - 1)))
+
+    shards: list[dict[str, Any]] = []
+    open_files: dict[str, Any] = {}
+    members: dict[str, list[int]] = {}
+
+    def opener(fname: str):
+        f = open(out / fname, "wb")
+        open_files[fname] = f
+        members[fname] = []
+        return f
+
+    def post(fname: str) -> None:  # ShardWriter calls this after closing the tar stream of a shard
+        f = open_files.pop(fname)
+        f.flush()
+        os.fsync(f.fileno())
+        f.close()
+        idx = members.pop(fname)
+        path = out / fname
+        if not idx:  # ShardWriter opens its first shard before any sample: an empty export
+            path.unlink()
+            return
+        shards.append({"file": fname, "first": idx[0], "last": idx[-1], "count": len(idx),
+                       "bytes": path.stat().st_size, "sha256": _sha256_file(path)})
+
+    import webdataset as wds
+
+    block = max(1, min(meta.shard_size, 256))
+    with wds.ShardWriter(SHARD_PATTERN, maxcount=1 << 40, maxsize=float(shard_bytes), post=post,
+                         verbose=0, opener=opener, mtime=_TAR_MTIME) as sink:
+        for start in range(0, meta.num_samples, block):
+            data = reader.read_block(start, min(start + block, meta.num_samples))
+            for j, i in enumerate(data["index"].tolist()):
+                sample: dict[str, Any] = {"__key__": f"{i:0{width}d}", LABEL_FIELD: int(data["label"][j]),
+                                          KEY_FIELD: reader.keys[i]}
+                for name, member in fields.items():
+                    sample[member] = np.ascontiguousarray(data[name][j])
+                sink.write(sample)
+                members[sink.fname].append(i)
+
+    shutil.copyfile(reader.root / MANIFEST_FILE, out / MANIFEST_FILE)
+    index = {
+        "format": WDS_MARKER,
+        "wds_version": WDS_VERSION,
+        "cache_format_version": FORMAT_VERSION,
+        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "source_cache": str(reader.root.resolve()),
+        "key_width": width,
+        "num_samples": sum(s["count"] for s in shards),
+        "shard_bytes": int(shard_bytes),
+        "fields": fields,
+        "label_field": LABEL_FIELD,
+        "key_field": KEY_FIELD,
+        "manifest": {"file": MANIFEST_FILE, "sha256": _sha256_file(out / MANIFEST_FILE)},
+        "class_names": list(meta.class_names),
+        "cache": {
+            "meta": meta.to_json(),
+            "groups": {g: {"meta": info.meta.to_json(), "commit": info.commit} for g, info in reader.groups.items()},
+        },
+        "shards": shards,
+    }
+    write_json_atomic(out / INDEX_FILE, index)  # written last: the export is complete
+    return index
+
+
+def describe_export(index: dict[str, Any], out: str | Path) -> str:
+    total = sum(s["bytes"] for s in index["shards"])
+    groups = ", ".join(index["cache"]["groups"])
+    return (f"exported {index['num_samples']} samples to {len(index['shards'])} webdataset shards in {out} "
+            f"({total / 1e6:.1f} MB; groups: {groups})")
+
+
+# -- reading -----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class WdsGroup:
+    """A group of an export: its metadata and commit record as in the cache, and its members."""
+
+    meta: GroupMeta
+    commit: dict[str, Any]
+    members: dict[str, str]  # array name -> tar member suffix
+
+
+class WdsReader:
+    """Read a webdataset export with the same API as :class:`cache.reader.CacheReader`.
+
+    ``read``/``read_block`` return the same dicts (``"<group>/<array>"`` of shape ``(n, V, ...)`` in
+    the stored dtype, plus ``label`` and ``index``) and raise the same ``CacheError`` for indices out
+    of range, skipped inputs and groups not opened.
+    """
+
+    def __init__(self, path: str | Path, groups: Iterable[str] | None = None, verify_checksums: bool = False) -> None:
+        self.root = Path(path)
+        if not self.root.exists():
+            raise CacheError(f"no cache export at {self.root}")
+        if not is_export(self.root):
+            raise CacheError(f"{self.root} is not a webdataset export of a repa cache (no finished {INDEX_FILE})")
+        self.index: dict[str, Any] = json.loads((self.root / INDEX_FILE).read_text())
+        if self.index.get("wds_version", 0) > WDS_VERSION:
+            raise CacheError(f"{self.root} is export v{self.index['wds_version']}; this version reads v{WDS_VERSION}")
+        self.meta = CacheMeta.from_json(self.index["cache"]["meta"])
+        if self.meta.format_version > FORMAT_VERSION:
+            raise CacheError(f"{self.root} has cache format v{self.meta.format_version}; this version reads v{FORMAT_VERSION}")
+        exported = self.index["cache"]["groups"]
+        wanted = list(exported) if groups is None else [self.resolve_group(g) for g in groups]
+        if not wanted:
+            raise CacheError(f"{self.root} has no committed group")
+        self.groups: dict[str, WdsGroup] = {}
+        for g in wanted:
+            if g not in exported:
+                raise CacheError(f"{self.root} has no group '{g}' (groups present: {', '.join(exported) or 'none'})")
+            gmeta = GroupMeta.from_json(exported[g]["meta"])
+            commit = exported[g]["commit"]
+            if commit["fingerprint_hash"] != gmeta.fingerprint_hash:
+                raise CacheError(f"group '{g}' of {self.root}: commit record does not match its metadata")
+            self.groups[g] = WdsGroup(gmeta, commit, {a.name: self.index["fields"][f"{g}/{a.name}"] for a in gmeta.arrays})
+        self.verify_checksums = verify_checksums
+        self.shards: list[dict[str, Any]] = self.index["shards"]
+        for s in self.shards:
+            p = self.root / s["file"]
+            if not p.is_file():
+                raise CacheError(f"{self.root}: shard {s['file']} is missing")
+            if p.stat().st_size != s["bytes"]:
+                raise CacheError(f"{self.root}: shard {s['file']} has {p.stat().st_size} bytes, {s['bytes']} written")
+        self._firsts = [s["first"] for s in self.shards]
+        manifest = pq.read_table(self.root / self.index["manifest"]["file"])
+        self.labels: np.ndarray = manifest.column("label").to_numpy().astype(np.int64)
+        self.keys: list[str] = manifest.column("key").to_pylist()
+        self.status: np.ndarray = np.asarray(manifest.column("status").to_pylist())
+        self.valid: np.ndarray = self.status != "skipped"
+        if len(self.keys) != self.meta.num_samples:
+            raise CacheError(f"{self.root}: manifest has {len(self.keys)} rows, the cache {self.meta.num_samples} samples")
+        self._lock = threading.Lock()
+        self._offsets: dict[int, dict[int, dict[str, tuple[int, int]]]] = {}
+        self._verified: set[int] = set()
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        del state["_lock"]
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
+    resolve_group = staticmethod(CacheReader.resolve_group)
+
+    @property
+    def num_samples(self) -> int:
+        return self.meta.num_samples
+
+    @property
+    def views(self) -> tuple[str, ...]:
+        return self.meta.views
+
+    def group(self, name: str) -> WdsGroup:
+        return self.groups[self.resolve_group(name)]
+
+    def valid_indices(self) -> np.ndarray:
+        """Cache indices whose inputs were encoded (not skipped), ascending."""
+        return np.flatnonzero(self.valid)
+
+    # -- shard index ---------------------------------------------------------------------------
+    def _shard_of(self, index: int) -> int:
+        s = bisect.bisect_right(self._firsts, index) - 1
+        if s < 0 or index > self.shards[s]["last"]:
+            raise CacheError(f"{self.root}: cache index {index} is valid but in no shard (damaged export)")
+        return s
+
+    def _members(self, shard: int) -> dict[int, dict[str, tuple[int, int]]]:
+        """index -> member suffix -> (data offset, size) of one shard, from its tar headers (once)."""
+        got = self._offsets.get(shard)
+        if got is not None:
+            return got
+        info = self.shards[shard]
+        path = self.root / info["file"]
+        if self.verify_checksums and shard not in self._verified:
+            if _sha256_file(path) != info["sha256"]:
+                raise CacheError(f"{self.root}: shard {info['file']} fails its checksum")
+            self._verified.add(shard)
+        table: dict[int, dict[str, tuple[int, int]]] = {}
+        try:
+            with tarfile.open(path, "r:") as tar:  # reads headers only, seeks over the data
+                for m in tar:
+                    if not m.isfile():
+                        continue
+                    key, _, suffix = m.name.partition(".")
+                    table.setdefault(int(key), {})[suffix] = (m.offset_data, m.size)
+        except (tarfile.TarError, ValueError, OSError) as e:
+            raise CacheError(f"{self.root}: shard {info['file']} is not a readable tar: {e}") from e
+        if len(table) != info["count"]:
+            raise CacheError(f"{self.root}: shard {info['file']} holds {len(table)} samples, {info['count']} written")
+        with self._lock:
+            self._offsets[shard] = table
+        return table
+
+    # -- reading -------------------------------------------------------------------------------
+    def read(self, indices: Sequence[int] | np.ndarray, groups: Iterable[str] | None = None) -> dict[str, np.ndarray]:
+        """Rows at ``indices`` (any order, repeats allowed) of the requested groups.
+
+        Raises CacheError for an index out of range or of a skipped input.
+        """
+        idx = np.asarray(indices, dtype=np.int64)
+        if idx.size and (idx.min() < 0 or idx.max() >= self.num_samples):
+            raise CacheError(f"index out of range [0, {self.num_samples}) in read()")
+        bad = idx[~self.valid[idx]]
+        if bad.size:
+            raise CacheError(f"cache index {int(bad[0])} is a skipped input ({self.keys[int(bad[0])]}); read valid_indices() only")
+        selected = self._select(groups)
+        out: dict[str, np.ndarray] = {}
+        for g in selected:
+            for spec in self.groups[g].meta.arrays:
+                out[f"{g}/{spec.name}"] = np.empty((idx.size, len(self.views), *spec.sample_shape), dtype=spec.dtype)
+        uniq, inverse = np.unique(idx, return_inverse=True)
+        by_shard: dict[int, list[int]] = {}
+        for u, i in enumerate(uniq.tolist()):
+            by_shard.setdefault(self._shard_of(i), []).append(u)
+        rows: dict[str, list[np.ndarray | None]] = {name: [None] * uniq.size for name in out}
+        for shard, us in sorted(by_shard.items()):
+            table = self._members(shard)
+            fname = self.shards[shard]["file"]
+            fd = os.open(self.root / fname, os.O_RDONLY)
+            try:
+                for u in us:
+                    i = int(uniq[u])
+                    members = table.get(i)
+                    if members is None:
+                        raise CacheError(f"{self.root}: shard {fname} has no sample for cache index {i} (damaged export)")
+                    for g in selected:
+                        for name, suffix in self.groups[g].members.items():
+                            if suffix not in members:
+                                raise CacheError(f"{self.root}: shard {fname} lacks '{suffix}' of cache index {i}")
+                            off, size = members[suffix]
+                            raw = os.pread(fd, size, off)
+                            rows[f"{g}/{name}"][u] = self._decode(raw, fname, i, g, name)
+            finally:
+                os.close(fd)
+        for name, arr in out.items():
+            if idx.size:
+                arr[...] = np.stack(rows[name])[inverse.reshape(-1)]
+        out["label"] = self.labels[idx]
+        out["index"] = idx
+        return out
+
+    def read_block(self, start: int, stop: int, groups: Iterable[str] | None = None) -> dict[str, np.ndarray]:
+        """Valid rows of the contiguous block ``[start, stop)``; ``out["index"]`` says which."""
+        if not 0 <= start <= stop <= self.num_samples:
+            raise CacheError(f"block [{start}, {stop}) is outside [0, {self.num_samples})")
+        return self.read(np.arange(start, stop)[self.valid[start:stop]], groups=groups)
+
+    def _select(self, groups: Iterable[str] | None) -> list[str]:
+        if groups is None:
+            return list(self.groups)
+        names = [self.resolve_group(g) for g in groups]
+        for g in names:
+            if g not in self.groups:
+                raise CacheError(f"group '{g}' was not opened by this reader (opened: {', '.join(self.groups)})")
+        return names
+
+    def _decode(self, raw: bytes, fname: str, index: int, group: str, name: str) -> np.ndarray:
+        spec = self.groups[group].meta.array(name)
+        try:
+            arr = np.lib.format.read_array(io.BytesIO(raw), allow_pickle=False)
+        except Exception as e:  # noqa: BLE001 - a damaged member has many ways to fail
+            raise CacheError(f"{self.root}: shard {fname}: '{group}/{name}' of cache index {index} does not decode: {e}") from e
+        want = (len(self.views), *spec.sample_shape)
+        if arr.shape != want or arr.dtype != np.dtype(spec.dtype):
+            raise CacheError(f"{self.root}: shard {fname}: '{group}/{name}' of cache index {index} is {arr.dtype}{arr.shape}, "
+                             f"expected {spec.dtype}{want}")
+        if not np.isfinite(arr).all():
+            raise CacheError(f"{self.root}: shard {fname} has non-finite data in '{group}/{name}' at index {index}")
+        return arr
+
+
+def open_meta_any(path: str | Path) -> tuple[Path, CacheMeta, list[str]]:
+    """(root, metadata, groups present) of a cache or of an export, without opening any group.
+
+    For a cache, the groups present include uncommitted ones (as :func:`cache.reader.list_groups`);
+    an export holds committed groups only.
+    """
+    if is_export(path):
+        index = json.loads((Path(path) / INDEX_FILE).read_text())
+        return Path(path), CacheMeta.from_json(index["cache"]["meta"]), list(index["cache"]["groups"])
+    from cache.reader import list_groups, open_meta
+
+    root, meta = open_meta(path)
+    return root, meta, list_groups(root)
+
+
+def open_reader(path: str | Path, groups: Iterable[str] | None = None, verify_checksums: bool = False) -> CacheReader | WdsReader:
+    """A :class:`WdsReader` for a webdataset export (``index.json`` with the marker), else a :class:`CacheReader`."""
+    if is_export(path):
+        return WdsReader(path, groups=groups, verify_checksums=verify_checksums)
+    return CacheReader(path, groups=groups, verify_checksums=verify_checksums)
+
+
+__all__ = ["export_wds", "describe_export", "is_export", "open_reader", "open_meta_any", "WdsReader", "WdsGroup", "member_field",
+           "DEFAULT_SHARD_BYTES", "INDEX_FILE", "WDS_MARKER"]
