@@ -1,0 +1,238 @@
+"""The trainer's reader alone: samples/s and MB/s of ``CacheBatches`` + ``make_loader`` (+ ``to_device``
+on a GPU) for several DataLoader worker counts, block sizes, and a cold or warm page cache.
+
+One loader process (the trainer's main process and its workers) feeds one GPU in ``repa train``
+(torchrun starts one per GPU); the last column says how many GPUs' worth of samples one loader
+delivers at a given per-GPU consumption rate (default 350 img/s, about SiT-XL/2 at batch 256 on
+one modern GPU; pass the rate measured by ``bench/train_step.py`` with ``--gpu-rate``).
+
+* warm: every cache file is read once before the run (page cache full);
+* cold: before each configuration the cache files are evicted from the page cache with
+  ``posix_fadvise(POSIX_FADV_DONTNEED)`` (no privileges needed); the resident fraction is checked
+  with ``mincore`` and reported, so a cold run that was not cold shows it.
+
+Bytes: ``delivered`` = bytes of the batch tensors handed to the trainer (one view per sample);
+``decoded`` = bytes the reader decompresses (every stored view of each sample, plus the CLS
+tokens); ``stored`` = compressed bytes on disk for those reads (what a cold read pulls off disk).
+
+Examples::
+
+    python bench/loader.py                                    # CPU defaults: batch 16, workers 0,2,4,8
+    python bench/loader.py --device cuda --batch-size 256 --steps 8
+    python bench/loader.py --cache /data/imagenet-cache --teacher dinov2-vit-b --states cold
+"""
+
+from __future__ import annotations
+
+import argparse
+import warnings
+import itertools
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+try:
+    from common import (  # type: ignore[import-not-found]  # python bench/loader.py
+        READERS, cache_files, cache_teachers, drop_page_cache, env_info, markdown_table, resident_fraction, resolve_device,
+        stored_bytes_per_sample, sync, warm_page_cache, write_synthetic_cache,
+    )
+except ImportError:  # python -m bench.loader
+    from bench.common import (
+        READERS, cache_files, cache_teachers, drop_page_cache, env_info, markdown_table, resident_fraction, resolve_device,
+        stored_bytes_per_sample, sync, warm_page_cache, write_synthetic_cache,
+    )
+
+import numpy as np
+import torch
+
+from cache.format import LATENTS, teacher_group
+from cache.reader import CacheReader
+from train.data import DataConfig, LatentScale, make_loader, to_device
+
+
+def _ints(s: str) -> list[int]:
+    return [int(x) for x in s.split(",") if x.strip()]
+
+
+def decoded_bytes_per_sample(cache: Path, groups: list[str], skip: tuple[str, ...] = ()) -> float:
+    r = CacheReader(cache, groups=groups)
+    total = 0
+    for info in r.groups.values():
+        for name, arr in info.arrays.items():
+            if name not in skip:
+                total += int(np.prod(arr.shape[1:])) * arr.dtype.itemsize  # all views of one sample
+    return float(total)
+
+
+def batches(args: argparse.Namespace, workers: int) -> tuple[int, int]:
+    """(untimed, timed) batches of a configuration.
+
+    At the start every worker is handed ``prefetch_factor`` (2) batches at once, so batches arrive
+    in bursts of ``2 x workers`` (more so when the workers outnumber the cores and progress in
+    lockstep). The untimed part is the first burst; the timed window runs from the end of one burst
+    to the end of a later one (a whole multiple of ``2 x workers`` batches), otherwise it would count
+    work done before it started.
+    """
+    burst = 2 * workers
+    warmup = args.warmup if args.warmup is not None else max(1, burst)
+    steps = args.steps if workers == 0 else -(-max(args.steps, burst) // burst) * burst
+    return warmup, steps
+
+
+def run_config(cache: Path, teachers: tuple[str, ...], args: argparse.Namespace, device: torch.device, reader: str, workers: int,
+               block: int, state: str, files: list[Path], scale: LatentScale) -> dict[str, Any]:
+    if state == "cold":
+        ok = drop_page_cache(files)
+        if not ok:
+            return {"reader": reader, "state": state, "workers": workers, "block": block, "note": "cold not possible: no posix_fadvise"}
+    else:
+        warm_page_cache(files)
+    resident = resident_fraction(files)
+    warmup, steps = batches(args, workers)
+    n = warmup + steps
+    ds = READERS[reader](DataConfig(str(cache), teachers, args.batch_size, seed=0, block_size=block, num_workers=workers))
+    if n > ds.batches_per_epoch:
+        print(f"note: {n} batches > {ds.batches_per_epoch} per epoch: some samples are read twice (warm the second time)")
+    t0 = time.perf_counter()
+    it = iter(make_loader(ds, 0, n, pin_memory=device.type == "cuda"))
+    delivered = 0
+    t_first = t_start = None
+    for i in range(n):
+        batch = next(it)
+        if device.type == "cuda":
+            to_device(batch, scale, teachers, device)
+            sync(device)
+        if i == 0:
+            t_first = time.perf_counter() - t0
+        if i == warmup - 1:
+            t_start = time.perf_counter()
+        elif i >= warmup:
+            delivered += sum(v.numel() * v.element_size() for k, v in batch.items() if k not in ("step",))
+    t_end = time.perf_counter()
+    dt, total = t_end - t_start, t_end - t0
+    del it
+    samples = steps * args.batch_size
+    stored_bps = args.stored_bps[reader]
+    return {
+        "reader": reader,
+        "state": state,
+        "workers": workers,
+        "block": block,
+        "resident_before": None if resident is None else round(resident, 3),
+        "first_batch_s": t_first,
+        "incl_startup_samples_per_s": n * args.batch_size / total,
+        "batches": f"{warmup}+{steps}",
+        "samples_per_s": samples / dt,
+        "delivered_MB_s": delivered / dt / 1e6,
+        "decoded_MB_s": samples * args.decoded_bps[reader] / dt / 1e6,
+        "stored_MB_s": samples * stored_bps / dt / 1e6,
+        "gpus_fed": samples / dt / args.gpu_rate,
+        "seconds": dt,
+    }
+
+
+def main() -> None:
+    warnings.filterwarnings("ignore", message="This DataLoader will create")  # more workers than cores: on purpose
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cpu", help="cpu: the reader alone; cuda: plus pinned memory and to_device (H2D) per batch")
+    p.add_argument("--model", default="SiT-XL/2", help="the consumer the GPU rate refers to (label only)")
+    p.add_argument("--gpu-rate", type=float, default=350.0, help="img/s one GPU consumes (default: ~SiT-XL/2)")
+    p.add_argument("--teacher", default="dinov2-vit-b", help="teacher group to read (and the geometry of a generated cache)")
+    p.add_argument("--batch-size", type=int, default=None, help="samples per batch (default: 256 on CUDA, 16 on CPU)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="timed batches per configuration, rounded up to a multiple of 2 x workers (default: 8 on CUDA, 4 on CPU)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed batches per configuration (default: max(1, 2 x workers): the first burst)")
+    p.add_argument("--workers", default="0,2,4,8", help="DataLoader worker counts")
+    p.add_argument("--block-sizes", default="16,256", help="DataConfig.block_size values")
+    p.add_argument("--states", default="warm,cold", help="page-cache states: warm, cold")
+    p.add_argument("--readers", default="current,per-sample",
+                   help="current: the trainer's CacheBatches; per-sample: a what-if variant (bench/common.py) that reads with basic indexing")
+    p.add_argument("--cache", default=None, help="read this existing cache instead of generating one")
+    p.add_argument("--samples", type=int, default=None, help="samples of the generated cache (default: one epoch of the longest configuration)")
+    p.add_argument("--workdir", default=None, help="where the generated cache goes (default: a temporary folder, removed)")
+    p.add_argument("--json", default=None, help="also write the result here")
+    args = p.parse_args()
+
+    device = resolve_device(args.device)
+    cuda = device.type == "cuda"
+    args.batch_size = args.batch_size or (256 if cuda else 16)
+    args.steps = args.steps or (8 if cuda else 4)
+    workers, blocks, states = _ints(args.workers), _ints(args.block_sizes), [s.strip() for s in args.states.split(",") if s.strip()]
+    readers = [s.strip() for s in args.readers.split(",") if s.strip()]
+    if any(s not in ("warm", "cold") for s in states):
+        p.error("--states takes warm and/or cold")
+    if any(r not in READERS for r in readers):
+        p.error(f"--readers takes {', '.join(READERS)}")
+
+    tmp = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="bench-loader-"))
+    tmp.mkdir(parents=True, exist_ok=True)
+    try:
+        t0 = time.perf_counter()
+        if args.cache:
+            cache = Path(args.cache)
+            have = cache_teachers(cache)
+            teacher = args.teacher if args.teacher in have else have[0]
+        else:
+            teacher = args.teacher
+            longest = max(sum(batches(args, w)) for w in workers)
+            samples = args.samples or longest * args.batch_size
+            cache = write_synthetic_cache(tmp / "cache", samples, teacher=teacher)
+        prep_s = time.perf_counter() - t0
+        teachers = (teacher,)
+        groups = [LATENTS, teacher_group(teacher)]
+        stored = stored_bytes_per_sample(cache, groups)
+        no_cls = sum(v for k, v in stored.items() if not k.endswith("/cls"))
+        args.stored_bps = {"current": sum(stored.values()), "per-sample": no_cls}
+        args.decoded_bps = {"current": decoded_bytes_per_sample(cache, groups),
+                            "per-sample": decoded_bytes_per_sample(cache, groups, skip=("cls",))}
+        reader = CacheReader(cache, groups=groups)
+        scale = LatentScale.from_cache(reader)
+        files = cache_files(cache)
+        info = {
+            **env_info(device),
+            "cache": str(cache) if args.cache else f"generated synthetic ({reader.num_samples} samples, {len(reader.views)} views)",
+            "teacher": teacher,
+            "num_samples": reader.num_samples,
+            "views": list(reader.views),
+            "shard_size": reader.meta.shard_size,
+            "batch": args.batch_size,
+            "steps": args.steps,
+            "cache_bytes_on_disk": sum(f.stat().st_size for f in files),
+            "stored_bytes_per_sample": {k: round(v) for k, v in stored.items()},
+            "decoded_bytes_per_sample": args.decoded_bps,
+            "readers": readers,
+            "consumer": f"{args.model} at {args.gpu_rate:g} img/s per GPU",
+            "prepare_s": round(prep_s, 1),
+        }
+        del reader
+        results = []
+        for reader_name, state, block, w in itertools.product(readers, states, blocks, workers):
+            r = run_config(cache, teachers, args, device, reader_name, w, block, state, files, scale)
+            results.append(r)
+            if "samples_per_s" in r:
+                print(f"{reader_name} {state:4s} block {block:4d} workers {w}: {r['samples_per_s']:.0f} samples/s, "
+                      f"{r['delivered_MB_s']:.0f} MB/s delivered, {r['stored_MB_s']:.0f} MB/s stored, "
+                      f"resident before {r['resident_before']}", flush=True)
+            else:
+                print(f"{reader_name} {state} block {block} workers {w}: {r['note']}")
+        info["load_avg_at_end"] = list(os.getloadavg())
+    finally:
+        if not args.workdir:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    print(f"\n{info['device']} | torch {info['torch']} | {info['command']}")
+    print(markdown_table(results, ["reader", "state", "block", "workers", "batches", "resident_before", "samples_per_s", "delivered_MB_s",
+                                   "decoded_MB_s", "stored_MB_s", "gpus_fed", "first_batch_s", "incl_startup_samples_per_s"]))
+    out = {"info": info, "results": results}
+    text = json.dumps(out, indent=1, default=str)
+    print(text)
+    if args.json:
+        Path(args.json).write_text(text)
+
+
+if __name__ == "__main__":
+    main()

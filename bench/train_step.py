@@ -1,0 +1,460 @@
+"""One REPA training step, three input paths, same model, batch, precision and device, one process.
+
+* ``cached``: batches streamed from a cache on disk through the real reader
+  (``train.data.CacheBatches`` + ``make_loader`` + ``to_device``) — what ``repa train`` does;
+* ``online``: what the public REPA code does every step — DataLoader workers read the image files
+  (by default the 256x256 PNG center crops that REPA's ``dataset_tools.py`` writes once; ``--online-source raw``
+  decodes and crops the original JPEG/PNG files) and decode them with PIL
+  (``stages.images.decode_and_crop``), the VAE latents come precomputed (from the same cache, latents
+  group only), and the teacher (DINOv2-B at 224 by default, random weights) runs forward on the
+  device each step (``stages.teachers.encode_images``);
+* ``synthetic``: random tensors already on the device (the upper bound: no data at all).
+
+The step mirrors ``train/loop.py``: per-step reseed, fresh posterior sample, bf16 autocast on CUDA
+(fp32 on CPU), ``transport.training_losses``, fp32 ``repa_loss``, ``loss = denoise + proj_coeff*repa``,
+the finiteness check, backward, grad clip 1.0, AdamW (fused on CUDA), EMA ``_foreach_lerp_``.
+Every step is timed with a device sync at its end (the trainer's ``isfinite`` check syncs anyway);
+the first ``--warmup`` steps of each path are not timed.
+
+Inputs are made offline unless ``--cache`` is given: demo images, and a cache — synthetic (random
+values, real SD-VAE latent and teacher geometry, written with the cache writer API) for a registry
+teacher such as ``dinov2-vit-b``, or built by the real ``precompute`` for the ``tiny`` teacher.
+
+Examples::
+
+    python bench/train_step.py                                   # CPU: SiT-S/2, DINOv2-B geometry, batch 4
+    python bench/train_step.py --device cuda --model SiT-XL/2 --batch-size 256 --compile
+    python bench/train_step.py --model SiT-tiny/2 --teacher tiny --batch-size 16 --steps 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import warnings
+import contextlib
+import copy
+import dataclasses
+import gc
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+try:
+    from common import (  # type: ignore[import-not-found]  # python bench/train_step.py
+        READERS, cache_teachers, env_info, image_keys, make_crops, make_images, markdown_table, matmul_peak_flops,
+        median_spread, peak_memory_bytes, precompute_cache, reset_peak_memory, resolve_device, sync,
+        write_synthetic_cache,
+    )
+except ImportError:  # python -m bench.train_step
+    from bench.common import (
+        READERS, cache_teachers, env_info, image_keys, make_crops, make_images, markdown_table, matmul_peak_flops,
+        median_spread, peak_memory_bytes, precompute_cache, reset_peak_memory, resolve_device, sync,
+        write_synthetic_cache,
+    )
+
+import numpy as np
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.data import Dataset
+from torch.utils.flop_counter import FlopCounterMode
+
+from stages.images import decode_and_crop
+from stages.teachers import encode_images, get_teacher, load_teacher
+from train.data import CacheBatches, DataConfig, make_loader, to_device
+from train.loop import TrainConfig, plan_run, step_seed
+from train.loss import repa_loss
+from train.model import SiT, count_parameters
+from train.transport import Transport, TransportConfig
+
+PATHS = ("cached", "online", "synthetic")
+
+
+# --------------------------------------------------------------------------------------------
+# the online (public REPA) input path
+
+
+class OnlineBatches(Dataset):
+    """Public REPA's loader: per batch, the precomputed VAE posterior (here: the cache's latents
+    group alone) plus the image files, read and decoded with PIL in the DataLoader workers.
+
+    Same order, same views and same batch as :class:`CacheBatches` (it wraps one with no teacher
+    groups); the flipped view is the decoded crop mirrored.
+    """
+
+    def __init__(self, cfg: DataConfig, files: list[str], resolution: int, reader: type = CacheBatches) -> None:
+        self.inner = reader(dataclasses.replace(cfg, teachers=()))
+        self.cfg = self.inner.cfg  # make_loader reads num_workers / prefetch_factor from here
+        self.files, self.resolution = files, resolution
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+    def __getitem__(self, step: int) -> dict[str, torch.Tensor]:
+        batch = self.inner[step]
+        crops = []
+        for i, v in zip(batch["index"].tolist(), batch["view"].tolist()):
+            with open(self.files[i], "rb") as f:
+                res = decode_and_crop(f.read(), self.resolution)
+            if res.image is None:
+                raise RuntimeError(f"{self.files[i]}: {res.reason}")
+            crops.append(res.image[:, ::-1] if v == 1 else res.image)  # (H, W, 3) uint8
+        batch["images"] = torch.from_numpy(np.stack(crops)).permute(0, 3, 1, 2).contiguous()  # (B, 3, H, W)
+        return batch
+
+
+def source_files(keys: list[str], images: Path, crops: Path | None) -> list[str]:
+    """File of every cache index: the crop PNG or the original image named by the manifest key;
+    indices whose key is not among the images cycle over them (a synthetic or foreign cache)."""
+    have = image_keys(images)
+    known = set(have)
+
+    def path(k: str) -> str:
+        return str(crops / f"{k}.png") if crops is not None else str(images / k)
+
+    return [path(k) if k in known else path(have[i % len(have)]) for i, k in enumerate(keys)]
+
+
+# --------------------------------------------------------------------------------------------
+# the step (mirrors train/loop.py)
+
+
+@dataclasses.dataclass
+class Trainer:
+    model: SiT
+    fwd: torch.nn.Module
+    ema: SiT
+    opt: torch.optim.Optimizer
+    transport: Transport
+    autocast: Any
+    proj_coeff: float = 0.5
+    grad_clip: float = 1.0
+    ema_decay: float = 0.9999
+
+    def step(self, x: torch.Tensor, y: torch.Tensor, feats: list[torch.Tensor]) -> torch.Tensor:
+        with self.autocast:
+            out = self.transport.training_losses(self.fwd, x, y)
+        denoise = out["denoise"].float()
+        repa, _ = repa_loss(out["zs"], feats)
+        loss = denoise + self.proj_coeff * repa
+        if not torch.isfinite(loss):  # as the trainer: a host sync every step
+            raise RuntimeError("loss became non-finite")
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+        self.opt.step()
+        with torch.no_grad():
+            torch._foreach_lerp_(list(self.ema.parameters()), list(self.model.parameters()), 1.0 - self.ema_decay)
+        return loss
+
+
+def build_trainer(mcfg: Any, device: torch.device, use_bf16: bool, compile_: bool) -> Trainer:
+    torch.manual_seed(0)
+    model = SiT(mcfg).to(device)
+    ema = copy.deepcopy(model).requires_grad_(False)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.999), weight_decay=0.0, fused=device.type == "cuda")
+    fwd = torch.compile(model) if compile_ else model
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
+    return Trainer(model, fwd, ema, opt, Transport(TransportConfig(null_class=mcfg.num_classes)), autocast)
+
+
+def count_step_flops(tr: Trainer, x: torch.Tensor, y: torch.Tensor, feats: list[torch.Tensor]) -> int:
+    """FLOPs of forward + backward of one training step (eager model, attention through the math
+    backend so that its matmuls are counted on every device; optimizer/EMA not counted)."""
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as fc:
+        with tr.autocast:
+            out = tr.transport.training_losses(tr.model, x, y)
+        repa, _ = repa_loss(out["zs"], feats)
+        (out["denoise"].float() + tr.proj_coeff * repa).backward()
+    tr.model.zero_grad(set_to_none=True)
+    return int(fc.get_total_flops())
+
+
+def count_teacher_flops(teacher: torch.nn.Module, spec: Any, images: torch.Tensor, resolution: int, autocast: Any) -> int:
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as fc, autocast:
+        encode_images(teacher, spec, images, resolution)
+    return int(fc.get_total_flops())
+
+
+# --------------------------------------------------------------------------------------------
+# timing one path
+
+
+class StageTimer:
+    """Device time of a stretch of work: CUDA events on a GPU, wall time (synchronous) on a CPU."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.t0: Any = None
+
+    def start(self) -> None:
+        if self.cuda:
+            self.t0 = torch.cuda.Event(enable_timing=True)
+            self.t0.record()
+        else:
+            self.t0 = time.perf_counter()
+
+    def stop(self) -> Any:
+        if self.cuda:
+            e = torch.cuda.Event(enable_timing=True)
+            e.record()
+            return (self.t0, e)
+        return time.perf_counter() - self.t0
+
+    @staticmethod
+    def seconds(mark: Any) -> float:
+        return mark[0].elapsed_time(mark[1]) / 1e3 if isinstance(mark, tuple) else mark
+
+
+def run_path(path: str, args: argparse.Namespace, ctx: dict[str, Any], tr: Trainer, profile: bool = False) -> dict[str, Any]:
+    device, setup = ctx["device"], ctx["setup"]
+    n = args.warmup + args.steps + (1 if profile else 0)  # the profiled step comes last and is not timed
+    B = args.batch_size
+    teachers = setup.teachers
+    loader = None
+    teacher_mod = spec = None
+    if path == "synthetic":
+        g = torch.Generator(device=device).manual_seed(1)
+        mc = setup.model_config
+        x0 = torch.randn(B, mc.in_channels, mc.input_size, mc.input_size, device=device, generator=g)
+        y0 = torch.randint(0, mc.num_classes, (B,), device=device, generator=g)
+        f0 = [torch.randn(B, setup.teacher_tokens[t], d, device=device, generator=g) for t, d in zip(teachers, mc.z_dims)]
+    else:
+        dcfg = DataConfig(str(ctx["cache"]), teachers, B, seed=0, block_size=args.block_size, num_workers=args.num_workers)
+        if path == "cached":
+            ds: Any = READERS[args.reader](dcfg)
+        else:
+            ds = OnlineBatches(dcfg, ctx["files"], ctx["resolution"], READERS[args.reader])
+            spec = get_teacher(ctx["teacher"])
+            teacher_mod = load_teacher(spec, ctx["resolution"], device=device, pretrained=False)
+        # As in a long run, the workers keep producing through the last timed step (the sampler
+        # goes past it by the prefetch depth; those batches are never used).
+        ahead = ds.cfg.prefetch_factor * args.num_workers + 1
+        loader = iter(make_loader(ds, 0, n + ahead, pin_memory=device.type == "cuda"))
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    reset_peak_memory(device)
+    timer = StageTimer(device)
+    steps, waits, inputs = [], [], []
+    acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    for i in range(n):
+        profiled = profile and i == n - 1  # input (and teacher forward) + train step, under torch.profiler
+        prof_ctx = torch.profiler.profile(activities=acts) if profiled else contextlib.nullcontext()
+        with prof_ctx as prof:
+            t0 = time.perf_counter()
+            torch.manual_seed(step_seed(0, 0, i))
+            if path == "synthetic":
+                x, y, feats = x0, y0, f0
+                t_wait = 0.0
+                timer.start()
+            else:
+                batch = next(loader)
+                t_wait = time.perf_counter() - t0
+                timer.start()
+                x, y, feats = to_device(batch, setup.scale, teachers if path == "cached" else (), device)
+                if path == "online":
+                    images = batch["images"].to(device, non_blocking=True)
+                    with tr.autocast:
+                        patch, _ = encode_images(teacher_mod, spec, images, ctx["resolution"])  # (B, T, D) fp32
+                    feats = [patch]
+            t_in = timer.stop()
+            tr.step(x, y, feats)
+            sync(device)
+        if profiled:
+            ctx.setdefault("profiles", {})[path] = prof
+        t1 = time.perf_counter()
+        if args.warmup <= i < args.warmup + args.steps:
+            steps.append(t1 - t0)
+            waits.append(t_wait)
+            inputs.append(StageTimer.seconds(t_in))
+    peak, peak_kind = peak_memory_bytes(device)
+    med, spread = median_spread(steps)
+    res = {
+        "path": path,
+        "img_per_s": B / med,
+        "step_ms": 1e3 * med,
+        "spread_ms": 1e3 * spread,
+        "step_ms_all": [round(1e3 * s, 2) for s in steps],
+        "data_wait_ms": 1e3 * median_spread(waits)[0],
+        "input_ms": 1e3 * median_spread(inputs)[0],  # H2D + posterior sample (+ teacher forward online)
+        "peak_mem_gib": None if peak is None else peak / 2**30,
+        "peak_mem_kind": peak_kind,
+    }
+    if path == "online" and args.flops:
+        res["teacher_gflop_per_img"] = count_teacher_flops(teacher_mod, spec, images[:2], ctx["resolution"], tr.autocast) / 2 / 1e9
+    del loader, teacher_mod
+    return res
+
+
+# --------------------------------------------------------------------------------------------
+# inputs
+
+
+def prepare(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    device = resolve_device(args.device)
+    resolution = 256
+    if args.cache:
+        cache = Path(args.cache)
+        have = cache_teachers(cache)
+        teacher = args.teacher if args.teacher in have else (have[0] if len(have) == 1 else args.teacher)
+    else:
+        teacher = args.teacher
+    images = Path(args.images) if args.images else make_images(work / "images", args.num_images)
+    if not args.cache:
+        cache = work / "cache"
+        samples = args.samples or max(4 * args.batch_size, 64)
+        if teacher.startswith("tiny"):  # the real stage one with the presets that load offline
+            cache = precompute_cache(images, cache, teacher=teacher)
+        else:
+            cache = write_synthetic_cache(cache, samples, teacher=teacher, keys=image_keys(images), resolution=resolution)
+    setup = plan_run(TrainConfig(cache=str(cache), out=str(work / "run"), model=args.model, teachers=(teacher,), batch_size=args.batch_size))
+    from cache.reader import CacheReader
+
+    reader = CacheReader(cache, groups=["latents"])
+    resolution = reader.meta.resolution
+    files = None
+    if "online" in args.paths:
+        crops = make_crops(images, work / "crops", resolution) if args.online_source == "crops" else None
+        files = source_files(reader.keys, images, crops)
+    return {"device": device, "cache": cache, "teacher": teacher, "setup": setup, "resolution": resolution, "files": files,
+            "num_samples": reader.num_samples}
+
+
+def main() -> None:
+    warnings.filterwarnings("ignore", message="This DataLoader will create")  # more workers than cores: on purpose
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda[:i]")
+    p.add_argument("--model", default=None, help="SiT size (default: SiT-XL/2 on CUDA, SiT-S/2 on CPU)")
+    p.add_argument("--teacher", default="dinov2-vit-b", help="registry teacher; 'tiny' builds the cache with the real precompute")
+    p.add_argument("--batch-size", type=int, default=None, help="default: 256 on CUDA, 4 on CPU")
+    p.add_argument("--steps", type=int, default=None, help="timed steps per path (default: 20 on CUDA, 8 on CPU)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed steps per path (default: 5 on CUDA (10 with --compile), 2 on CPU)")
+    p.add_argument("--paths", default=",".join(PATHS), help="comma-separated, run in this order")
+    p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto", help="auto: bf16 autocast on CUDA, fp32 on CPU (as the trainer)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (as repa train --compile)")
+    p.add_argument("--num-workers", type=int, default=None, help="DataLoader workers for cached and online (default: 8 on CUDA, 2 on CPU)")
+    p.add_argument("--block-size", type=int, default=64, help="DataConfig.block_size")
+    p.add_argument("--reader", choices=tuple(READERS), default="current",
+                   help="current: the trainer's CacheBatches; per-sample: the what-if reader of bench/common.py (see bench/loader.py)")
+    p.add_argument("--cache", default=None, help="use this existing cache instead of making one")
+    p.add_argument("--images", default=None, help="image folder whose keys the cache names (default: generated demo images)")
+    p.add_argument("--num-images", type=int, default=64, help="demo images to generate (the online path cycles over them)")
+    p.add_argument("--samples", type=int, default=None, help="samples in the generated cache (default: max(4*batch, 64))")
+    p.add_argument("--online-source", choices=("crops", "raw"), default="crops",
+                   help="crops: 256x256 PNG crops made once (public REPA's layout); raw: decode and crop the original files")
+    p.add_argument("--flops", action=argparse.BooleanOptionalAction, default=True, help="count FLOPs and report MFU")
+    p.add_argument("--profile", action="store_true", help="torch.profiler on one extra (untimed) step of each path, input included; print the top ops")
+    p.add_argument("--workdir", default=None, help="where generated inputs go (default: a temporary folder, removed)")
+    p.add_argument("--json", default=None, help="also write the result here")
+    args = p.parse_args()
+
+    device = resolve_device(args.device)
+    cuda = device.type == "cuda"
+    args.model = args.model or ("SiT-XL/2" if cuda else "SiT-S/2")
+    args.batch_size = args.batch_size or (256 if cuda else 4)
+    args.steps = args.steps or (20 if cuda else 8)
+    args.warmup = args.warmup if args.warmup is not None else ((10 if args.compile else 5) if cuda else 2)
+    args.num_workers = args.num_workers if args.num_workers is not None else (8 if cuda else 2)
+    args.paths = [s.strip() for s in args.paths.split(",") if s.strip()]
+    bad = [s for s in args.paths if s not in PATHS]
+    if bad:
+        p.error(f"unknown path(s) {bad}; known: {', '.join(PATHS)}")
+    if cuda:
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True  # as the trainer
+        torch.backends.cudnn.allow_tf32 = True
+    use_bf16 = args.precision == "bf16" or (args.precision == "auto" and cuda)
+
+    tmp = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="bench-train-"))
+    tmp.mkdir(parents=True, exist_ok=True)
+    try:
+        t0 = time.perf_counter()
+        ctx = prepare(args, tmp)
+        ctx["device"] = device
+        setup = ctx["setup"]
+        prep_s = time.perf_counter() - t0
+        tr = build_trainer(setup.model_config, device, use_bf16, args.compile)
+        info: dict[str, Any] = {
+            **env_info(device),
+            "model": args.model,
+            "backbone_params_M": count_parameters(tr.model) / 1e6,
+            "teacher": ctx["teacher"],
+            "batch": args.batch_size,
+            "precision": "bf16 autocast" if use_bf16 else "fp32",
+            "compile": args.compile,
+            "fused_adamw": cuda,
+            "num_workers": args.num_workers,
+            "warmup": args.warmup,
+            "steps": args.steps,
+            "cache": str(ctx["cache"]) if args.cache else f"generated ({ctx['num_samples']} samples)",
+            "online_source": args.online_source,
+            "reader": args.reader,
+            "prepare_s": round(prep_s, 1),
+        }
+        if args.flops:
+            mc = setup.model_config
+            b = min(args.batch_size, 4)
+            x = torch.randn(b, mc.in_channels, mc.input_size, mc.input_size, device=device)
+            y = torch.randint(0, mc.num_classes, (b,), device=device)
+            f = [torch.randn(b, setup.teacher_tokens[t], d, device=device) for t, d in zip(setup.teachers, mc.z_dims)]
+            info["train_gflop_per_img"] = count_step_flops(tr, x, y, f) / b / 1e9
+            peak_dtype = torch.bfloat16 if use_bf16 else torch.float32
+            info["matmul_peak_tflops"] = matmul_peak_flops(device, peak_dtype) / 1e12
+            info["matmul_peak_dtype"] = str(peak_dtype).replace("torch.", "")
+        results = []
+        for path in args.paths:
+            try:
+                r = run_path(path, args, ctx, tr, profile=args.profile)
+            except torch.cuda.OutOfMemoryError:
+                print(f"{path}: CUDA out of memory at batch {args.batch_size}; lower --batch-size")
+                results.append({"path": path, "error": f"CUDA out of memory at batch {args.batch_size}"})
+                tr.opt.zero_grad(set_to_none=True)
+                gc.collect()
+                torch.cuda.empty_cache()
+                continue
+            if args.flops:
+                r["achieved_tflops"] = info["train_gflop_per_img"] * r["img_per_s"] / 1e3
+                if cuda:  # on a shared CPU the measured matmul peak is too noisy to divide by
+                    r["mfu"] = r["achieved_tflops"] / info["matmul_peak_tflops"]
+            results.append(r)
+            print(f"{path}: {r['img_per_s']:.2f} img/s, step {r['step_ms']:.1f} ms (spread {r['spread_ms']:.1f})", flush=True)
+        info["load_avg_at_end"] = list(os.getloadavg())
+        by = {r["path"]: r for r in results if "error" not in r}
+        ratios = {}
+        if "cached" in by and "online" in by:
+            ratios["cached_over_online"] = by["cached"]["img_per_s"] / by["online"]["img_per_s"]
+        if "cached" in by and "synthetic" in by:
+            ratios["cached_over_synthetic"] = by["cached"]["img_per_s"] / by["synthetic"]["img_per_s"]
+        out = {"info": info, "results": results, "ratios": ratios}
+        if args.profile:
+            sort = "self_device_time_total" if cuda else "self_cpu_time_total"
+            out["profile_top"] = {}
+            for path, prof in ctx.get("profiles", {}).items():
+                table = prof.key_averages().table(sort_by=sort, row_limit=15)
+                out["profile_top"][path] = table
+                print(f"\n### torch.profiler, one {path} step (sorted by {sort})\n{table}")
+    finally:
+        if not args.workdir:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    rows = [dict(r, **{k: info[k] for k in ("model", "teacher", "batch", "precision")}) for r in results]
+    for r in rows:
+        r["peak_mem_gib"] = None if r.get("peak_mem_gib") is None else round(r["peak_mem_gib"], 2)
+        r["mfu"] = f"{100 * r['mfu']:.1f}%" if "mfu" in r else None
+        if "error" in r:
+            r["img_per_s"] = r["error"]
+    print(f"\n{info['device']} | torch {info['torch']} | {info['command']}")
+    print(markdown_table(rows, ["model", "teacher", "batch", "precision", "path", "img_per_s", "step_ms", "spread_ms", "data_wait_ms",
+                                "input_ms", "peak_mem_gib", "mfu"]))
+    print("ratios: " + ", ".join(f"{k} {v:.2f}" for k, v in ratios.items()))
+    print(json.dumps({k: v for k, v in out.items() if k != "profile_top"}, indent=1, default=str))
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=1, default=str))
+
+
+if __name__ == "__main__":
+    main()
