@@ -93,7 +93,56 @@ class GroupInfo:
     records: dict[int, ShardRecord]
 
 
-class CacheReader:
+class ReaderBase:
+    """What every cache reader shares (the zarr store here, webdataset shards in cache.wds):
+    metadata, labels, validity, and group lookup. Subclasses set ``root``, ``meta``, ``groups``,
+    ``labels``, ``keys``, ``status`` and ``valid`` and implement ``read`` and ``read_block``."""
+
+    root: Path
+    meta: CacheMeta
+    groups: dict[str, Any]
+    valid: np.ndarray
+
+    @staticmethod
+    def resolve_group(name: str) -> str:
+        return name if name == LATENTS or name.startswith(TEACHER_PREFIX) else f"{TEACHER_PREFIX}{name}"
+
+    @property
+    def num_samples(self) -> int:
+        return self.meta.num_samples
+
+    @property
+    def views(self) -> tuple[str, ...]:
+        return self.meta.views
+
+    def group(self, name: str) -> Any:
+        return self.groups[self.resolve_group(name)]
+
+    def valid_indices(self) -> np.ndarray:
+        """Cache indices whose inputs were encoded (not skipped), ascending."""
+        return np.flatnonzero(self.valid)
+
+    def _check_indices(self, indices: Sequence[int] | np.ndarray) -> np.ndarray:
+        """Indices as int64; CacheError for one out of range or of a skipped input."""
+        idx = np.asarray(indices, dtype=np.int64)
+        if idx.size and (idx.min() < 0 or idx.max() >= self.num_samples):
+            raise CacheError(f"index out of range [0, {self.num_samples}) in read()")
+        bad = idx[~self.valid[idx]]
+        if bad.size:
+            raise CacheError(f"cache index {int(bad[0])} is a skipped input ({self.keys[int(bad[0])]}); read valid_indices() only")
+        return idx
+
+    def _select(self, groups: Iterable[str] | None) -> list[str]:
+        if groups is None:
+            return list(self.groups)
+        names = [self.resolve_group(g) for g in groups]
+        for g in names:
+            if g not in self.groups:
+                raise CacheError(f"group '{g}' was not opened by this reader (opened: {', '.join(self.groups)})")
+        return names
+
+
+class CacheReader(ReaderBase):
     """Random-access and block reads of a committed cache.
 
     ``groups`` names what to read: ``"latents"`` and/or ``"teachers/<name>"`` (a bare teacher
@@ -122,10 +171,6 @@ class CacheReader:
         self.valid: np.ndarray = self.status != "skipped"
 
     # -- opening -------------------------------------------------------------------------------
-    @staticmethod
-    def resolve_group(name: str) -> str:
-        return name if name == LATENTS or name.startswith(TEACHER_PREFIX) else f"{TEACHER_PREFIX}{name}"
-
     def _open_group(self, group: str, present: list[str]) -> GroupInfo:
         if group not in present:
             have = ", ".join(present) or "none"
@@ -150,21 +195,8 @@ class CacheReader:
             records[shard] = rec
         return GroupInfo(gmeta, commit, arrays, records)
 
-    # -- properties ----------------------------------------------------------------------------
-    @property
-    def num_samples(self) -> int:
-        return self.meta.num_samples
-
-    @property
-    def views(self) -> tuple[str, ...]:
-        return self.meta.views
-
     def group(self, name: str) -> GroupInfo:
         return self.groups[self.resolve_group(name)]
-
-    def valid_indices(self) -> np.ndarray:
-        """Cache indices whose inputs were encoded (not skipped), ascending."""
-        return np.flatnonzero(self.valid)
 
     # -- reading -------------------------------------------------------------------------------
     def read(self, indices: Sequence[int] | np.ndarray, groups: Iterable[str] | None = None) -> dict[str, np.ndarray]:
@@ -172,12 +204,7 @@ class CacheReader:
 
         Raises CacheError for an index out of range or of a skipped input.
         """
-        idx = np.asarray(indices, dtype=np.int64)
-        if idx.size and (idx.min() < 0 or idx.max() >= self.num_samples):
-            raise CacheError(f"index out of range [0, {self.num_samples}) in read()")
-        bad = idx[~self.valid[idx]]
-        if bad.size:
-            raise CacheError(f"cache index {int(bad[0])} is a skipped input ({self.keys[int(bad[0])]}); read valid_indices() only")
+        idx = self._check_indices(indices)
         # Sort once so consecutive rows come from the same shard, then undo the permutation.
         order = np.argsort(idx, kind="stable")
         sorted_idx = idx[order]
@@ -216,15 +243,6 @@ class CacheReader:
         out["label"] = self.labels[idx]
         out["index"] = idx
         return out
-
-    def _select(self, groups: Iterable[str] | None) -> list[str]:
-        if groups is None:
-            return list(self.groups)
-        names = [self.resolve_group(g) for g in groups]
-        for g in names:
-            if g not in self.groups:
-                raise CacheError(f"group '{g}' was not opened by this reader (opened: {', '.join(self.groups)})")
-        return names
 
     def _check_shards(self, group: str, shards: set[int]) -> None:
         if not self.verify_checksums:

@@ -53,7 +53,7 @@ from cache.format import (
     GroupMeta,
     write_json_atomic,
 )
-from cache.reader import CacheReader
+from cache.reader import CacheReader, ReaderBase
 
 WDS_MARKER = "repa-cache-wds"
 WDS_VERSION = 1
@@ -216,7 +216,7 @@ class WdsGroup:
     members: dict[str, str]  # array name -> tar member suffix
 
 
-class WdsReader:
+class WdsReader(ReaderBase):
     """Read a webdataset export with the same API as :class:`cache.reader.CacheReader`.
 
     ``read``/``read_block`` return the same dicts (``"<group>/<array>"`` of shape ``(n, V, ...)`` in
@@ -278,22 +278,8 @@ class WdsReader:
         self.__dict__.update(state)
         self._lock = threading.Lock()
 
-    resolve_group = staticmethod(CacheReader.resolve_group)
-
-    @property
-    def num_samples(self) -> int:
-        return self.meta.num_samples
-
-    @property
-    def views(self) -> tuple[str, ...]:
-        return self.meta.views
-
     def group(self, name: str) -> WdsGroup:
         return self.groups[self.resolve_group(name)]
-
-    def valid_indices(self) -> np.ndarray:
-        """Cache indices whose inputs were encoded (not skipped), ascending."""
-        return np.flatnonzero(self.valid)
 
     # -- shard index ---------------------------------------------------------------------------
     def _shard_of(self, index: int) -> int:
@@ -335,12 +321,7 @@ class WdsReader:
 
         Raises CacheError for an index out of range or of a skipped input.
         """
-        idx = np.asarray(indices, dtype=np.int64)
-        if idx.size and (idx.min() < 0 or idx.max() >= self.num_samples):
-            raise CacheError(f"index out of range [0, {self.num_samples}) in read()")
-        bad = idx[~self.valid[idx]]
-        if bad.size:
-            raise CacheError(f"cache index {int(bad[0])} is a skipped input ({self.keys[int(bad[0])]}); read valid_indices() only")
+        idx = self._check_indices(indices)
         selected = self._select(groups)
         out: dict[str, np.ndarray] = {}
         for g in selected:
@@ -382,15 +363,6 @@ class WdsReader:
         if not 0 <= start <= stop <= self.num_samples:
             raise CacheError(f"block [{start}, {stop}) is outside [0, {self.num_samples})")
         return self.read(np.arange(start, stop)[self.valid[start:stop]], groups=groups)
-
-    def _select(self, groups: Iterable[str] | None) -> list[str]:
-        if groups is None:
-            return list(self.groups)
-        names = [self.resolve_group(g) for g in groups]
-        for g in names:
-            if g not in self.groups:
-                raise CacheError(f"group '{g}' was not opened by this reader (opened: {', '.join(self.groups)})")
-        return names
 
     def _decode(self, raw: bytes, fname: str, index: int, group: str, name: str) -> np.ndarray:
         spec = self.groups[group].meta.array(name)
