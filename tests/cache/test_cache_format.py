@@ -196,13 +196,17 @@ def test_missing_record_refused(cache):
     assert ("teachers/t", 0) in verify_cache(root, quiet=True).damaged_shards()
 
 
-def test_commit_refuses_incomplete_group(tmp_path):
-    root = tmp_path / "c"
+def _latents_only(root: Path) -> tuple[Path, CacheMeta, GroupMeta, dict[str, np.ndarray]]:
+    """An empty cache with only the latents group created; its data not yet written."""
     meta = _meta()
     create_cache(root, meta, pa.table({"index": np.arange(N), "key": [str(i) for i in range(N)], "label": pa.array([0] * N, pa.int32())}))
     g = _groups()[0]
     create_group(root, meta, g)
-    data = _data(meta, g, 0)
+    return root, meta, g, _data(meta, g, 0)
+
+
+def test_commit_refuses_incomplete_group(tmp_path):
+    root, meta, g, data = _latents_only(tmp_path / "c")
     write_shard(root, meta, g, 0, {k: v[:SHARD] for k, v in data.items()}, _outcomes(0, SHARD), "w")
     with pytest.raises(CacheError, match=r"shards \[1, 2\] have no record"):
         commit_group(root, meta, g)
@@ -237,12 +241,7 @@ def test_copy_of_cache_reads_identically(cache, tmp_path):
 
 
 def test_all_skipped_shard_writes_no_object_and_reads_as_refused(tmp_path):
-    root = tmp_path / "c"
-    meta = _meta()
-    create_cache(root, meta, pa.table({"index": np.arange(N), "key": [str(i) for i in range(N)], "label": pa.array([0] * N, pa.int32())}))
-    g = _groups()[0]
-    create_group(root, meta, g)
-    data = _data(meta, g, 0)
+    root, meta, g, data = _latents_only(tmp_path / "c")
     for s in range(meta.num_shards):
         a, b = meta.shard_range(s)
         block = {k: v[a:b].copy() for k, v in data.items()}
