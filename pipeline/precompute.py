@@ -89,6 +89,7 @@ def precompute(cfg: PrecomputeConfig) -> PrecomputeResult:
     result = PrecomputeResult(root=out, samples=meta.num_samples)
     present = list_groups(out)
     todo: dict[int, list[str]] = {}
+    known_weights: dict[str, str] = {}
     for g in wanted:
         if g.group in present:
             old_g = group_meta(out, g.group)
@@ -103,6 +104,8 @@ def precompute(cfg: PrecomputeConfig) -> PrecomputeResult:
             create_group(out, meta, g)
             result.groups[g.group] = "written"
         done = load_records(out, meta, g.group)
+        if done:
+            known_weights[g.group] = next(iter(done.values())).weights_sha256
         for shard in range(meta.num_shards):
             if shard not in done:
                 todo.setdefault(shard, []).append(g.group)
@@ -110,7 +113,7 @@ def precompute(cfg: PrecomputeConfig) -> PrecomputeResult:
     items = [listing.items[i] for i in sample_order(len(listing.items), cfg.seed)]
     tasks = shard_tasks(out, meta, items, todo, cfg.batch_size, cfg.device, cpu_threads=_cpu_threads(cfg))
     if tasks:
-        result.shards_written = _run_tasks(cfg, tasks, out, meta)
+        result.shards_written = _run_tasks(cfg, tasks, known_weights)
     for g in wanted:
         if result.groups[g.group] != "already committed":
             commit = commit_group(out, meta, g)
@@ -129,7 +132,7 @@ def _vae_spec(cfg: PrecomputeConfig, existing: Path | None) -> VAESpec:
     return VAESpec(DEFAULT_VAE, cfg.vae_revision)
 
 
-def _run_tasks(cfg: PrecomputeConfig, tasks: list[Any], out: Path, meta: Any) -> int:
+def _run_tasks(cfg: PrecomputeConfig, tasks: list[Any], known_weights: dict[str, str]) -> int:
     """Submit one task per shard to the dask cluster and wait, checking records as they arrive."""
     from distributed import Client, LocalCluster, as_completed
 
@@ -152,12 +155,7 @@ def _run_tasks(cfg: PrecomputeConfig, tasks: list[Any], out: Path, meta: Any) ->
     if not cfg.quiet and client.dashboard_link:
         print(f"dask dashboard: {client.dashboard_link}", file=sys.stderr)
 
-    weights: dict[str, str] = {}
-    for task in tasks:
-        for group in task.groups:
-            recs = load_records(out, meta, group)
-            if recs and group not in weights:
-                weights[group] = next(iter(recs.values())).weights_sha256
+    weights = dict(known_weights)  # group -> weights sha256 of the shards already written
     written = 0
     try:
         futures = [client.submit(run_shard_task, t, pure=False, retries=2, key=f"shard-{t.shard:06d}-{time.time_ns()}") for t in tasks]
