@@ -25,7 +25,7 @@ app = typer.Typer(
 @app.command()
 def precompute(
     data: Annotated[Path, typer.Argument(help="Image folder (one sub-folder per class) or folder of webdataset .tar shards.")],
-    out: Annotated[Path, typer.Argument(help="Cache folder to create, resume, or add teachers to.")],
+    out: Annotated[str, typer.Argument(help="Cache folder or URL (s3://bucket/prefix) to create, resume, or add teachers to.")],
     resolution: Annotated[int, typer.Option(help="Crop size in pixels (ADM center crop).")] = 256,
     vae: Annotated[
         Optional[str], typer.Option(help="Diffusers AutoencoderKL: HF id, local folder, or 'tiny'. Default: the cache's VAE, else stabilityai/sd-vae-ft-ema.")
@@ -84,7 +84,7 @@ def _pairs(values: list[str], flag: str) -> dict[str, str]:
 
 @app.command()
 def stats(
-    cache: Annotated[Path, typer.Argument(help="Cache folder.")],
+    cache: Annotated[str, typer.Argument(help="Cache folder or URL.")],
     json_out: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
     plot: Annotated[Optional[Path], typer.Option(help="Write histograms to this PNG file.")] = None,
     max_samples: Annotated[int, typer.Option(help="Samples read for latent/feature statistics.")] = 10_000,
@@ -101,7 +101,7 @@ def stats(
 
 @app.command()
 def verify(
-    cache: Annotated[Path, typer.Argument(help="Cache folder.")],
+    cache: Annotated[str, typer.Argument(help="Cache folder or URL.")],
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
     """Check every shard's checksum, shape and completeness. Exit 0 if intact, 1 naming each damaged shard."""
@@ -119,7 +119,7 @@ def verify(
 
 @app.command()
 def train(
-    cache: Annotated[Path, typer.Option(help="Committed cache to train from.")],
+    cache: Annotated[str, typer.Option(help="Committed cache (or its webdataset export) to train from: folder or URL.")],
     out: Annotated[Path, typer.Option(help="Run folder (checkpoints, metrics.jsonl, config.json). Running again resumes.")],
     model: Annotated[str, typer.Option(help="SiT size: SiT-S/2 ... SiT-XL/2 (patch 2/4/8), or SiT-tiny/2.")] = "SiT-B/2",
     teacher: Annotated[Optional[list[str]], typer.Option(help="Teacher group(s) to align to (repeatable). Default: the cache's only teacher.")] = None,
@@ -188,7 +188,7 @@ def sample(
     class_id: Annotated[Optional[list[int]], typer.Option("--class", help="Sample only these class ids (repeatable).")] = None,
     seed: Annotated[int, typer.Option(help="Sample i uses seed (seed, i): results do not depend on batch size or ranks.")] = 0,
     batch_size: Annotated[int, typer.Option(help="Samples per forward pass.")] = 64,
-    cache: Annotated[Optional[Path], typer.Option(help="The training cache, if it moved since training.")] = None,
+    cache: Annotated[Optional[str], typer.Option(help="The training cache, if it moved since training.")] = None,
     device: Annotated[str, typer.Option(help="'auto', 'cpu' or 'cuda'.")] = "auto",
     precision: Annotated[str, typer.Option(help="'auto' (bf16 on CUDA), 'bf16' or 'fp32'.")] = "auto",
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
@@ -230,7 +230,7 @@ def fid(
 @app.command()
 def align(
     ckpt: Annotated[Path, typer.Option(help="Run folder or checkpoint file.")],
-    cache: Annotated[Optional[Path], typer.Option(help="Cache with the teacher features (default: the training cache).")] = None,
+    cache: Annotated[Optional[str], typer.Option(help="Cache with the teacher features (default: the training cache).")] = None,
     num: Annotated[int, typer.Option(help="Samples from the end of the cache's valid indices.")] = 1024,
     t: Annotated[float, typer.Option(help="Noise level at which the student is probed.")] = 0.5,
     k: Annotated[int, typer.Option(help="Neighbours for CKNNA and mutual kNN.")] = 10,
@@ -244,8 +244,8 @@ def align(
 
 @app.command("export-wds")
 def export_wds(
-    cache: Annotated[Path, typer.Argument(help="Committed cache folder.")],
-    out: Annotated[Path, typer.Argument(help="Folder for the tar shards and index.json (new, empty, or a previous export).")],
+    cache: Annotated[str, typer.Argument(help="Committed cache: folder or URL.")],
+    out: Annotated[str, typer.Argument(help="Folder or URL for the tar shards and index.json (new, empty, or a previous export).")],
     shard_bytes: Annotated[int, typer.Option(help="Bytes of sample data per tar shard (a shard may exceed it by one sample).")] = 1_000_000_000,
     teacher: Annotated[Optional[list[str]], typer.Option(help="Export only these teachers (repeatable; latents always). Default: every committed group.")] = None,
 ) -> None:
@@ -268,6 +268,24 @@ def demo(
     run_demo(out, per_class=per_class, train_steps=train_steps, quiet=quiet)
 
 
+cache_app = typer.Typer(help="Move caches between local disk and object storage.", no_args_is_help=True)
+app.add_typer(cache_app, name="cache")
+
+
+@cache_app.command("copy")
+def cache_copy(
+    src: Annotated[str, typer.Argument(help="Committed cache: folder or URL (s3://bucket/prefix).")],
+    dst: Annotated[str, typer.Argument(help="Destination folder or URL: new, empty, an interrupted copy, or the same cache.")],
+    teacher: Annotated[Optional[list[str]], typer.Option(help="Copy only these teachers (repeatable; latents always). Default: every committed group.")] = None,
+    jobs: Annotated[int, typer.Option(help="Shards copied concurrently.")] = 8,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+) -> None:
+    """Copy a committed cache, checking every shard against its checksum; running it again finishes an interrupted copy."""
+    from cache.copy import copy_cache, describe_copy
+
+    print(describe_copy(copy_cache(src, dst, groups=teacher, jobs=jobs, quiet=quiet)))
+
+
 def main() -> None:
     """Entry point: configure logging once, turn user-facing errors into one line and an exit code."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -280,6 +298,13 @@ def main() -> None:
     except KeyboardInterrupt:
         print("aborted", file=sys.stderr)
         sys.exit(130)
+    except Exception as e:  # noqa: BLE001 - storage failures get one line; anything else is a bug
+        from cache.storage import describe_storage_error, is_storage_error
+
+        if not is_storage_error(e):
+            raise
+        print(f"error: {describe_storage_error(e)}", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -23,10 +23,11 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from cache.storage import StorePath, store_path
 
 FORMAT_VERSION = 1
 CODE_VERSION = "0.1.0"
@@ -67,24 +68,14 @@ def sha256_json(obj: Any) -> str:
     return hashlib.sha256(canonical_json(obj).encode()).hexdigest()
 
 
-def write_json_atomic(path: Path, obj: Any) -> None:
-    """Write ``obj`` as JSON so that readers see either nothing or the whole file.
-
-    Data first, fsync, then rename: after a SIGKILL or power loss the file is either absent or
-    complete, never half written.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1, sort_keys=True, default=str)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def write_json_atomic(path: StorePath | Path, obj: Any) -> None:
+    """Write ``obj`` as JSON so that readers see either nothing or the whole file (see
+    :meth:`cache.storage.StorePath.write_bytes`: temp file, fsync, rename on disk; one PUT on S3)."""
+    store_path(path).write_json(obj)
 
 
-def read_json(path: Path) -> Any:
-    with open(path) as f:
-        return json.load(f)
+def read_json(path: StorePath | Path) -> Any:
+    return store_path(path).read_json()
 
 
 @dataclass(frozen=True)
@@ -218,11 +209,11 @@ class ShardRecord:
         return cls(**d)
 
 
-def record_path(root: Path, group: str, shard: int) -> Path:
+def record_path(root: StorePath, group: str, shard: int) -> StorePath:
     return root / RECORDS_DIR / group / f"{shard:06d}.json"
 
 
-def commit_path(root: Path, group: str) -> Path:
+def commit_path(root: StorePath, group: str) -> StorePath:
     return root / COMMITS_DIR / f"{group}.json"
 
 

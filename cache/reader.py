@@ -13,8 +13,10 @@ can read one cache at once, also while another process adds a group. A reader:
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
+import os
 import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -22,7 +24,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow.parquet as pq
 import zarr
 
 from cache.errors import CacheError
@@ -38,23 +39,25 @@ from cache.format import (
     ShardRecord,
     commit_path,
     read_json,
-    record_path,
 )
-from cache.writer import read_shard_bytes, shard_key
+from cache.storage import StorePath, is_storage_error, store_path
+from cache.writer import load_records, open_zarr, read_shard_bytes, shard_key
 
 log = logging.getLogger(__name__)
 
 
-def open_meta(path: str | Path) -> tuple[Path, CacheMeta]:
-    """Root folder and metadata of a cache, or a CacheError saying why it is not one."""
-    root = Path(path)
-    if not root.exists():
-        raise CacheError(f"no cache at {root}")
+def open_meta(path: str | Path | StorePath) -> tuple[StorePath, CacheMeta]:
+    """Root (local folder or URL) and metadata of a cache, or a CacheError saying why it is not one."""
+    root = store_path(path)
     if not (root / "zarr.json").is_file():
+        if not root.exists():
+            raise CacheError(f"no cache at {root}")
         raise CacheError(f"{root} is not a repa cache (no zarr.json)")
     try:
-        attrs = zarr.open_group(str(root), mode="r").attrs.asdict()
-    except Exception as e:  # noqa: BLE001 - any failure here means "not a readable cache"
+        attrs = open_zarr(root).attrs.asdict()
+    except Exception as e:  # noqa: BLE001 - any failure but the storage's means "not a readable cache"
+        if is_storage_error(e):
+            raise
         raise CacheError(f"{root} is not a readable zarr group: {e}") from e
     if ROOT_ATTR not in attrs:
         raise CacheError(f"{root} is a zarr group but not a repa cache (no '{ROOT_ATTR}' attributes)")
@@ -64,25 +67,29 @@ def open_meta(path: str | Path) -> tuple[Path, CacheMeta]:
     return root, meta
 
 
-def list_groups(root: Path) -> list[str]:
+def list_groups(root: StorePath | Path) -> list[str]:
     """Group paths present in the cache (committed or not), latents first."""
+    root = store_path(root)
     out = []
     if (root / LATENTS / "zarr.json").exists():
         out.append(LATENTS)
     tdir = root / TEACHER_PREFIX.rstrip("/")
-    if tdir.is_dir():
-        out += [f"{TEACHER_PREFIX}{p.name}" for p in sorted(tdir.iterdir()) if (p / "zarr.json").exists()]
+    out += [f"{TEACHER_PREFIX}{p.name}" for p in tdir.iterdir() if (p / "zarr.json").exists()]
     return out
 
 
-def group_meta(root: Path, group: str) -> GroupMeta:
-    attrs = zarr.open_group(str(root / group), mode="r").attrs.asdict()
+def group_meta(root: StorePath | Path, group: str) -> GroupMeta:
+    root = store_path(root)
+    attrs = open_zarr(root / group).attrs.asdict()
     return GroupMeta.from_json(attrs[GROUP_ATTR])
 
 
-def commit_record(root: Path, group: str) -> dict[str, Any] | None:
-    path = commit_path(root, group)
-    return read_json(path) if path.exists() else None
+def commit_record(root: StorePath | Path, group: str) -> dict[str, Any] | None:
+    root = store_path(root)
+    try:
+        return read_json(commit_path(root, group))
+    except FileNotFoundError:
+        return None
 
 
 @dataclass(frozen=True)
@@ -98,7 +105,7 @@ class ReaderBase:
     metadata, labels, validity, and group lookup. Subclasses set ``root``, ``meta``, ``groups``,
     ``labels``, ``keys``, ``status`` and ``valid`` and implement ``read`` and ``read_block``."""
 
-    root: Path
+    root: StorePath
     meta: CacheMeta
     groups: dict[str, Any]
     valid: np.ndarray
@@ -151,7 +158,7 @@ class CacheReader(ReaderBase):
     shape ``(n, V, ...)`` with V the stored views (``meta.views``).
     """
 
-    def __init__(self, path: str | Path, groups: Iterable[str] | None = None, verify_checksums: bool = False) -> None:
+    def __init__(self, path: str | Path | StorePath, groups: Iterable[str] | None = None, verify_checksums: bool = False) -> None:
         self.root, self.meta = open_meta(path)
         present = list_groups(self.root)
         if groups is None:
@@ -163,8 +170,9 @@ class CacheReader(ReaderBase):
         self.verify_checksums = verify_checksums
         self._verified: set[tuple[str, int]] = set()
         self._lock = threading.Lock()
+        self._pid = os.getpid()
         self.groups: dict[str, GroupInfo] = {g: self._open_group(g, present) for g in wanted}
-        manifest = pq.read_table(self.root / MANIFEST_FILE)
+        manifest = (self.root / MANIFEST_FILE).read_parquet()
         self.labels: np.ndarray = manifest.column("label").to_numpy().astype(np.int64)
         self.keys: list[str] = manifest.column("key").to_pylist()
         self.status: np.ndarray = np.asarray(manifest.column("status").to_pylist())
@@ -181,22 +189,31 @@ class CacheReader(ReaderBase):
         gmeta = group_meta(self.root, group)
         if commit["fingerprint_hash"] != gmeta.fingerprint_hash:
             raise CacheError(f"group '{group}' of {self.root}: commit record does not match its metadata")
-        grp = zarr.open_group(str(self.root / group), mode="r")
+        grp = open_zarr(self.root / group)
         arrays = {spec.name: grp[spec.name] for spec in gmeta.arrays}
-        records: dict[int, ShardRecord] = {}
+        records = load_records(self.root, self.meta, group)
+        stored = (self.root / group).find()  # one listing instead of a lookup per shard object
         for shard in range(self.meta.num_shards):
-            path = record_path(self.root, group, shard)
-            if not path.exists():
+            rec = records.get(shard)
+            if rec is None:
                 raise CacheError(f"group '{group}' of {self.root}: shard {shard} has no record (damaged cache)")
-            rec = ShardRecord.from_json(read_json(path))
             for name, arr in arrays.items():
-                if rec.checksums[name] != "absent" and not _exists(arr, shard):
+                if rec.checksums[name] != "absent" and shard_key(arr, shard) not in stored:
                     raise CacheError(f"group '{group}' of {self.root}: shard {shard} of '{name}' is missing")
-            records[shard] = rec
         return GroupInfo(gmeta, commit, arrays, records)
 
     def group(self, name: str) -> GroupInfo:
         return self.groups[self.resolve_group(name)]
+
+    def _this_process(self) -> None:
+        """Reopen the arrays in a forked child (DataLoader workers): a remote store's client and
+        event loop belong to the process that opened them."""
+        if self._pid == os.getpid():
+            return
+        for g, info in self.groups.items():
+            grp = open_zarr(self.root / g)
+            self.groups[g] = dataclasses.replace(info, arrays={name: grp[name] for name in info.arrays})
+        self._pid = os.getpid()
 
     # -- reading -------------------------------------------------------------------------------
     def read(self, indices: Sequence[int] | np.ndarray, groups: Iterable[str] | None = None) -> dict[str, np.ndarray]:
@@ -204,6 +221,7 @@ class CacheReader(ReaderBase):
 
         Raises CacheError for an index out of range or of a skipped input.
         """
+        self._this_process()
         idx = self._check_indices(indices)
         # Sort once so consecutive rows come from the same shard, then undo the permutation.
         order = np.argsort(idx, kind="stable")
@@ -229,6 +247,7 @@ class CacheReader(ReaderBase):
         """Valid rows of the contiguous block ``[start, stop)``; ``out["index"]`` says which."""
         if not 0 <= start <= stop <= self.num_samples:
             raise CacheError(f"block [{start}, {stop}) is outside [0, {self.num_samples})")
+        self._this_process()
         keep = self.valid[start:stop]
         out: dict[str, np.ndarray] = {}
         for group in self._select(groups):
@@ -291,12 +310,6 @@ def _read_runs(arr: zarr.Array, sorted_idx: np.ndarray) -> np.ndarray:
     runs = np.split(uniq, breaks)
     rows = np.concatenate([arr[int(r[0]) : int(r[-1]) + 1] for r in runs])
     return rows[inverse]
-
-
-def _exists(arr: zarr.Array, shard: int) -> bool:
-    from zarr.core.sync import sync
-
-    return bool(sync(arr.store.exists(shard_key(arr, shard))))
 
 
 def check_shard(info: GroupInfo, shard: int) -> str | None:

@@ -15,11 +15,12 @@ from typing import Any
 
 import dask.array as da
 import numpy as np
-import pyarrow.parquet as pq
 import zarr
 
 from cache.format import MANIFEST_FILE, sha256_json
 from cache.reader import commit_record, group_meta, list_groups, open_meta
+from cache.storage import StorePath
+from cache.writer import open_zarr
 
 DEFAULT_MAX_SAMPLES = 10_000
 
@@ -29,8 +30,8 @@ def _reason_kind(reason: str) -> str:
     return re.sub(r"\d+", "N", reason.split(":")[0] if reason.startswith("corrupt") else reason)
 
 
-def _dir_bytes(path: Path) -> int:
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+def _dir_bytes(path: StorePath) -> int:
+    return sum(path.find().values())
 
 
 def cache_stats(path: str | Path, max_samples: int = DEFAULT_MAX_SAMPLES, with_histograms: bool = False) -> dict[str, Any]:
@@ -52,7 +53,7 @@ def cache_stats(path: str | Path, max_samples: int = DEFAULT_MAX_SAMPLES, with_h
     }
     valid = np.ones(meta.num_samples, dtype=bool)
     if (root / MANIFEST_FILE).exists():
-        m = pq.read_table(root / MANIFEST_FILE)
+        m = (root / MANIFEST_FILE).read_parquet()
         status = m.column("status").to_pylist()
         valid = np.asarray(status) != "skipped"
         labels = np.asarray(m.column("label").to_pylist())
@@ -72,7 +73,7 @@ def cache_stats(path: str | Path, max_samples: int = DEFAULT_MAX_SAMPLES, with_h
     for group in list_groups(root):
         gmeta = group_meta(root, group)
         commit = commit_record(root, group)
-        zg = zarr.open_group(str(root / group), mode="r")
+        zg = open_zarr(root / group)
         arrays = {}
         nbytes = 0
         for spec in gmeta.arrays:

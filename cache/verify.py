@@ -13,12 +13,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
-import zarr
 from tqdm import tqdm
 
-from cache.format import MANIFEST_FILE, CacheMeta, ShardRecord, read_json, record_path
+from cache.format import MANIFEST_FILE, CacheMeta
 from cache.reader import GroupInfo, check_shard, commit_record, group_meta, list_groups, open_meta
+from cache.storage import StorePath
+from cache.writer import load_records, open_zarr
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +36,7 @@ class Problem:
 
 @dataclass
 class VerifyReport:
-    root: Path
+    root: StorePath
     groups: list[str] = field(default_factory=list)
     shards_checked: int = 0
     problems: list[Problem] = field(default_factory=list)
@@ -65,13 +65,9 @@ def verify_cache(path: str | Path, quiet: bool = False) -> VerifyReport:
         if commit_record(root, group) is None:
             report.problems.append(Problem(group, None, "is not committed (its precompute did not finish)"))
         gmeta = group_meta(root, group)
-        zgroup = zarr.open_group(str(root / group), mode="r")
+        zgroup = open_zarr(root / group)
         arrays = {spec.name: zgroup[spec.name] for spec in gmeta.arrays}
-        records = {}
-        for shard in range(meta.num_shards):
-            path = record_path(root, group, shard)
-            if path.exists():
-                records[shard] = ShardRecord.from_json(read_json(path))
+        records = load_records(root, meta, group)
         info = GroupInfo(gmeta, {}, arrays, records)
         for shard in range(meta.num_shards):
             bar.update(1)
@@ -86,10 +82,10 @@ def verify_cache(path: str | Path, quiet: bool = False) -> VerifyReport:
     return report
 
 
-def _valid_mask(root: Path, meta: CacheMeta) -> np.ndarray | None:
+def _valid_mask(root: StorePath, meta: CacheMeta) -> np.ndarray | None:
     if not (root / MANIFEST_FILE).exists():
         return None
-    status = np.asarray(pq.read_table(root / MANIFEST_FILE, columns=["status"]).column("status").to_pylist())
+    status = np.asarray((root / MANIFEST_FILE).read_parquet(columns=["status"]).column("status").to_pylist())
     return status != "skipped"
 
 

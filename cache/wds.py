@@ -31,7 +31,6 @@ import io
 import json
 import os
 import re
-import shutil
 import tarfile
 import threading
 from collections.abc import Iterable, Sequence
@@ -54,6 +53,7 @@ from cache.format import (
     write_json_atomic,
 )
 from cache.reader import CacheReader, ReaderBase
+from cache.storage import StorePath, store_path
 
 WDS_MARKER = "repa-cache-wds"
 WDS_VERSION = 1
@@ -71,21 +71,29 @@ def member_field(group: str, array: str) -> str:
     return f"{group.replace('/', '.')}.{array}.npy"
 
 
-def _sha256_file(path: Path, bufsize: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(bufsize):
-            h.update(chunk)
-    return h.hexdigest()
+class _HashingWriter:
+    """A write-only file wrapper that hashes and counts what goes through it, so a shard's
+    checksum needs no second read (which would be a second download on an object store)."""
+
+    def __init__(self, f: Any) -> None:
+        self.f, self.sha, self.nbytes = f, hashlib.sha256(), 0
+
+    def write(self, data: bytes) -> int:
+        self.sha.update(data)
+        self.nbytes += len(data)
+        return self.f.write(data)
+
+    def flush(self) -> None:
+        self.f.flush()
+
+    def close(self) -> None:
+        self.f.close()
 
 
-def is_export(path: str | Path) -> bool:
+def is_export(path: str | Path | StorePath) -> bool:
     """True when ``path`` is a finished webdataset export of a cache (``index.json`` with the marker)."""
-    index = Path(path) / INDEX_FILE
-    if not index.is_file():
-        return False
     try:
-        return json.loads(index.read_text()).get("format") == WDS_MARKER
+        return json.loads((store_path(path) / INDEX_FILE).read_bytes()).get("format") == WDS_MARKER
     except (OSError, ValueError, AttributeError):
         return False
 
@@ -94,21 +102,21 @@ def _is_export_file(name: str) -> bool:
     return bool(_SHARD_RE.match(name)) or name in (INDEX_FILE, MANIFEST_FILE) or (name.startswith(f".{INDEX_FILE}.") and name.endswith(".tmp"))
 
 
-def _prepare_out(out: Path) -> None:
+def _prepare_out(out: StorePath) -> None:
     """Create ``out``, or clear a previous export in it; refuse anything else."""
-    if out.exists() and not out.is_dir():
+    if out.is_file():
         raise UsageError(f"output path {out} is an existing file, not a folder")
-    if out.is_dir() and any(out.iterdir()):
+    names = [p.name for p in out.iterdir()]
+    if names:
         # A previous export, finished or interrupted (only its own files), is replaced; anything else is refused.
-        names = [p.name for p in out.iterdir()]
         if not all(_is_export_file(n) for n in names):
             raise UsageError(f"output folder {out} is not empty and is not a webdataset export of a cache")
         if INDEX_FILE in names:
             (out / INDEX_FILE).unlink()  # uncommit first: a half-rewritten export is never read as whole
         for n in names:
-            if n != INDEX_FILE and (out / n).is_file():
+            if n != INDEX_FILE:
                 (out / n).unlink()
-    out.mkdir(parents=True, exist_ok=True)
+    out.mkdir()
 
 
 def export_wds(
@@ -128,8 +136,8 @@ def export_wds(
         raise UsageError(f"--shard-bytes must be positive, not {shard_bytes}")
     # Checksums on: an export must never give damaged cache data fresh, valid-looking checksums.
     reader = CacheReader(cache_path, groups=groups, verify_checksums=True)
-    out = Path(out_dir)
-    if out.resolve() == reader.root.resolve() or reader.root.resolve() in out.resolve().parents:
+    out = store_path(out_dir)
+    if out.is_within(reader.root):
         raise UsageError(f"output folder {out} is inside the cache {reader.root}")
     _prepare_out(out)
     meta = reader.meta
@@ -141,23 +149,22 @@ def export_wds(
     members: dict[str, list[int]] = {}
 
     def opener(fname: str):
-        f = open(out / fname, "wb")
+        f = _HashingWriter((out / fname).open("wb"))
         open_files[fname] = f
         members[fname] = []
         return f
 
     def post(fname: str) -> None:  # ShardWriter calls this after closing the tar stream of a shard
         f = open_files.pop(fname)
-        f.flush()
-        os.fsync(f.fileno())
-        f.close()
-        idx = members.pop(fname)
+        f.close()  # an object-store upload completes here, whole or not at all
         path = out / fname
+        path.fsync()
+        idx = members.pop(fname)
         if not idx:  # ShardWriter opens its first shard before any sample: an empty export
             path.unlink()
             return
         shards.append({"file": fname, "first": idx[0], "last": idx[-1], "count": len(idx),
-                       "bytes": path.stat().st_size, "sha256": _sha256_file(path)})
+                       "bytes": f.nbytes, "sha256": f.sha.hexdigest()})
 
     import webdataset as wds
 
@@ -174,7 +181,8 @@ def export_wds(
                 sink.write(sample)
                 members[sink.fname].append(i)
 
-    shutil.copyfile(reader.root / MANIFEST_FILE, out / MANIFEST_FILE)
+    manifest_bytes = (reader.root / MANIFEST_FILE).read_bytes()
+    (out / MANIFEST_FILE).write_bytes(manifest_bytes)
     index = {
         "format": WDS_MARKER,
         "wds_version": WDS_VERSION,
@@ -187,7 +195,7 @@ def export_wds(
         "fields": fields,
         "label_field": LABEL_FIELD,
         "key_field": KEY_FIELD,
-        "manifest": {"file": MANIFEST_FILE, "sha256": _sha256_file(out / MANIFEST_FILE)},
+        "manifest": {"file": MANIFEST_FILE, "sha256": hashlib.sha256(manifest_bytes).hexdigest()},
         "class_names": list(meta.class_names),
         "cache": {
             "meta": meta.to_json(),
@@ -199,7 +207,7 @@ def export_wds(
     return index
 
 
-def describe_export(index: dict[str, Any], out: str | Path) -> str:
+def describe_export(index: dict[str, Any], out: str | Path | StorePath) -> str:
     total = sum(s["bytes"] for s in index["shards"])
     groups = ", ".join(index["cache"]["groups"])
     return (f"exported {index['num_samples']} samples to {len(index['shards'])} webdataset shards in {out} "
@@ -224,13 +232,13 @@ class WdsReader(ReaderBase):
     of range, skipped inputs and groups not opened.
     """
 
-    def __init__(self, path: str | Path, groups: Iterable[str] | None = None, verify_checksums: bool = False) -> None:
-        self.root = Path(path)
-        if not self.root.exists():
-            raise CacheError(f"no cache export at {self.root}")
+    def __init__(self, path: str | Path | StorePath, groups: Iterable[str] | None = None, verify_checksums: bool = False) -> None:
+        self.root = store_path(path)
         if not is_export(self.root):
+            if not self.root.exists():
+                raise CacheError(f"no cache export at {self.root}")
             raise CacheError(f"{self.root} is not a webdataset export of a repa cache (no finished {INDEX_FILE})")
-        self.index: dict[str, Any] = json.loads((self.root / INDEX_FILE).read_text())
+        self.index: dict[str, Any] = (self.root / INDEX_FILE).read_json()
         if self.index.get("wds_version", 0) > WDS_VERSION:
             raise CacheError(f"{self.root} is export v{self.index['wds_version']}; this version reads v{WDS_VERSION}")
         self.meta = CacheMeta.from_json(self.index["cache"]["meta"])
@@ -251,14 +259,14 @@ class WdsReader(ReaderBase):
             self.groups[g] = WdsGroup(gmeta, commit, {a.name: self.index["fields"][f"{g}/{a.name}"] for a in gmeta.arrays})
         self.verify_checksums = verify_checksums
         self.shards: list[dict[str, Any]] = self.index["shards"]
+        stored = self.root.find()  # one listing, not a lookup per shard
         for s in self.shards:
-            p = self.root / s["file"]
-            if not p.is_file():
+            if s["file"] not in stored:
                 raise CacheError(f"{self.root}: shard {s['file']} is missing")
-            if p.stat().st_size != s["bytes"]:
-                raise CacheError(f"{self.root}: shard {s['file']} has {p.stat().st_size} bytes, {s['bytes']} written")
+            if stored[s["file"]] != s["bytes"]:
+                raise CacheError(f"{self.root}: shard {s['file']} has {stored[s['file']]} bytes, {s['bytes']} written")
         self._firsts = [s["first"] for s in self.shards]
-        manifest = pq.read_table(self.root / self.index["manifest"]["file"])
+        manifest = (self.root / self.index["manifest"]["file"]).read_parquet()
         self.labels: np.ndarray = manifest.column("label").to_numpy().astype(np.int64)
         self.keys: list[str] = manifest.column("key").to_pylist()
         self.status: np.ndarray = np.asarray(manifest.column("status").to_pylist())
@@ -296,12 +304,14 @@ class WdsReader(ReaderBase):
         info = self.shards[shard]
         path = self.root / info["file"]
         if self.verify_checksums and shard not in self._verified:
-            if _sha256_file(path) != info["sha256"]:
+            if path.sha256() != info["sha256"]:
                 raise CacheError(f"{self.root}: shard {info['file']} fails its checksum")
             self._verified.add(shard)
         table: dict[int, dict[str, tuple[int, int]]] = {}
         try:
-            with tarfile.open(path, "r:") as tar:  # reads headers only, seeks over the data
+            # Reads headers only and seeks over the data (on an object store, through fsspec's
+            # read-ahead buffer, which for large members still fetches most of the shard once).
+            with path.open("rb") as f, tarfile.open(fileobj=f, mode="r:") as tar:
                 for m in tar:
                     if not m.isfile():
                         continue
@@ -335,8 +345,7 @@ class WdsReader(ReaderBase):
         for shard, us in sorted(by_shard.items()):
             table = self._members(shard)
             fname = self.shards[shard]["file"]
-            fd = os.open(self.root / fname, os.O_RDONLY)
-            try:
+            with _RangeReader(self.root / fname) as shard_file:
                 for u in us:
                     i = int(uniq[u])
                     members = table.get(i)
@@ -347,10 +356,8 @@ class WdsReader(ReaderBase):
                             if suffix not in members:
                                 raise CacheError(f"{self.root}: shard {fname} lacks '{suffix}' of cache index {i}")
                             off, size = members[suffix]
-                            raw = os.pread(fd, size, off)
+                            raw = shard_file.read(off, size)
                             rows[f"{g}/{name}"][u] = self._decode(raw, fname, i, g, name)
-            finally:
-                os.close(fd)
         for name, arr in out.items():
             if idx.size:
                 arr[...] = np.stack(rows[name])[inverse.reshape(-1)]
@@ -379,22 +386,42 @@ class WdsReader(ReaderBase):
         return arr
 
 
-def open_meta_any(path: str | Path) -> tuple[Path, CacheMeta, list[str]]:
+class _RangeReader:
+    """Reads byte ranges of one file: ``pread`` on one descriptor locally, ranged GETs on a URL."""
+
+    def __init__(self, path: StorePath) -> None:
+        self.path, self.fd = path, None
+
+    def __enter__(self) -> _RangeReader:
+        if self.path.is_local:
+            self.fd = os.open(self.path.path, os.O_RDONLY)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+
+    def read(self, offset: int, size: int) -> bytes:
+        return os.pread(self.fd, size, offset) if self.fd is not None else self.path.read_range(offset, size)
+
+
+def open_meta_any(path: str | Path | StorePath) -> tuple[StorePath, CacheMeta, list[str]]:
     """(root, metadata, groups present) of a cache or of an export, without opening any group.
 
     For a cache, the groups present include uncommitted ones (as :func:`cache.reader.list_groups`);
     an export holds committed groups only.
     """
     if is_export(path):
-        index = json.loads((Path(path) / INDEX_FILE).read_text())
-        return Path(path), CacheMeta.from_json(index["cache"]["meta"]), list(index["cache"]["groups"])
+        root = store_path(path)
+        index = (root / INDEX_FILE).read_json()
+        return root, CacheMeta.from_json(index["cache"]["meta"]), list(index["cache"]["groups"])
     from cache.reader import list_groups, open_meta
 
     root, meta = open_meta(path)
     return root, meta, list_groups(root)
 
 
-def open_reader(path: str | Path, groups: Iterable[str] | None = None, verify_checksums: bool = False) -> CacheReader | WdsReader:
+def open_reader(path: str | Path | StorePath, groups: Iterable[str] | None = None, verify_checksums: bool = False) -> CacheReader | WdsReader:
     """A :class:`WdsReader` for a webdataset export (``index.json`` with the marker), else a :class:`CacheReader`."""
     if is_export(path):
         return WdsReader(path, groups=groups, verify_checksums=verify_checksums)

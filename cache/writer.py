@@ -14,15 +14,14 @@ Ordering is what makes a cache trustworthy (see :mod:`cache.format`):
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
-import os
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import zarr
 from zarr.codecs import BloscCodec
 from zarr.core.buffer import default_buffer_prototype
@@ -39,11 +38,11 @@ from cache.format import (
     GroupMeta,
     ShardRecord,
     commit_path,
-    read_json,
     record_path,
     sha256_json,
     write_json_atomic,
 )
+from cache.storage import StorePath, store_path
 
 log = logging.getLogger(__name__)
 
@@ -56,24 +55,23 @@ def make_codec(codec: dict[str, Any]) -> BloscCodec:
     return BloscCodec(cname=codec["cname"], clevel=codec["clevel"], shuffle=codec["shuffle"])
 
 
-def create_cache(root: Path, meta: CacheMeta, plan: pa.Table) -> None:
+def open_zarr(root: StorePath, mode: str = "r") -> zarr.Group:
+    """The zarr group at ``root`` (a cache root or one of its groups), local or remote."""
+    return zarr.open_group(store=root.zarr_store(read_only=mode == "r"), mode=mode)
+
+
+def create_cache(root: StorePath | Path, meta: CacheMeta, plan: pa.Table) -> None:
     """Create an empty cache: root group with its metadata, and the plan table."""
-    root.mkdir(parents=True, exist_ok=True)
-    zarr.open_group(str(root), mode="w", attributes={ROOT_ATTR: meta.to_json()})
-    _write_parquet_atomic(root / PLAN_FILE, plan)
+    root = store_path(root)
+    root.mkdir()
+    zarr.open_group(store=root.zarr_store(), mode="a", attributes={ROOT_ATTR: meta.to_json()})
+    (root / PLAN_FILE).write_parquet(plan)
 
 
-def _write_parquet_atomic(path: Path, table: pa.Table) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    pq.write_table(table, tmp)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def create_group(root: Path, meta: CacheMeta, gmeta: GroupMeta) -> None:
+def create_group(root: StorePath | Path, meta: CacheMeta, gmeta: GroupMeta) -> None:
     """Create a group and its (empty) arrays. Safe to call again with identical metadata."""
-    store_root = zarr.open_group(str(root), mode="r+")
+    root = store_path(root)
+    store_root = open_zarr(root, mode="r+")
     grp = store_root.require_group(gmeta.group)
     for spec in gmeta.arrays:
         shape = (meta.num_samples, len(meta.views), *spec.sample_shape)
@@ -104,22 +102,8 @@ def read_shard_bytes(array: zarr.Array, shard: int) -> bytes | None:
     return None if buf is None else buf.to_bytes()
 
 
-def _fsync_local(array: zarr.Array, shard: int) -> None:
-    root = getattr(array.store, "root", None)
-    if root is None:
-        return
-    path = Path(root) / shard_key(array, shard)
-    if not path.exists():  # every row skipped: zarr stored nothing (NaN fill)
-        return
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def write_shard(
-    root: Path,
+    root: StorePath | Path,
     meta: CacheMeta,
     gmeta: GroupMeta,
     shard: int,
@@ -132,8 +116,9 @@ def write_shard(
     ``data[name]`` has shape ``(stop - start, V, *sample_shape)``; rows of skipped inputs must be
     NaN (they are never read as data). Returns the record that was written.
     """
+    root = store_path(root)
     start, stop = meta.shard_range(shard)
-    grp = zarr.open_group(str(root), mode="r+")[gmeta.group]
+    grp = open_zarr(root / gmeta.group, mode="r+")
     checksums: dict[str, str] = {}
     stored: dict[str, int] = {}
     for spec in gmeta.arrays:
@@ -147,7 +132,7 @@ def write_shard(
         # the merge. This task owns the shard, so it starts from nothing.
         sync(arr.store.delete(shard_key(arr, shard)))
         arr[start:stop] = block.astype(spec.dtype, copy=False)
-        _fsync_local(arr, shard)
+        (root / gmeta.group / shard_key(arr, shard)).fsync()  # local disk only; a PUT is durable
         raw = read_shard_bytes(arr, shard)
         if raw is None:  # every row skipped: nothing to store, NaN fill is the truth
             checksums[spec.name], stored[spec.name] = "absent", 0
@@ -169,14 +154,15 @@ def write_shard(
     return record
 
 
-def load_records(root: Path, meta: CacheMeta, group: str) -> dict[int, ShardRecord]:
-    """All shard records present for a group, by shard number."""
-    out: dict[int, ShardRecord] = {}
-    for shard in range(meta.num_shards):
-        path = record_path(root, group, shard)
-        if path.exists():
-            out[shard] = ShardRecord.from_json(read_json(path))
-    return out
+def load_records(root: StorePath | Path, meta: CacheMeta, group: str) -> dict[int, ShardRecord]:
+    """All shard records present for a group, by shard number (one listing, then concurrent reads)."""
+    root = store_path(root)
+    folder = record_path(root, group, 0).parent
+    names = {p.name for p in folder.iterdir()}
+    paths = {s: record_path(root, group, s) for s in range(meta.num_shards)}
+    present = [p for p in paths.values() if p.name in names]
+    raw = folder.read_many(present)
+    return {s: ShardRecord.from_json(json.loads(raw[p])) for s, p in paths.items() if p in raw}
 
 
 def manifest_table(plan: pa.Table, outcomes: list[list[Any]]) -> pa.Table:
@@ -188,8 +174,9 @@ def manifest_table(plan: pa.Table, outcomes: list[list[Any]]) -> pa.Table:
         .append_column("height", pa.array(list(height), pa.int32()))
 
 
-def commit_group(root: Path, meta: CacheMeta, gmeta: GroupMeta) -> dict[str, Any]:
+def commit_group(root: StorePath | Path, meta: CacheMeta, gmeta: GroupMeta) -> dict[str, Any]:
     """Commit a group whose shards are all written: manifest, then the commit record (last)."""
+    root = store_path(root)
     records = load_records(root, meta, gmeta.group)
     missing = [s for s in range(meta.num_shards) if s not in records]
     if missing:
@@ -200,18 +187,18 @@ def commit_group(root: Path, meta: CacheMeta, gmeta: GroupMeta) -> dict[str, Any
     if any(r.fingerprint_hash != gmeta.fingerprint_hash for r in records.values()):
         raise CacheError(f"cannot commit {gmeta.group}: some shards were written under another fingerprint")
     outcomes = [o for s in range(meta.num_shards) for o in records[s].outcomes]
-    plan = pq.read_table(root / PLAN_FILE)
+    plan = (root / PLAN_FILE).read_parquet()
     manifest = manifest_table(plan, outcomes)
     mpath = root / MANIFEST_FILE
     if mpath.exists():
-        old = pq.read_table(mpath)
+        old = mpath.read_parquet()
         if not old.select(["status", "reason"]).equals(manifest.select(["status", "reason"])):
             raise CacheError(
                 f"cannot commit {gmeta.group}: the inputs decoded differently than when the cache was "
                 "first written (did the image files change?)"
             )
     else:
-        _write_parquet_atomic(mpath, manifest)
+        mpath.write_parquet(manifest)
     statuses = manifest.column("status").to_pylist()
     commit = {
         "group": gmeta.group,

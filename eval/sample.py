@@ -42,6 +42,7 @@ from tqdm import tqdm
 from cache.errors import CacheError, RepaError, UsageError
 from cache.format import LATENTS
 from cache.reader import CacheReader
+from cache.storage import StorePath, store_path
 from eval.samplers import PRECISIONS, SampleNoise, SamplerConfig, sample_labels, sample_latents
 from train.checkpoint import CKPT_DIR
 from train.model import SiT, SiTConfig, sit_config
@@ -220,16 +221,16 @@ def open_training_cache(
     return reader
 
 
-def _existing_cache(ckpt: Path, override: str | Path | None, recorded: str | None) -> Path:
+def _existing_cache(ckpt: Path, override: str | Path | None, recorded: str | None) -> StorePath:
     path = override if override is not None else recorded
     if not path:
         raise UsageError(f"{ckpt} does not name its training cache; pass --cache")
-    if not Path(path).exists():
+    if not store_path(path).exists():
         raise CacheError(f"the training cache {path} of {ckpt} is missing; pass --cache")
-    return Path(path)
+    return store_path(path)
 
 
-def training_cache_path(loaded: LoadedCheckpoint, cache: str | Path | None) -> Path:
+def training_cache_path(loaded: LoadedCheckpoint, cache: str | Path | None) -> StorePath:
     """The cache to use: ``cache`` if given, else the one in the checkpoint's training config."""
     return _existing_cache(loaded.path, cache, loaded.train_config.get("cache"))
 

@@ -14,7 +14,6 @@ import signal
 import sys
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -23,6 +22,7 @@ from tqdm import tqdm
 from cache.errors import FingerprintMismatch, RepaError, UsageError
 from cache.format import PLAN_FILE, ROOT_ATTR, GroupMeta, fingerprint_diff
 from cache.reader import commit_record, group_meta, list_groups, open_meta
+from cache.storage import StorePath, is_storage_error, store_path
 from cache.writer import commit_group, create_cache, create_group, load_records
 from pipeline.groups import teacher_group_meta, vae_group
 from pipeline.plan import PrecomputeConfig, make_plan, sample_order
@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class PrecomputeResult:
-    root: Path
+    root: StorePath
     groups: dict[str, str] = field(default_factory=dict)  # group -> "written" | "resumed" | "already committed"
     shards_written: int = 0
     seconds: float = 0.0
@@ -44,15 +44,13 @@ class PrecomputeResult:
     skipped: int = 0
 
 
-def _check_out_path(out: Path) -> bool:
+def _check_out_path(out: StorePath) -> bool:
     """True when ``out`` already holds a cache; UsageError when it holds something else."""
-    if not out.exists():
-        return False
+    if (out / "zarr.json").is_file():
+        return True
     if out.is_file():
         raise UsageError(f"output path {out} is an existing file, not a cache")
-    if (out / "zarr.json").exists():
-        return True
-    if any(out.iterdir()):
+    if out.iterdir():
         raise UsageError(f"output folder {out} is not empty and is not a repa cache")
     return False
 
@@ -67,7 +65,7 @@ def precompute(cfg: PrecomputeConfig) -> PrecomputeResult:
         get_teacher(name)  # unknown teacher: one clear message before any work
     if len(set(cfg.teachers)) != len(cfg.teachers):
         raise UsageError("a teacher is named twice")
-    out = Path(cfg.out)
+    out = store_path(cfg.out)
     existing = _check_out_path(out)
     listing = list_source(cfg.data)
     meta, plan = make_plan(listing, cfg)
@@ -122,7 +120,7 @@ def precompute(cfg: PrecomputeConfig) -> PrecomputeResult:
     return result
 
 
-def _vae_spec(cfg: PrecomputeConfig, existing: Path | None) -> VAESpec:
+def _vae_spec(cfg: PrecomputeConfig, existing: StorePath | None) -> VAESpec:
     """The VAE asked for; when none is named, the one the cache already has, else the default."""
     if cfg.vae is not None:
         return VAESpec(cfg.vae, cfg.vae_revision)
@@ -146,7 +144,7 @@ def _run_tasks(cfg: PrecomputeConfig, tasks: list[Any], known_weights: dict[str,
             n_workers=n,
             threads_per_worker=1,
             processes=cfg.processes,
-            dashboard_address=":0" if cfg.processes else None,
+            dashboard_address=":0",
             silence_logs=logging.ERROR,
         )
         client = Client(cluster)

@@ -7,7 +7,6 @@ from __future__ import annotations
 import logging
 import threading
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -16,6 +15,7 @@ import torch
 from cache.errors import RepaError
 from cache.format import CacheMeta, GroupMeta
 from cache.reader import group_meta, open_meta
+from cache.storage import StorePath, describe_storage_error, is_storage_error, store_path
 from cache.writer import write_shard
 from stages import teachers as teachers_mod
 from stages import vae as vae_mod
@@ -85,18 +85,22 @@ def _encode(gmeta: GroupMeta, model: torch.nn.Module, images: torch.Tensor, reso
 
 def run_shard_task(task: ShardTask) -> dict[str, Any]:
     """The dask task: ``{"records": [...]}``, or ``{"user_error": message}`` for a failure the user
-    must fix (a model that cannot load, say) — returned, not raised, so dask neither retries it
+    must fix (a model that cannot load, storage that stopped answering) — returned, not raised, so dask neither retries it
     nor logs a traceback; the driver raises it once. Other exceptions are bugs or lost workers and
     are raised (and retried)."""
     try:
         return {"records": encode_shard(task)}
     except RepaError as e:
         return {"user_error": str(e), "exit_code": e.exit_code}
+    except Exception as e:  # noqa: BLE001 - the storage's failures are reported, not retried by dask:
+        if not is_storage_error(e):  # its client already retried them
+            raise
+        return {"user_error": describe_storage_error(e), "exit_code": 1}
 
 
 def encode_shard(task: ShardTask) -> list[dict[str, Any]]:
     """Run one shard task; returns the shard records it wrote (as JSON dicts)."""
-    root = Path(task.root)
+    root = store_path(task.root)
     _, meta = open_meta(root)
     start, stop = meta.shard_range(task.shard)
     assert len(task.items) == stop - start, "task items do not match the shard range"
@@ -135,7 +139,7 @@ def encode_shard(task: ShardTask) -> list[dict[str, Any]]:
 
 
 def shard_tasks(
-    root: Path,
+    root: StorePath,
     meta: CacheMeta,
     items_in_order: list[SourceItem],
     todo: dict[int, list[str]],

@@ -1,0 +1,175 @@
+"""``repa cache copy SRC DST``: stage a committed cache between local disk and object storage.
+
+The copy keeps the cache's own ordering, so an interrupted copy is never read as a complete one and
+running the command again finishes it:
+
+1. the root metadata and the plan (a new destination), or a check that the destination is the same
+   cache (same base fingerprint) when it exists;
+2. for each group: its zarr metadata, then per shard the stored objects, each hashed and compared
+   with the shard record *before* it is written, then the record;
+3. the manifest, then each group's commit record, verbatim, last.
+
+Shards whose destination record already equals the source record are skipped (a record is written
+only after its data), so a rerun copies only what is missing. Every object is copied byte for byte:
+the destination verifies with the same checksums as the source.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+import time
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from cache.errors import CacheError, FingerprintMismatch, UsageError
+from cache.format import MANIFEST_FILE, PLAN_FILE, TEACHER_PREFIX, ShardRecord, commit_path, fingerprint_diff, record_path
+from cache.reader import CacheReader, ReaderBase, commit_record, group_meta, list_groups, open_meta
+from cache.storage import StorePath, store_path
+from cache.writer import load_records, open_zarr, shard_key
+
+DEFAULT_JOBS = 8
+
+
+@dataclass
+class CopyResult:
+    src: StorePath
+    dst: StorePath
+    groups: dict[str, str] = field(default_factory=dict)  # group -> "copied" | "already there"
+    shards_copied: int = 0
+    shards_skipped: int = 0
+    bytes_copied: int = 0
+    seconds: float = 0.0
+
+
+def copy_cache(
+    src: str | Path | StorePath,
+    dst: str | Path | StorePath,
+    groups: Iterable[str] | None = None,
+    jobs: int = DEFAULT_JOBS,
+    quiet: bool = False,
+) -> CopyResult:
+    """Copy the committed groups of ``src`` (or ``groups``; latents are always included) to ``dst``."""
+    t0 = time.perf_counter()
+    if jobs <= 0:
+        raise UsageError(f"--jobs must be positive, not {jobs}")
+    src_root, meta = open_meta(src)
+    dst_root = store_path(dst)
+    if dst_root.is_within(src_root) or src_root.is_within(dst_root):
+        raise UsageError(f"source {src_root} and destination {dst_root} overlap")
+    present = list_groups(src_root)
+    if groups is None:
+        wanted = [g for g in present if commit_record(src_root, g) is not None]
+        if not wanted:
+            raise CacheError(f"{src_root} has no committed group (was its precompute interrupted? run it again)")
+    else:
+        wanted = list(dict.fromkeys(["latents", *(ReaderBase.resolve_group(g) for g in groups)]))
+    # Opening a reader checks what a reader checks: committed, every record and object present.
+    CacheReader(src_root, groups=wanted)
+
+    _prepare_dst(src_root, dst_root, meta)
+    result = CopyResult(src_root, dst_root)
+    done_groups = []
+    for group in wanted:
+        src_commit = (commit_path(src_root, group)).read_bytes()
+        dst_commit = commit_record(dst_root, group)
+        if dst_commit is not None:
+            want = commit_record(src_root, group)
+            if (dst_commit["fingerprint_hash"], dst_commit["weights_sha256"]) != (want["fingerprint_hash"], want["weights_sha256"]):
+                raise FingerprintMismatch(f"group '{group}' of {dst_root} was made with other settings or weights than in {src_root}")
+            result.groups[group] = "already there"
+            continue
+        _copy_group(src_root, dst_root, meta, group, jobs, quiet, result)
+        done_groups.append((group, src_commit))
+
+    if done_groups:
+        src_manifest = (src_root / MANIFEST_FILE).read_bytes()
+        dst_manifest = dst_root / MANIFEST_FILE
+        if not dst_manifest.exists():
+            dst_manifest.write_bytes(src_manifest)
+        elif not dst_manifest.read_parquet(columns=["status", "reason"]).equals((src_root / MANIFEST_FILE).read_parquet(columns=["status", "reason"])):
+            raise FingerprintMismatch(f"the manifest of {dst_root} differs from that of {src_root}")
+        for group, raw in done_groups:  # last: the group is committed at the destination
+            commit_path(dst_root, group).write_bytes(raw)
+            result.groups[group] = "copied"
+    result.seconds = time.perf_counter() - t0
+    return result
+
+
+def _prepare_dst(src: StorePath, dst: StorePath, meta: Any) -> None:
+    """A new destination gets the root metadata and plan; an existing one must be the same cache."""
+    if (dst / "zarr.json").is_file():
+        _, old = open_meta(dst)
+        diff = fingerprint_diff(old.base_fingerprint, meta.base_fingerprint)
+        if diff:
+            raise FingerprintMismatch(f"{dst} is another cache (made with other settings: {'; '.join(diff)})")
+    elif dst.is_file():
+        raise UsageError(f"destination {dst} is an existing file, not a cache")
+    elif dst.iterdir():
+        raise UsageError(f"destination {dst} is not empty and is not a repa cache")
+    dst.mkdir()
+    if not (dst / "zarr.json").exists():
+        (dst / "zarr.json").write_bytes((src / "zarr.json").read_bytes())
+    if not (dst / PLAN_FILE).exists():
+        (dst / PLAN_FILE).write_bytes((src / PLAN_FILE).read_bytes())
+
+
+def _copy_group(src: StorePath, dst: StorePath, meta: Any, group: str, jobs: int, quiet: bool, result: CopyResult) -> None:
+    if group.startswith(TEACHER_PREFIX) and not (dst / TEACHER_PREFIX / "zarr.json").exists():
+        parent = src / TEACHER_PREFIX / "zarr.json"
+        if parent.exists():
+            (dst / TEACHER_PREFIX / "zarr.json").write_bytes(parent.read_bytes())
+    if (dst / group / "zarr.json").exists():
+        old, new = group_meta(dst, group), group_meta(src, group)
+        if old.fingerprint_hash != new.fingerprint_hash:
+            raise FingerprintMismatch(f"group '{group}' of {dst} was made with other settings: {'; '.join(fingerprint_diff(old.fingerprint, new.fingerprint))}")
+    gmeta = group_meta(src, group)
+    for spec in gmeta.arrays:  # array metadata first, then the group's (which holds the attributes)
+        (dst / group / spec.name / "zarr.json").write_bytes((src / group / spec.name / "zarr.json").read_bytes())
+    (dst / group / "zarr.json").write_bytes((src / group / "zarr.json").read_bytes())
+
+    arrays = open_zarr(src / group)
+    keys = {spec.name: [shard_key(arrays[spec.name], s) for s in range(meta.num_shards)] for spec in gmeta.arrays}
+    src_records = load_records(src, meta, group)
+    dst_records = load_records(dst, meta, group)
+    todo = [s for s in range(meta.num_shards) if dst_records.get(s) != src_records[s]]
+    result.shards_skipped += meta.num_shards - len(todo)
+
+    def copy_shard(shard: int) -> int:
+        rec: ShardRecord = src_records[shard]
+        nbytes = 0
+        for name, shard_keys in keys.items():
+            target = dst / group / shard_keys[shard]
+            if rec.checksums[name] == "absent":  # every row skipped: no object (NaN fill)
+                target.unlink()
+                continue
+            raw = (src / group / shard_keys[shard]).read_bytes()
+            if hashlib.sha256(raw).hexdigest() != rec.checksums[name]:
+                raise CacheError(f"group '{group}' of {src}: shard {shard} of '{name}' fails its checksum; "
+                                 "it was not copied (run `repa verify` on the source)")
+            target.write_bytes(raw)
+            nbytes += len(raw)
+        record_path(dst, group, shard).write_json(rec.to_json())  # after its data, as the writer does
+        return nbytes
+
+    bar = tqdm(total=len(todo), unit="shard", desc=f"copy {group}", disable=quiet or not sys.stderr.isatty())
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        for nbytes in pool.map(copy_shard, todo):
+            result.bytes_copied += nbytes
+            result.shards_copied += 1
+            bar.update(1)
+    bar.close()
+
+
+def describe_copy(res: CopyResult) -> str:
+    parts = ", ".join(f"{g}: {s}" for g, s in res.groups.items())
+    return (f"copied {res.src} -> {res.dst}: {res.shards_copied} shards ({res.bytes_copied / 1e6:.1f} MB) in "
+            f"{res.seconds:.1f}s, {res.shards_skipped} already there; {parts}")
+
+
+__all__ = ["copy_cache", "describe_copy", "CopyResult", "DEFAULT_JOBS"]
