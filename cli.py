@@ -39,6 +39,9 @@ def precompute(
     shard_size: Annotated[int, typer.Option(help="Samples per shard (the unit of work and of writing).")] = 256,
     batch_size: Annotated[int, typer.Option(help="Images per encoder forward pass.")] = 64,
     feature_dtype: Annotated[str, typer.Option(help="Stored teacher feature dtype: float16 or float32.")] = "float16",
+    precision: Annotated[
+        Optional[str], typer.Option(help="Encoder arithmetic: fp32, or bf16 (autocast, much faster on a GPU). Default: a resumed group's own, else fp32.")
+    ] = None,
     device: Annotated[str, typer.Option(help="'auto' (one GPU per worker, else CPU), 'cpu', 'cuda', 'cuda:1'.")] = "auto",
     workers: Annotated[Optional[int], typer.Option(help="Local dask worker processes. Default: one per GPU, else 1.")] = None,
     scheduler: Annotated[Optional[str], typer.Option(help="Address of an existing dask scheduler (tcp://host:8786).")] = None,
@@ -61,6 +64,7 @@ def precompute(
         shard_size=shard_size,
         batch_size=batch_size,
         feature_dtype=feature_dtype,
+        precision=precision,
         device=device,
         workers=workers,
         scheduler=scheduler,

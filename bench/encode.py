@@ -20,10 +20,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -87,6 +89,10 @@ def bench_models(args: argparse.Namespace) -> dict:
         blobs = [p.read_bytes() for p in files]
     B = args.batch_size
     decode_s, _ = _timed(lambda: [decode_and_crop(b, args.resolution) for b in blobs[:B]], torch.device("cpu"), args.repeats)
+    threads = os.cpu_count() or 1  # what a worker uses per GPU when it is alone on the machine
+    with ThreadPoolExecutor(threads) as pool:
+        decode_mt_s, _ = _timed(lambda: list(pool.map(lambda b: decode_and_crop(b, args.resolution), blobs)),
+                                torch.device("cpu"), args.repeats)
     crops = np.stack([decode_and_crop(b, args.resolution).image for b in blobs[:B]])
     images = torch.from_numpy(crops).permute(0, 3, 1, 2).contiguous().to(device)  # (B, 3, H, W) uint8
     vae = sd_vae_random(device, dtype)
@@ -110,6 +116,8 @@ def bench_models(args: argparse.Namespace) -> dict:
         "views": views,
         "resolution": args.resolution,
         "decode_crop_img_per_s": round(B / decode_s, 1),
+        "decode_crop_threads": threads,
+        "decode_crop_img_per_s_threaded": round(len(blobs) / decode_mt_s, 1),
         "vae_img_per_s": round(B / vae_s, 2),
         "vae_spread_s": round(vae_spread, 4),
         "teacher_img_per_s": round(B / tea_s, 2),

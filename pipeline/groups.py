@@ -16,10 +16,18 @@ from stages.teachers import TeacherSpec, get_teacher, teacher_input_size, token_
 from stages.vae import TINY_VAE, VAESpec
 
 FEATURE_DTYPES = ("float16", "float32")
+PRECISIONS = ("fp32", "bf16")
 
 
-def vae_group(meta: CacheMeta, spec: VAESpec) -> GroupMeta:
-    """The latents group: posterior mean and std, float32, one per view."""
+def check_precision(precision: str) -> None:
+    if precision not in PRECISIONS:
+        raise UsageError(f"--precision must be one of {', '.join(PRECISIONS)}, not '{precision}'")
+
+
+def vae_group(meta: CacheMeta, spec: VAESpec, precision: str = "fp32") -> GroupMeta:
+    """The latents group: posterior mean and std, float32, one per view. ``precision`` is the
+    arithmetic of the encoder (``bf16``: autocast); it is part of the fingerprint."""
+    check_precision(precision)
     config = _vae_config(spec)
     down = 2 ** (len(config["block_out_channels"]) - 1)
     if meta.resolution % down:
@@ -38,12 +46,13 @@ def vae_group(meta: CacheMeta, spec: VAESpec) -> GroupMeta:
         "latent_size": side,
         "input_range": "[-1, 1] = pixel / 127.5 - 1",
         "stored": "posterior mean and std (sample = mean + std * eps, then scale)",
+        "precision": precision,
     }
     arrays = tuple(ArraySpec(n, (channels, side, side), "float32", DEFAULT_CODEC) for n in ("mean", "std"))
     fingerprint = {
         "base": meta.base_fingerprint,
         "group": LATENTS,
-        "model": {"id": spec.name, "revision": spec.revision},
+        "model": {"id": spec.name, "revision": spec.revision, "precision": precision},
         "arrays": [a.to_json() for a in arrays],
         "format_version": FORMAT_VERSION,
     }
@@ -67,8 +76,9 @@ def _vae_config(spec: VAESpec) -> dict[str, Any]:
         ) from e
 
 
-def teacher_group_meta(meta: CacheMeta, name: str, dtype: str, checkpoint: str | None = None) -> GroupMeta:
-    """A teacher's group: final-norm patch tokens and CLS, per view."""
+def teacher_group_meta(meta: CacheMeta, name: str, dtype: str, checkpoint: str | None = None, precision: str = "fp32") -> GroupMeta:
+    """A teacher's group: final-norm patch tokens and CLS, per view, computed in ``precision``."""
+    check_precision(precision)
     if dtype not in FEATURE_DTYPES:
         raise UsageError(f"--feature-dtype must be one of {', '.join(FEATURE_DTYPES)}, not '{dtype}'")
     spec = get_teacher(name)
@@ -91,6 +101,7 @@ def teacher_group_meta(meta: CacheMeta, name: str, dtype: str, checkpoint: str |
         "num_prefix_tokens": prefix,
         "token_rule": "final-norm patch tokens; CLS stored separately; register tokens dropped",
         "description": spec.description,
+        "precision": precision,
     }
     arrays = (
         ArraySpec("patch", (grid * grid, dim), dtype, DEFAULT_CODEC),
@@ -99,7 +110,7 @@ def teacher_group_meta(meta: CacheMeta, name: str, dtype: str, checkpoint: str |
     fingerprint = {
         "base": meta.base_fingerprint,
         "group": teacher_group(name),
-        "model": {k: model[k] for k in ("name", "timm_id", "mean", "std", "input_size", "interpolation", "antialias")},
+        "model": {k: model[k] for k in ("name", "timm_id", "mean", "std", "input_size", "interpolation", "antialias", "precision")},
         "arrays": [a.to_json() for a in arrays],
         "format_version": FORMAT_VERSION,
     }

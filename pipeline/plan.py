@@ -33,6 +33,7 @@ class PrecomputeConfig:
     scheduler: str | None = None
     seed: int = 0
     feature_dtype: str = "float16"
+    precision: str | None = None  # fp32 or bf16 (autocast); None: a group's own when resuming it, else fp32
     processes: bool = True
     quiet: bool = False
 

@@ -20,11 +20,11 @@ import torch
 from tqdm import tqdm
 
 from cache.errors import FingerprintMismatch, RepaError, UsageError
-from cache.format import PLAN_FILE, ROOT_ATTR, GroupMeta, fingerprint_diff
+from cache.format import PLAN_FILE, ROOT_ATTR, GroupMeta, fingerprint_diff, teacher_group
 from cache.reader import commit_record, group_meta, list_groups, open_meta
 from cache.storage import StorePath, is_storage_error, store_path
 from cache.writer import commit_group, create_cache, create_group, load_records
-from pipeline.groups import teacher_group_meta, vae_group
+from pipeline.groups import check_precision, teacher_group_meta, vae_group
 from pipeline.plan import PrecomputeConfig, make_plan, sample_order
 from pipeline.worker import run_shard_task, shard_tasks
 from stages.images import list_source
@@ -63,6 +63,8 @@ def precompute(cfg: PrecomputeConfig) -> PrecomputeResult:
         raise UsageError("--shard-size and --batch-size must be positive")
     for name in cfg.teachers:
         get_teacher(name)  # unknown teacher: one clear message before any work
+    if cfg.precision is not None:
+        check_precision(cfg.precision)
     if len(set(cfg.teachers)) != len(cfg.teachers):
         raise UsageError("a teacher is named twice")
     out = store_path(cfg.out)
@@ -81,11 +83,18 @@ def precompute(cfg: PrecomputeConfig) -> PrecomputeResult:
     else:
         create_cache(out, meta, plan)
 
-    wanted: list[GroupMeta] = [vae_group(meta, _vae_spec(cfg, out if existing else None))]
-    wanted += [teacher_group_meta(meta, t, cfg.feature_dtype, cfg.teacher_checkpoints.get(t)) for t in cfg.teachers]
+    present = list_groups(out) if existing else []
+
+    def precision(group: str) -> str:  # as the VAE: the group's own when none is asked for
+        if cfg.precision is not None:
+            return cfg.precision
+        return group_meta(out, group).model.get("precision", "fp32") if group in present else "fp32"
+
+    wanted: list[GroupMeta] = [vae_group(meta, _vae_spec(cfg, out if existing else None), precision("latents"))]
+    wanted += [teacher_group_meta(meta, t, cfg.feature_dtype, cfg.teacher_checkpoints.get(t), precision(teacher_group(t)))
+               for t in cfg.teachers]
 
     result = PrecomputeResult(root=out, samples=meta.num_samples)
-    present = list_groups(out)
     todo: dict[int, list[str]] = {}
     known_weights: dict[str, str] = {}
     for g in wanted:
@@ -142,7 +151,9 @@ def _run_tasks(cfg: PrecomputeConfig, tasks: list[Any], known_weights: dict[str,
         n = cfg.workers or (torch.cuda.device_count() if cuda else 1)
         cluster = LocalCluster(
             n_workers=n,
-            threads_per_worker=1,
+            # On a GPU, two tasks per worker overlap one shard's decode and write with the next one's
+            # encode (they share the worker's models); on a CPU the cores are already split up.
+            threads_per_worker=2 if cuda else 1,
             processes=cfg.processes,
             dashboard_address=":0",
             silence_logs=logging.ERROR,

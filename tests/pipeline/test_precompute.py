@@ -226,6 +226,7 @@ def test_cli_stats_json_plot_and_verify(tiny_cache, tmp_path, run_cli):
         (["precompute", "DATA", "OUT", "--teacher", "dino"], "error: unknown teacher 'dino'; known teachers: clip-vit-l, dinov2-vit-b"),
         (["precompute", "DATA", "FILE"], "error: output path FILE is an existing file, not a cache"),
         (["precompute", "DATA", "OUT", "--resolution", "100"], "error: --resolution must be a positive multiple of 8, not 100"),
+        (["precompute", "DATA", "OUT", "--precision", "fp16"], "error: --precision must be one of fp32, bf16, not 'fp16'"),
         (["stats", "/nonexistent/cache"], "error: no cache at /nonexistent/cache"),
         (["verify", "EMPTY"], "error: EMPTY is not a repa cache"),
         (["precompute", "DATA"], "Missing argument 'out'"),
@@ -283,3 +284,27 @@ def test_sigkill_mid_precompute_then_rerun_equals_uninterrupted(demo_images, tmp
             ja = json.loads(record_path(a.root, g, shard).read_text())
             jb = json.loads(record_path(b.root, g, shard).read_text())
             assert ja["checksums"] == jb["checksums"]
+
+
+def test_bf16_precision_stores_autocast_outputs_and_is_part_of_the_fingerprint(tiny_cache, demo_images, tmp_path):
+    out = tmp_path / "bf16"
+    precompute(tiny_config(demo_images, out, teachers=(), precision="bf16"))
+    reader = CacheReader(out)
+    assert reader.group("latents").meta.model["precision"] == "bf16"
+    vae = load_vae(VAESpec("tiny"))
+    idx, crops = _shard_crops(reader, demo_images, 0)
+    got = reader.read(idx)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        dist = vae.encode(crops.float() / 127.5 - 1).latent_dist
+    np.testing.assert_array_equal(got["latents/mean"][:, 0], dist.mean.float().numpy())
+    fp32 = CacheReader(tiny_cache).read(idx)["latents/mean"][:, 0]
+    assert not np.array_equal(got["latents/mean"][:, 0], fp32)  # bf16 arithmetic really ran
+    np.testing.assert_allclose(got["latents/mean"][:, 0], fp32, atol=0.1)
+
+    # Adding a teacher without --precision keeps the latents as they are and encodes the teacher in
+    # fp32; asking for fp32 latents on this cache is refused, naming the field.
+    res = precompute(tiny_config(demo_images, out))
+    assert res.groups == {"latents": "already committed", "teachers/tiny": "written"}
+    assert CacheReader(out).group("tiny").meta.model["precision"] == "fp32"
+    with pytest.raises(FingerprintMismatch, match=r"group 'latents' of .* other settings: model\.precision: \"bf16\" -> \"fp32\""):
+        precompute(tiny_config(demo_images, out, precision="fp32"))
