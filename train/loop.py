@@ -8,6 +8,10 @@ the student's projected hidden states, :func:`train.loss.repa_loss` against the 
 Exact resume: all randomness of step ``s`` on rank ``r`` comes from a generator seeded with
 ``(seed, r, s)`` and the data order is a function of ``(seed, s)``, so a checkpoint needs only the
 step besides model, EMA and optimiser state.
+
+The step itself never waits for the device: a non-finite loss is recorded on the device
+(:class:`_FirstNonFinite`) and read on the host only at log steps, before every checkpoint and at
+the end of the run; metrics are summed on the device and read at log steps.
 """
 
 from __future__ import annotations
@@ -101,10 +105,27 @@ class DistInfo:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    local_world_size: int | None = 1  # ranks on this node (torchrun's LOCAL_WORLD_SIZE); None: unknown
+    backend: str = "none"  # the process group's backend; "none" for a single process
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    @property
+    def nodes(self) -> int | None:
+        """Number of nodes, if every node runs ``local_world_size`` ranks; None when not derivable."""
+        lws = self.local_world_size
+        return self.world_size // lws if lws and self.world_size % lws == 0 else None
+
+    def describe(self, local_batch: int, device: torch.device) -> str:
+        """One line for the start of a run: world size, nodes, per-rank and global batch, backend."""
+        nodes = self.nodes
+        where = f"{nodes} node{'s' if nodes != 1 else ''}" if nodes is not None else "unknown nodes (LOCAL_WORLD_SIZE not set)"
+        return (
+            f"world size {self.world_size} on {where}, batch {local_batch} per rank ({local_batch * self.world_size} global), "
+            f"backend {self.backend}, device {device.type}"
+        )
 
 
 def init_distributed(device: torch.device) -> DistInfo:
@@ -113,7 +134,11 @@ def init_distributed(device: torch.device) -> DistInfo:
         return DistInfo()
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
+    lws = os.environ.get("LOCAL_WORLD_SIZE")
+    return DistInfo(
+        dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)),
+        int(lws) if lws else None, str(dist.get_backend()),
+    )
 
 
 def resolve_device(name: str, local_rank: int) -> torch.device:
@@ -258,6 +283,8 @@ def train(cfg: TrainConfig) -> TrainResult:
         di.world_size,
     )
     loader = make_loader(ds, start, cfg.max_steps, pin_memory=device.type == "cuda")
+    if di.is_main:
+        print(di.describe(ds.local_batch, device), file=sys.stderr)
     metrics_file = run / "metrics.jsonl"
     writer = _tensorboard(run) if cfg.tensorboard and di.is_main else None
     bar = tqdm(total=cfg.max_steps, initial=start, unit="step", disable=cfg.quiet or not di.is_main or not sys.stderr.isatty())
@@ -265,11 +292,12 @@ def train(cfg: TrainConfig) -> TrainResult:
     step = start
     last: dict[str, float] = {}
     acc = _Accumulator()
+    non_finite = _FirstNonFinite(device)
     t_last, wait = time.perf_counter(), 0.0
     t_wait0 = time.perf_counter()
     for batch in loader:
         wait += time.perf_counter() - t_wait0
-        assert int(batch["step"]) == step, "data order out of step"
+        assert int(batch["step"]) == step, "data order out of step"  # a CPU tensor: no device sync
         gen_seed = step_seed(cfg.seed, di.rank, step)
         torch.manual_seed(gen_seed)
         x, y, feats = to_device(batch, setup.scale, setup.teachers, device)
@@ -280,12 +308,11 @@ def train(cfg: TrainConfig) -> TrainResult:
         denoise = out["denoise"].float()
         repa, cos = repa_loss(out["zs"], feats)
         loss = denoise + cfg.proj_coeff * repa
-        if not torch.isfinite(loss):
-            kept = latest_checkpoint(run)
-            raise TrainingDiverged(
-                f"loss became non-finite at step {step} (denoise {denoise.item():.4g}, repa {repa.item():.4g}); "
-                f"stopped. Last good checkpoint: {kept if kept else 'none'}"
-            )
+        # Recorded on the device, checked on the host at the next log or checkpoint step. The steps
+        # in between still update the parameters (with NaN/inf): those updates are discarded, since
+        # the check stops the run before any checkpoint is written and the last good checkpoint is
+        # the resume point.
+        non_finite.record(step, loss, denoise, repa)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
@@ -297,15 +324,16 @@ def train(cfg: TrainConfig) -> TrainResult:
         acc.add(loss=loss, denoise=denoise, repa=repa, grad_norm=gnorm, **{f"cos/{t}": c for t, c in zip(setup.teachers, cos)})
         bar.update(1)
 
-        if step % cfg.log_every == 0 or step == cfg.max_steps:
+        is_log = step % cfg.log_every == 0 or step == cfg.max_steps
+        is_ckpt = step % cfg.ckpt_every == 0 or step == cfg.max_steps
+        if is_log or is_ckpt:
+            non_finite.check(di, run)  # host sync (and an all-reduce under DDP); raises on divergence
+        if is_log:
+            last = acc.mean()  # host sync: the interval's work is done when the clock is read
             now = time.perf_counter()
-            last = acc.mean()
-            n_steps = acc.count
-            last.update(
-                step=step,
-                img_per_s=n_steps * cfg.batch_size / max(now - t_last, 1e-9),
-                data_wait=wait / max(now - t_last, 1e-9),
-            )
+            n_steps, dt = acc.count, max(now - t_last, 1e-9)
+            last.update(step=step, data_wait=wait / dt)
+            last.update(_throughput(n_steps * ds.local_batch / dt, wait / dt, di, device))
             if device.type == "cuda":
                 last["gpu_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
             acc, t_last, wait = _Accumulator(), now, 0.0
@@ -324,16 +352,72 @@ def train(cfg: TrainConfig) -> TrainResult:
                         writer.add_scalar(k, v, step)
                 if not cfg.quiet:
                     bar.write(_status(last, cfg.max_steps, setup.teachers))
-        if step % cfg.ckpt_every == 0 or step == cfg.max_steps:
+        if is_ckpt:
             if di.is_main:
                 save_checkpoint(run, step, model, ema, opt, cfg.to_json(), setup.cache_info, keep=cfg.keep_checkpoints)
             if di.world_size > 1:
                 dist.barrier()
         t_wait0 = time.perf_counter()
+    non_finite.check(di, run)
     bar.close()
     if writer is not None:
         writer.close()
     return TrainResult(run, step, last, resumed)
+
+
+class _FirstNonFinite:
+    """The first step whose loss was NaN or infinite, kept on the device so that recording it never
+    waits for the device; :meth:`check` reads it on the host."""
+
+    NONE = 2**62  # no non-finite step yet (larger than any step, so the minimum over ranks works)
+
+    def __init__(self, device: torch.device) -> None:
+        self.step = torch.full((), self.NONE, dtype=torch.int64, device=device)  # 0-dim
+        self.losses = torch.zeros(2, device=device)  # (denoise, repa) at that step, for the message
+
+    def record(self, step: int, loss: torch.Tensor, denoise: torch.Tensor, repa: torch.Tensor) -> None:
+        first = ~torch.isfinite(loss.detach()) & (self.step == self.NONE)
+        self.step = torch.where(first, step, self.step)
+        self.losses = torch.where(first, torch.stack([denoise.detach(), repa.detach()]).float(), self.losses)
+
+    def check(self, di: DistInfo, run: Path) -> None:
+        """Raise :class:`TrainingDiverged` naming the first non-finite step of any rank. A host sync;
+        under DDP also an all-reduce, so that every rank stops at the same check."""
+        first = self.step
+        if di.world_size > 1:
+            first = first.clone()
+            dist.all_reduce(first, op=dist.ReduceOp.MIN)
+        bad = int(first.item())
+        if bad == self.NONE:
+            return
+        if int(self.step.item()) == bad:
+            d, r = self.losses.tolist()
+            values = f"denoise {d:.4g}, repa {r:.4g}"
+        else:
+            values = "on another rank"
+        kept = latest_checkpoint(run)
+        raise TrainingDiverged(
+            f"loss became non-finite at step {bad} ({values}); stopped. Last good checkpoint: {kept if kept else 'none'}"
+        )
+
+
+def _throughput(img_per_sec: float, data_wait: float, di: DistInfo, device: torch.device) -> dict[str, float]:
+    """This rank's images/s over the log interval, gathered from every rank (one all-gather under
+    DDP): the global rate (sum over ranks), the slowest and fastest rank, the largest data wait."""
+    mine = torch.tensor([img_per_sec, data_wait], dtype=torch.float64, device=device)  # (2,)
+    ranks = [mine]
+    if di.world_size > 1:
+        ranks = [torch.empty_like(mine) for _ in range(di.world_size)]
+        dist.all_gather(ranks, mine)
+    per_rank = torch.stack(ranks).cpu()  # (W, 2)
+    rates = per_rank[:, 0]
+    return {
+        "img_per_sec": float(rates.sum()),
+        "img_per_sec_rank_min": float(rates.min()),
+        "img_per_sec_rank_max": float(rates.max()),
+        "data_wait_rank_max": float(per_rank[:, 1].max()),
+        "world_size": di.world_size,
+    }
 
 
 class _Accumulator:
@@ -356,9 +440,10 @@ class _Accumulator:
 def _status(m: dict[str, float], max_steps: int, teachers: tuple[str, ...]) -> str:
     cos = " ".join(f"cos[{t}] {m.get(f'cos/{t}', math.nan):.3f}" for t in teachers)
     mem = f" mem {m['gpu_mem_gib']:.1f}GiB" if "gpu_mem_gib" in m else ""
+    slowest = f" (slowest rank {m['img_per_sec_rank_min']:.1f})" if m["world_size"] > 1 else ""
     return (
         f"step {int(m['step'])}/{max_steps} loss {m['loss']:.4f} (denoise {m['denoise']:.4f} repa {m['repa']:.4f}) "
-        f"{cos} gnorm {m['grad_norm']:.2f} {m['img_per_s']:.1f} img/s data-wait {m['data_wait']:.0%}{mem}"
+        f"{cos} gnorm {m['grad_norm']:.2f} {m['img_per_sec']:.1f} img/s{slowest} data-wait {m['data_wait']:.0%}{mem}"
     )
 
 

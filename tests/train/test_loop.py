@@ -1,10 +1,14 @@
 """The cache-backed trainer end to end on the tiny cache: resume equals no resume (also after
-SIGKILL), torchrun/gloo data split, refusals with exit 2, divergence stops the run."""
+SIGKILL), torchrun/gloo data split, refusals with exit 2, divergence stops the run naming the first
+bad step and keeps the last good checkpoint, world size and per-rank throughput in metrics.jsonl."""
 
 from __future__ import annotations
 
+import itertools
 import json
+import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -18,6 +22,7 @@ import torch
 from cache.errors import UsageError
 from train.checkpoint import latest_checkpoint, load_checkpoint
 from train.data import CacheBatches, DataConfig, epoch_order
+from train import loop
 from train.loop import OptimConfig, TrainConfig, TrainingDiverged, train
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -53,7 +58,22 @@ def test_resume_equals_uninterrupted(tiny_cache, tmp_path):
     _assert_same_state(_state(tmp_path / "a"), _state(tmp_path / "b"))
     lines = [json.loads(x) for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in lines] == [4, 8]
-    assert {"loss", "denoise", "repa", "grad_norm", "cos/tiny", "img_per_s", "data_wait"} <= set(lines[0])
+    assert {"loss", "denoise", "repa", "grad_norm", "cos/tiny", "img_per_sec", "data_wait", "world_size"} <= set(lines[0])
+
+
+def test_metrics_report_world_size_and_per_rank_throughput(tiny_cache, tmp_path, capsys):
+    run = tmp_path / "r"
+    train(cfg(tiny_cache, run, max_steps=4, log_every=2, quiet=False))
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in lines] == [2, 4]
+    for m in lines:
+        assert m["world_size"] == 1
+        assert m["img_per_sec_rank_min"] == m["img_per_sec_rank_max"] == m["img_per_sec"] > 0
+        assert m["data_wait_rank_max"] == m["data_wait"]
+    out, err = capsys.readouterr()
+    assert "world size 1 on 1 node, batch 8 per rank (8 global), backend none, device cpu" in err.splitlines()
+    status = [x for x in out.splitlines() if x.startswith("step ")]
+    assert len(status) == 2 and " img/s data-wait " in status[0] and "slowest rank" not in status[0]
 
 
 def test_sigkill_then_rerun_equals_uninterrupted(tiny_cache, tmp_path):
@@ -148,6 +168,51 @@ def test_torchrun_two_gloo_processes(tiny_cache, tmp_path):
     )
     assert res.returncode == 0, res.stderr[-2000:]
     assert load_checkpoint(latest_checkpoint(run))["step"] == 2
+    assert "world size 2 on 1 node, batch 4 per rank (8 global), backend gloo, device cpu" in res.stderr
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in lines] == [1, 2]  # rank 0 alone writes
+    for m in lines:
+        assert m["world_size"] == 2
+        assert 0 < m["img_per_sec_rank_min"] <= m["img_per_sec_rank_max"]
+        assert m["img_per_sec"] == pytest.approx(m["img_per_sec_rank_min"] + m["img_per_sec_rank_max"])
+    assert f"img/s (slowest rank {lines[-1]['img_per_sec_rank_min']:.1f})" in res.stdout
+
+
+@pytest.mark.slow
+def test_torchrun_non_finite_loss_on_one_rank_stops_every_rank_before_the_next_checkpoint(tiny_cache, tmp_path):
+    """Rank 1 alone sees a NaN loss at step 3; the gradient all-reduce carries it to rank 0, whose
+    own loss is finite until step 4. Both ranks must stop at the check of step 4, naming step 3,
+    and rank 0 must not write step-4."""
+    script = tmp_path / "nan_on_rank1.py"
+    script.write_text(
+        "import itertools, math, sys, torch.distributed as dist\n"
+        "from train import loop\n"
+        "real, calls = loop.repa_loss, itertools.count()\n"
+        "def repa_loss(zs, targets):\n"
+        "    repa, cos = real(zs, targets)\n"
+        "    return (repa * math.nan if next(calls) == 3 and dist.get_rank() == 1 else repa), cos\n"
+        "loop.repa_loss = repa_loss\n"
+        "cfg = loop.TrainConfig(cache=sys.argv[1], out=sys.argv[2], model='SiT-tiny/2', batch_size=8, max_steps=8,\n"
+        "                       ckpt_every=2, log_every=4, num_workers=0, device='cpu', quiet=True)\n"
+        "try:\n"
+        "    loop.train(cfg)\n"
+        "    msg = 'finished'\n"
+        "except loop.TrainingDiverged as e:\n"
+        "    msg = str(e)\n"
+        "open(f'{sys.argv[2]}.rank{dist.get_rank()}', 'w').write(msg)\n"
+        "dist.destroy_process_group()\n"
+    )
+    run = tmp_path / "ddp-nan"
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    res = subprocess.run(torchrun + [str(script), str(tiny_cache), str(run)], env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    kept = latest_checkpoint(run)
+    assert kept is not None and load_checkpoint(kept)["step"] == 2
+    tail = f"; stopped. Last good checkpoint: {kept}"
+    rank0, rank1 = ((tmp_path / f"ddp-nan.rank{r}").read_text() for r in range(2))
+    assert rank0 == f"loss became non-finite at step 3 (on another rank){tail}"
+    assert rank1.startswith("loss became non-finite at step 3 (denoise ") and rank1.endswith(f", repa nan){tail}")
 
 
 @pytest.mark.parametrize(
@@ -192,10 +257,53 @@ def test_resume_with_changed_config_refused(tiny_cache, tmp_path):
 
 def test_divergence_stops_with_step_and_keeps_last_good_checkpoint(tiny_cache, tmp_path):
     run = tmp_path / "nan"
-    with pytest.raises(TrainingDiverged, match=r"loss became non-finite at step (\d+) .*Last good checkpoint: .*step-0000000\d\.pt"):
+    with pytest.raises(TrainingDiverged, match=r"loss became non-finite at step (\d+) .*Last good checkpoint: .*step-0000000\d\.pt") as e:
         train(cfg(tiny_cache, run, max_steps=50, ckpt_every=1, optim=OptimConfig(lr=1e30, grad_clip=1e30)))
+    bad = int(re.search(r"at step (\d+) ", str(e.value)).group(1))
     kept = load_checkpoint(latest_checkpoint(run))
+    assert kept["step"] == bad  # checked before every save: the state after steps 0..bad-1
     assert all(torch.isfinite(v).all() for v in kept["model"].values() if v.is_floating_point())
+
+
+def _nan_repa_loss_at(monkeypatch, bad_step: int) -> None:
+    """Make the REPA loss of one step NaN (the loop calls repa_loss once per step, from step 0)."""
+    real, calls = loop.repa_loss, itertools.count()
+
+    def repa_loss(zs, targets):
+        repa, cos = real(zs, targets)
+        return (repa * math.nan if next(calls) == bad_step else repa), cos
+
+    monkeypatch.setattr(loop, "repa_loss", repa_loss)
+
+
+@pytest.mark.parametrize(
+    "bad_step, max_steps, log_every, ckpt_every, kept_step",
+    [
+        (4, 50, 4, 3, 3),  # found at the checkpoint of step 6, between log steps: step-6 is never written
+        (1, 50, 5, 100, None),  # found at the first log step; no checkpoint yet, no metrics line
+        (6, 7, 100, 2, 6),  # the last step: found at the end of the run, before its checkpoint
+    ],
+)
+def test_non_finite_step_is_named_when_checked_only_at_log_and_checkpoint_steps(
+    tiny_cache, tmp_path, monkeypatch, bad_step, max_steps, log_every, ckpt_every, kept_step
+):
+    run = tmp_path / "nan"
+    _nan_repa_loss_at(monkeypatch, bad_step)
+    with pytest.raises(TrainingDiverged) as e:
+        train(cfg(tiny_cache, run, max_steps=max_steps, log_every=log_every, ckpt_every=ckpt_every))
+    msg = str(e.value)
+    assert msg.startswith(f"loss became non-finite at step {bad_step} (denoise "), msg
+    assert ", repa nan); stopped. Last good checkpoint: " in msg
+    kept = latest_checkpoint(run)
+    assert msg.endswith(str(kept) if kept else "none")
+    if kept_step is None:
+        assert kept is None and not (run / "metrics.jsonl").exists()
+        return
+    state = load_checkpoint(kept)
+    assert state["step"] == kept_step <= bad_step
+    assert all(torch.isfinite(v).all() for part in ("model", "ema") for v in state[part].values() if v.is_floating_point())
+    steps = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()] if log_every <= bad_step else []
+    assert all(s <= bad_step for s in steps)
 
 
 def test_dry_run_reads_geometry_and_scale_from_the_cache(tiny_cache, tmp_path):
