@@ -12,8 +12,8 @@ one modern GPU; pass the rate measured by ``bench/train_step.py`` with ``--gpu-r
   with ``mincore`` and reported, so a cold run that was not cold shows it.
 
 Bytes: ``delivered`` = bytes of the batch tensors handed to the trainer (one view per sample);
-``decoded`` = bytes the reader decompresses (every stored view of each sample, plus the CLS
-tokens); ``stored`` = compressed bytes on disk for those reads (what a cold read pulls off disk).
+``decoded`` = bytes the reader decompresses (the drawn view of each sample where a chunk holds one
+view, every stored view otherwise; plus the CLS tokens); ``stored`` = compressed bytes on disk for those reads (what a cold read pulls off disk).
 
 Examples::
 
@@ -64,7 +64,8 @@ def decoded_bytes_per_sample(cache: Path, groups: list[str], skip: tuple[str, ..
     for info in r.groups.values():
         for name, arr in info.arrays.items():
             if name not in skip:
-                total += int(np.prod(arr.shape[1:])) * arr.dtype.itemsize  # all views of one sample
+                views = 1 if arr.chunks[1] == 1 else arr.shape[1]  # one view per chunk: only the drawn one
+                total += views * int(np.prod(arr.shape[2:])) * arr.dtype.itemsize
     return float(total)
 
 

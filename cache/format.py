@@ -12,8 +12,8 @@ A cache is one zarr v3 group plus a few JSON and Parquet files beside the arrays
       _commits/<group>.json         CommitRecord, written last: the group is committed
 
 Every array is chunked along the sample axis with zarr's sharding codec: one zarr shard = one
-cache shard = one unit of work, written whole by exactly one task. Inner chunks hold one sample
-(all views), so random access by index reads only what it asks for. The fill value is NaN, so a
+cache shard = one unit of work, written whole by exactly one task. Inner chunks hold one view of
+one sample, so random access by index (and view) reads only what it asks for. The fill value is NaN, so a
 chunk that was never written can never pass for data: readers check shard records, commit
 records and finiteness before they hand anything out. See docs/cache-format.md.
 """

@@ -81,7 +81,7 @@ def create_group(root: StorePath | Path, meta: CacheMeta, gmeta: GroupMeta) -> N
             spec.name,
             shape=shape,
             shards=(meta.shard_size, *shape[1:]),
-            chunks=(1, *shape[1:]),
+            chunks=(1, 1, *shape[2:]),  # one sample, one view: a reader decodes only the view it uses
             dtype=spec.dtype,
             compressors=make_codec(spec.codec),
             fill_value=np.nan,

@@ -119,18 +119,17 @@ class CacheBatches(Dataset):
         if self._reader is None:
             self._reader = self._open()
         idx, views = self.indices(step)
-        data = self._reader.read(idx, groups=self.groups)
-        rows = np.arange(len(idx))
+        data = self._reader.read_views(idx, views, groups=self.groups)  # decodes only the drawn view
         out = {
-            "mean": torch.from_numpy(np.ascontiguousarray(data["latents/mean"][rows, views])),  # (B, C, h, w)
-            "std": torch.from_numpy(np.ascontiguousarray(data["latents/std"][rows, views])),
+            "mean": torch.from_numpy(data["latents/mean"]),  # (B, C, h, w)
+            "std": torch.from_numpy(data["latents/std"]),
             "label": torch.from_numpy(data["label"]),
             "index": torch.from_numpy(idx),
             "view": torch.from_numpy(views),
             "step": torch.tensor(step),
         }
         for t, g in zip(self.cfg.teachers, self.groups[1:]):
-            out[f"feat/{t}"] = torch.from_numpy(np.ascontiguousarray(data[f"{g}/patch"][rows, views]))  # (B, T, D)
+            out[f"feat/{t}"] = torch.from_numpy(data[f"{g}/patch"])  # (B, T, D)
         return out
 
 

@@ -145,6 +145,30 @@ def test_read_random_access_bit_exact(backend):
         np.testing.assert_array_equal(got["index"], idx)
 
 
+def test_read_views_bit_exact(backend):
+    _, open_, truth = backend
+    r = open_()
+    for idx, views in (([9, 0, 3, 3, 7], [1, 0, 0, 1, 1]), (VALID, [i % 2 for i in range(len(VALID))]), ([4], [1]), ([], [])):
+        got = r.read_views(idx, views)
+        assert set(got) == set(truth) | {"label", "index", "view"}
+        for name, x in truth.items():
+            assert got[name].dtype == x.dtype and got[name].shape == (len(idx), *x.shape[2:])
+            np.testing.assert_array_equal(got[name], x[idx, views] if idx else x[:0, 0])
+        np.testing.assert_array_equal(got["view"], views)
+        np.testing.assert_array_equal(got["index"], idx)
+    with pytest.raises(CacheError, match=r"view out of range \[0, 2\) in read_views\(\) \(views: orig, hflip\)"):
+        r.read_views([0, 1], [0, 2])
+    with pytest.raises(CacheError, match=r"read_views\(\) needs one view per index \(2 indices, 1 views\)"):
+        r.read_views([0, 1], [0])
+    with pytest.raises(CacheError, match="cache index 5 is a skipped input"):
+        r.read_views([5], [0])
+
+
+def test_zarr_chunks_hold_one_view_of_one_sample(synth):
+    arr = CacheReader(synth["zarr"]).group("t").arrays["patch"]
+    assert arr.shards == (SHARD, 2, 4, 8) and arr.chunks == (1, 1, 4, 8)
+
+
 def test_read_block_bit_exact(backend):
     _, open_, truth = backend
     r = open_()
