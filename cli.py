@@ -11,7 +11,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from cache.errors import RepaError
+from cache.errors import RepaError, quiet_unraisable
 
 app = typer.Typer(
     name="repa",
@@ -294,6 +294,7 @@ def main() -> None:
     """Entry point: configure logging once, turn user-facing errors into one line and an exit code."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "error")  # dask reads this when distributed is imported
+    quiet_unraisable()
     try:
         app()  # standalone: usage errors print their message and exit 2, typer.Exit exits with its code
     except RepaError as e:

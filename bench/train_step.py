@@ -12,9 +12,10 @@
 
 The step mirrors ``train/loop.py``: per-step reseed, fresh posterior sample, bf16 autocast on CUDA
 (fp32 on CPU), ``transport.training_losses``, fp32 ``repa_loss``, ``loss = denoise + proj_coeff*repa``,
-the finiteness check, backward, grad clip 1.0, AdamW (fused on CUDA), EMA ``_foreach_lerp_``.
-Every step is timed with a device sync at its end (the trainer's ``isfinite`` check syncs anyway);
-the first ``--warmup`` steps of each path are not timed.
+backward, grad clip 1.0, AdamW (fused on CUDA), EMA ``_foreach_lerp_``.
+Every step is timed with a device sync at its end, which the trainer does not have (it checks the
+loss only at log steps), so a step here includes its whole device time and no overlap with the
+next one; the first ``--warmup`` steps of each path are not timed.
 
 Inputs are made offline unless ``--cache`` is given: demo images, and a cache — synthetic (random
 values, real SD-VAE latent and teacher geometry, written with the cache writer API) for a registry
@@ -140,8 +141,6 @@ class Trainer:
         denoise = out["denoise"].float()
         repa, _ = repa_loss(out["zs"], feats)
         loss = denoise + self.proj_coeff * repa
-        if not torch.isfinite(loss):  # as the trainer: a host sync every step
-            raise RuntimeError("loss became non-finite")
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
@@ -262,7 +261,7 @@ def run_path(path: str, args: argparse.Namespace, ctx: dict[str, Any], tr: Train
                         patch, _ = encode_images(teacher_mod, spec, images, ctx["resolution"])  # (B, T, D) fp32
                     feats = [patch]
             t_in = timer.stop()
-            tr.step(x, y, feats)
+            loss = tr.step(x, y, feats)
             sync(device)
         if profiled:
             ctx.setdefault("profiles", {})[path] = prof
@@ -271,6 +270,8 @@ def run_path(path: str, args: argparse.Namespace, ctx: dict[str, Any], tr: Train
             steps.append(t1 - t0)
             waits.append(t_wait)
             inputs.append(StageTimer.seconds(t_in))
+    if not torch.isfinite(loss):  # checked once, off the clock (the trainer checks at log steps)
+        raise RuntimeError(f"the {path} path's loss became non-finite")
     peak, peak_kind = peak_memory_bytes(device)
     med, spread = median_spread(steps)
     res = {

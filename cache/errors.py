@@ -8,6 +8,17 @@ exits with ``exit_code``. Anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 
+def quiet_unraisable() -> None:
+    """Send "Exception ignored in ..." reports (raised in finalizers, e.g. of an object-store
+    client's coroutines while a failing command shuts down) to the debug log instead of stderr, so
+    a failure reads as its one line."""
+    import logging
+    import sys
+
+    log = logging.getLogger("repa.unraisable")
+    sys.unraisablehook = lambda u: log.debug("ignored in %r: %r", u.object, u.exc_value)
+
+
 class RepaError(Exception):
     """Base class: a failure explained by its message alone."""
 

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from cache.errors import FingerprintMismatch, RepaError, UsageError
+from cache.errors import FingerprintMismatch, RepaError, UsageError, quiet_unraisable
 from cache.format import PLAN_FILE, ROOT_ATTR, GroupMeta, fingerprint_diff, teacher_group
 from cache.reader import commit_record, group_meta, list_groups, open_meta
 from cache.storage import StorePath, is_storage_error, store_path
@@ -161,6 +161,7 @@ def _run_tasks(cfg: PrecomputeConfig, tasks: list[Any], known_weights: dict[str,
         client = Client(cluster)
         if cfg.processes:
             client.run(_die_with_parent)
+            client.run(quiet_unraisable)
     if not cfg.quiet and client.dashboard_link:
         print(f"dask dashboard: {client.dashboard_link}", file=sys.stderr)
 
