@@ -32,9 +32,7 @@ import pyarrow as pa  # noqa: E402
 import torch  # noqa: E402
 
 from cache.format import CODE_VERSION, CROP_RULE, FORMAT_VERSION, LATENTS, VIEW_NAMES, ArraySpec, CacheMeta, GroupMeta  # noqa: E402
-from cache.errors import CacheError  # noqa: E402
 from cache.writer import DEFAULT_CODEC, commit_group, create_cache, create_group, write_shard  # noqa: E402
-from train.data import CacheBatches  # noqa: E402
 
 # --------------------------------------------------------------------------------------------
 # environment
@@ -271,15 +269,22 @@ def cache_teachers(cache: Path) -> list[str]:
     return [g[len(TEACHER_PREFIX):] for g in list_groups(Path(cache)) if g.startswith(TEACHER_PREFIX)]
 
 
-def stored_bytes_per_sample(cache: Path, groups: Iterable[str]) -> dict[str, float]:
-    """Compressed bytes on disk per sample (all views) of each array of the given groups."""
+def bytes_per_sample(cache: Path, groups: Iterable[str]) -> dict[str, dict[str, float]]:
+    """Per sample and per array of the given groups: ``stored`` (compressed, all views),
+    ``decoded`` (raw, all views), and ``views`` per inner chunk (1 where a chunk holds one view, so
+    a read of the drawn view touches ``stored / V`` and ``decoded / V`` bytes)."""
     from cache.reader import CacheReader
 
     r = CacheReader(cache, groups=list(groups))
-    out: dict[str, float] = {}
+    out: dict[str, dict[str, float]] = {}
     for g, info in r.groups.items():
-        for name in info.arrays:
-            out[f"{g}/{name}"] = sum(rec.stored_bytes[name] for rec in info.records.values()) / r.num_samples
+        for name, arr in info.arrays.items():
+            out[f"{g}/{name}"] = {
+                "stored": sum(rec.stored_bytes[name] for rec in info.records.values()) / r.num_samples,
+                "decoded": float(np.prod(arr.shape[1:]) * arr.dtype.itemsize),
+                "views": float(arr.shape[1]),
+                "views_per_chunk": float(arr.chunks[1]),
+            }
     return out
 
 
@@ -368,44 +373,3 @@ def markdown_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(fmt(r.get(c)) for c in columns) + " |" for r in rows]
     return "\n".join(lines)
-
-
-# --------------------------------------------------------------------------------------------
-# a what-if reader (NOT the trainer's code path)
-
-
-class PerSampleCacheBatches(CacheBatches):
-    """``CacheBatches`` with one change, to measure what the reader could do: each array is read
-    sample by sample with basic indexing (``arr[i]``) instead of ``CacheReader.read``'s
-    ``get_orthogonal_selection``, which zarr 3.1 turns into a per-element coordinate selection
-    inside each shard (zarr-python issue #3829), and the CLS tokens the trainer does not use are
-    not read. Same order, views, output and finiteness check. Benchmarks label it ``per-sample``."""
-
-    def __getitem__(self, step: int) -> dict[str, torch.Tensor]:
-        if self._reader is None:
-            self._reader = self._open()
-        idx, views = self.indices(step)
-        rows = np.arange(len(idx))
-        got: dict[str, np.ndarray] = {}
-        for g in self.groups:
-            for name, arr in self._reader.groups[g].arrays.items():
-                if name == "cls":
-                    continue
-                data = np.stack([arr[int(i)] for i in idx])[rows, views]  # (B, ...) one view each
-                if not np.isfinite(data.reshape(len(idx), -1)).all():
-                    raise CacheError(f"non-finite data in {g}/{name}")
-                got[f"{g}/{name}"] = data
-        out = {
-            "mean": torch.from_numpy(got["latents/mean"]),
-            "std": torch.from_numpy(got["latents/std"]),
-            "label": torch.from_numpy(self._reader.labels[idx]),
-            "index": torch.from_numpy(idx),
-            "view": torch.from_numpy(views),
-            "step": torch.tensor(step),
-        }
-        for t, g in zip(self.cfg.teachers, self.groups[1:]):
-            out[f"feat/{t}"] = torch.from_numpy(got[f"{g}/patch"])
-        return out
-
-
-READERS = {"current": CacheBatches, "per-sample": PerSampleCacheBatches}

@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cache.writer import DEFAULT_CODEC, make_codec
+from cache.writer import DEFAULT_CODEC
 from pipeline.demo import DEMO_CLASSES, make_demo_images
 
 
@@ -68,8 +68,6 @@ def _timed(fn, device: torch.device, repeats: int) -> tuple[float, float]:
 
 def _stored_bytes(arr: np.ndarray) -> int:
     """Bytes of one array compressed with the cache's codec (Blosc zstd, shuffle), per sample."""
-    from zarr.codecs import BloscCodec  # noqa: F401 - make sure the codec stack imports
-
     import numcodecs
 
     c = DEFAULT_CODEC

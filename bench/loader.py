@@ -12,8 +12,9 @@ one modern GPU; pass the rate measured by ``bench/train_step.py`` with ``--gpu-r
   with ``mincore`` and reported, so a cold run that was not cold shows it.
 
 Bytes: ``delivered`` = bytes of the batch tensors handed to the trainer (one view per sample);
-``decoded`` = bytes the reader decompresses (the drawn view of each sample where a chunk holds one
-view, every stored view otherwise; plus the CLS tokens); ``stored`` = compressed bytes on disk for those reads (what a cold read pulls off disk).
+``decoded`` = bytes the reader decompresses (the latents and patch tokens the trainer uses; the
+drawn view of each sample where a chunk holds one view, every stored view otherwise);
+``stored`` = compressed bytes on disk for those reads (what a cold read pulls off disk).
 
 Examples::
 
@@ -37,36 +38,24 @@ from typing import Any
 
 try:
     from common import (  # type: ignore[import-not-found]  # python bench/loader.py
-        READERS, cache_files, cache_teachers, drop_page_cache, env_info, markdown_table, resident_fraction, resolve_device,
-        stored_bytes_per_sample, sync, warm_page_cache, write_synthetic_cache,
+        bytes_per_sample, cache_files, cache_teachers, drop_page_cache, env_info, markdown_table, resident_fraction,
+        resolve_device, sync, warm_page_cache, write_synthetic_cache,
     )
 except ImportError:  # python -m bench.loader
     from bench.common import (
-        READERS, cache_files, cache_teachers, drop_page_cache, env_info, markdown_table, resident_fraction, resolve_device,
-        stored_bytes_per_sample, sync, warm_page_cache, write_synthetic_cache,
+        bytes_per_sample, cache_files, cache_teachers, drop_page_cache, env_info, markdown_table, resident_fraction,
+        resolve_device, sync, warm_page_cache, write_synthetic_cache,
     )
 
-import numpy as np
 import torch
 
 from cache.format import LATENTS, teacher_group
 from cache.reader import CacheReader
-from train.data import DataConfig, LatentScale, make_loader, to_device
+from train.data import CacheBatches, DataConfig, LatentScale, make_loader, to_device
 
 
 def _ints(s: str) -> list[int]:
     return [int(x) for x in s.split(",") if x.strip()]
-
-
-def decoded_bytes_per_sample(cache: Path, groups: list[str], skip: tuple[str, ...] = ()) -> float:
-    r = CacheReader(cache, groups=groups)
-    total = 0
-    for info in r.groups.values():
-        for name, arr in info.arrays.items():
-            if name not in skip:
-                views = 1 if arr.chunks[1] == 1 else arr.shape[1]  # one view per chunk: only the drawn one
-                total += views * int(np.prod(arr.shape[2:])) * arr.dtype.itemsize
-    return float(total)
 
 
 def batches(args: argparse.Namespace, workers: int) -> tuple[int, int]:
@@ -84,18 +73,18 @@ def batches(args: argparse.Namespace, workers: int) -> tuple[int, int]:
     return warmup, steps
 
 
-def run_config(cache: Path, teachers: tuple[str, ...], args: argparse.Namespace, device: torch.device, reader: str, workers: int,
+def run_config(cache: Path, teachers: tuple[str, ...], args: argparse.Namespace, device: torch.device, workers: int,
                block: int, state: str, files: list[Path], scale: LatentScale) -> dict[str, Any]:
     if state == "cold":
         ok = drop_page_cache(files)
         if not ok:
-            return {"reader": reader, "state": state, "workers": workers, "block": block, "note": "cold not possible: no posix_fadvise"}
+            return {"state": state, "workers": workers, "block": block, "note": "cold not possible: no posix_fadvise"}
     else:
         warm_page_cache(files)
     resident = resident_fraction(files)
     warmup, steps = batches(args, workers)
     n = warmup + steps
-    ds = READERS[reader](DataConfig(str(cache), teachers, args.batch_size, seed=0, block_size=block, num_workers=workers))
+    ds = CacheBatches(DataConfig(str(cache), teachers, args.batch_size, seed=0, block_size=block, num_workers=workers))
     if n > ds.batches_per_epoch:
         print(f"note: {n} batches > {ds.batches_per_epoch} per epoch: some samples are read twice (warm the second time)")
     t0 = time.perf_counter()
@@ -117,9 +106,7 @@ def run_config(cache: Path, teachers: tuple[str, ...], args: argparse.Namespace,
     dt, total = t_end - t_start, t_end - t0
     del it
     samples = steps * args.batch_size
-    stored_bps = args.stored_bps[reader]
     return {
-        "reader": reader,
         "state": state,
         "workers": workers,
         "block": block,
@@ -129,8 +116,8 @@ def run_config(cache: Path, teachers: tuple[str, ...], args: argparse.Namespace,
         "batches": f"{warmup}+{steps}",
         "samples_per_s": samples / dt,
         "delivered_MB_s": delivered / dt / 1e6,
-        "decoded_MB_s": samples * args.decoded_bps[reader] / dt / 1e6,
-        "stored_MB_s": samples * stored_bps / dt / 1e6,
+        "decoded_MB_s": samples * args.read_bytes["decoded"] / dt / 1e6,
+        "stored_MB_s": samples * args.read_bytes["stored"] / dt / 1e6,
         "gpus_fed": samples / dt / args.gpu_rate,
         "seconds": dt,
     }
@@ -150,8 +137,6 @@ def main() -> None:
     p.add_argument("--workers", default="0,2,4,8", help="DataLoader worker counts")
     p.add_argument("--block-sizes", default="16,256", help="DataConfig.block_size values")
     p.add_argument("--states", default="warm,cold", help="page-cache states: warm, cold")
-    p.add_argument("--readers", default="current,per-sample",
-                   help="current: the trainer's CacheBatches; per-sample: a what-if variant (bench/common.py) that reads with basic indexing")
     p.add_argument("--cache", default=None, help="read this existing cache instead of generating one")
     p.add_argument("--samples", type=int, default=None, help="samples of the generated cache (default: one epoch of the longest configuration)")
     p.add_argument("--workdir", default=None, help="where the generated cache goes (default: a temporary folder, removed)")
@@ -163,11 +148,8 @@ def main() -> None:
     args.batch_size = args.batch_size or (256 if cuda else 16)
     args.steps = args.steps or (8 if cuda else 4)
     workers, blocks, states = _ints(args.workers), _ints(args.block_sizes), [s.strip() for s in args.states.split(",") if s.strip()]
-    readers = [s.strip() for s in args.readers.split(",") if s.strip()]
     if any(s not in ("warm", "cold") for s in states):
         p.error("--states takes warm and/or cold")
-    if any(r not in READERS for r in readers):
-        p.error(f"--readers takes {', '.join(READERS)}")
 
     tmp = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="bench-loader-"))
     tmp.mkdir(parents=True, exist_ok=True)
@@ -185,11 +167,11 @@ def main() -> None:
         prep_s = time.perf_counter() - t0
         teachers = (teacher,)
         groups = [LATENTS, teacher_group(teacher)]
-        stored = stored_bytes_per_sample(cache, groups)
-        no_cls = sum(v for k, v in stored.items() if not k.endswith("/cls"))
-        args.stored_bps = {"current": sum(stored.values()), "per-sample": no_cls}
-        args.decoded_bps = {"current": decoded_bytes_per_sample(cache, groups),
-                            "per-sample": decoded_bytes_per_sample(cache, groups, skip=("cls",))}
+        sizes = bytes_per_sample(cache, groups)
+        used = [k for k in sizes if not k.endswith("/cls")]  # what CacheBatches reads (CacheBatches.fields)
+        # bytes a read of the drawn view touches: 1/V of the sample's where a chunk holds one view
+        args.read_bytes = {kind: sum(sizes[k][kind] * (1 / sizes[k]["views"] if sizes[k]["views_per_chunk"] == 1 else 1) for k in used)
+                           for kind in ("stored", "decoded")}
         reader = CacheReader(cache, groups=groups)
         scale = LatentScale.from_cache(reader)
         files = cache_files(cache)
@@ -203,30 +185,29 @@ def main() -> None:
             "batch": args.batch_size,
             "steps": args.steps,
             "cache_bytes_on_disk": sum(f.stat().st_size for f in files),
-            "stored_bytes_per_sample": {k: round(v) for k, v in stored.items()},
-            "decoded_bytes_per_sample": args.decoded_bps,
-            "readers": readers,
+            "bytes_per_sample": {k: {kind: round(v) for kind, v in d.items()} for k, d in sizes.items()},
+            "read_bytes_per_sample": {k: round(v) for k, v in args.read_bytes.items()},
             "consumer": f"{args.model} at {args.gpu_rate:g} img/s per GPU",
             "prepare_s": round(prep_s, 1),
         }
         del reader
         results = []
-        for reader_name, state, block, w in itertools.product(readers, states, blocks, workers):
-            r = run_config(cache, teachers, args, device, reader_name, w, block, state, files, scale)
+        for state, block, w in itertools.product(states, blocks, workers):
+            r = run_config(cache, teachers, args, device, w, block, state, files, scale)
             results.append(r)
             if "samples_per_s" in r:
-                print(f"{reader_name} {state:4s} block {block:4d} workers {w}: {r['samples_per_s']:.0f} samples/s, "
+                print(f"{state:4s} block {block:4d} workers {w}: {r['samples_per_s']:.0f} samples/s, "
                       f"{r['delivered_MB_s']:.0f} MB/s delivered, {r['stored_MB_s']:.0f} MB/s stored, "
                       f"resident before {r['resident_before']}", flush=True)
             else:
-                print(f"{reader_name} {state} block {block} workers {w}: {r['note']}")
+                print(f"{state} block {block} workers {w}: {r['note']}")
         info["load_avg_at_end"] = list(os.getloadavg())
     finally:
         if not args.workdir:
             shutil.rmtree(tmp, ignore_errors=True)
 
     print(f"\n{info['device']} | torch {info['torch']} | {info['command']}")
-    print(markdown_table(results, ["reader", "state", "block", "workers", "batches", "resident_before", "samples_per_s", "delivered_MB_s",
+    print(markdown_table(results, ["state", "block", "workers", "batches", "resident_before", "samples_per_s", "delivered_MB_s",
                                    "decoded_MB_s", "stored_MB_s", "gpus_fed", "first_batch_s", "incl_startup_samples_per_s"]))
     out = {"info": info, "results": results}
     text = json.dumps(out, indent=1, default=str)

@@ -46,13 +46,13 @@ from typing import Any
 
 try:
     from common import (  # type: ignore[import-not-found]  # python bench/train_step.py
-        READERS, cache_teachers, env_info, image_keys, make_crops, make_images, markdown_table, matmul_peak_flops,
+        cache_teachers, env_info, image_keys, make_crops, make_images, markdown_table, matmul_peak_flops,
         median_spread, peak_memory_bytes, precompute_cache, reset_peak_memory, resolve_device, sync,
         write_synthetic_cache,
     )
 except ImportError:  # python -m bench.train_step
     from bench.common import (
-        READERS, cache_teachers, env_info, image_keys, make_crops, make_images, markdown_table, matmul_peak_flops,
+        cache_teachers, env_info, image_keys, make_crops, make_images, markdown_table, matmul_peak_flops,
         median_spread, peak_memory_bytes, precompute_cache, reset_peak_memory, resolve_device, sync,
         write_synthetic_cache,
     )
@@ -86,8 +86,8 @@ class OnlineBatches(Dataset):
     groups); the flipped view is the decoded crop mirrored.
     """
 
-    def __init__(self, cfg: DataConfig, files: list[str], resolution: int, reader: type = CacheBatches) -> None:
-        self.inner = reader(dataclasses.replace(cfg, teachers=()))
+    def __init__(self, cfg: DataConfig, files: list[str], resolution: int) -> None:
+        self.inner = CacheBatches(dataclasses.replace(cfg, teachers=()))
         self.cfg = self.inner.cfg  # make_loader reads num_workers / prefetch_factor from here
         self.files, self.resolution = files, resolution
 
@@ -224,9 +224,9 @@ def run_path(path: str, args: argparse.Namespace, ctx: dict[str, Any], tr: Train
     else:
         dcfg = DataConfig(str(ctx["cache"]), teachers, B, seed=0, block_size=args.block_size, num_workers=args.num_workers)
         if path == "cached":
-            ds: Any = READERS[args.reader](dcfg)
+            ds: Any = CacheBatches(dcfg)
         else:
-            ds = OnlineBatches(dcfg, ctx["files"], ctx["resolution"], READERS[args.reader])
+            ds = OnlineBatches(dcfg, ctx["files"], ctx["resolution"])
             spec = get_teacher(ctx["teacher"])
             teacher_mod = load_teacher(spec, ctx["resolution"], device=device, pretrained=False)
         # As in a long run, the workers keep producing through the last timed step (the sampler
@@ -339,8 +339,6 @@ def main() -> None:
     p.add_argument("--compile", action="store_true", help="torch.compile the model (as repa train --compile)")
     p.add_argument("--num-workers", type=int, default=None, help="DataLoader workers for cached and online (default: 8 on CUDA, 2 on CPU)")
     p.add_argument("--block-size", type=int, default=64, help="DataConfig.block_size")
-    p.add_argument("--reader", choices=tuple(READERS), default="current",
-                   help="current: the trainer's CacheBatches; per-sample: the what-if reader of bench/common.py (see bench/loader.py)")
     p.add_argument("--cache", default=None, help="use this existing cache instead of making one")
     p.add_argument("--images", default=None, help="image folder whose keys the cache names (default: generated demo images)")
     p.add_argument("--num-images", type=int, default=64, help="demo images to generate (the online path cycles over them)")
@@ -393,7 +391,6 @@ def main() -> None:
             "steps": args.steps,
             "cache": str(ctx["cache"]) if args.cache else f"generated ({ctx['num_samples']} samples)",
             "online_source": args.online_source,
-            "reader": args.reader,
             "prepare_s": round(prep_s, 1),
         }
         if args.flops:

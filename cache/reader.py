@@ -13,6 +13,7 @@ can read one cache at once, also while another process adds a group. A reader:
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import hashlib
 import logging
@@ -25,6 +26,7 @@ from typing import Any
 
 import numpy as np
 import zarr
+from zarr.core.sync import sync as zarr_sync  # runs a coroutine on zarr's own event loop
 
 from cache.errors import CacheError
 from cache.format import (
@@ -103,7 +105,10 @@ class GroupInfo:
 class ReaderBase:
     """What every cache reader shares (the zarr store here, webdataset shards in cache.wds):
     metadata, labels, validity, and group lookup. Subclasses set ``root``, ``meta``, ``groups``,
-    ``labels``, ``keys``, ``status`` and ``valid`` and implement ``read`` and ``read_block``."""
+    ``labels``, ``keys``, ``status`` and ``valid`` and implement ``read``, ``read_block`` and
+    ``array_names``. ``read``/``read_block``/``read_views`` take either ``groups`` (every array of
+    those groups) or ``fields`` (only the named ``"<group>/<array>"`` arrays, e.g. the trainer's
+    latents and patch tokens without the CLS tokens it does not use)."""
 
     root: StorePath
     meta: CacheMeta
@@ -148,18 +153,40 @@ class ReaderBase:
         return v
 
     def read_views(self, indices: Sequence[int] | np.ndarray, views: Sequence[int] | np.ndarray,
-                   groups: Iterable[str] | None = None) -> dict[str, np.ndarray]:
+                   groups: Iterable[str] | None = None, *, fields: Iterable[str] | None = None) -> dict[str, np.ndarray]:
         """Like ``read``, with one stored view per row: row ``i`` of every array is view
         ``views[i]`` of sample ``indices[i]``, shape ``(n, ...)`` (no view axis). Also returns
         ``out["view"]``. This generic version reads every view and picks; a backend that can read
         one view alone overrides it."""
         idx = self._check_indices(indices)
         v = self._check_views(views, idx)
-        out = self.read(idx, groups=groups)
+        out = self.read(idx, groups=groups, fields=fields)
         rows = np.arange(idx.size)
         for k in [k for k in out if "/" in k]:
             out[k] = np.ascontiguousarray(out[k][rows, v])
         out["view"] = v
+        return out
+
+    def array_names(self, group: str) -> list[str]:
+        """The arrays of an opened group, e.g. ``["patch", "cls"]`` for a teacher."""
+        raise NotImplementedError
+
+    def _fields(self, groups: Iterable[str] | None, fields: Iterable[str] | None) -> list[tuple[str, str]]:
+        """``(group, array)`` pairs to read: every array of the selected groups, or exactly the
+        ``fields`` (``"<group>/<array>"`` keys as ``read`` returns them, e.g.
+        ``"teachers/dinov2-vit-b/patch"``; a bare teacher name works as the group)."""
+        if fields is None:
+            return [(g, name) for g in self._select(groups) for name in self.array_names(g)]
+        if groups is not None:
+            raise CacheError("read(): pass groups or fields, not both")
+        out = []
+        for f in fields:
+            g, _, name = f.rpartition("/")
+            g = self.resolve_group(g) if g else g
+            if g not in self.groups or name not in self.array_names(g):
+                known = ", ".join(f"{g}/{n}" for g in self.groups for n in self.array_names(g))
+                raise CacheError(f"'{f}' is not an array of a group this reader opened (arrays: {known})")
+            out.append((g, name))
         return out
 
     def _select(self, groups: Iterable[str] | None) -> list[str]:
@@ -228,6 +255,9 @@ class CacheReader(ReaderBase):
     def group(self, name: str) -> GroupInfo:
         return self.groups[self.resolve_group(name)]
 
+    def array_names(self, group: str) -> list[str]:
+        return list(self.groups[group].arrays)
+
     def _this_process(self) -> None:
         """Reopen the arrays in a forked child (DataLoader workers): a remote store's client and
         event loop belong to the process that opened them."""
@@ -239,24 +269,25 @@ class CacheReader(ReaderBase):
         self._pid = os.getpid()
 
     # -- reading -------------------------------------------------------------------------------
-    def read(self, indices: Sequence[int] | np.ndarray, groups: Iterable[str] | None = None) -> dict[str, np.ndarray]:
-        """Rows at ``indices`` (any order, repeats allowed) of the requested groups.
+    def read(self, indices: Sequence[int] | np.ndarray, groups: Iterable[str] | None = None, *,
+             fields: Iterable[str] | None = None) -> dict[str, np.ndarray]:
+        """Rows at ``indices`` (any order, repeats allowed) of the requested groups (or only the
+        ``fields``, see :meth:`ReaderBase.read`).
 
         Raises CacheError for an index out of range or of a skipped input.
         """
         self._this_process()
         idx = self._check_indices(indices)
-        out: dict[str, np.ndarray] = {}
-        for group in self._select(groups):
-            self._check_shards(group, {self.meta.shard_of(int(i)) for i in np.unique(idx)})
-            for name, arr in self.groups[group].arrays.items():
-                out[f"{group}/{name}"] = self._gather(group, name, arr, idx, None)
+        wanted = self._fields(groups, fields)
+        self._check_shards_of(wanted, idx)
+        rows = self._fetch([(g, name, idx, None) for g, name in wanted])
+        out = {f"{g}/{name}": r for (g, name), r in zip(wanted, rows)}
         out["label"] = self.labels[idx]
         out["index"] = idx
         return out
 
     def read_views(self, indices: Sequence[int] | np.ndarray, views: Sequence[int] | np.ndarray,
-                   groups: Iterable[str] | None = None) -> dict[str, np.ndarray]:
+                   groups: Iterable[str] | None = None, *, fields: Iterable[str] | None = None) -> dict[str, np.ndarray]:
         """Like ``read``, with one stored view per row (see :meth:`ReaderBase.read_views`). Reads
         only that view: where a chunk holds one view (the layout the writer uses) nothing else is
         decompressed, about half the work of ``read`` with two views; older caches with both views
@@ -264,53 +295,69 @@ class CacheReader(ReaderBase):
         self._this_process()
         idx = self._check_indices(indices)
         v = self._check_views(views, idx)
+        wanted = self._fields(groups, fields)
+        self._check_shards_of(wanted, idx)
+        by_view = [(view, np.flatnonzero(v == view)) for view in np.unique(v).tolist()]
+        rows = iter(self._fetch([(g, name, idx[sel], view) for g, name in wanted for view, sel in by_view]))
         out: dict[str, np.ndarray] = {}
-        for group in self._select(groups):
-            self._check_shards(group, {self.meta.shard_of(int(i)) for i in np.unique(idx)})
-            for name, arr in self.groups[group].arrays.items():
-                data = np.empty((idx.size, *arr.shape[2:]), arr.dtype)
-                for view in np.unique(v).tolist():
-                    sel = np.flatnonzero(v == view)
-                    data[sel] = self._gather(group, name, arr, idx[sel], view)
-                out[f"{group}/{name}"] = data
+        for g, name in wanted:
+            arr = self.groups[g].arrays[name]
+            data = np.empty((idx.size, *arr.shape[2:]), arr.dtype)
+            for _, sel in by_view:
+                data[sel] = next(rows)
+            out[f"{g}/{name}"] = data
         out["label"] = self.labels[idx]
         out["index"] = idx
         out["view"] = v
         return out
 
-    def _gather(self, group: str, name: str, arr: zarr.Array, idx: np.ndarray, view: int | None) -> np.ndarray:
-        """Rows ``idx`` (any order) of one array, all views or one; checked finite."""
-        order = np.argsort(idx, kind="stable")  # sorted, consecutive rows share shards and slices
-        sorted_idx = idx[order]
-        shape = arr.shape[1:] if view is None else arr.shape[2:]
-        if sorted_idx.size:
-            rows = self._decode(group, name, lambda: _read_runs(arr, sorted_idx, view), sorted_idx)
-        else:
-            rows = np.empty((0, *shape), arr.dtype)
-        self._check_finite(group, name, rows, sorted_idx)
-        data = np.empty_like(rows)
-        data[order] = rows
-        return data
-
-    def read_block(self, start: int, stop: int, groups: Iterable[str] | None = None) -> dict[str, np.ndarray]:
+    def read_block(self, start: int, stop: int, groups: Iterable[str] | None = None, *,
+                   fields: Iterable[str] | None = None) -> dict[str, np.ndarray]:
         """Valid rows of the contiguous block ``[start, stop)``; ``out["index"]`` says which."""
         if not 0 <= start <= stop <= self.num_samples:
             raise CacheError(f"block [{start}, {stop}) is outside [0, {self.num_samples})")
-        self._this_process()
-        keep = self.valid[start:stop]
-        out: dict[str, np.ndarray] = {}
-        for group in self._select(groups):
-            info = self.groups[group]
-            if stop > start:
-                self._check_shards(group, set(range(self.meta.shard_of(start), self.meta.shard_of(stop - 1) + 1)))
-            for name, arr in info.arrays.items():
-                rows = self._decode(group, name, lambda a=arr: a[start:stop], np.arange(start, stop))[keep]
-                self._check_finite(group, name, rows, np.arange(start, stop)[keep])
-                out[f"{group}/{name}"] = rows
-        idx = np.arange(start, stop)[keep]
-        out["label"] = self.labels[idx]
-        out["index"] = idx
+        return self.read(np.arange(start, stop)[self.valid[start:stop]], groups=groups, fields=fields)
+
+    def _fetch(self, jobs: list[tuple[str, str, np.ndarray, int | None]]) -> list[np.ndarray]:
+        """Rows of several arrays at once. A job ``(group, array, indices, view)`` asks for the
+        rows ``indices`` (any order, repeats allowed) of one array, all views (``view=None``) or
+        one. Every run of consecutive indices becomes one zarr slice read, and the reads of all
+        jobs are in flight together on zarr's event loop: file or object reads and decompression
+        overlap (zarr runs both in threads), instead of paying one round trip per read. Plain
+        slices, because zarr 3.1's orthogonal selection on sharded arrays computes an index per
+        element, some 40x slower per sample (zarr-python #3829). Every row is checked finite."""
+
+        async def one(arr: zarr.Array, idx: np.ndarray, view: int | None) -> np.ndarray:
+            uniq, inverse = np.unique(idx, return_inverse=True)
+            runs = np.split(uniq, np.flatnonzero(np.diff(uniq) != 1) + 1)
+            sels = [slice(int(r[0]), int(r[-1]) + 1) for r in runs]
+            parts = await asyncio.gather(*(arr.async_array.getitem(s if view is None else (s, view)) for s in sels))
+            return np.concatenate(parts)[inverse.reshape(-1)]
+
+        async def all_jobs() -> list[Any]:
+            return await asyncio.gather(
+                *(one(self.groups[g].arrays[name], idx, view) for g, name, idx, view in jobs if idx.size),
+                return_exceptions=True,
+            )
+
+        fetched = iter(zarr_sync(all_jobs()) if any(job[2].size for job in jobs) else [])
+        out = []
+        for g, name, idx, view in jobs:
+            arr = self.groups[g].arrays[name]
+            if not idx.size:
+                out.append(np.empty((0, *(arr.shape[1:] if view is None else arr.shape[2:])), arr.dtype))
+                continue
+            rows = next(fetched)
+            if isinstance(rows, BaseException):
+                self._raise_unreadable(g, name, idx, rows)
+            self._check_finite(g, name, rows, idx)
+            out.append(rows)
         return out
+
+    def _check_shards_of(self, wanted: list[tuple[str, str]], idx: np.ndarray) -> None:
+        shards = {self.meta.shard_of(int(i)) for i in np.unique(idx)}
+        for g in dict.fromkeys(g for g, _ in wanted):
+            self._check_shards(g, shards)
 
     def _check_shards(self, group: str, shards: set[int]) -> None:
         if not self.verify_checksums:
@@ -324,17 +371,17 @@ class CacheReader(ReaderBase):
             with self._lock:
                 self._verified.add((group, shard))
 
-    def _decode(self, group: str, name: str, read: Any, idx: np.ndarray) -> np.ndarray:
-        """Run a zarr read; a chunk that does not decode becomes a CacheError naming its shard."""
-        try:
-            return read()
-        except Exception as e:  # noqa: BLE001 - codec errors of damaged data have many types
-            shards = sorted({self.meta.shard_of(int(i)) for i in idx})
-            for shard in shards:  # name the shard that is at fault
-                problem = check_shard(self.groups[group], shard)
-                if problem:
-                    raise CacheError(f"group '{group}' of {self.root}: shard {shard} {problem}") from e
-            raise CacheError(f"group '{group}' of {self.root}: shards {shards} of '{name}' do not decode: {e}") from e
+    def _raise_unreadable(self, group: str, name: str, idx: np.ndarray, error: BaseException) -> None:
+        """A read that failed: a CacheError naming the damaged shard (a storage failure surfaces as
+        itself while the shard is checked)."""
+        if not isinstance(error, Exception):  # KeyboardInterrupt and the like
+            raise error
+        shards = sorted({self.meta.shard_of(int(i)) for i in idx})
+        for shard in shards:  # name the shard that is at fault
+            problem = check_shard(self.groups[group], shard)
+            if problem:
+                raise CacheError(f"group '{group}' of {self.root}: shard {shard} {problem}") from error
+        raise CacheError(f"group '{group}' of {self.root}: shards {shards} of '{name}' do not decode: {error}") from error
 
     def _check_finite(self, group: str, name: str, rows: np.ndarray, idx: np.ndarray) -> None:
         if rows.size == 0:
@@ -346,23 +393,6 @@ class CacheReader(ReaderBase):
                 f"group '{group}' of {self.root}: shard {self.meta.shard_of(i)} has missing or non-finite data "
                 f"in '{name}' at index {i} (damaged cache; run `repa verify`)"
             )
-
-
-def _read_runs(arr: zarr.Array, sorted_idx: np.ndarray, view: int | None = None) -> np.ndarray:
-    """Rows ``sorted_idx`` (ascending, repeats allowed), one slice per run of consecutive indices;
-    all views, or only ``view`` (then without the view axis).
-
-    zarr 3.1's orthogonal (fancy) selection on sharded arrays computes an index per element and
-    is some 40x slower per sample than plain slices (zarr-python #3829).
-    """
-    uniq, inverse = np.unique(sorted_idx, return_inverse=True)
-    breaks = np.flatnonzero(np.diff(uniq) != 1) + 1
-    runs = np.split(uniq, breaks)
-    if view is None:
-        rows = np.concatenate([arr[int(r[0]) : int(r[-1]) + 1] for r in runs])
-    else:
-        rows = np.concatenate([arr[int(r[0]) : int(r[-1]) + 1, view] for r in runs])
-    return rows[inverse]
 
 
 def check_shard(info: GroupInfo, shard: int) -> str | None:

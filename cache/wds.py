@@ -40,14 +40,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow.parquet as pq
 
 from cache.errors import CacheError, UsageError
 from cache.format import (
     FORMAT_VERSION,
-    LATENTS,
     MANIFEST_FILE,
-    TEACHER_PREFIX,
     CacheMeta,
     GroupMeta,
     write_json_atomic,
@@ -289,6 +286,9 @@ class WdsReader(ReaderBase):
     def group(self, name: str) -> WdsGroup:
         return self.groups[self.resolve_group(name)]
 
+    def array_names(self, group: str) -> list[str]:
+        return list(self.groups[group].members)
+
     # -- shard index ---------------------------------------------------------------------------
     def _shard_of(self, index: int) -> int:
         s = bisect.bisect_right(self._firsts, index) - 1
@@ -326,17 +326,19 @@ class WdsReader(ReaderBase):
         return table
 
     # -- reading -------------------------------------------------------------------------------
-    def read(self, indices: Sequence[int] | np.ndarray, groups: Iterable[str] | None = None) -> dict[str, np.ndarray]:
-        """Rows at ``indices`` (any order, repeats allowed) of the requested groups.
+    def read(self, indices: Sequence[int] | np.ndarray, groups: Iterable[str] | None = None, *,
+             fields: Iterable[str] | None = None) -> dict[str, np.ndarray]:
+        """Rows at ``indices`` (any order, repeats allowed) of the requested groups (or only the
+        ``fields``, see :meth:`cache.reader.CacheReader.read`).
 
         Raises CacheError for an index out of range or of a skipped input.
         """
         idx = self._check_indices(indices)
-        selected = self._select(groups)
+        wanted = self._fields(groups, fields)
         out: dict[str, np.ndarray] = {}
-        for g in selected:
-            for spec in self.groups[g].meta.arrays:
-                out[f"{g}/{spec.name}"] = np.empty((idx.size, len(self.views), *spec.sample_shape), dtype=spec.dtype)
+        for g, name in wanted:
+            spec = next(a for a in self.groups[g].meta.arrays if a.name == name)
+            out[f"{g}/{name}"] = np.empty((idx.size, len(self.views), *spec.sample_shape), dtype=spec.dtype)
         uniq, inverse = np.unique(idx, return_inverse=True)
         by_shard: dict[int, list[int]] = {}
         for u, i in enumerate(uniq.tolist()):
@@ -351,13 +353,13 @@ class WdsReader(ReaderBase):
                     members = table.get(i)
                     if members is None:
                         raise CacheError(f"{self.root}: shard {fname} has no sample for cache index {i} (damaged export)")
-                    for g in selected:
-                        for name, suffix in self.groups[g].members.items():
-                            if suffix not in members:
-                                raise CacheError(f"{self.root}: shard {fname} lacks '{suffix}' of cache index {i}")
-                            off, size = members[suffix]
-                            raw = shard_file.read(off, size)
-                            rows[f"{g}/{name}"][u] = self._decode(raw, fname, i, g, name)
+                    for g, name in wanted:
+                        suffix = self.groups[g].members[name]
+                        if suffix not in members:
+                            raise CacheError(f"{self.root}: shard {fname} lacks '{suffix}' of cache index {i}")
+                        off, size = members[suffix]
+                        raw = shard_file.read(off, size)
+                        rows[f"{g}/{name}"][u] = self._decode(raw, fname, i, g, name)
         for name, arr in out.items():
             if idx.size:
                 arr[...] = np.stack(rows[name])[inverse.reshape(-1)]
@@ -365,11 +367,12 @@ class WdsReader(ReaderBase):
         out["index"] = idx
         return out
 
-    def read_block(self, start: int, stop: int, groups: Iterable[str] | None = None) -> dict[str, np.ndarray]:
+    def read_block(self, start: int, stop: int, groups: Iterable[str] | None = None, *,
+                   fields: Iterable[str] | None = None) -> dict[str, np.ndarray]:
         """Valid rows of the contiguous block ``[start, stop)``; ``out["index"]`` says which."""
         if not 0 <= start <= stop <= self.num_samples:
             raise CacheError(f"block [{start}, {stop}) is outside [0, {self.num_samples})")
-        return self.read(np.arange(start, stop)[self.valid[start:stop]], groups=groups)
+        return self.read(np.arange(start, stop)[self.valid[start:stop]], groups=groups, fields=fields)
 
     def _decode(self, raw: bytes, fname: str, index: int, group: str, name: str) -> np.ndarray:
         spec = self.groups[group].meta.array(name)

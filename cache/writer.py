@@ -33,7 +33,6 @@ from cache.format import (
     MANIFEST_FILE,
     PLAN_FILE,
     ROOT_ATTR,
-    ArraySpec,
     CacheMeta,
     GroupMeta,
     ShardRecord,

@@ -22,7 +22,7 @@ from tqdm import tqdm
 from cache.errors import FingerprintMismatch, RepaError, UsageError, quiet_unraisable
 from cache.format import PLAN_FILE, ROOT_ATTR, GroupMeta, fingerprint_diff, teacher_group
 from cache.reader import commit_record, group_meta, list_groups, open_meta
-from cache.storage import StorePath, is_storage_error, store_path
+from cache.storage import StorePath, store_path
 from cache.writer import commit_group, create_cache, create_group, load_records
 from pipeline.groups import check_precision, teacher_group_meta, vae_group
 from pipeline.plan import PrecomputeConfig, make_plan, sample_order

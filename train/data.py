@@ -74,6 +74,8 @@ class CacheBatches(Dataset):
             raise UsageError(f"--batch-size {cfg.global_batch} is not divisible by the world size {world_size}")
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
         self.groups = [LATENTS] + [teacher_group(t) for t in cfg.teachers]
+        # what a step uses: the posterior's moments and each teacher's patch tokens (not its CLS token)
+        self.fields = [f"{LATENTS}/mean", f"{LATENTS}/std"] + [f"{g}/patch" for g in self.groups[1:]]
         reader = self._open()
         valid = reader.valid_indices()
         if not 0 <= cfg.holdout < len(valid):
@@ -119,7 +121,7 @@ class CacheBatches(Dataset):
         if self._reader is None:
             self._reader = self._open()
         idx, views = self.indices(step)
-        data = self._reader.read_views(idx, views, groups=self.groups)  # decodes only the drawn view
+        data = self._reader.read_views(idx, views, fields=self.fields)  # decodes only the drawn view
         out = {
             "mean": torch.from_numpy(data["latents/mean"]),  # (B, C, h, w)
             "std": torch.from_numpy(data["latents/std"]),

@@ -82,7 +82,7 @@ class TrainConfig:
     ckpt_every: int = 10_000
     log_every: int = 100
     keep_checkpoints: int = 2
-    num_workers: int = 2
+    num_workers: int | None = None  # DataLoader workers per rank; None: loader_workers() picks
     resample_teacher: bool = False  # resample teacher tokens to the student grid instead of refusing
     align_every: int = 0  # every N steps log CKNNA and cosine to the teacher on the held-out samples (0: off)
     holdout: int = 0  # the last N valid cache samples are held out of training (for alignment metrics)
@@ -152,6 +152,19 @@ def resolve_device(name: str, local_rank: int) -> torch.device:
     return dev
 
 
+def loader_workers(asked: int | None, device: torch.device, local_world_size: int | None) -> int:
+    """DataLoader workers per rank. On a GPU the reader is latency-bound (each worker waits on
+    many small chunk reads), so more workers than cores still help: 8 workers delivered about 3x
+    what 2 did on a 2-core machine (docs/benchmarks.md). The default there is 8, fewer where this
+    rank's share of the node's cores is small; on the CPU the trainer needs the cores itself: 2."""
+    if asked is not None:
+        return asked
+    if device.type != "cuda":
+        return 2
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 2)
+    return max(2, min(8, cores // max(1, local_world_size or 1) - 1))
+
+
 def step_seed(seed: int, rank: int, step: int) -> int:
     """The seed of all randomness of one step on one rank."""
     return (seed * 1_000_003 + rank * 7_919 + step * 104_729) % (2**63 - 1)
@@ -184,6 +197,12 @@ def plan_run(cfg: TrainConfig) -> RunSetup:
             raise UsageError(f"teacher '{t}' is not in the cache {root} (teachers present: {', '.join(cached_teachers) or 'none'})")
     if cfg.batch_size <= 0 or cfg.max_steps < 0 or cfg.ckpt_every <= 0 or cfg.log_every <= 0:
         raise UsageError("--batch-size, --ckpt-every and --log-every must be positive, --max-steps not negative")
+    negative = [f"--{k.replace('_', '-')} {v}" for k, v in (("workers", cfg.num_workers), ("holdout", cfg.holdout),
+                ("align-every", cfg.align_every), ("proj-coeff", cfg.proj_coeff)) if v is not None and v < 0]
+    if negative:
+        raise UsageError(f"{', '.join(negative)}: must not be negative")
+    if not cfg.optim.lr > 0:
+        raise UsageError(f"--lr must be positive, got {cfg.optim.lr}")
     reader = open_reader(root, groups=[LATENTS] + [teacher_group(t) for t in teachers])  # refuses uncommitted/damaged
     lat = reader.group(LATENTS).meta.model
     dims = tuple(int(reader.group(t).meta.model["dim"]) for t in teachers)
@@ -278,13 +297,14 @@ def train(cfg: TrainConfig) -> TrainResult:
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
 
     ds = CacheBatches(
-        DataConfig(cfg.cache, setup.teachers, cfg.batch_size, cfg.seed, num_workers=cfg.num_workers, holdout=cfg.holdout),
+        DataConfig(cfg.cache, setup.teachers, cfg.batch_size, cfg.seed, holdout=cfg.holdout,
+                   num_workers=loader_workers(cfg.num_workers, device, di.local_world_size)),
         di.rank,
         di.world_size,
     )
     loader = make_loader(ds, start, cfg.max_steps, pin_memory=device.type == "cuda")
     if di.is_main:
-        print(di.describe(ds.local_batch, device), file=sys.stderr)
+        print(f"{di.describe(ds.local_batch, device)}, {ds.cfg.num_workers} loader workers per rank", file=sys.stderr)
     metrics_file = run / "metrics.jsonl"
     writer = _tensorboard(run) if cfg.tensorboard and di.is_main else None
     bar = tqdm(total=cfg.max_steps, initial=start, unit="step", disable=cfg.quiet or not di.is_main or not sys.stderr.isatty())

@@ -91,7 +91,7 @@ class SiTConfig:
                 raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
         if not 1 <= self.encoder_depth <= self.depth:
             raise UsageError(
-                f"--encoder-depth {self.encoder_depth} is beyond the model depth {self.depth}")
+                f"--encoder-depth {self.encoder_depth} is outside the model's blocks 1..{self.depth}")
         if self.input_size % self.patch_size:
             raise UsageError(
                 f"latent side {self.input_size} is not divisible by the patch size {self.patch_size}")

@@ -164,6 +164,27 @@ def test_read_views_bit_exact(backend):
         r.read_views([5], [0])
 
 
+def test_fields_read_only_the_named_arrays(backend):
+    _, open_, truth = backend
+    r = open_()
+    idx, views = [9, 0, 3, 3, 12], [1, 0, 0, 1, 0]
+    fields = ["latents/std", "t/patch", "teachers/u/cls"]  # a bare teacher name works as the group
+    got = r.read_views(idx, views, fields=fields)
+    assert set(got) == {"latents/std", "teachers/t/patch", "teachers/u/cls", "label", "index", "view"}
+    for name in ("latents/std", "teachers/t/patch", "teachers/u/cls"):
+        np.testing.assert_array_equal(got[name], truth[name][idx, views])
+    block = r.read_block(2, 9, fields=["latents/mean"])
+    keep = [i for i in range(2, 9) if i not in SKIPPED]
+    assert set(block) == {"latents/mean", "label", "index"}
+    np.testing.assert_array_equal(block["latents/mean"], truth["latents/mean"][keep])
+    with pytest.raises(CacheError, match=r"'t/feat' is not an array of a group this reader opened \(arrays: latents/mean, "):
+        r.read([0], fields=["t/feat"])
+    with pytest.raises(CacheError, match=r"'mean' is not an array of a group this reader opened"):
+        r.read([0], fields=["mean"])
+    with pytest.raises(CacheError, match=r"read\(\): pass groups or fields, not both"):
+        r.read([0], groups=["t"], fields=["t/patch"])
+
+
 def test_zarr_chunks_hold_one_view_of_one_sample(synth):
     arr = CacheReader(synth["zarr"]).group("t").arrays["patch"]
     assert arr.shards == (SHARD, 2, 4, 8) and arr.chunks == (1, 1, 4, 8)

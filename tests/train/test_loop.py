@@ -61,6 +61,15 @@ def test_resume_equals_uninterrupted(tiny_cache, tmp_path):
     assert {"loss", "denoise", "repa", "grad_norm", "cos/tiny", "img_per_sec", "data_wait", "world_size"} <= set(lines[0])
 
 
+def test_loader_workers_default(monkeypatch):
+    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
+    assert loop.loader_workers(3, cuda, 8) == 3 and loop.loader_workers(0, cpu, 1) == 0  # asked: as asked
+    assert loop.loader_workers(None, cpu, 1) == 2  # the CPU trains on its own cores
+    for cores, ranks, want in ((96, 8, 8), (64, 8, 7), (16, 8, 2), (8, 1, 7), (128, None, 8)):
+        monkeypatch.setattr(loop.os, "sched_getaffinity", lambda pid, n=cores: set(range(n)))
+        assert loop.loader_workers(None, cuda, ranks) == want, (cores, ranks)
+
+
 def test_metrics_report_world_size_and_per_rank_throughput(tiny_cache, tmp_path, capsys):
     run = tmp_path / "r"
     train(cfg(tiny_cache, run, max_steps=4, log_every=2, quiet=False))
@@ -71,7 +80,7 @@ def test_metrics_report_world_size_and_per_rank_throughput(tiny_cache, tmp_path,
         assert m["img_per_sec_rank_min"] == m["img_per_sec_rank_max"] == m["img_per_sec"] > 0
         assert m["data_wait_rank_max"] == m["data_wait"]
     out, err = capsys.readouterr()
-    assert "world size 1 on 1 node, batch 8 per rank (8 global), backend none, device cpu" in err.splitlines()
+    assert "world size 1 on 1 node, batch 8 per rank (8 global), backend none, device cpu, 0 loader workers per rank" in err.splitlines()
     status = [x for x in out.splitlines() if x.startswith("step ")]
     assert len(status) == 2 and " img/s data-wait " in status[0] and "slowest rank" not in status[0]
 
@@ -168,7 +177,7 @@ def test_torchrun_two_gloo_processes(tiny_cache, tmp_path):
     )
     assert res.returncode == 0, res.stderr[-2000:]
     assert load_checkpoint(latest_checkpoint(run))["step"] == 2
-    assert "world size 2 on 1 node, batch 4 per rank (8 global), backend gloo, device cpu" in res.stderr
+    assert "world size 2 on 1 node, batch 4 per rank (8 global), backend gloo, device cpu, 0 loader workers per rank" in res.stderr
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in lines] == [1, 2]  # rank 0 alone writes
     for m in lines:
@@ -220,7 +229,11 @@ def test_torchrun_non_finite_loss_on_one_rank_stops_every_rank_before_the_next_c
     [
         (["--teacher", "dinov2-vit-b"], "error: teacher 'dinov2-vit-b' is not in the cache"),
         (["--model", "SiT-S/4"], "error: teacher 'tiny' has 256 tokens but SiT-S/4 on 32x32 latents has 64"),
-        (["--encoder-depth", "9"], "error: --encoder-depth 9 is beyond the model depth 4"),
+        (["--encoder-depth", "9"], "error: --encoder-depth 9 is outside the model's blocks 1..4"),
+        (["--encoder-depth", "0"], "error: --encoder-depth 0 is outside the model's blocks 1..4"),
+        (["--workers", "-1"], "error: --workers -1: must not be negative"),
+        (["--holdout", "-2", "--proj-coeff", "-0.5"], "error: --holdout -2, --proj-coeff -0.5: must not be negative"),
+        (["--lr", "0"], "error: --lr must be positive, got 0.0"),
         (["--model", "SiT-Q/2"], "error: unknown model 'SiT-Q/2'"),
         (["--batch-size", "64"], "error: the cache has 21 usable samples, fewer than one batch of 64"),
     ],

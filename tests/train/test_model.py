@@ -162,9 +162,9 @@ def test_unknown_model_message() -> None:
 
 
 def test_validation_messages() -> None:
-    with pytest.raises(UsageError, match=r"^--encoder-depth 13 is beyond the model depth 12$"):
+    with pytest.raises(UsageError, match=r"^--encoder-depth 13 is outside the model's blocks 1\.\.12$"):
         sit_config("SiT-B/2", encoder_depth=13)
-    with pytest.raises(UsageError, match="--encoder-depth 0 is beyond"):
+    with pytest.raises(UsageError, match=r"^--encoder-depth 0 is outside the model's blocks 1\.\.12$"):
         sit_config("SiT-B/2", encoder_depth=0)
     with pytest.raises(UsageError, match="latent side 30 is not divisible by the patch size 4"):
         sit_config("SiT-B/4", input_size=30)
