@@ -272,7 +272,7 @@ class CacheReader(ReaderBase):
     def read(self, indices: Sequence[int] | np.ndarray, groups: Iterable[str] | None = None, *,
              fields: Iterable[str] | None = None) -> dict[str, np.ndarray]:
         """Rows at ``indices`` (any order, repeats allowed) of the requested groups (or only the
-        ``fields``, see :meth:`ReaderBase.read`).
+        ``fields``, see :class:`ReaderBase`).
 
         Raises CacheError for an index out of range or of a skipped input.
         """
