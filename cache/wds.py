@@ -337,7 +337,7 @@ class WdsReader(ReaderBase):
         wanted = self._fields(groups, fields)
         out: dict[str, np.ndarray] = {}
         for g, name in wanted:
-            spec = next(a for a in self.groups[g].meta.arrays if a.name == name)
+            spec = self.groups[g].meta.array(name)
             out[f"{g}/{name}"] = np.empty((idx.size, len(self.views), *spec.sample_shape), dtype=spec.dtype)
         uniq, inverse = np.unique(idx, return_inverse=True)
         by_shard: dict[int, list[int]] = {}
