@@ -9,6 +9,7 @@ realistic bytes for the reader; its values are noise.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import mmap
 import os
@@ -21,18 +22,15 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # run as `python bench/x.py` from anywhere
-    sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "error")
 
-import numpy as np  # noqa: E402
-import pyarrow as pa  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import pyarrow as pa
+import torch
 
-from cache.format import CODE_VERSION, CROP_RULE, FORMAT_VERSION, LATENTS, VIEW_NAMES, ArraySpec, CacheMeta, GroupMeta  # noqa: E402
-from cache.writer import DEFAULT_CODEC, commit_group, create_cache, create_group, write_shard  # noqa: E402
+from repa_cache.cache.format import CODE_VERSION, CROP_RULE, FORMAT_VERSION, LATENTS, VIEW_NAMES, ArraySpec, CacheMeta, GroupMeta
+from repa_cache.cache.writer import DEFAULT_CODEC, commit_group, create_cache, create_group, write_shard
 
 # --------------------------------------------------------------------------------------------
 # environment
@@ -40,15 +38,6 @@ from cache.writer import DEFAULT_CODEC, commit_group, create_cache, create_group
 
 def command_line() -> str:
     return " ".join(shlex.quote(a) for a in [Path(sys.executable).name, *sys.argv])
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda was asked for but no CUDA device is available")
-    return dev
 
 
 def device_name(device: torch.device) -> str:
@@ -88,10 +77,8 @@ def reset_peak_memory(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         return
-    try:  # "5" resets VmHWM (peak resident set) of this process (Linux >= 4.0)
+    with contextlib.suppress(OSError):  # "5" resets VmHWM (peak resident set) of this process (Linux >= 4.0)
         Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        pass
 
 
 def peak_memory_bytes(device: torch.device) -> tuple[int | None, str]:
@@ -136,14 +123,14 @@ def matmul_peak_flops(device: torch.device, dtype: torch.dtype, n: int | None = 
 
 def make_images(root: Path, count: int, seed: int = 0) -> Path:
     """Demo images (JPEG and PNG of 240..560 px, 4 classes), about ``count`` of them."""
-    from pipeline.demo import DEMO_CLASSES, make_demo_images
+    from repa_cache.pipeline.demo import DEMO_CLASSES, make_demo_images
 
     per_class = max(1, -(-count // len(DEMO_CLASSES)))
     return make_demo_images(root, per_class=per_class, seed=seed, bad_inputs=False)
 
 
 def image_keys(root: Path) -> list[str]:
-    from stages.images import list_source
+    from repa_cache.pipeline.source import list_source
 
     return [it.key for it in list_source(root).items]
 
@@ -154,7 +141,7 @@ def make_crops(images: Path, out: Path, resolution: int) -> Path:
     writes); ``out/<key>.png`` for every image key."""
     from PIL import Image
 
-    from stages.images import decode_and_crop
+    from repa_cache.stages.images import decode_and_crop
 
     for key in image_keys(images):
         res = decode_and_crop((images / key).read_bytes(), resolution)
@@ -181,13 +168,14 @@ def write_synthetic_cache(
     """A committed cache with the real geometry and random values, written with the writer API.
 
     Latents group: SD-VAE geometry (``latent_channels x res/8 x res/8`` float32 mean and std,
-    scaling factor 0.18215). Teacher group: the registry teacher's real metadata and geometry
+    normalisation of ``AutoencoderKL``'s default config: scale 0.18215, no shift). Teacher group: the registry teacher's real metadata and geometry
     (from :func:`pipeline.groups.teacher_group_meta`; DINOv2-B: 256 tokens x 768, float16).
     Cache index ``i`` names source key ``keys[i % len(keys)]`` (the generated images, for the online
     path). One shard of random values is generated and written to every shard (the reader cannot
     tell; compression is per sample).
     """
-    from pipeline.groups import teacher_group_meta
+    from repa_cache.pipeline.groups import teacher_group_meta
+    from repa_cache.stages.vae import latent_norm
 
     views = VIEW_NAMES if flip else VIEW_NAMES[:1]
     class_names = tuple(f"class{c:04d}" for c in range(num_classes))
@@ -223,9 +211,9 @@ def write_synthetic_cache(
     lat = GroupMeta(
         LATENTS, "latents",
         {"id": "synthetic (random values, sd-vae-ft-ema geometry)", "revision": None, "tiny": False, "class": "AutoencoderKL",
-         "scaling_factor": 0.18215, "shift_factor": None, "latent_channels": latent_channels, "downsample_factor": downsample,
+         "latent_norm": latent_norm({}).to_json(), "latent_channels": latent_channels, "downsample_factor": downsample,
          "latent_size": side, "input_range": "[-1, 1] = pixel / 127.5 - 1",
-         "stored": "posterior mean and std (sample = mean + std * eps, then scale)"},
+         "stored": "posterior mean and std (sample = mean + std * eps, then normalised with latent_norm)"},
         lat_arrays,
         {"base": meta.base_fingerprint, "group": LATENTS, "model": {"id": "synthetic"}, "arrays": [a.to_json() for a in lat_arrays],
          "format_version": FORMAT_VERSION},
@@ -254,8 +242,8 @@ def write_synthetic_cache(
 
 def precompute_cache(images: Path, out: Path, teacher: str = "tiny", shard_size: int = 64, batch_size: int = 16) -> Path:
     """A cache made by the real stage one (tiny VAE + a tiny teacher: the presets that load offline)."""
-    from pipeline.plan import PrecomputeConfig
-    from pipeline.precompute import precompute
+    from repa_cache.pipeline.plan import PrecomputeConfig
+    from repa_cache.pipeline.precompute import precompute
 
     precompute(PrecomputeConfig(data=str(images), out=str(out), vae="tiny", teachers=(teacher,), flip=True,
                                 shard_size=shard_size, batch_size=batch_size, device="cpu", workers=1, processes=False, quiet=True))
@@ -263,8 +251,8 @@ def precompute_cache(images: Path, out: Path, teacher: str = "tiny", shard_size:
 
 
 def cache_teachers(cache: Path) -> list[str]:
-    from cache.format import TEACHER_PREFIX
-    from cache.reader import list_groups
+    from repa_cache.cache.format import TEACHER_PREFIX
+    from repa_cache.cache.reader import list_groups
 
     return [g[len(TEACHER_PREFIX):] for g in list_groups(Path(cache)) if g.startswith(TEACHER_PREFIX)]
 
@@ -273,7 +261,7 @@ def bytes_per_sample(cache: Path, groups: Iterable[str]) -> dict[str, dict[str, 
     """Per sample and per array of the given groups: ``stored`` (compressed, all views),
     ``decoded`` (raw, all views), and ``views`` per inner chunk (1 where a chunk holds one view, so
     a read of the drawn view touches ``stored / V`` and ``decoded / V`` bytes)."""
-    from cache.reader import CacheReader
+    from repa_cache.cache.reader import CacheReader
 
     r = CacheReader(cache, groups=list(groups))
     out: dict[str, dict[str, float]] = {}

@@ -31,8 +31,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cache.writer import DEFAULT_CODEC
-from pipeline.demo import DEMO_CLASSES, make_demo_images
+from repa_cache.cache.writer import DEFAULT_CODEC
+from repa_cache.pipeline.demo import DEMO_CLASSES, make_demo_images
 
 
 def sd_vae_random(device: torch.device, dtype: torch.dtype):
@@ -76,8 +76,9 @@ def _stored_bytes(arr: np.ndarray) -> int:
 
 
 def bench_models(args: argparse.Namespace) -> dict:
-    from stages import teachers, vae as vae_mod
-    from stages.images import decode_and_crop
+    from repa_cache.stages import teachers
+    from repa_cache.stages import vae as vae_mod
+    from repa_cache.stages.images import decode_and_crop
 
     device = torch.device(args.device)
     dtype = torch.bfloat16 if (device.type == "cuda" and args.bf16) else torch.float32
@@ -127,9 +128,9 @@ def bench_models(args: argparse.Namespace) -> dict:
 
 
 def bench_pipeline(args: argparse.Namespace) -> dict:
-    from cache.stats import cache_stats
-    from pipeline.plan import PrecomputeConfig
-    from pipeline.precompute import precompute
+    from repa_cache.cache.stats import cache_stats
+    from repa_cache.pipeline.plan import PrecomputeConfig
+    from repa_cache.pipeline.precompute import precompute
 
     with tempfile.TemporaryDirectory() as tmp:
         data = make_demo_images(Path(tmp) / "images", per_class=max(1, args.images // len(DEMO_CLASSES)), bad_inputs=False)

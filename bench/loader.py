@@ -26,32 +26,49 @@ Examples::
 from __future__ import annotations
 
 import argparse
-import warnings
 import itertools
 import json
 import os
 import shutil
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
 try:
     from common import (  # type: ignore[import-not-found]  # python bench/loader.py
-        bytes_per_sample, cache_files, cache_teachers, drop_page_cache, env_info, markdown_table, resident_fraction,
-        resolve_device, sync, warm_page_cache, write_synthetic_cache,
+        bytes_per_sample,
+        cache_files,
+        cache_teachers,
+        drop_page_cache,
+        env_info,
+        markdown_table,
+        resident_fraction,
+        sync,
+        warm_page_cache,
+        write_synthetic_cache,
     )
 except ImportError:  # python -m bench.loader
     from bench.common import (
-        bytes_per_sample, cache_files, cache_teachers, drop_page_cache, env_info, markdown_table, resident_fraction,
-        resolve_device, sync, warm_page_cache, write_synthetic_cache,
+        bytes_per_sample,
+        cache_files,
+        cache_teachers,
+        drop_page_cache,
+        env_info,
+        markdown_table,
+        resident_fraction,
+        sync,
+        warm_page_cache,
+        write_synthetic_cache,
     )
 
 import torch
 
-from cache.format import LATENTS, teacher_group
-from cache.reader import CacheReader
-from train.data import CacheBatches, DataConfig, LatentScale, make_loader, to_device
+from repa_cache.cache.format import LATENTS, LatentNorm, teacher_group
+from repa_cache.cache.reader import CacheReader
+from repa_cache.stages.devices import resolve_device
+from repa_cache.train.data import CacheBatches, DataConfig, make_loader, to_device
 
 
 def _ints(s: str) -> list[int]:
@@ -74,7 +91,7 @@ def batches(args: argparse.Namespace, workers: int) -> tuple[int, int]:
 
 
 def run_config(cache: Path, teachers: tuple[str, ...], args: argparse.Namespace, device: torch.device, workers: int,
-               block: int, state: str, files: list[Path], scale: LatentScale) -> dict[str, Any]:
+               block: int, state: str, files: list[Path], scale: LatentNorm) -> dict[str, Any]:
     if state == "cold":
         ok = drop_page_cache(files)
         if not ok:
@@ -173,7 +190,7 @@ def main() -> None:
         args.read_bytes = {kind: sum(sizes[k][kind] * (1 / sizes[k]["views"] if sizes[k]["views_per_chunk"] == 1 else 1) for k in used)
                            for kind in ("stored", "decoded")}
         reader = CacheReader(cache, groups=groups)
-        scale = LatentScale.from_cache(reader)
+        scale = LatentNorm.of_latents(reader.group(LATENTS).meta.model)
         files = cache_files(cache)
         info = {
             **env_info(device),

@@ -10,8 +10,9 @@
   device each step (``stages.teachers.encode_images``);
 * ``synthetic``: random tensors already on the device (the upper bound: no data at all).
 
-The step mirrors ``train/loop.py``: per-step reseed, fresh posterior sample, bf16 autocast on CUDA
-(fp32 on CPU), ``transport.training_losses``, fp32 ``repa_loss``, ``loss = denoise + proj_coeff*repa``,
+The step is the trainer's own (``repa_cache.train.step.train_step``, built by ``build_trainer`` with
+the recipe's AdamW and EMA): per-step reseed, fresh posterior sample, bf16 autocast on CUDA (fp32 on
+CPU), ``transport.training_losses``, fp32 ``repa_loss``, ``loss = denoise + proj_coeff*repa``,
 backward, grad clip 1.0, AdamW (fused on CUDA), EMA ``_foreach_lerp_``.
 Every step is timed with a device sync at its end, which the trainer does not have (it checks the
 loss only at log steps), so a step here includes its whole device time and no overlap with the
@@ -31,9 +32,7 @@ Examples::
 from __future__ import annotations
 
 import argparse
-import warnings
 import contextlib
-import copy
 import dataclasses
 import gc
 import json
@@ -41,19 +40,40 @@ import os
 import shutil
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
 try:
     from common import (  # type: ignore[import-not-found]  # python bench/train_step.py
-        cache_teachers, env_info, image_keys, make_crops, make_images, markdown_table, matmul_peak_flops,
-        median_spread, peak_memory_bytes, precompute_cache, reset_peak_memory, resolve_device, sync,
+        cache_teachers,
+        env_info,
+        image_keys,
+        make_crops,
+        make_images,
+        markdown_table,
+        matmul_peak_flops,
+        median_spread,
+        peak_memory_bytes,
+        precompute_cache,
+        reset_peak_memory,
+        sync,
         write_synthetic_cache,
     )
 except ImportError:  # python -m bench.train_step
     from bench.common import (
-        cache_teachers, env_info, image_keys, make_crops, make_images, markdown_table, matmul_peak_flops,
-        median_spread, peak_memory_bytes, precompute_cache, reset_peak_memory, resolve_device, sync,
+        cache_teachers,
+        env_info,
+        image_keys,
+        make_crops,
+        make_images,
+        markdown_table,
+        matmul_peak_flops,
+        median_spread,
+        peak_memory_bytes,
+        precompute_cache,
+        reset_peak_memory,
+        sync,
         write_synthetic_cache,
     )
 
@@ -63,13 +83,15 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.data import Dataset
 from torch.utils.flop_counter import FlopCounterMode
 
-from stages.images import decode_and_crop
-from stages.teachers import encode_images, get_teacher, load_teacher
-from train.data import CacheBatches, DataConfig, make_loader, to_device
-from train.loop import TrainConfig, plan_run, step_seed
-from train.loss import repa_loss
-from train.model import SiT, count_parameters
-from train.transport import Transport, TransportConfig
+from repa_cache.stages.devices import autocast, resolve_device, use_bf16
+from repa_cache.stages.images import decode_and_crop
+from repa_cache.stages.teachers import encode_images, get_teacher, load_teacher
+from repa_cache.train.config import TrainConfig
+from repa_cache.train.data import CacheBatches, DataConfig, make_loader, to_device
+from repa_cache.train.loop import plan_run, step_seed
+from repa_cache.train.loss import repa_loss
+from repa_cache.train.model import count_parameters
+from repa_cache.train.step import Trainer, build_trainer, train_step
 
 PATHS = ("cached", "online", "synthetic")
 
@@ -123,48 +145,11 @@ def source_files(keys: list[str], images: Path, crops: Path | None) -> list[str]
 # the step (mirrors train/loop.py)
 
 
-@dataclasses.dataclass
-class Trainer:
-    model: SiT
-    fwd: torch.nn.Module
-    ema: SiT
-    opt: torch.optim.Optimizer
-    transport: Transport
-    autocast: Any
-    proj_coeff: float = 0.5
-    grad_clip: float = 1.0
-    ema_decay: float = 0.9999
-
-    def step(self, x: torch.Tensor, y: torch.Tensor, feats: list[torch.Tensor]) -> torch.Tensor:
-        with self.autocast:
-            out = self.transport.training_losses(self.fwd, x, y)
-        denoise = out["denoise"].float()
-        repa, _ = repa_loss(out["zs"], feats)
-        loss = denoise + self.proj_coeff * repa
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
-        self.opt.step()
-        with torch.no_grad():
-            torch._foreach_lerp_(list(self.ema.parameters()), list(self.model.parameters()), 1.0 - self.ema_decay)
-        return loss
-
-
-def build_trainer(mcfg: Any, device: torch.device, use_bf16: bool, compile_: bool) -> Trainer:
-    torch.manual_seed(0)
-    model = SiT(mcfg).to(device)
-    ema = copy.deepcopy(model).requires_grad_(False)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.999), weight_decay=0.0, fused=device.type == "cuda")
-    fwd = torch.compile(model) if compile_ else model
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
-    return Trainer(model, fwd, ema, opt, Transport(TransportConfig(null_class=mcfg.num_classes)), autocast)
-
-
 def count_step_flops(tr: Trainer, x: torch.Tensor, y: torch.Tensor, feats: list[torch.Tensor]) -> int:
     """FLOPs of forward + backward of one training step (eager model, attention through the math
     backend so that its matmuls are counted on every device; optimizer/EMA not counted)."""
     with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as fc:
-        with tr.autocast:
+        with autocast(tr.device, tr.precision):
             out = tr.transport.training_losses(tr.model, x, y)
         repa, _ = repa_loss(out["zs"], feats)
         (out["denoise"].float() + tr.proj_coeff * repa).backward()
@@ -254,14 +239,14 @@ def run_path(path: str, args: argparse.Namespace, ctx: dict[str, Any], tr: Train
                 batch = next(loader)
                 t_wait = time.perf_counter() - t0
                 timer.start()
-                x, y, feats = to_device(batch, setup.scale, teachers if path == "cached" else (), device)
+                x, y, feats = to_device(batch, setup.norm, teachers if path == "cached" else (), device)
                 if path == "online":
                     images = batch["images"].to(device, non_blocking=True)
-                    with tr.autocast:
+                    with autocast(device, tr.precision):
                         patch, _ = encode_images(teacher_mod, spec, images, ctx["resolution"])  # (B, T, D) fp32
                     feats = [patch]
             t_in = timer.stop()
-            loss = tr.step(x, y, feats)
+            loss = train_step(tr, x, y, feats).loss
             sync(device)
         if profiled:
             ctx.setdefault("profiles", {})[path] = prof
@@ -286,7 +271,7 @@ def run_path(path: str, args: argparse.Namespace, ctx: dict[str, Any], tr: Train
         "peak_mem_kind": peak_kind,
     }
     if path == "online" and args.flops:
-        res["teacher_gflop_per_img"] = count_teacher_flops(teacher_mod, spec, images[:2], ctx["resolution"], tr.autocast) / 2 / 1e9
+        res["teacher_gflop_per_img"] = count_teacher_flops(teacher_mod, spec, images[:2], ctx["resolution"], autocast(device, tr.precision)) / 2 / 1e9
     del loader, teacher_mod
     return res
 
@@ -313,7 +298,7 @@ def prepare(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         else:
             cache = write_synthetic_cache(cache, samples, teacher=teacher, keys=image_keys(images), resolution=resolution)
     setup = plan_run(TrainConfig(cache=str(cache), out=str(work / "run"), model=args.model, teachers=(teacher,), batch_size=args.batch_size))
-    from cache.reader import CacheReader
+    from repa_cache.cache.reader import CacheReader
 
     reader = CacheReader(cache, groups=["latents"])
     resolution = reader.meta.resolution
@@ -346,7 +331,8 @@ def main() -> None:
     p.add_argument("--online-source", choices=("crops", "raw"), default="crops",
                    help="crops: 256x256 PNG crops made once (public REPA's layout); raw: decode and crop the original files")
     p.add_argument("--flops", action=argparse.BooleanOptionalAction, default=True, help="count FLOPs and report MFU")
-    p.add_argument("--profile", action="store_true", help="torch.profiler on one extra (untimed) step of each path, input included; print the top ops")
+    p.add_argument("--profile", action="store_true",
+                   help="torch.profiler on one extra (untimed) step of each path, input included; print the top ops")
     p.add_argument("--workdir", default=None, help="where generated inputs go (default: a temporary folder, removed)")
     p.add_argument("--json", default=None, help="also write the result here")
     args = p.parse_args()
@@ -366,7 +352,7 @@ def main() -> None:
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = True  # as the trainer
         torch.backends.cudnn.allow_tf32 = True
-    use_bf16 = args.precision == "bf16" or (args.precision == "auto" and cuda)
+    bf16 = use_bf16(args.precision, device)
 
     tmp = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="bench-train-"))
     tmp.mkdir(parents=True, exist_ok=True)
@@ -376,14 +362,14 @@ def main() -> None:
         ctx["device"] = device
         setup = ctx["setup"]
         prep_s = time.perf_counter() - t0
-        tr = build_trainer(setup.model_config, device, use_bf16, args.compile)
+        tr = build_trainer(setup.model_config, device, precision=args.precision, compile=args.compile)
         info: dict[str, Any] = {
             **env_info(device),
             "model": args.model,
             "backbone_params_M": count_parameters(tr.model) / 1e6,
             "teacher": ctx["teacher"],
             "batch": args.batch_size,
-            "precision": "bf16 autocast" if use_bf16 else "fp32",
+            "precision": "bf16 autocast" if bf16 else "fp32",
             "compile": args.compile,
             "fused_adamw": cuda,
             "num_workers": args.num_workers,
@@ -400,7 +386,7 @@ def main() -> None:
             y = torch.randint(0, mc.num_classes, (b,), device=device)
             f = [torch.randn(b, setup.teacher_tokens[t], d, device=device) for t, d in zip(setup.teachers, mc.z_dims)]
             info["train_gflop_per_img"] = count_step_flops(tr, x, y, f) / b / 1e9
-            peak_dtype = torch.bfloat16 if use_bf16 else torch.float32
+            peak_dtype = torch.bfloat16 if bf16 else torch.float32
             info["matmul_peak_tflops"] = matmul_peak_flops(device, peak_dtype) / 1e12
             info["matmul_peak_dtype"] = str(peak_dtype).replace("torch.", "")
         results = []

@@ -27,11 +27,11 @@ from typing import Any
 
 from tqdm import tqdm
 
-from cache.errors import CacheError, FingerprintMismatch, UsageError
-from cache.format import MANIFEST_FILE, PLAN_FILE, TEACHER_PREFIX, ShardRecord, commit_path, fingerprint_diff, record_path
-from cache.reader import CacheReader, ReaderBase, commit_record, group_meta, list_groups, open_meta
-from cache.storage import StorePath, store_path
-from cache.writer import load_records, open_zarr, shard_key
+from repa_cache.cache.errors import CacheError, FingerprintMismatch, UsageError
+from repa_cache.cache.format import MANIFEST_FILE, PLAN_FILE, TEACHER_PREFIX, ShardRecord, commit_path, fingerprint_diff, record_path
+from repa_cache.cache.layout import load_records, open_zarr, shard_key, zarr_array
+from repa_cache.cache.reader import CacheReader, ReaderBase, commit_record, group_meta, list_groups, open_meta
+from repa_cache.cache.storage import StorePath, store_path
 
 DEFAULT_JOBS = 8
 
@@ -80,6 +80,7 @@ def copy_cache(
         dst_commit = commit_record(dst_root, group)
         if dst_commit is not None:
             want = commit_record(src_root, group)
+            assert want is not None  # the source group was checked to be committed above
             if (dst_commit["fingerprint_hash"], dst_commit["weights_sha256"]) != (want["fingerprint_hash"], want["weights_sha256"]):
                 raise FingerprintMismatch(f"group '{group}' of {dst_root} was made with other settings or weights than in {src_root}")
             result.groups[group] = "already there"
@@ -92,7 +93,8 @@ def copy_cache(
         dst_manifest = dst_root / MANIFEST_FILE
         if not dst_manifest.exists():
             dst_manifest.write_bytes(src_manifest)
-        elif not dst_manifest.read_parquet(columns=["status", "reason"]).equals((src_root / MANIFEST_FILE).read_parquet(columns=["status", "reason"])):
+        elif not dst_manifest.read_parquet(columns=["status", "reason"]).equals(
+                (src_root / MANIFEST_FILE).read_parquet(columns=["status", "reason"])):
             raise FingerprintMismatch(f"the manifest of {dst_root} differs from that of {src_root}")
         for group, raw in done_groups:  # last: the group is committed at the destination
             commit_path(dst_root, group).write_bytes(raw)
@@ -127,14 +129,15 @@ def _copy_group(src: StorePath, dst: StorePath, meta: Any, group: str, jobs: int
     if (dst / group / "zarr.json").exists():
         old, new = group_meta(dst, group), group_meta(src, group)
         if old.fingerprint_hash != new.fingerprint_hash:
-            raise FingerprintMismatch(f"group '{group}' of {dst} was made with other settings: {'; '.join(fingerprint_diff(old.fingerprint, new.fingerprint))}")
+            diff = "; ".join(fingerprint_diff(old.fingerprint, new.fingerprint))
+            raise FingerprintMismatch(f"group '{group}' of {dst} was made with other settings: {diff}")
     gmeta = group_meta(src, group)
     for spec in gmeta.arrays:  # array metadata first, then the group's (which holds the attributes)
         (dst / group / spec.name / "zarr.json").write_bytes((src / group / spec.name / "zarr.json").read_bytes())
     (dst / group / "zarr.json").write_bytes((src / group / "zarr.json").read_bytes())
 
     arrays = open_zarr(src / group)
-    keys = {spec.name: [shard_key(arrays[spec.name], s) for s in range(meta.num_shards)] for spec in gmeta.arrays}
+    keys = {spec.name: [shard_key(zarr_array(arrays, spec.name), s) for s in range(meta.num_shards)] for spec in gmeta.arrays}
     src_records = load_records(src, meta, group)
     dst_records = load_records(dst, meta, group)
     todo = [s for s in range(meta.num_shards) if dst_records.get(s) != src_records[s]]
@@ -172,4 +175,4 @@ def describe_copy(res: CopyResult) -> str:
             f"{res.seconds:.1f}s, {res.shards_skipped} already there; {parts}")
 
 
-__all__ = ["copy_cache", "describe_copy", "CopyResult", "DEFAULT_JOBS"]
+__all__ = ["DEFAULT_JOBS", "CopyResult", "copy_cache", "describe_copy"]

@@ -19,6 +19,14 @@ def quiet_unraisable() -> None:
     sys.unraisablehook = lambda u: log.debug("ignored in %r: %r", u.object, u.exc_value)
 
 
+def one_line(exc: BaseException, limit: int = 200) -> str:
+    """The first line of an exception's message (its type name when the message is empty), cut to
+    at most ``limit`` characters: the part of a library's error worth showing in ours."""
+    text = str(exc).strip()
+    line = text.splitlines()[0] if text else type(exc).__name__
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
 class RepaError(Exception):
     """Base class: a failure explained by its message alone."""
 

@@ -25,9 +25,11 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-from cache.storage import StorePath, store_path
+import numpy as np
+
+from repa_cache.cache.storage import StorePath, store_path
 
 FORMAT_VERSION = 1
 CODE_VERSION = "0.1.0"
@@ -48,15 +50,6 @@ CROP_RULE = "adm-center"  # ADM/DiT: BOX-halve while >= 2x, BICUBIC resize of th
 def teacher_group(name: str) -> str:
     """Group path of a teacher's features inside the cache."""
     return f"{TEACHER_PREFIX}{name}"
-
-
-def group_kind(group: str) -> str:
-    """``"latents"`` or ``"teacher"`` for a group path."""
-    if group == LATENTS:
-        return "latents"
-    if group.startswith(TEACHER_PREFIX):
-        return "teacher"
-    raise ValueError(f"not a cache group: {group!r}")
 
 
 def canonical_json(obj: Any) -> str:
@@ -124,6 +117,75 @@ class CacheMeta:
         kw["views"] = tuple(kw["views"])
         kw["class_names"] = tuple(kw["class_names"])
         return cls(**kw)
+
+
+_T = TypeVar("_T")
+
+
+@dataclass(frozen=True)
+class LatentNorm:
+    """How stored VAE latents map to the diffusion model's space and back.
+
+    ``z = (x - shift) * scale`` and ``x = z / scale + shift``, where ``scale`` and ``shift`` hold
+    either one value (SD-VAE: ``scaling_factor`` 0.18215, no shift) or one value per latent
+    channel (VAEs that publish per-channel statistics). Recorded once, at stage one, from the
+    VAE's own config (:func:`repa_cache.stages.vae.latent_norm`), stored in the latents group's
+    metadata and in every checkpoint; the trainer, the samplers and the alignment metrics use
+    these two methods and nothing else.
+    """
+
+    scale: tuple[float, ...]
+    shift: tuple[float, ...]
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "scale", tuple(float(v) for v in self.scale))
+        object.__setattr__(self, "shift", tuple(float(v) for v in self.shift))
+        if not self.scale or not self.shift:
+            raise ValueError("a latent normalisation needs at least one scale and one shift")
+        if any(v == 0 or not np.isfinite(v) for v in self.scale) or not all(np.isfinite(v) for v in self.shift):
+            raise ValueError(f"latent scale must be finite and non-zero and shift finite, got {self}")
+
+    @property
+    def channels(self) -> int | None:
+        """Number of channels it is defined per, or None for one scalar each."""
+        n = max(len(self.scale), len(self.shift))
+        return None if n == 1 else n
+
+    def _coef(self, values: tuple[float, ...], like: Any) -> Any:
+        if len(values) == 1:
+            return values[0]  # a Python scalar: the same arithmetic as ``x * 0.18215``
+        shape = (1, len(values)) + (1,) * (like.ndim - 2)  # per channel of (B, C, ...)
+        if hasattr(like, "new_tensor"):  # a torch tensor, without importing torch here
+            return like.new_tensor(values).reshape(shape)
+        return np.asarray(values, dtype=like.dtype).reshape(shape)
+
+    def to_model(self, x: _T) -> _T:
+        """Stored latents (B, C, h, w) -> the model's space: ``(x - shift) * scale``."""
+        return (x - self._coef(self.shift, x)) * self._coef(self.scale, x)
+
+    def from_model(self, z: _T) -> _T:
+        """The model's latents (B, C, h, w) -> the VAE decoder's input: ``z / scale + shift``."""
+        return z / self._coef(self.scale, z) + self._coef(self.shift, z)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"scale": list(self.scale), "shift": list(self.shift)}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> LatentNorm:
+        return cls(tuple(d["scale"]), tuple(d["shift"]))
+
+    @classmethod
+    def of_latents(cls, model: dict[str, Any]) -> LatentNorm:
+        """The normalisation recorded in a latents group's model metadata. Caches written before
+        it was recorded as one object carry the VAE's ``scaling_factor`` / ``shift_factor``."""
+        if "latent_norm" in model:
+            return cls.from_json(model["latent_norm"])
+        shift = model.get("shift_factor")
+        return cls((float(model["scaling_factor"]),), (0.0 if shift is None else float(shift),))
+
+    def check_channels(self, channels: int) -> None:
+        if self.channels is not None and self.channels != channels:
+            raise ValueError(f"latent normalisation has {self.channels} channels, the latents {channels}")
 
 
 @dataclass(frozen=True)

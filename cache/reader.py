@@ -28,8 +28,8 @@ import numpy as np
 import zarr
 from zarr.core.sync import sync as zarr_sync  # runs a coroutine on zarr's own event loop
 
-from cache.errors import CacheError
-from cache.format import (
+from repa_cache.cache.errors import CacheError
+from repa_cache.cache.format import (
     FORMAT_VERSION,
     GROUP_ATTR,
     LATENTS,
@@ -42,8 +42,8 @@ from cache.format import (
     commit_path,
     read_json,
 )
-from cache.storage import StorePath, is_storage_error, store_path
-from cache.writer import load_records, open_zarr, read_shard_bytes, shard_key
+from repa_cache.cache.layout import load_records, open_zarr, read_shard_bytes, shard_key, zarr_array
+from repa_cache.cache.storage import StorePath, is_storage_error, store_path
 
 log = logging.getLogger(__name__)
 
@@ -57,13 +57,13 @@ def open_meta(path: str | Path | StorePath) -> tuple[StorePath, CacheMeta]:
         raise CacheError(f"{root} is not a repa cache (no zarr.json)")
     try:
         attrs = open_zarr(root).attrs.asdict()
-    except Exception as e:  # noqa: BLE001 - any failure but the storage's means "not a readable cache"
+    except Exception as e:
         if is_storage_error(e):
             raise
         raise CacheError(f"{root} is not a readable zarr group: {e}") from e
     if ROOT_ATTR not in attrs:
         raise CacheError(f"{root} is a zarr group but not a repa cache (no '{ROOT_ATTR}' attributes)")
-    meta = CacheMeta.from_json(attrs[ROOT_ATTR])
+    meta = CacheMeta.from_json(_json_object(attrs[ROOT_ATTR], f"{root}: root attributes"))
     if meta.format_version > FORMAT_VERSION:
         raise CacheError(f"{root} has cache format v{meta.format_version}; this version reads v{FORMAT_VERSION}")
     return root, meta
@@ -83,7 +83,13 @@ def list_groups(root: StorePath | Path) -> list[str]:
 def group_meta(root: StorePath | Path, group: str) -> GroupMeta:
     root = store_path(root)
     attrs = open_zarr(root / group).attrs.asdict()
-    return GroupMeta.from_json(attrs[GROUP_ATTR])
+    return GroupMeta.from_json(_json_object(attrs[GROUP_ATTR], f"{root / group}: group attributes"))
+
+
+def _json_object(value: Any, what: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise CacheError(f"{what} are not a JSON object (damaged cache)")
+    return value
 
 
 def commit_record(root: StorePath | Path, group: str) -> dict[str, Any] | None:
@@ -104,16 +110,19 @@ class GroupInfo:
 
 class ReaderBase:
     """What every cache reader shares (the zarr store here, webdataset shards in cache.wds):
-    metadata, labels, validity, and group lookup. Subclasses set ``root``, ``meta``, ``groups``,
-    ``labels``, ``keys``, ``status`` and ``valid`` and implement ``read``, ``read_block`` and
-    ``array_names``. ``read``/``read_block``/``read_views`` take either ``groups`` (every array of
-    those groups) or ``fields`` (only the named ``"<group>/<array>"`` arrays, e.g. the trainer's
-    latents and patch tokens without the CLS tokens it does not use)."""
+    metadata, labels, validity, group lookup, and block and per-view reads built on ``read``.
+    Subclasses set ``root``, ``meta``, ``groups``, ``labels``, ``keys``, ``status`` and ``valid``
+    and implement ``read`` and ``array_names``. ``read``/``read_block``/``read_views`` take either
+    ``groups`` (every array of those groups) or ``fields`` (only the named ``"<group>/<array>"``
+    arrays, e.g. the trainer's latents and patch tokens without the CLS tokens it does not use)."""
 
     root: StorePath
     meta: CacheMeta
     groups: dict[str, Any]
-    valid: np.ndarray
+    labels: np.ndarray  # (N,) int64, by cache index
+    keys: list[str]  # source key by cache index
+    status: np.ndarray  # (N,) "ok" | "converted" | "skipped"
+    valid: np.ndarray  # (N,) bool: status != "skipped"
 
     @staticmethod
     def resolve_group(name: str) -> str:
@@ -166,6 +175,18 @@ class ReaderBase:
             out[k] = np.ascontiguousarray(out[k][rows, v])
         out["view"] = v
         return out
+
+    def read(self, indices: Sequence[int] | np.ndarray, groups: Iterable[str] | None = None, *,
+             fields: Iterable[str] | None = None) -> dict[str, np.ndarray]:
+        """Rows at ``indices`` of the requested arrays, each ``(n, V, ...)``, plus ``label`` and ``index``."""
+        raise NotImplementedError
+
+    def read_block(self, start: int, stop: int, groups: Iterable[str] | None = None, *,
+                   fields: Iterable[str] | None = None) -> dict[str, np.ndarray]:
+        """Valid rows of the contiguous block ``[start, stop)``; ``out["index"]`` says which."""
+        if not 0 <= start <= stop <= self.num_samples:
+            raise CacheError(f"block [{start}, {stop}) is outside [0, {self.num_samples})")
+        return self.read(np.arange(start, stop)[self.valid[start:stop]], groups=groups, fields=fields)
 
     def array_names(self, group: str) -> list[str]:
         """The arrays of an opened group, e.g. ``["patch", "cls"]`` for a teacher."""
@@ -240,7 +261,7 @@ class CacheReader(ReaderBase):
         if commit["fingerprint_hash"] != gmeta.fingerprint_hash:
             raise CacheError(f"group '{group}' of {self.root}: commit record does not match its metadata")
         grp = open_zarr(self.root / group)
-        arrays = {spec.name: grp[spec.name] for spec in gmeta.arrays}
+        arrays = {spec.name: zarr_array(grp, spec.name) for spec in gmeta.arrays}
         records = load_records(self.root, self.meta, group)
         stored = (self.root / group).find()  # one listing instead of a lookup per shard object
         for shard in range(self.meta.num_shards):
@@ -265,7 +286,7 @@ class CacheReader(ReaderBase):
             return
         for g, info in self.groups.items():
             grp = open_zarr(self.root / g)
-            self.groups[g] = dataclasses.replace(info, arrays={name: grp[name] for name in info.arrays})
+            self.groups[g] = dataclasses.replace(info, arrays={name: zarr_array(grp, name) for name in info.arrays})
         self._pid = os.getpid()
 
     # -- reading -------------------------------------------------------------------------------
@@ -310,13 +331,6 @@ class CacheReader(ReaderBase):
         out["index"] = idx
         out["view"] = v
         return out
-
-    def read_block(self, start: int, stop: int, groups: Iterable[str] | None = None, *,
-                   fields: Iterable[str] | None = None) -> dict[str, np.ndarray]:
-        """Valid rows of the contiguous block ``[start, stop)``; ``out["index"]`` says which."""
-        if not 0 <= start <= stop <= self.num_samples:
-            raise CacheError(f"block [{start}, {stop}) is outside [0, {self.num_samples})")
-        return self.read(np.arange(start, stop)[self.valid[start:stop]], groups=groups, fields=fields)
 
     def _fetch(self, jobs: list[tuple[str, str, np.ndarray, int | None]]) -> list[np.ndarray]:
         """Rows of several arrays at once. A job ``(group, array, indices, view)`` asks for the

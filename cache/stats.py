@@ -17,10 +17,10 @@ import dask.array as da
 import numpy as np
 import zarr
 
-from cache.format import MANIFEST_FILE, sha256_json
-from cache.reader import commit_record, group_meta, list_groups, open_meta
-from cache.storage import StorePath
-from cache.writer import open_zarr
+from repa_cache.cache.format import MANIFEST_FILE, LatentNorm, sha256_json
+from repa_cache.cache.layout import open_zarr, zarr_array
+from repa_cache.cache.reader import commit_record, group_meta, list_groups, open_meta
+from repa_cache.cache.storage import StorePath
 
 DEFAULT_MAX_SAMPLES = 10_000
 
@@ -77,7 +77,7 @@ def cache_stats(path: str | Path, max_samples: int = DEFAULT_MAX_SAMPLES, with_h
         arrays = {}
         nbytes = 0
         for spec in gmeta.arrays:
-            arr = zg[spec.name]
+            arr = zarr_array(zg, spec.name)
             arrays[spec.name] = {"shape": list(arr.shape), "dtype": spec.dtype, "codec": spec.codec}
             nbytes += arr.nbytes
         stored = _dir_bytes(root / group)
@@ -114,8 +114,8 @@ def _rows(arr: zarr.Array, idx: np.ndarray) -> da.Array:
 
 
 def _latent_stats(zg: zarr.Group, idx: np.ndarray) -> tuple[dict[str, Any], dict[str, Any]]:
-    mean = _rows(zg["mean"], idx).astype(np.float64)  # (n, V, C, h, w)
-    std = _rows(zg["std"], idx).astype(np.float64)
+    mean = _rows(zarr_array(zg, "mean"), idx).astype(np.float64)  # (n, V, C, h, w)
+    std = _rows(zarr_array(zg, "std"), idx).astype(np.float64)
     axes = (0, 1, 3, 4)
     mu, var_mu, e_var = da.compute(mean.mean(axis=axes), mean.var(axis=axes), (std**2).mean(axis=axes))
     # A latent sample is mean + std * eps: its variance is Var(mean) + E[std^2].
@@ -131,8 +131,8 @@ def _latent_stats(zg: zarr.Group, idx: np.ndarray) -> tuple[dict[str, Any], dict
 
 
 def _feature_stats(zg: zarr.Group, idx: np.ndarray) -> tuple[dict[str, Any], dict[str, Any]]:
-    patch = _rows(zg["patch"], idx).astype(np.float32)  # (n, V, T, D)
-    cls = _rows(zg["cls"], idx).astype(np.float32)  # (n, V, D)
+    patch = _rows(zarr_array(zg, "patch"), idx).astype(np.float32)  # (n, V, T, D)
+    cls = _rows(zarr_array(zg, "cls"), idx).astype(np.float32)  # (n, V, D)
     pn = da.sqrt((patch**2).sum(axis=-1))
     cn = da.sqrt((cls**2).sum(axis=-1))
     pm, ps, pmin, pmax, cm, cs, pnorms = da.compute(pn.mean(), pn.std(), pn.min(), pn.max(), cn.mean(), cn.std(), pn[:512])
@@ -153,6 +153,11 @@ def _human(n: float) -> str:
             return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
         n /= 1024
     return str(n)
+
+
+def _values(v: tuple[float, ...]) -> str:
+    """One value as itself, per-channel values as a list."""
+    return f"{v[0]:g}" if len(v) == 1 else "[" + ", ".join(f"{x:g}" for x in v) + "]"
 
 
 def format_stats(s: dict[str, Any]) -> str:
@@ -193,7 +198,9 @@ def format_stats(s: dict[str, Any]) -> str:
         )
         if "latent_stats" in g:
             ls = g["latent_stats"]
-            lines.append(f"  scale        {m.get('scaling_factor')} (from the VAE config); measured 1/std {ls['suggested_scale']}")
+            norm = LatentNorm.of_latents(m)
+            lines.append(f"  latent norm  scale {_values(norm.scale)}, shift {_values(norm.shift)} (from the VAE config); "
+                         f"measured 1/std {ls['suggested_scale']}")
             lines.append(f"  ch mean      {ls['channel_mean']}")
             lines.append(f"  ch std       {ls['channel_std_of_sample']} (of a posterior sample)")
         if "feature_stats" in g:

@@ -17,12 +17,13 @@ workers and DataLoader workers started elsewhere open the same store.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
 import os
 import posixpath
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,31 @@ from fsspec.implementations.local import LocalFileSystem
 _LOCAL = LocalFileSystem()
 
 
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike[str]) -> Iterator[io.BufferedWriter]:
+    """A local file opened for binary writing that appears whole or not at all.
+
+    The data goes to a temporary name beside ``path`` (in the same folder, so the rename stays on
+    one filesystem); on success it is flushed, fsynced and renamed over ``path``. On any failure
+    (a full disk, an exception in the caller) the temporary file is removed and ``path`` keeps its
+    old content, if it had one.
+    """
+    path = os.fspath(path)
+    folder = os.path.dirname(path) or "."
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
 def is_url(path: str | os.PathLike[str]) -> bool:
     """True for ``proto://...`` paths other than ``file://``."""
     s = os.fspath(path)
@@ -43,7 +69,7 @@ def is_url(path: str | os.PathLike[str]) -> bool:
 class StorePath:
     """A file or folder on local disk or in an object store (see the module docstring)."""
 
-    __slots__ = ("_fs", "_pid", "path", "_protocol")
+    __slots__ = ("_fs", "_pid", "_protocol", "path")
 
     def __init__(self, fs: fsspec.AbstractFileSystem, path: str, protocol: str = "") -> None:
         self._fs = fs
@@ -101,9 +127,6 @@ class StorePath:
     @property
     def parent(self) -> StorePath:
         return StorePath(self.fs, posixpath.dirname(self.path.rstrip("/")), self._protocol)
-
-    def relative_to(self, other: StorePath) -> str:
-        return posixpath.relpath(self.path, other.path)
 
     def resolve(self) -> StorePath:
         """Absolute local path; URLs are already absolute."""
@@ -199,10 +222,8 @@ class StorePath:
         if self.is_local:
             out = {}
             for p in paths:
-                try:
+                with contextlib.suppress(FileNotFoundError):
                     out[p] = p.read_bytes()
-                except FileNotFoundError:
-                    pass
             return out
         got = self.fs.cat([p.path for p in paths], on_error="omit") if paths else {}
         by_path = {p.path: p for p in paths}
@@ -236,13 +257,8 @@ class StorePath:
         if not self.is_local:
             self.fs.pipe_file(self.path, data)
             return
-        os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
-        tmp = os.path.join(os.path.dirname(self.path), f".{self.name}.{os.getpid()}.tmp")
-        with open(tmp, "wb") as f:
+        with atomic_file(self.path) as f:
             f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
 
     def write_json(self, obj: Any) -> None:
         self.write_bytes(json.dumps(obj, indent=1, sort_keys=True, default=str).encode())
@@ -300,4 +316,4 @@ def describe_storage_error(e: BaseException) -> str:
             "once the storage is back to resume.")
 
 
-__all__ = ["StorePath", "store_path", "is_url", "is_storage_error", "describe_storage_error"]
+__all__ = ["StorePath", "atomic_file", "describe_storage_error", "is_storage_error", "is_url", "store_path"]

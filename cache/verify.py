@@ -15,10 +15,10 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from cache.format import MANIFEST_FILE, CacheMeta
-from cache.reader import GroupInfo, check_shard, commit_record, group_meta, list_groups, open_meta
-from cache.storage import StorePath
-from cache.writer import load_records, open_zarr
+from repa_cache.cache.format import MANIFEST_FILE, CacheMeta
+from repa_cache.cache.layout import load_records, open_zarr, zarr_array
+from repa_cache.cache.reader import GroupInfo, check_shard, commit_record, group_meta, list_groups, open_meta
+from repa_cache.cache.storage import StorePath
 
 log = logging.getLogger(__name__)
 
@@ -45,9 +45,6 @@ class VerifyReport:
     def ok(self) -> bool:
         return not self.problems
 
-    def damaged_shards(self) -> list[tuple[str, int]]:
-        return sorted({(p.group, p.shard) for p in self.problems if p.shard is not None})
-
 
 def verify_cache(path: str | Path, quiet: bool = False) -> VerifyReport:
     """Check the whole cache; never raises for damage, it reports it (CacheError if not a cache)."""
@@ -66,7 +63,7 @@ def verify_cache(path: str | Path, quiet: bool = False) -> VerifyReport:
             report.problems.append(Problem(group, None, "is not committed (its precompute did not finish)"))
         gmeta = group_meta(root, group)
         zgroup = open_zarr(root / group)
-        arrays = {spec.name: zgroup[spec.name] for spec in gmeta.arrays}
+        arrays = {spec.name: zarr_array(zgroup, spec.name) for spec in gmeta.arrays}
         records = load_records(root, meta, group)
         info = GroupInfo(gmeta, {}, arrays, records)
         for shard in range(meta.num_shards):
@@ -95,7 +92,7 @@ def _check_contents(info: GroupInfo, meta: CacheMeta, shard: int, valid: np.ndar
     keep = np.array([o[0] != "skipped" for o in rec.outcomes], dtype=bool) if valid is None else valid[start:stop]
     for name, arr in info.arrays.items():
         try:
-            block = arr[start:stop]
+            block = np.asarray(arr[start:stop])
         except Exception as e:  # noqa: BLE001 - undecodable data is exactly what verify reports
             return f"of '{name}' does not decode: {e}"
         spec = info.meta.array(name)

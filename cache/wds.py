@@ -41,16 +41,16 @@ from typing import Any
 
 import numpy as np
 
-from cache.errors import CacheError, UsageError
-from cache.format import (
+from repa_cache.cache.errors import CacheError, UsageError
+from repa_cache.cache.format import (
     FORMAT_VERSION,
     MANIFEST_FILE,
     CacheMeta,
     GroupMeta,
     write_json_atomic,
 )
-from cache.reader import CacheReader, ReaderBase
-from cache.storage import StorePath, store_path
+from repa_cache.cache.reader import CacheReader, ReaderBase
+from repa_cache.cache.storage import StorePath, store_path
 
 WDS_MARKER = "repa-cache-wds"
 WDS_VERSION = 1
@@ -343,7 +343,7 @@ class WdsReader(ReaderBase):
         by_shard: dict[int, list[int]] = {}
         for u, i in enumerate(uniq.tolist()):
             by_shard.setdefault(self._shard_of(i), []).append(u)
-        rows: dict[str, list[np.ndarray | None]] = {name: [None] * uniq.size for name in out}
+        rows: dict[str, list[Any]] = {name: [None] * uniq.size for name in out}
         for shard, us in sorted(by_shard.items()):
             table = self._members(shard)
             fname = self.shards[shard]["file"]
@@ -367,18 +367,11 @@ class WdsReader(ReaderBase):
         out["index"] = idx
         return out
 
-    def read_block(self, start: int, stop: int, groups: Iterable[str] | None = None, *,
-                   fields: Iterable[str] | None = None) -> dict[str, np.ndarray]:
-        """Valid rows of the contiguous block ``[start, stop)``; ``out["index"]`` says which."""
-        if not 0 <= start <= stop <= self.num_samples:
-            raise CacheError(f"block [{start}, {stop}) is outside [0, {self.num_samples})")
-        return self.read(np.arange(start, stop)[self.valid[start:stop]], groups=groups, fields=fields)
-
     def _decode(self, raw: bytes, fname: str, index: int, group: str, name: str) -> np.ndarray:
         spec = self.groups[group].meta.array(name)
         try:
             arr = np.lib.format.read_array(io.BytesIO(raw), allow_pickle=False)
-        except Exception as e:  # noqa: BLE001 - a damaged member has many ways to fail
+        except Exception as e:
             raise CacheError(f"{self.root}: shard {fname}: '{group}/{name}' of cache index {index} does not decode: {e}") from e
         want = (len(self.views), *spec.sample_shape)
         if arr.shape != want or arr.dtype != np.dtype(spec.dtype):
@@ -393,7 +386,8 @@ class _RangeReader:
     """Reads byte ranges of one file: ``pread`` on one descriptor locally, ranged GETs on a URL."""
 
     def __init__(self, path: StorePath) -> None:
-        self.path, self.fd = path, None
+        self.path = path
+        self.fd: int | None = None
 
     def __enter__(self) -> _RangeReader:
         if self.path.is_local:
@@ -418,7 +412,7 @@ def open_meta_any(path: str | Path | StorePath) -> tuple[StorePath, CacheMeta, l
         root = store_path(path)
         index = (root / INDEX_FILE).read_json()
         return root, CacheMeta.from_json(index["cache"]["meta"]), list(index["cache"]["groups"])
-    from cache.reader import list_groups, open_meta
+    from repa_cache.cache.reader import list_groups, open_meta
 
     root, meta = open_meta(path)
     return root, meta, list_groups(root)
@@ -431,5 +425,16 @@ def open_reader(path: str | Path | StorePath, groups: Iterable[str] | None = Non
     return CacheReader(path, groups=groups, verify_checksums=verify_checksums)
 
 
-__all__ = ["export_wds", "describe_export", "is_export", "open_reader", "open_meta_any", "WdsReader", "WdsGroup", "member_field",
-           "DEFAULT_SHARD_BYTES", "INDEX_FILE", "WDS_MARKER"]
+__all__ = [
+    "DEFAULT_SHARD_BYTES",
+    "INDEX_FILE",
+    "WDS_MARKER",
+    "WdsGroup",
+    "WdsReader",
+    "describe_export",
+    "export_wds",
+    "is_export",
+    "member_field",
+    "open_meta_any",
+    "open_reader",
+]

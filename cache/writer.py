@@ -14,7 +14,6 @@ Ordering is what makes a cache trustworthy (see :mod:`cache.format`):
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 from datetime import datetime, timezone
 from pathlib import Path
@@ -24,11 +23,10 @@ import numpy as np
 import pyarrow as pa
 import zarr
 from zarr.codecs import BloscCodec
-from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 
-from cache.errors import CacheError
-from cache.format import (
+from repa_cache.cache.errors import CacheError
+from repa_cache.cache.format import (
     GROUP_ATTR,
     MANIFEST_FILE,
     PLAN_FILE,
@@ -41,7 +39,8 @@ from cache.format import (
     sha256_json,
     write_json_atomic,
 )
-from cache.storage import StorePath, store_path
+from repa_cache.cache.layout import load_records, open_zarr, read_shard_bytes, shard_key, zarr_array
+from repa_cache.cache.storage import StorePath, store_path
 
 log = logging.getLogger(__name__)
 
@@ -52,11 +51,6 @@ def make_codec(codec: dict[str, Any]) -> BloscCodec:
     if codec.get("name") != "blosc":
         raise CacheError(f"unsupported codec {codec!r} (this version writes blosc)")
     return BloscCodec(cname=codec["cname"], clevel=codec["clevel"], shuffle=codec["shuffle"])
-
-
-def open_zarr(root: StorePath, mode: str = "r") -> zarr.Group:
-    """The zarr group at ``root`` (a cache root or one of its groups), local or remote."""
-    return zarr.open_group(store=root.zarr_store(read_only=mode == "r"), mode=mode)
 
 
 def create_cache(root: StorePath | Path, meta: CacheMeta, plan: pa.Table) -> None:
@@ -89,18 +83,6 @@ def create_group(root: StorePath | Path, meta: CacheMeta, gmeta: GroupMeta) -> N
     grp.attrs[GROUP_ATTR] = gmeta.to_json()
 
 
-def shard_key(array: zarr.Array, shard: int) -> str:
-    """Store key of one zarr shard object (= one cache shard) of ``array``."""
-    coords = (shard,) + (0,) * (array.ndim - 1)
-    return f"{array.path}/{array.metadata.encode_chunk_key(coords)}"
-
-
-def read_shard_bytes(array: zarr.Array, shard: int) -> bytes | None:
-    """Raw stored bytes of one shard, or None when the object is absent."""
-    buf = sync(array.store.get(shard_key(array, shard), prototype=default_buffer_prototype()))
-    return None if buf is None else buf.to_bytes()
-
-
 def write_shard(
     root: StorePath | Path,
     meta: CacheMeta,
@@ -121,7 +103,7 @@ def write_shard(
     checksums: dict[str, str] = {}
     stored: dict[str, int] = {}
     for spec in gmeta.arrays:
-        arr = grp[spec.name]
+        arr = zarr_array(grp, spec.name)
         block = data[spec.name]
         expected = (stop - start, len(meta.views), *spec.sample_shape)
         if block.shape != expected:
@@ -151,17 +133,6 @@ def write_shard(
     )
     write_json_atomic(record_path(root, gmeta.group, shard), record.to_json())
     return record
-
-
-def load_records(root: StorePath | Path, meta: CacheMeta, group: str) -> dict[int, ShardRecord]:
-    """All shard records present for a group, by shard number (one listing, then concurrent reads)."""
-    root = store_path(root)
-    folder = record_path(root, group, 0).parent
-    names = {p.name for p in folder.iterdir()}
-    paths = {s: record_path(root, group, s) for s in range(meta.num_shards)}
-    present = [p for p in paths.values() if p.name in names]
-    raw = folder.read_many(present)
-    return {s: ShardRecord.from_json(json.loads(raw[p])) for s, p in paths.items() if p in raw}
 
 
 def manifest_table(plan: pa.Table, outcomes: list[list[Any]]) -> pa.Table:

@@ -1,276 +1,91 @@
-"""``repa align``: how well a student's hidden states agree with its teacher's features.
+"""``repa align``: how well a checkpoint's student agrees with its teachers on cached features.
 
-Two measures on a slice of the cache (by default the last N valid indices):
-
-* **mean cosine**: the REPA objective itself, ``cos(h_proj, y)`` per token between the student's
-  projected tokens and the cached teacher patch tokens, averaged over tokens and samples;
-* **CKNNA** (Huh et al. 2024, "The Platonic Representation Hypothesis"; used in the REPA
-  paper's analysis): centred kernel alignment restricted to mutual k-nearest neighbours. Each
-  sample is one vector: the student's hidden state after block ``encoder_depth`` (before the
-  projector, as in REPA's analysis) and, for comparison, the projected tokens, each mean-pooled
-  over tokens, against the teacher's mean-pooled patch tokens. Vectors are L2-normalised, so the
-  kernels are cosine similarities. ``mutual_knn`` (the fraction of shared k-nearest neighbours)
-  is reported too.
-
-The student sees ``x_t`` at one fixed time ``t`` (0.5 by default) made from the cached posterior
-mean of the original view and noise seeded per sample ``(seed, cache index)``, with the true
-labels. Note that the trainer reads every valid index, so the slice is held out only if the run
-was trained on a cache without it.
+The measures (mean cosine, CKNNA, mutual kNN) live in :mod:`repa_cache.train.alignment`, which the
+trainer also logs; this is the job that runs them for a checkpoint. The model, its teachers (in
+projector order), its interpolant and latent normalisation come from the checkpoint's model card;
+the latents and teacher features from a cache: the training cache named in the card, or another
+path to it (``--cache``). Either way each group read must have the fingerprint the model was
+trained on. Note that the trainer reads every valid index not held out (``--holdout``), so the
+measured slice (the last ``num`` valid indices) is held out only if the run was trained that way.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
-import torch.nn.functional as F
-from torch import Tensor
-
-from cache.errors import CacheError, UsageError
-from cache.format import LATENTS, TEACHER_PREFIX, teacher_group
-from cache.reader import CacheReader, list_groups
-from cache.wds import WdsReader, open_reader
-from eval.sample import (LoadedCheckpoint, load_checkpoint_for_eval, open_training_cache, resolve_device,
-                         training_cache_path)
-from eval.samplers import SampleNoise, autocast_context, path_coefficients
-from train.data import LatentScale
-from train.loss import resample_tokens
-from train.model import SiT
+from repa_cache.cache.errors import CacheError, UsageError
+from repa_cache.cache.format import LATENTS, teacher_group
+from repa_cache.cache.reader import ReaderBase
+from repa_cache.cache.storage import store_path
+from repa_cache.cache.wds import open_reader
+from repa_cache.eval.config import AlignConfig
+from repa_cache.eval.sample import LoadedModel, load_model, local_rank
+from repa_cache.stages.devices import resolve_device
+from repa_cache.train.alignment import alignment_metrics
 
 logger = logging.getLogger(__name__)
 
-
-# --------------------------------------------------------------------------------------------
-# the measures
+MEASURES = ("cos", "cknna", "cknna_proj", "mutual_knn")
 
 
-def _knn_mask(sim: Tensor, k: int) -> Tensor:
-    """(n, n) 0/1 mask of each row's k most similar other rows (self excluded)."""
-    sim = sim.clone()
-    sim.fill_diagonal_(float("-inf"))
-    idx = sim.topk(k, dim=1).indices  # (n, k)
-    return torch.zeros_like(sim).scatter_(1, idx, 1.0)
+def open_training_cache(cache: str | Path, trained_on: dict[str, Any], groups: Sequence[str]) -> ReaderBase:
+    """Open ``groups`` of a cache (or its webdataset export), refusing any group whose fingerprint
+    differs from the one recorded when the model was trained (``card.cache``).
 
-
-def _hsic_unbiased(K: Tensor, L: Tensor) -> Tensor:
-    """Unbiased HSIC estimator (Song et al. 2012) of two (n, n) kernels, diagonals ignored."""
-    n = K.shape[0]
-    K = K.clone().fill_diagonal_(0.0)
-    L = L.clone().fill_diagonal_(0.0)
-    trace_kl = (K * L.T).sum()  # tr(K L)
-    sums = K.sum() * L.sum() / ((n - 1) * (n - 2))  # (1'K1)(1'L1) / ((n-1)(n-2))
-    cross = 2.0 * (K.sum(dim=0) * L.sum(dim=1)).sum() / (n - 2)  # 2 * 1'KL1 / (n-2)
-    return (trace_kl + sums - cross) / (n * (n - 3))
-
-
-def _cosine_kernel(feats: Tensor) -> Tensor:
-    f = F.normalize(feats.double().flatten(1), dim=1)  # (n, D)
-    return f @ f.T  # (n, n)
-
-
-def _check_pair(a: Tensor, b: Tensor, k: int) -> None:
-    if a.shape[0] != b.shape[0]:
-        raise ValueError(f"the two representations have {a.shape[0]} and {b.shape[0]} samples")
-    if a.shape[0] < 4:
-        raise UsageError(f"CKNNA needs at least 4 samples, got {a.shape[0]}")
-    if not 1 <= k < a.shape[0] - 1:
-        raise UsageError(f"k={k} nearest neighbours need k >= 1 and more than k+1 samples (have {a.shape[0]})")
-
-
-def cknna(feats_a: Tensor, feats_b: Tensor, k: int = 10) -> float:
-    """CKNNA between two representations of the same n samples, (n, Da) and (n, Db).
-
-    With cosine kernels K and L and the masks M_K, M_L of each row's k nearest neighbours,
-    ``CKNNA = HSIC(M∘K, M∘L) / sqrt(HSIC(M_K∘K, M_K∘K) HSIC(M_L∘L, M_L∘L))`` with
-    ``M = M_K∘M_L`` (the mutual neighbours) and the unbiased HSIC estimator. 1 for identical
-    representations (also under rotation and scaling), about 0 for unrelated ones.
+    Raises:
+        CacheError: a missing or uncommitted cache or group, or a group with another fingerprint.
     """
-    _check_pair(feats_a, feats_b, k)
-    K, L = _cosine_kernel(feats_a), _cosine_kernel(feats_b)
-    mask_k, mask_l = _knn_mask(K, k), _knn_mask(L, k)
-    mutual = mask_k * mask_l
-    kl = _hsic_unbiased(mutual * K, mutual * L)
-    kk = _hsic_unbiased(mask_k * K, mask_k * K)
-    ll = _hsic_unbiased(mask_l * L, mask_l * L)
-    denom = torch.sqrt(kk * ll)
-    return float(kl / denom) if float(denom) > 0 else 0.0
+    reader = open_reader(cache, groups=list(groups))
+    recorded = trained_on.get("groups") or {}
+    for group, info in reader.groups.items():
+        if group in recorded and recorded[group] != info.commit["fingerprint_hash"]:
+            raise CacheError(f"group '{group}' of {reader.root} is not the one the checkpoint was trained on "
+                             "(fingerprints differ); pass the training cache with --cache")
+    return reader
 
 
-def mutual_knn(feats_a: Tensor, feats_b: Tensor, k: int = 10) -> float:
-    """Mean fraction of each sample's k nearest neighbours shared by the two representations."""
-    _check_pair(feats_a, feats_b, k)
-    shared = _knn_mask(_cosine_kernel(feats_a), k) * _knn_mask(_cosine_kernel(feats_b), k)
-    return float(shared.sum(dim=1).mean() / k)
+def _cache_of(loaded: LoadedModel, cache: str | None) -> str:
+    """The cache to read: ``cache`` if given, else the training cache named in the card."""
+    path = cache if cache is not None else loaded.card.cache_path
+    if not path:
+        raise UsageError(f"{loaded.path} does not name its training cache; pass --cache")
+    if not store_path(path).exists():
+        raise CacheError(f"the training cache {path} of {loaded.path} is missing; pass --cache")
+    return str(path)
 
 
-# --------------------------------------------------------------------------------------------
-# on a model and a cache
-
-
-def _teacher_name(group: str) -> str:
-    return group[len(TEACHER_PREFIX):] if group.startswith(TEACHER_PREFIX) else group
-
-
-@torch.no_grad()
-def alignment_metrics(
-    model: SiT,
-    cache: str | Path | CacheReader | WdsReader,
-    teachers: Sequence[str],
-    *,
-    num: int = 512,
-    t: float = 0.5,
-    k: int = 10,
-    batch_size: int = 64,
-    seed: int = 0,
-    path: str = "linear",
-    resample: bool = False,
-    precision: str = "fp32",
-) -> dict[str, float]:
-    """Alignment of ``model`` with its teachers on the last ``num`` valid samples of ``cache``.
-
-    For the trainer's periodic logging: pass the bare model (or its EMA copy), not the DDP or
-    compiled wrapper; it runs on the model's device under ``no_grad`` and restores its train/eval
-    mode. ``teachers`` are in the order of the model's projectors.
-
-    Returns:
-        ``{"align/cos/<teacher>", "align/cknna/<teacher>", "align/cknna_proj/<teacher>",
-        "align/mutual_knn/<teacher>"}`` for each teacher, plus ``"align/num"`` and ``"align/t"``.
-    """
-    if not 0.0 < t <= 1.0:
-        raise UsageError(f"--t must be in (0, 1], got {t}")
-    if num <= 0 or batch_size <= 0:
-        raise UsageError("--num and --batch-size must be positive")
-    if len(teachers) != len(model.projectors):
-        raise UsageError(f"{len(teachers)} teachers named for a model with {len(model.projectors)} projectors")
-    reader = cache if isinstance(cache, (CacheReader, WdsReader)) else open_reader(
-        cache, groups=[LATENTS] + [teacher_group(n) for n in teachers])
-    valid = reader.valid_indices()
-    indices = valid[-num:]
-    if len(indices) < num:
-        logger.warning("the cache has %d valid samples; measuring on all of them, not %d", len(indices), num)
-    scale = LatentScale.from_cache(reader)
-    groups = [LATENTS] + [teacher_group(n) for n in teachers]
-    mcfg = model.config
-    device = next(model.parameters()).device
-
-    captured: list[Tensor] = []
-    hook = model.blocks[mcfg.encoder_depth - 1].register_forward_hook(lambda _m, _i, out: captured.append(out))
-    was_training = model.training
-    model.eval()
-    hidden: list[Tensor] = []
-    proj: list[list[Tensor]] = [[] for _ in teachers]
-    target: list[list[Tensor]] = [[] for _ in teachers]
-    cos_sum = [0.0 for _ in teachers]
-    try:
-        for start in range(0, len(indices), batch_size):
-            idx = indices[start:start + batch_size]
-            data = reader.read(idx, groups=groups)
-            mean = torch.from_numpy(np.ascontiguousarray(data["latents/mean"][:, 0])).to(device)  # (B, C, h, w)
-            x0 = (mean - scale.shift_factor) * scale.scaling_factor
-            eps = SampleNoise(seed, idx.tolist(), device).randn(tuple(x0.shape[1:])).float()
-            tt = torch.full((len(idx),), float(t), device=device)
-            alpha, sigma, _, _ = (a.view(-1, 1, 1, 1) for a in path_coefficients(path, tt))
-            x_t = alpha * x0 + sigma * eps
-            y = torch.from_numpy(data["label"]).to(device)
-            captured.clear()
-            with autocast_context(device, precision):
-                _, zs = model(x_t, tt, y)
-            hidden.append(captured[-1].float().mean(dim=1).cpu())  # (B, D) pooled hidden state
-            for j, name in enumerate(teachers):
-                feats = torch.from_numpy(np.ascontiguousarray(data[f"{teacher_group(name)}/patch"][:, 0])).to(device).float()
-                if feats.shape[1] != zs[j].shape[1]:
-                    if not resample:
-                        raise UsageError(f"teacher '{name}' has {feats.shape[1]} tokens, the model {zs[j].shape[1]}; "
-                                         "the run was trained without --resample-teacher")
-                    feats = resample_tokens(feats, mcfg.grid)
-                z = zs[j].float()  # (B, T, Z)
-                cos_sum[j] += float(F.cosine_similarity(z, feats, dim=-1).mean(dim=1).sum())
-                proj[j].append(z.mean(dim=1).cpu())
-                target[j].append(feats.mean(dim=1).cpu())
-    finally:
-        hook.remove()
-        model.train(was_training)
-
-    n = len(indices)
-    h = torch.cat(hidden)
-    out: dict[str, float] = {"align/num": float(n), "align/t": float(t)}
-    for j, name in enumerate(teachers):
-        y_pool = torch.cat(target[j])
-        out[f"align/cos/{name}"] = cos_sum[j] / n
-        out[f"align/cknna/{name}"] = cknna(h, y_pool, k)
-        out[f"align/cknna_proj/{name}"] = cknna(torch.cat(proj[j]), y_pool, k)
-        out[f"align/mutual_knn/{name}"] = mutual_knn(h, y_pool, k)
-    return out
-
-
-def _resolve_teachers(loaded: LoadedCheckpoint, reader_root: Path) -> tuple[str, ...]:
-    """The teachers of a run in projector order: its config, RUN/config.json, or the cache's only one."""
-    if loaded.teachers:
-        return loaded.teachers
-    run_config = loaded.path.parent.parent / "config.json"
-    if run_config.is_file():
-        names = json.loads(run_config.read_text()).get("teachers")
-        if names:
-            return tuple(names)
-    cached = [_teacher_name(g) for g in list_groups(reader_root) if g.startswith(TEACHER_PREFIX)]
-    if len(cached) != 1:
-        raise UsageError(f"cannot tell which teacher {loaded.path} was trained with "
-                         f"(the cache has {', '.join(cached) or 'none'})")
-    return tuple(cached)
-
-
-def align(
-    ckpt: str | Path,
-    cache: str | Path | None = None,
-    *,
-    num: int = 1024,
-    t: float = 0.5,
-    k: int = 10,
-    batch_size: int = 64,
-    seed: int = 0,
-    device: str = "auto",
-    precision: str = "auto",
-) -> dict[str, Any]:
-    """Alignment metrics of a checkpoint's EMA student on the last ``num`` valid samples of its cache.
+def align(ckpt: str | Path, cfg: AlignConfig | None = None) -> dict[str, Any]:
+    """Alignment metrics of a checkpoint's EMA student on the last ``cfg.num`` valid cache samples.
 
     Args:
         ckpt: a run folder or a checkpoint file.
-        cache: the training cache, if it moved from the path in the checkpoint's config.
-        num: number of samples (the last ``num`` valid cache indices).
-        t: the time of the noisy input, in (0, 1].
-        k: nearest neighbours for CKNNA.
-        batch_size: samples per forward pass.
-        seed: seed of the per-sample noise.
-        device: ``"auto"``, ``"cpu"``, ``"cuda"``...
-        precision: ``"auto"`` (bf16 autocast on CUDA), ``"bf16"`` or ``"fp32"``.
+        cfg: the measurement's settings (default: :class:`AlignConfig`'s).
 
     Returns:
         ``{"checkpoint", "step", "cache", "num", "t", "k", "teachers": {name: {"cos", "cknna",
         "cknna_proj", "mutual_knn"}}}``.
 
     Raises:
-        UsageError: bad arguments or checkpoint. CacheError: a missing or foreign cache.
+        UsageError: bad settings or checkpoint. CacheError: a missing cache or one with other
+            fingerprints than the training cache.
     """
-    if num <= 0:
-        raise UsageError(f"--num must be positive, got {num}")
-    loaded = load_checkpoint_for_eval(ckpt, resolve_device(device), cache)
-    cache_path = training_cache_path(loaded, cache)
-    teachers = _resolve_teachers(loaded, cache_path)
+    cfg = cfg if cfg is not None else AlignConfig()
+    if cfg.num <= 0:
+        raise UsageError(f"--num must be positive, got {cfg.num}")
+    loaded = load_model(ckpt, resolve_device(cfg.device, local_rank()))
+    card = loaded.card
+    groups = [LATENTS] + [teacher_group(n) for n in card.teachers]
     try:
-        reader = open_training_cache(cache_path, loaded.cache_info, groups=[LATENTS] + [teacher_group(n) for n in teachers])
+        reader = open_training_cache(_cache_of(loaded, cfg.cache), card.cache, groups)
     except CacheError as e:
-        raise CacheError(f"{e} (needed for alignment with {', '.join(teachers)})") from e
-    metrics = alignment_metrics(loaded.model, reader, teachers, num=num, t=t, k=k, batch_size=batch_size, seed=seed,
-                                path=loaded.path_type, resample=bool(loaded.train_config.get("resample_teacher")),
-                                precision=precision)
-    per_teacher = {
-        name: {m: metrics[f"align/{m}/{name}"] for m in ("cos", "cknna", "cknna_proj", "mutual_knn")}
-        for name in teachers
-    }
-    return {"checkpoint": str(loaded.path), "step": loaded.step, "cache": str(reader.root), "num": int(metrics["align/num"]),
-            "t": t, "k": k, "teachers": per_teacher}
+        raise CacheError(f"{e} (needed for alignment with {', '.join(card.teachers)})") from e
+    metrics = alignment_metrics(loaded.model, reader, card.teachers, num=cfg.num, t=cfg.t, k=cfg.k,
+                                batch_size=cfg.batch_size, seed=cfg.seed, path=card.path,
+                                resample=bool(card.train.get("resample_teacher")), precision=cfg.precision,
+                                norm=card.norm)
+    per_teacher = {name: {m: metrics[f"align/{m}/{name}"] for m in MEASURES} for name in card.teachers}
+    return {"checkpoint": str(loaded.path), "step": loaded.step, "cache": str(reader.root),
+            "num": int(metrics["align/num"]), "t": cfg.t, "k": cfg.k, "teachers": per_teacher}

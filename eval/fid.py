@@ -33,15 +33,18 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from cache.errors import UsageError
-from eval.sample import IMAGES_DIR, iter_npz_batches, npz_array_info, resolve_device
+from repa_cache.cache.errors import UsageError
+from repa_cache.cache.storage import atomic_file
+from repa_cache.eval.config import FidConfig
+from repa_cache.eval.sample import IMAGES_DIR, iter_npz_batches, npz_array_info
+from repa_cache.stages.devices import resolve_device
 
 logger = logging.getLogger(__name__)
 
 INCEPTION_NAME = "inception-v3-compat-pool3"
 INCEPTION_WEIGHTS_URL = (
     "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth")
-DEFAULT_DINOV2 = "dinov2-vit-l"
+DEFAULT_DINOV2 = FidConfig.dinov2_teacher
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
@@ -103,11 +106,9 @@ class FeatureStats:
         return cls(feats.mean(axis=0), np.cov(feats, rowvar=False), len(feats), extractor)
 
     def save(self, path: Path) -> Path:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        with open(tmp, "wb") as f:
+        """Write ``mu``, ``sigma``, ``num`` and ``extractor`` to an npz; it appears whole or not at all."""
+        with atomic_file(path) as f:
             np.savez(f, mu=self.mu, sigma=self.sigma, num=np.int64(self.num), extractor=np.str_(self.extractor))
-        os.replace(tmp, path)
         return path
 
     @classmethod
@@ -159,7 +160,7 @@ def _npz_images(path: Path) -> tuple[int, ...]:
         shape, dtype = npz_array_info(path)
     except KeyError:
         raise UsageError(f"{path} has no 'arr_0' array of images") from None
-    except Exception as e:  # noqa: BLE001 - not a zip, not an npy member
+    except Exception as e:  # not a zip, not an npy member
         raise UsageError(f"{path} is not an npz file or an image folder ({e})") from e
     if dtype != np.uint8 or len(shape) != 4 or shape[-1] != 3:
         raise UsageError(f"{path}: arr_0 must be uint8 (N, H, W, 3) images, got {dtype} {shape}")
@@ -318,7 +319,7 @@ def inception_extractor(weights: str | Path | None = None, device: torch.device 
     try:
         net = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"],
                                           feature_extractor_weights_path=None if weights is None else str(weights))
-    except Exception as e:  # noqa: BLE001 - offline download, unreadable file: one message
+    except Exception as e:  # offline download, unreadable file: one message
         reason = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
         raise UsageError(
             f"cannot load the FID Inception weights ({reason}); without network, fetch {INCEPTION_WEIGHTS_URL} "
@@ -331,7 +332,7 @@ class DinoV2Extractor:
 
     def __init__(self, teacher: str = DEFAULT_DINOV2, device: torch.device | str = "cpu",
                  checkpoint: str | None = None) -> None:
-        from stages.teachers import get_teacher
+        from repa_cache.stages.teachers import get_teacher
 
         self.spec = get_teacher(teacher)
         self.device, self.checkpoint = torch.device(device), checkpoint
@@ -339,7 +340,7 @@ class DinoV2Extractor:
         self._models: dict[int, torch.nn.Module] = {}
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        from stages.teachers import encode_images, load_teacher
+        from repa_cache.stages.teachers import encode_images, load_teacher
 
         h, w = images.shape[-2:]
         if h != w:
@@ -363,15 +364,8 @@ def dinov2_extractor(teacher: str = DEFAULT_DINOV2, device: torch.device | str =
 def fid(
     samples: str | Path,
     ref: str | Path,
+    cfg: FidConfig | None = None,
     *,
-    fd_dinov2: bool = False,
-    inception_weights: str | Path | None = None,
-    dinov2_teacher: str = DEFAULT_DINOV2,
-    dinov2_checkpoint: str | None = None,
-    batch_size: int = 50,
-    device: str = "auto",
-    stats_dir: str | Path | None = None,
-    quiet: bool = False,
     extractors: Mapping[str, FeatureExtractor] | None = None,
 ) -> dict[str, Any]:
     """FID (and FD-DINOv2) of ``samples`` against ``ref``; each an npz or a folder of images.
@@ -379,35 +373,31 @@ def fid(
     Args:
         samples: generated images (``repa sample``'s npz, or its folder).
         ref: reference images or statistics (an ADM reference batch, our stats npz, a folder).
-        fd_dinov2: also compute FD-DINOv2.
-        inception_weights: local Inception weights file; default: torch-fidelity's download.
-        dinov2_teacher: registry name of the FD-DINOv2 network.
-        dinov2_checkpoint: local weights file for it.
-        batch_size: images per forward pass.
-        device: ``"auto"``, ``"cpu"``, ``"cuda"``...
-        stats_dir: where reference statistics are cached (default ``~/.cache/repa-cache/fid-stats``).
-        quiet: no progress bars.
+        cfg: the job's settings (default: :class:`FidConfig`'s: FID alone, weights downloaded by
+            torch-fidelity).
         extractors: metric name -> extractor, replacing the default ones (for tests and custom
             metrics); the result then has one entry per name.
 
     Returns:
         ``{"fid": ..., "fd_dinov2": ..., "num_samples": ..., "num_ref": {...}, "ref_stats": {...}}``.
     """
+    cfg = cfg if cfg is not None else FidConfig()
+    batch_size, quiet = cfg.batch_size, cfg.quiet
     if batch_size <= 0:
         raise UsageError(f"--batch-size must be positive, got {batch_size}")
     for name, p in (("samples", samples), ("reference", ref)):
         if not Path(p).exists():
             raise UsageError(f"no such {name} npz or image folder: {p}")
     if extractors is None:
-        dev = resolve_device(device)
-        chosen: dict[str, FeatureExtractor] = {"fid": inception_extractor(inception_weights, dev)}
-        if fd_dinov2:
-            chosen["fd_dinov2"] = dinov2_extractor(dinov2_teacher, dev, dinov2_checkpoint)
+        dev = resolve_device(cfg.device)
+        chosen: dict[str, FeatureExtractor] = {"fid": inception_extractor(cfg.inception_weights, dev)}
+        if cfg.fd_dinov2:
+            chosen["fd_dinov2"] = dinov2_extractor(cfg.dinov2_teacher, dev, cfg.dinov2_checkpoint)
     else:
         chosen = dict(extractors)
     result: dict[str, Any] = {"samples": str(samples), "ref": str(ref), "num_ref": {}, "ref_stats": {}}
     for metric, extractor in chosen.items():
-        ref_stats, ref_file = reference_stats(ref, extractor, stats_dir, batch_size, quiet)
+        ref_stats, ref_file = reference_stats(ref, extractor, cfg.stats_dir, batch_size, quiet)
         stats = compute_stats(samples, extractor, batch_size, quiet)
         if ref_stats.mu.shape != stats.mu.shape:
             raise UsageError(f"{metric}: the reference statistics have {ref_stats.mu.shape[0]} dims, "

@@ -1,8 +1,9 @@
 """``repa sample``: draw images from a trained checkpoint and export them for FID.
 
-The job loads the EMA weights of a checkpoint, integrates with :mod:`eval.samplers`, decodes with
-the VAE named in the cache the model was trained on (scale and shift read from that cache), and
-writes::
+The job needs the run folder (or one checkpoint file) and the VAE's weights, nothing else: the
+checkpoint's model card names the model shape, the interpolant, the number of classes, the latent
+normalisation and the VAE (id, revision and weights hash). It loads the EMA weights, integrates
+with :mod:`repa_cache.eval.samplers`, decodes with that VAE and writes::
 
     OUT/sample.json         the job's settings (a rerun with other settings is refused)
     OUT/images/000000.png   one PNG per sample, written atomically
@@ -22,11 +23,10 @@ import json
 import logging
 import math
 import os
-import re
 import sys
 import time
 import zipfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -39,200 +39,81 @@ from PIL import Image
 from torch import Tensor
 from tqdm import tqdm
 
-from cache.errors import CacheError, RepaError, UsageError
-from cache.format import LATENTS
-from cache.reader import CacheReader
-from cache.storage import StorePath, store_path
-from eval.samplers import PRECISIONS, SampleNoise, SamplerConfig, sample_labels, sample_latents
-from train.checkpoint import CKPT_DIR
-from train.model import SiT, SiTConfig, sit_config
+from repa_cache.cache.errors import RepaError, UsageError
+from repa_cache.cache.format import LatentNorm
+from repa_cache.cache.storage import atomic_file
+from repa_cache.eval.config import SampleConfig
+from repa_cache.eval.samplers import SamplerConfig, sample_labels, sample_latents
+from repa_cache.stages.devices import check_precision, resolve_device
+from repa_cache.train.checkpoint import ModelCard, load_checkpoint, resolve_checkpoint, strip_wrapper_prefixes
+from repa_cache.train.model import SiT, SiTConfig
+from repa_cache.train.noise import SampleNoise
 
 logger = logging.getLogger(__name__)
 
-KIND_TRAIN = "repa-train-checkpoint"
-KIND_EMA = "repa-ema-weights"
 IMAGES_DIR = "images"
 NPZ_NAME = "samples.npz"
 GRID_NAME = "grid.png"
 JOB_FILE = "sample.json"
-_CKPT_NAME = re.compile(r"^(ema-)?step-(\d+)\.pt$")
 #: Settings that make the images what they are; a resume must keep them.
 IDENTITY_FIELDS = ("checkpoint", "sampler", "steps", "heun", "cfg_scale", "guidance_interval", "classes",
                    "seed", "last_t")
 
 
+def local_rank() -> int:
+    """This process's GPU index on its node under torchrun (0 otherwise)."""
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
 # --------------------------------------------------------------------------------------------
-# checkpoints
+# the model
 
 
 @dataclass
-class LoadedCheckpoint:
-    """A student rebuilt from a checkpoint with its EMA weights, plus what it was trained on.
+class LoadedModel:
+    """The student of a checkpoint with its EMA weights, and the card it came with.
 
     Attributes:
         model: the SiT in eval mode with gradients off, on the requested device.
-        model_config: its shape.
-        train_config: the trainer's config dict (``TrainConfig.to_json()``).
-        cache_info: fingerprints of the cache it was trained on (``groups``, ``weights``, ...).
+        config: its shape (``SiTConfig(**card.model)``).
+        card: the checkpoint's model card (teachers, latent normalisation, VAE, interpolant...).
         step: training step of the weights.
         path: the checkpoint file that was read.
     """
 
     model: SiT
-    model_config: SiTConfig
-    train_config: dict[str, Any]
-    cache_info: dict[str, Any]
+    config: SiTConfig
+    card: ModelCard
     step: int
     path: Path
 
     @property
     def null_class(self) -> int:
-        return self.model_config.num_classes
-
-    @property
-    def path_type(self) -> str:
-        """The interpolant the model was trained with (``"linear"`` unless the config says otherwise)."""
-        transport = self.train_config.get("transport") or {}
-        return str(transport.get("path", "linear"))
-
-    @property
-    def teachers(self) -> tuple[str, ...]:
-        return tuple(self.train_config.get("teachers") or ())
+        """Label of the unconditional model (the number of real classes)."""
+        return self.config.num_classes
 
 
-def resolve_checkpoint(ckpt: str | Path) -> Path:
-    """The checkpoint file named by ``ckpt``: a file, or a run folder (its newest weights).
-
-    In a run folder the highest step wins; at equal steps the EMA-only file is read (it is smaller).
-    """
-    path = Path(ckpt)
-    if path.is_file():
-        return path
-    if not path.exists():
-        raise UsageError(f"no checkpoint or run folder at {path}")
-    found: list[tuple[int, int, Path]] = []
-    ckpt_dir = path / CKPT_DIR
-    if ckpt_dir.is_dir():
-        for p in ckpt_dir.iterdir():
-            m = _CKPT_NAME.match(p.name)
-            if m:
-                found.append((int(m.group(2)), 1 if m.group(1) else 0, p))
-    if not found:
-        raise UsageError(f"{path} holds no checkpoint (expected {CKPT_DIR}/ema-step-*.pt or step-*.pt)")
-    return max(found)[2]
-
-
-def _read_checkpoint(path: Path) -> dict[str, Any]:
-    try:
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as e:
-            if "mmap" not in str(e):
-                raise
-            state = torch.load(path, map_location="cpu", weights_only=True)  # legacy format
-    except Exception as e:  # noqa: BLE001 - whatever the file is, it is not ours
-        raise UsageError(f"{path} is not a checkpoint of this tool (torch.load with weights_only cannot read it)") from e
-    kind = state.get("kind") if isinstance(state, dict) else None
-    if kind not in (KIND_TRAIN, KIND_EMA):
-        raise UsageError(
-            f"{path} is not a checkpoint of this tool (kind {kind!r}; expected '{KIND_TRAIN}' or '{KIND_EMA}')")
-    if "ema" not in state:
-        raise UsageError(f"{path} has no EMA weights")
-    return state
-
-
-def _model_config(state: dict[str, Any], path: Path, cache: str | Path | None) -> SiTConfig:
-    """The student's shape: stored in the checkpoint, else RUN/config.json, else derived from the
-    trainer config and the cache (as the trainer derives it)."""
-    if isinstance(state.get("model_config"), dict):
-        return SiTConfig(**state["model_config"])
-    run_config = path.parent.parent / "config.json"
-    if path.parent.name == CKPT_DIR and run_config.is_file():
-        model = json.loads(run_config.read_text()).get("model")
-        if isinstance(model, dict):
-            return SiTConfig(**model)
-    cfg = state.get("config") or {}
-    name = cfg.get("model")
-    if not name:
-        raise UsageError(f"cannot tell the model shape of {path}: no {run_config} and no model name in it")
-    reader = open_training_cache(_existing_cache(path, cache, cfg.get("cache")), state.get("cache") or {}, groups=None)
-    lat = reader.group(LATENTS).meta.model
-    teachers = [g for g in reader.groups if g != LATENTS]
-    wanted = list(cfg.get("teachers") or []) or [g.split("/", 1)[1] for g in teachers]
-    overrides: dict[str, Any] = {
-        "input_size": int(lat["latent_size"]),
-        "in_channels": int(lat["latent_channels"]),
-        "num_classes": len(reader.meta.class_names),
-        "z_dims": tuple(int(reader.group(t).meta.model["dim"]) for t in wanted),
-    }
-    if cfg.get("encoder_depth") is not None:
-        overrides["encoder_depth"] = int(cfg["encoder_depth"])
-    return sit_config(name, **overrides)
-
-
-def _strip_prefixes(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Drop the ``module.`` (DDP) and ``_orig_mod.`` (torch.compile) key prefixes, if any."""
-    out = {}
-    for key, value in weights.items():
-        for prefix in ("module.", "_orig_mod."):
-            while key.startswith(prefix):
-                key = key[len(prefix):]
-        out[key] = value
-    return out
-
-
-def load_checkpoint_for_eval(
-    ckpt: str | Path, device: torch.device | str = "cpu", cache: str | Path | None = None
-) -> LoadedCheckpoint:
-    """Rebuild the student of a checkpoint (file or run folder) with its EMA weights.
+def load_model(ckpt: str | Path, device: torch.device | str = "cpu") -> LoadedModel:
+    """Rebuild the student of a checkpoint (file or run folder) from its model card alone, with
+    its EMA weights.
 
     Raises:
-        UsageError: no such file, a file of an unknown format, or weights that do not fit the shape.
+        UsageError: no such file, not a checkpoint of this tool, an unknown format version, or
+            weights that do not fit the card's model shape.
     """
-    path = resolve_checkpoint(ckpt)
-    state = _read_checkpoint(path)
-    mcfg = _model_config(state, path, cache)
-    model = SiT(mcfg)
+    ckpt_file = load_checkpoint(resolve_checkpoint(ckpt))
     try:
-        model.load_state_dict(_strip_prefixes(state["ema"]))
+        config = SiTConfig(**ckpt_file.card.model)
+    except (TypeError, ValueError) as e:
+        raise UsageError(f"{ckpt_file.path} has an unusable model config ({str(e).splitlines()[0]})") from None
+    model = SiT(config)
+    try:
+        model.load_state_dict(strip_wrapper_prefixes(ckpt_file.ema))
     except RuntimeError as e:
-        raise UsageError(f"the EMA weights in {path} do not fit {mcfg}: {str(e).splitlines()[0]}") from e
+        raise UsageError(f"the EMA weights in {ckpt_file.path} do not fit {config}: {str(e).splitlines()[0]}") from None
     model = model.to(device).eval().requires_grad_(False)
-    logger.info("loaded %s (step %s, EMA weights) on %s", path, state.get("step"), device)
-    return LoadedCheckpoint(model, mcfg, dict(state.get("config") or {}), dict(state.get("cache") or {}),
-                            int(state.get("step", 0)), path)
-
-
-def open_training_cache(
-    cache: str | Path, cache_info: dict[str, Any], groups: Sequence[str] | None = (LATENTS,)
-) -> CacheReader:
-    """Open the cache a checkpoint was trained on, refusing one with other fingerprints.
-
-    ``cache_info`` is the checkpoint's ``cache`` entry; each opened group whose fingerprint it
-    records must match.
-    """
-    reader = CacheReader(cache, groups=list(groups) if groups is not None else None)
-    want = (cache_info or {}).get("groups") or {}
-    for group, info in reader.groups.items():
-        if group in want and want[group] != info.commit["fingerprint_hash"]:
-            raise CacheError(
-                f"group '{group}' of {reader.root} is not the one the checkpoint was trained on "
-                "(fingerprints differ); pass the training cache with --cache")
-    return reader
-
-
-def _existing_cache(ckpt: Path, override: str | Path | None, recorded: str | None) -> StorePath:
-    path = override if override is not None else recorded
-    if not path:
-        raise UsageError(f"{ckpt} does not name its training cache; pass --cache")
-    if not store_path(path).exists():
-        raise CacheError(f"the training cache {path} of {ckpt} is missing; pass --cache")
-    return store_path(path)
-
-
-def training_cache_path(loaded: LoadedCheckpoint, cache: str | Path | None) -> StorePath:
-    """The cache to use: ``cache`` if given, else the one in the checkpoint's training config."""
-    return _existing_cache(loaded.path, cache, loaded.train_config.get("cache"))
+    logger.info("loaded %s (step %d, EMA weights) on %s", ckpt_file.path, ckpt_file.step, device)
+    return LoadedModel(model, config, ckpt_file.card, ckpt_file.step, ckpt_file.path)
 
 
 # --------------------------------------------------------------------------------------------
@@ -241,11 +122,10 @@ def training_cache_path(loaded: LoadedCheckpoint, cache: str | Path | None) -> S
 
 @dataclass(frozen=True)
 class LatentDecoder:
-    """The VAE of a cache and its latent scale: ``decode(z / scaling_factor + shift_factor)``."""
+    """A VAE and the latent normalisation of the model: ``decode(norm.from_model(z))``."""
 
     vae: Any
-    scaling_factor: float
-    shift_factor: float
+    norm: LatentNorm
 
     @torch.no_grad()
     def __call__(self, z: Tensor, batch_size: int = 32) -> np.ndarray:
@@ -253,37 +133,44 @@ class LatentDecoder:
         device, dtype = next(self.vae.parameters()).device, next(self.vae.parameters()).dtype
         out = []
         for chunk in z.split(batch_size):
-            lat = chunk.to(device, torch.float32) / self.scaling_factor + self.shift_factor
+            lat = self.norm.from_model(chunk.to(device, torch.float32))  # (b, C, h, w) in the VAE's space
             img = self.vae.decode(lat.to(dtype)).sample.float()  # (b, 3, H, W) in [-1, 1]
             img = ((img + 1) * 127.5).clamp(0, 255).to(torch.uint8)  # truncation, as ADM and REPA
-            out.append(img.permute(0, 2, 3, 1).cpu().numpy())  # (b, H, W, 3)
+            out.append(img.permute(0, 2, 3, 1).cpu().numpy())  # (b, 3, H, W) -> (b, H, W, 3)
         return np.concatenate(out)
 
 
-def load_decoder(reader: CacheReader, device: torch.device | str, vae: str | None = None,
-                 check_weights: bool = True) -> LatentDecoder:
-    """The VAE named in the cache (or ``vae``, a local copy of it) with the cache's latent scale.
+def load_decoder(card: ModelCard, device: torch.device | str, vae: str | None = None) -> LatentDecoder:
+    """The VAE named in the model card (or ``vae``, a local folder holding it) with the card's
+    latent normalisation.
 
-    When the cache records the encoder's weight hash, a VAE with other weights is refused: decoding
-    with another VAE than the one that encoded the data gives wrong images.
+    The VAE's weights must hash to the card's ``weights_sha256``: decoding with another VAE than
+    the one that encoded the training latents gives wrong images, so it is refused.
+
+    Raises:
+        UsageError: the VAE cannot be loaded, or it has other weights.
     """
-    from stages.hashing import state_dict_sha256
-    from stages.vae import VAESpec, load_vae
+    from repa_cache.stages.hashing import state_dict_sha256
+    from repa_cache.stages.vae import VAESpec, load_vae
 
-    meta = reader.group(LATENTS).meta.model
-    spec = VAESpec(vae if vae is not None else str(meta["id"]), None if vae is not None else meta.get("revision"))
+    named = card.vae.get("id")
+    if vae is None and not named:
+        raise UsageError("the checkpoint does not name its VAE; pass a local copy with --vae")
+    spec = VAESpec(vae, None) if vae is not None else VAESpec(str(named), card.vae.get("revision"))
     model = load_vae(spec, device, torch.float32)
-    recorded = reader.group(LATENTS).commit.get("weights_sha256")
-    if check_weights and recorded and state_dict_sha256(model) != recorded:
-        raise UsageError(f"VAE '{spec.name}' has other weights than the one that encoded {reader.root}")
-    return LatentDecoder(model, float(meta["scaling_factor"]), float(meta.get("shift_factor") or 0.0))
+    recorded = card.vae.get("weights_sha256")
+    if not recorded:
+        logger.warning("the checkpoint records no VAE weights hash; decoding with '%s' unchecked", spec.name)
+    elif state_dict_sha256(model) != recorded:
+        raise UsageError(f"VAE '{spec.name}' has other weights than the VAE '{named}' the model was trained with "
+                         f"(sha256 {recorded[:12]}...)")
+    return LatentDecoder(model, card.norm)
 
 
 def write_png(path: Path, image: np.ndarray) -> None:
-    """Write one uint8 (H, W, 3) image; a temporary name and a rename make it all-or-nothing."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    Image.fromarray(image).save(tmp, format="PNG")
-    os.replace(tmp, path)
+    """Write one uint8 (H, W, 3) image; it appears whole or not at all."""
+    with atomic_file(path) as f:
+        Image.fromarray(image).save(f, format="PNG")
 
 
 def png_name(index: int) -> str:
@@ -301,11 +188,11 @@ def save_npz(path: Path, images: np.ndarray, labels: np.ndarray | None = None) -
     """Write an ADM-readable npz: ``arr_0`` uint8 (N, H, W, 3) (plus ``arr_1`` labels), atomically."""
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
         raise ValueError(f"expected uint8 (N, H, W, 3) images, got {images.dtype} {images.shape}")
-    tmp = path.with_name(f".{path.name}.tmp")
-    arrays = {"arr_0": images} if labels is None else {"arr_0": images, "arr_1": np.asarray(labels, np.int64)}
-    with open(tmp, "wb") as f:
-        np.savez(f, **arrays)
-    os.replace(tmp, path)
+    with atomic_file(path) as f:
+        if labels is None:
+            np.savez(f, arr_0=images)
+        else:
+            np.savez(f, arr_0=images, arr_1=np.asarray(labels, np.int64))
     return path
 
 
@@ -444,21 +331,6 @@ def _dist_info() -> tuple[int, int]:
     return 0, 1
 
 
-def resolve_device(name: str) -> torch.device:
-    """``auto``: cuda:LOCAL_RANK when CUDA is there, else the CPU; otherwise the named device."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
-        return torch.device("cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UsageError(f"unknown device '{name}'; use auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda was asked for but no CUDA device is available")
-    return device
-
-
 def _previous_job(out: Path, job: _Job) -> dict[str, Any] | None:
     """The settings stored in ``out``; refuses a folder of other settings or of other files."""
     job_file = out / JOB_FILE
@@ -477,88 +349,56 @@ def _previous_job(out: Path, job: _Job) -> dict[str, Any] | None:
     return None
 
 
-def _write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1, default=str))
-    os.replace(tmp, path)
+def _check(cfg: SampleConfig) -> SamplerConfig:
+    """Refuse settings that cannot work (one line each); the sampler's part of them."""
+    if cfg.num <= 0:
+        raise UsageError(f"--num must be positive, got {cfg.num}")
+    if cfg.batch_size <= 0:
+        raise UsageError(f"--batch-size must be positive, got {cfg.batch_size}")
+    if cfg.grid < 0:
+        raise UsageError(f"--grid must be >= 0, got {cfg.grid}")
+    check_precision(cfg.precision)
+    if any(c < 0 for c in cfg.classes):
+        raise UsageError(f"--class takes class ids >= 0, got {list(cfg.classes)}")
+    return SamplerConfig(sampler=cfg.sampler, steps=cfg.steps, heun=cfg.heun, cfg_scale=cfg.cfg_scale,
+                         guidance_interval=cfg.guidance_interval)
 
 
-def sample(
-    ckpt: str | Path,
-    out: str | Path,
-    *,
-    num: int = 50_000,
-    cfg_scale: float = 1.0,
-    guidance_interval: tuple[float, float] = (0.0, 0.7),
-    sampler: str = "sde",
-    steps: int = 250,
-    heun: bool = False,
-    classes: Sequence[int] = (),
-    seed: int = 0,
-    batch_size: int = 64,
-    cache: str | Path | None = None,
-    vae: str | None = None,
-    device: str = "auto",
-    precision: str = "auto",
-    grid: int = 64,
-    quiet: bool = False,
-) -> SampleResult:
-    """Sample ``num`` images from a checkpoint into ``out`` (resumable, torchrun-aware).
+def sample(ckpt: str | Path, out: str | Path, cfg: SampleConfig | None = None) -> SampleResult:
+    """Sample ``cfg.num`` images from a checkpoint into ``out`` (resumable, torchrun-aware).
+
+    Needs only the checkpoint and the VAE it names (or ``cfg.vae``, a local copy of it); the
+    training cache is not read.
 
     Args:
-        ckpt: a run folder (its newest EMA weights) or a checkpoint file (full or EMA-only).
+        ckpt: a run folder (its newest weights) or a checkpoint file (full or EMA-only).
         out: output folder (see the module docstring for its layout).
-        num: number of samples, > 0. A rerun may raise it; the samples already made are kept.
-        cfg_scale: classifier-free guidance scale (1: none).
-        guidance_interval: ``(low, high)`` in t where guidance applies, within [0, 1].
-        sampler: ``"sde"`` (Euler–Maruyama) or ``"ode"``.
-        steps: model evaluations per sample.
-        heun: Heun steps (ODE only).
-        classes: class ids to cycle through; empty: a random class per sample from its seed.
-        seed: job seed; sample ``i`` uses ``(seed, i)``.
-        batch_size: samples per forward pass on each rank.
-        cache: the training cache, if it moved from the path in the checkpoint's config.
-        vae: a local copy of the cache's VAE (it must have the same weights).
-        device: ``"auto"`` (cuda:LOCAL_RANK, else CPU), ``"cpu"``, ``"cuda"``...
-        precision: ``"auto"`` (bf16 autocast on CUDA), ``"bf16"`` or ``"fp32"`` for the model;
-            the VAE decodes in fp32.
-        grid: number of samples in ``grid.png`` (0: no grid).
-        quiet: no progress bar.
+        cfg: the job's settings (default: :class:`SampleConfig`'s, REPA's SDE sampler with 250 steps).
 
     Raises:
-        UsageError: bad settings, an unknown checkpoint, or an ``out`` of other settings.
-        CacheError: the training cache is missing or is not the one the model was trained on.
+        UsageError: bad settings, an unknown or unreadable checkpoint, a VAE with other weights, or
+            an ``out`` of other settings.
     """
     t0 = time.perf_counter()
-    if num <= 0:
-        raise UsageError(f"--num must be positive, got {num}")
-    if batch_size <= 0:
-        raise UsageError(f"--batch-size must be positive, got {batch_size}")
-    if grid < 0:
-        raise UsageError(f"--grid must be >= 0, got {grid}")
-    if precision not in PRECISIONS:
-        raise UsageError(f"unknown precision '{precision}'; known: {', '.join(PRECISIONS)}")
-    if any(int(c) < 0 for c in classes):
-        raise UsageError(f"--class takes class ids >= 0, got {list(classes)}")
-    scfg = SamplerConfig(sampler=sampler, steps=steps, heun=heun, cfg_scale=cfg_scale,
-                         guidance_interval=tuple(guidance_interval))  # type: ignore[arg-type]
+    cfg = cfg if cfg is not None else SampleConfig()
+    scfg = _check(cfg)
     ckpt_path = resolve_checkpoint(ckpt).resolve()
     out = Path(out)
     rank, world = _dist_info()
-    dev = resolve_device(device)
+    device = resolve_device(cfg.device, local_rank())
 
-    job = _Job(str(ckpt_path), num, scfg.sampler, scfg.steps, scfg.heun, scfg.cfg_scale,
-               list(scfg.guidance_interval), [int(c) for c in classes], int(seed), scfg.last_t)
+    job = _Job(str(ckpt_path), cfg.num, scfg.sampler, scfg.steps, scfg.heun, scfg.cfg_scale,
+               list(scfg.guidance_interval), list(cfg.classes), cfg.seed, scfg.last_t)
     old = _previous_job(out, job)
     images = out / IMAGES_DIR
     present = {p.name for p in images.iterdir()} if images.is_dir() else set()
-    mine = rank_indices(num, rank, world)
+    mine = rank_indices(cfg.num, rank, world)
     todo = [i for i in mine if png_name(i) not in present]
 
-    loaded: LoadedCheckpoint | None = None
+    loaded: LoadedModel | None = None
     if todo or old is None:
-        loaded = load_checkpoint_for_eval(ckpt_path, dev, cache)
-        job.path, job.num_classes, job.step = loaded.path_type, loaded.model_config.num_classes, loaded.step
+        loaded = load_model(ckpt_path, device)
+        job.path, job.num_classes, job.step = loaded.card.path, loaded.config.num_classes, loaded.step
         bad = [c for c in job.classes if c >= job.num_classes]
         if bad:
             raise UsageError(f"--class {bad[0]} is not a class of this model (it has {job.num_classes})")
@@ -566,28 +406,28 @@ def sample(
         job.path, job.num_classes, job.step = old["path"], old["num_classes"], old.get("step")
     if rank == 0:
         images.mkdir(parents=True, exist_ok=True)
-        _write_json_atomic(out / JOB_FILE, dataclasses.asdict(job))
+        with atomic_file(out / JOB_FILE) as f:
+            f.write(json.dumps(dataclasses.asdict(job), indent=1).encode())
 
     written = 0
     if todo:
         assert loaded is not None
         images.mkdir(parents=True, exist_ok=True)
-        reader = open_training_cache(training_cache_path(loaded, cache), loaded.cache_info)
-        decoder = load_decoder(reader, dev, vae)
-        written = _sample_indices(loaded, decoder, dataclasses.replace(scfg, path=job.path), job, todo,
-                                  images, batch_size, dev, precision, quiet or rank != 0)
+        decoder = load_decoder(loaded.card, device, cfg.vae)
+        written = _sample_indices(loaded, decoder, dataclasses.replace(scfg, path=job.path), job, todo, images,
+                                  cfg.batch_size, device, cfg.precision, cfg.quiet or rank != 0)
     if world > 1:
         dist.barrier()
     npz = grid_path = None
     if rank == 0:
-        labels = sample_labels(job.seed, range(num), job.num_classes, job.classes).numpy()
-        npz = _assemble_if_stale(images, num, out / NPZ_NAME, labels)
-        if grid:
+        labels = sample_labels(job.seed, range(cfg.num), job.num_classes, job.classes).numpy()
+        npz = _assemble_if_stale(images, cfg.num, out / NPZ_NAME, labels)
+        if cfg.grid:
             tiles = np.stack([np.asarray(Image.open(images / png_name(i)).convert("RGB"))
-                              for i in range(min(grid, num))])
+                              for i in range(min(cfg.grid, cfg.num))])  # (n, H, W, 3)
             grid_path = out / GRID_NAME
-            Image.fromarray(make_grid(tiles)).save(grid_path)
-    return SampleResult(out, num, written, len(mine) - len(todo), npz, grid_path, ckpt_path, job.step,
+            write_png(grid_path, make_grid(tiles))
+    return SampleResult(out, cfg.num, written, len(mine) - len(todo), npz, grid_path, ckpt_path, job.step,
                         time.perf_counter() - t0, rank, world)
 
 
@@ -605,7 +445,7 @@ def _assemble_if_stale(images: Path, num: int, npz: Path, labels: np.ndarray) ->
 
 
 def _sample_indices(
-    loaded: LoadedCheckpoint,
+    loaded: LoadedModel,
     decoder: LatentDecoder,
     scfg: SamplerConfig,
     job: _Job,
@@ -617,7 +457,7 @@ def _sample_indices(
     quiet: bool,
 ) -> int:
     """Sample, decode and write the PNGs of ``todo`` in batches; returns how many were written."""
-    mcfg = loaded.model_config
+    mcfg = loaded.config
     shape = (mcfg.in_channels, mcfg.input_size, mcfg.input_size)
     bar = tqdm(total=len(todo), unit="img", desc="sample", disable=quiet or not sys.stderr.isatty())
     written = 0

@@ -14,14 +14,16 @@ the model predicts ``v = dx_t/dt``. Sampling integrates from t=1 (pure noise) to
   at steps whose start time ``t`` lies in ``[low, high]``; elsewhere the conditional model alone
   runs (no doubled batch). The unconditional label is the null class ``num_classes``.
 
-All randomness (initial noise and SDE increments) comes from :class:`SampleNoise`: one generator
-per sample, seeded from ``(seed, sample index)``, so a sample does not depend on the batch it is
-in, on the batch size, or on how the job is split across ranks.
+All randomness (initial noise and SDE increments) comes from
+:class:`~repa_cache.train.noise.SampleNoise`: one generator per sample, seeded from
+``(seed, sample index)``, so a sample does not depend on the batch it is in, on the batch size,
+or on how the job is split across ranks. The path formulas are the trainer's
+(:func:`~repa_cache.train.transport.path_coefficients`).
 """
 
 from __future__ import annotations
 
-import contextlib
+import itertools
 import logging
 import math
 from collections.abc import Sequence
@@ -31,13 +33,16 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from cache.errors import UsageError
-from train.transport import PATHS, VelocityModel
+from repa_cache.cache.errors import UsageError
+from repa_cache.eval.config import SampleConfig
+from repa_cache.stages.devices import autocast
+from repa_cache.train.config import PATHS
+from repa_cache.train.noise import SampleNoise, sample_seed
+from repa_cache.train.transport import VelocityModel, path_coefficients
 
 logger = logging.getLogger(__name__)
 
 SAMPLERS = ("ode", "sde")
-PRECISIONS = ("auto", "fp32", "bf16")
 #: REPA's SDE sampler stops the stochastic steps here and ends with one deterministic step to 0.
 SDE_LAST_T = 0.04
 
@@ -56,11 +61,11 @@ class SamplerConfig:
         last_t: time at which the SDE sampler switches to its final deterministic step.
     """
 
-    sampler: str = "sde"
-    steps: int = 250
-    heun: bool = False
-    cfg_scale: float = 1.0
-    guidance_interval: tuple[float, float] = (0.0, 0.7)
+    sampler: str = SampleConfig.sampler  # the defaults are the sampling job's
+    steps: int = SampleConfig.steps
+    heun: bool = SampleConfig.heun
+    cfg_scale: float = SampleConfig.cfg_scale
+    guidance_interval: tuple[float, float] = SampleConfig.guidance_interval
     path: str = "linear"
     last_t: float = SDE_LAST_T
 
@@ -127,36 +132,7 @@ def parse_guidance_interval(text: str) -> tuple[float, float]:
 
 
 # --------------------------------------------------------------------------------------------
-# per-sample randomness
-
-
-def sample_seed(seed: int, index: int, stream: int = 0) -> int:
-    """A 63-bit seed for one stream of sample ``index`` of a job seeded ``seed``."""
-    state = np.random.SeedSequence([int(seed) & 0xFFFFFFFF, int(seed) >> 32, int(index), int(stream)])
-    return int(state.generate_state(1, np.uint64)[0] >> np.uint64(1))
-
-
-class SampleNoise:
-    """Gaussian noise for a batch of samples, each drawn from its own generator.
-
-    Generators live on the CPU (the draws are identical whatever the device) and are seeded with
-    :func:`sample_seed` ``(seed, index)``. Successive calls continue each sample's stream: the
-    first call gives the initial noise, the following ones the SDE increments.
-    """
-
-    def __init__(self, seed: int, indices: Sequence[int], device: torch.device | str = "cpu") -> None:
-        self.indices = [int(i) for i in indices]
-        self.device = torch.device(device)
-        self.generators = [torch.Generator().manual_seed(sample_seed(seed, i)) for i in self.indices]
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def randn(self, shape: Sequence[int], repeat: int = 1) -> Tensor:
-        """(B, *shape) float64 standard normals on the device; ``repeat`` tiles the batch."""
-        draws = [torch.randn(tuple(shape), generator=g, dtype=torch.float32) for g in self.generators]
-        z = torch.stack(draws).to(self.device, torch.float64)  # (B, *shape)
-        return z.repeat(repeat, *([1] * len(shape))) if repeat > 1 else z
+# labels
 
 
 def sample_labels(seed: int, indices: Sequence[int], num_classes: int, classes: Sequence[int] = ()) -> Tensor:
@@ -171,14 +147,6 @@ def sample_labels(seed: int, indices: Sequence[int], num_classes: int, classes: 
 # integration
 
 
-def path_coefficients(path: str, t: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """``(alpha, sigma, alpha', sigma')`` of the path at t (float64); same formulas as training."""
-    if path == "linear":
-        return 1 - t, t, -torch.ones_like(t), torch.ones_like(t)
-    half_pi = math.pi / 2
-    return torch.cos(half_pi * t), torch.sin(half_pi * t), -half_pi * torch.sin(half_pi * t), half_pi * torch.cos(half_pi * t)
-
-
 def score_from_velocity(v: Tensor, x: Tensor, t: float, path: str = "linear") -> Tensor:
     """Score ``grad log p_t(x)`` implied by a velocity prediction at time ``t`` (0 < t).
 
@@ -190,14 +158,6 @@ def score_from_velocity(v: Tensor, x: Tensor, t: float, path: str = "linear") ->
     alpha, sigma, d_alpha, d_sigma = (float(a) for a in path_coefficients(path, tt))
     eps = (alpha * v - d_alpha * x) / (alpha * d_sigma - d_alpha * sigma)
     return -eps / sigma
-
-
-def autocast_context(device: torch.device, precision: str) -> contextlib.AbstractContextManager[object]:
-    """bf16 autocast when asked for ("auto": on CUDA only), else nothing."""
-    if precision not in PRECISIONS:
-        raise UsageError(f"unknown precision '{precision}'; known: {', '.join(PRECISIONS)}")
-    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
-    return torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
 
 
 class _Drift:
@@ -215,7 +175,7 @@ class _Drift:
         x_in = torch.cat([x, x]) if guided else x  # (B or 2B, C, H, W)
         y_in = self.y_pair if guided else self.y
         t_in = torch.full((x_in.shape[0],), t, device=x.device, dtype=torch.float32)
-        with autocast_context(x.device, self.precision):
+        with autocast(x.device, self.precision):
             out = self.model(x_in.float(), t_in, y_in)
         self.evaluations += 1
         return out[0].to(torch.float64), x_in
@@ -268,7 +228,7 @@ def sample_latents(
 
 def _ode(drift: _Drift, x: Tensor, times: list[float], cfg: SamplerConfig) -> Tensor:
     last = len(times) - 2
-    for i, (t, t_next) in enumerate(zip(times[:-1], times[1:])):
+    for i, (t, t_next) in enumerate(itertools.pairwise(times)):
         guided = cfg.guidance_active(t)
         dt = t_next - t
         v, _ = drift.velocity(x, t, guided)
@@ -283,7 +243,7 @@ def _ode(drift: _Drift, x: Tensor, times: list[float], cfg: SamplerConfig) -> Te
 
 def _sde(drift: _Drift, x: Tensor, times: list[float], cfg: SamplerConfig, noise: SampleNoise) -> Tensor:
     shape = tuple(x.shape[1:])
-    for i, (t, t_next) in enumerate(zip(times[:-1], times[1:])):
+    for i, (t, t_next) in enumerate(itertools.pairwise(times)):
         guided = cfg.guidance_active(t)
         dt = t_next - t
         w = 2.0 * t  # diffusion coefficient w(t) = g(t)^2, as in REPA

@@ -1,1 +1,1 @@
-"""Stage one orchestration: shard plan, dask tasks, resume and commit."""
+"""Stage one orchestration: source listing, shard plan, dask tasks, resume and commit."""

@@ -1,4 +1,5 @@
-"""The built-in demo: a small labelled image folder drawn on the fly, cached with the tiny presets.
+"""The built-in demo's images: a small labelled image folder drawn on the fly (the demo itself,
+images to cache to run to samples, is :mod:`repa_cache.eval.demo`).
 
 The images are procedurally drawn (one visual motif per class, random colours, sizes and aspect
 ratios, JPEG and PNG), plus two deliberately bad inputs (a grayscale image that is converted and a
@@ -63,47 +64,3 @@ def make_demo_images(root: str | Path, per_class: int = 12, seed: int = 0, bad_i
         (root / "stripes" / "truncated_extra.jpg").write_bytes(buf.getvalue()[: len(buf.getvalue()) // 3])
     return root
 
-
-def run_demo(out: str | Path, per_class: int = 12, train_steps: int = 200, quiet: bool = False) -> None:
-    """Generate images, precompute a cache with the tiny presets, print its statistics, train a few
-    hundred steps from it and sample a grid from the EMA weights."""
-    from cache.stats import cache_stats, format_stats
-    from pipeline.plan import PrecomputeConfig
-    from pipeline.precompute import describe_result, precompute
-
-    out = Path(out)
-    images = out / "images"
-    if not images.exists():
-        make_demo_images(images, per_class=per_class)
-    print(f"[1/4] demo images in {images} ({len(DEMO_CLASSES)} classes, {per_class} per class, 2 bad inputs)")
-    cfg = PrecomputeConfig(
-        data=str(images),
-        out=str(out / "cache"),
-        vae="tiny",
-        teachers=("tiny",),
-        flip=True,
-        shard_size=16,
-        batch_size=16,
-        device="cpu",
-        workers=1,
-        quiet=quiet,
-    )
-    print(describe_result(precompute(cfg)))
-    print("[2/4] cache statistics")
-    print(format_stats(cache_stats(cfg.out)))
-
-    from eval.sample import sample
-    from train.loop import OptimConfig, TrainConfig, describe_run
-
-    print("[3/4] train SiT-tiny/2 with REPA from the cache (no teacher, no image decoding)")
-    tcfg = TrainConfig(
-        cache=cfg.out, out=str(out / "run"), model="SiT-tiny/2", batch_size=16, max_steps=train_steps,
-        ckpt_every=train_steps, log_every=max(1, train_steps // 5), num_workers=0, device="cpu",
-        optim=OptimConfig(lr=1e-3, ema_decay=0.99), quiet=quiet,
-    )
-    print(describe_run(tcfg))
-    print("[4/4] sample a grid from the EMA weights, decoded with the cache's VAE")
-    res = sample(out / "run", out / "samples", num=16, sampler="ode", steps=20, heun=True, batch_size=16, device="cpu", quiet=quiet)
-    print(res.describe())
-    print("    (the tiny VAE is random-initialised, so the decoded grid is texture, not pictures)")
-    print(f"demo done: images {images}, cache {cfg.out}, run {out / 'run'}, samples {out / 'samples'}")

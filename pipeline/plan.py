@@ -9,8 +9,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from cache.format import CODE_VERSION, CROP_RULE, FORMAT_VERSION, VIEW_NAMES, CacheMeta
-from stages.images import SourceListing
+from repa_cache.cache.format import CODE_VERSION, CROP_RULE, FORMAT_VERSION, VIEW_NAMES, CacheMeta
+from repa_cache.pipeline.source import SourceListing
 
 
 @dataclass(frozen=True)

@@ -19,17 +19,19 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from cache.errors import FingerprintMismatch, RepaError, UsageError, quiet_unraisable
-from cache.format import PLAN_FILE, ROOT_ATTR, GroupMeta, fingerprint_diff, teacher_group
-from cache.reader import commit_record, group_meta, list_groups, open_meta
-from cache.storage import StorePath, store_path
-from cache.writer import commit_group, create_cache, create_group, load_records
-from pipeline.groups import check_precision, teacher_group_meta, vae_group
-from pipeline.plan import PrecomputeConfig, make_plan, sample_order
-from pipeline.worker import run_shard_task, shard_tasks
-from stages.images import list_source
-from stages.teachers import get_teacher
-from stages.vae import DEFAULT_VAE, VAESpec
+from repa_cache.cache.errors import FingerprintMismatch, RepaError, UsageError, quiet_unraisable
+from repa_cache.cache.format import PLAN_FILE, ROOT_ATTR, GroupMeta, fingerprint_diff, teacher_group
+from repa_cache.cache.layout import load_records
+from repa_cache.cache.reader import commit_record, group_meta, list_groups, open_meta
+from repa_cache.cache.storage import StorePath, store_path
+from repa_cache.cache.writer import commit_group, create_cache, create_group
+from repa_cache.pipeline.groups import STAGE_ONE_PRECISIONS, teacher_group_meta, vae_group
+from repa_cache.pipeline.plan import PrecomputeConfig, make_plan, sample_order
+from repa_cache.pipeline.source import list_source
+from repa_cache.pipeline.worker import run_shard_task, shard_tasks
+from repa_cache.stages.devices import check_precision
+from repa_cache.stages.teachers import get_teacher
+from repa_cache.stages.vae import DEFAULT_VAE, VAESpec
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +66,7 @@ def precompute(cfg: PrecomputeConfig) -> PrecomputeResult:
     for name in cfg.teachers:
         get_teacher(name)  # unknown teacher: one clear message before any work
     if cfg.precision is not None:
-        check_precision(cfg.precision)
+        check_precision(cfg.precision, allowed=STAGE_ONE_PRECISIONS)
     if len(set(cfg.teachers)) != len(cfg.teachers):
         raise UsageError("a teacher is named twice")
     out = store_path(cfg.out)
@@ -215,4 +217,4 @@ def describe_result(res: PrecomputeResult) -> str:
     )
 
 
-__all__ = ["PrecomputeConfig", "PrecomputeResult", "precompute", "describe_result", "ROOT_ATTR"]
+__all__ = ["ROOT_ATTR", "PrecomputeConfig", "PrecomputeResult", "describe_result", "precompute"]

@@ -14,14 +14,17 @@ from typing import Any
 import numpy as np
 import torch
 
-from cache.errors import RepaError
-from cache.format import CacheMeta, GroupMeta
-from cache.reader import group_meta, open_meta
-from cache.storage import StorePath, describe_storage_error, is_storage_error, store_path
-from cache.writer import write_shard
-from stages import teachers as teachers_mod
-from stages import vae as vae_mod
-from stages.images import SourceItem, decode_and_crop, read_bytes
+from repa_cache.cache.errors import RepaError
+from repa_cache.cache.format import CacheMeta, GroupMeta
+from repa_cache.cache.reader import group_meta, open_meta
+from repa_cache.cache.storage import StorePath, describe_storage_error, is_storage_error, store_path
+from repa_cache.cache.writer import write_shard
+from repa_cache.pipeline.source import SourceItem, read_bytes
+from repa_cache.stages import teachers as teachers_mod
+from repa_cache.stages import vae as vae_mod
+from repa_cache.stages.devices import resolve_device
+from repa_cache.stages.hashing import state_dict_sha256
+from repa_cache.stages.images import decode_and_crop
 
 log = logging.getLogger(__name__)
 
@@ -43,21 +46,16 @@ class ShardTask:
     decode_threads: int = 0  # threads decoding and cropping images (0: this machine's cores per GPU)
 
 
-def resolve_device(device: str) -> torch.device:
-    """``auto`` -> this worker's GPU (worker ``i`` of a local cluster takes GPU ``i % n``), else CPU."""
-    if device != "auto":
-        return torch.device(device)
-    if not torch.cuda.is_available():
-        return torch.device("cpu")
-    index = 0
+def _worker_number() -> int:
+    """This dask worker's number: a local cluster names its workers 0, 1, ... (worker ``i`` then
+    takes GPU ``i % n``); 0 for a worker with another name, or outside a worker."""
     try:
         from distributed import get_worker
 
-        name = get_worker().name
-        index = int(name) % torch.cuda.device_count() if str(name).isdigit() else 0
+        name = str(get_worker().name)
     except (ImportError, ValueError):
-        pass
-    return torch.device("cuda", index)
+        return 0
+    return int(name) if name.isdigit() else 0
 
 
 def _model(gmeta: GroupMeta, resolution: int, device: torch.device) -> tuple[torch.nn.Module, str]:
@@ -74,7 +72,7 @@ def _model(gmeta: GroupMeta, resolution: int, device: torch.device) -> tuple[tor
                 model = teachers_mod.load_teacher(spec, resolution, device=device, checkpoint=m.get("checkpoint"))
                 if precision == "bf16" and device.type == "cuda":
                     model = model.to(memory_format=torch.channels_last)  # NHWC convs: faster under bf16
-            _MODELS[key] = (model, vae_mod.state_dict_sha256(model))
+            _MODELS[key] = (model, state_dict_sha256(model))
             log.info("loaded %s on %s", gmeta.group, device)
         return _MODELS[key]
 
@@ -101,7 +99,7 @@ def run_shard_task(task: ShardTask) -> dict[str, Any]:
         return {"records": encode_shard(task)}
     except RepaError as e:
         return {"user_error": str(e), "exit_code": e.exit_code}
-    except Exception as e:  # noqa: BLE001 - the storage's failures are reported, not retried by dask:
+    except Exception as e:
         if not is_storage_error(e):  # its client already retried them
             raise
         return {"user_error": describe_storage_error(e), "exit_code": 1}
@@ -113,7 +111,7 @@ def encode_shard(task: ShardTask) -> list[dict[str, Any]]:
     _, meta = open_meta(root)
     start, stop = meta.shard_range(task.shard)
     assert len(task.items) == stop - start, "task items do not match the shard range"
-    device = resolve_device(task.device)
+    device = resolve_device(task.device, _worker_number())
     if device.type == "cpu" and task.cpu_threads and torch.get_num_threads() != task.cpu_threads:
         torch.set_num_threads(task.cpu_threads)  # CPU results depend on it in the last bits
 

@@ -1,1 +1,1 @@
-"""Pure per-batch functions of stage one: dataset listing, image decoding and crop, VAE and teacher encoders."""
+"""Pure per-batch functions of stage one: image decoding and crop, VAE and teacher encoders."""

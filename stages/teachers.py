@@ -12,15 +12,14 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import timm
 import torch
 import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 
-from cache.errors import UsageError
-from stages.hashing import state_dict_sha256
+from repa_cache.cache.errors import UsageError
 
 logger = logging.getLogger(__name__)
 
@@ -241,7 +240,7 @@ def load_teacher(
                 kwargs["pretrained_cfg_overlay"] = {"file": str(checkpoint)}
                 pretrained = True
             model = timm.create_model(spec.timm_id, pretrained=pretrained, **kwargs)
-        except Exception as exc:  # noqa: BLE001 - every loading failure is the user's to fix
+        except Exception as exc:
             raise UsageError(
                 f"cannot load teacher '{spec.name}' ({spec.timm_id}): {_short_reason(exc)}; "
                 "timm fetches weights from the Hugging Face hub, or point --teacher-checkpoint "
@@ -318,7 +317,7 @@ def encode_images(
     device, dtype = _model_device_dtype(model)
     with torch.no_grad():
         x = preprocess(spec, images.to(device), resolution).to(dtype)  # (B, 3, S, S)
-        tokens = model.forward_features(x)  # (B, P + T, D), final norm applied
+        tokens = model.forward_features(x)  # type: ignore[operator]  # (B, P + T, D), final norm applied
         prefix = int(getattr(model, "num_prefix_tokens", 1))
         patch = tokens[:, prefix:].float()  # (B, T, D)
         cls = tokens[:, 0].float()  # (B, D)
@@ -331,13 +330,29 @@ def encode_images(
     return patch, cls
 
 
-def teacher_metadata(spec: TeacherSpec, model: torch.nn.Module, resolution: int) -> dict[str, Any]:
-    """Describe a loaded teacher and its preprocessing for the cache metadata (JSON-friendly)."""
+def teacher_geometry(spec: TeacherSpec, resolution: int) -> tuple[int, int]:
+    """(embedding dim, number of prefix tokens: CLS and registers) of a teacher, without loading
+    its weights: a real model is built on the ``meta`` device (no memory), a tiny one for real."""
+    size = teacher_input_size(spec, resolution)
+    if spec.tiny:
+        model = _build_tiny_teacher(spec.name, size)
+    else:
+        with torch.device("meta"):  # every registry teacher is a timm VisionTransformer
+            model = cast(VisionTransformer, timm.create_model(spec.timm_id, pretrained=False, img_size=size, num_classes=0))
+    return int(model.num_features), int(model.num_prefix_tokens)
+
+
+def teacher_metadata(spec: TeacherSpec, resolution: int, checkpoint: str | None = None, precision: str = "fp32") -> dict[str, Any]:
+    """Describe a teacher for the cache metadata (JSON-friendly), without loading its weights:
+    which model (timm id, local ``checkpoint`` if any), its preprocessing, its token geometry at
+    ``resolution`` and the ``precision`` it runs in. The hash of the weights a worker actually
+    loads is in every shard record instead."""
+    dim, prefix = teacher_geometry(spec, resolution)
     grid = token_grid(spec, resolution)
-    dim = getattr(model, "embed_dim", None) or getattr(model, "num_features")
     return {
         "name": spec.name,
         "timm_id": spec.timm_id,
+        "checkpoint": checkpoint,
         "tiny": spec.tiny,
         "mean": list(spec.mean),
         "std": list(spec.std),
@@ -347,8 +362,9 @@ def teacher_metadata(spec: TeacherSpec, model: torch.nn.Module, resolution: int)
         "patch_size": spec.patch_size,
         "grid": grid,
         "num_tokens": grid * grid,
-        "dim": int(dim),
-        "num_prefix_tokens": int(getattr(model, "num_prefix_tokens", 1)),
+        "dim": dim,
+        "num_prefix_tokens": prefix,
         "token_rule": TOKEN_RULE,
-        "weights_sha256": state_dict_sha256(model),
+        "description": spec.description,
+        "precision": precision,
     }

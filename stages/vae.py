@@ -1,14 +1,18 @@
 """The SD-VAE encoder of stage one (diffusers ``AutoencoderKL``).
 
 Latents are stored as the posterior (mean and std of the diagonal Gaussian), not as a sample, so
-that training can draw a fresh ``mean + std * eps`` at every step. Scaling is left to the trainer,
-which reads ``scaling_factor`` / ``shift_factor`` from the cache metadata.
+that training can draw a fresh ``mean + std * eps`` at every step. Normalisation is left to the
+trainer: :func:`latent_norm` reads it from the VAE's own config, stage one records it in the cache
+(:class:`~repa_cache.cache.format.LatentNorm`), and the trainer and samplers apply it from there.
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
+import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,17 +21,17 @@ import torch
 from diffusers import AutoencoderKL
 from diffusers.utils import is_accelerate_available
 
-from cache.errors import UsageError
-from stages.hashing import state_dict_sha256
+from repa_cache.cache.errors import UsageError
+from repa_cache.cache.format import LatentNorm
 
 __all__ = [
     "DEFAULT_VAE",
     "TINY_VAE",
     "VAESpec",
     "encode_images",
+    "latent_norm",
     "load_vae",
-    "state_dict_sha256",
-    "vae_metadata",
+    "vae_config",
 ]
 
 logger = logging.getLogger(__name__)
@@ -85,6 +89,31 @@ def _short_reason(exc: BaseException) -> str:
     return line if len(line) <= 200 else line[:197] + "..."
 
 
+def _where(spec: VAESpec) -> tuple[str, dict[str, Any]]:
+    """The name to hand to diffusers and its keyword arguments (``subfolder`` or ``revision``).
+
+    An existing local folder is used as it is, or its ``vae/`` sub-folder when it is a full
+    pipeline folder; any other name that is not a path is a Hugging Face model id.
+
+    Raises:
+        NotADirectoryError, FileNotFoundError: a local path that is not a folder.
+    """
+    name = spec.name
+    local = Path(name).expanduser()
+    if local.is_dir():
+        is_pipeline = not (local / "config.json").exists() and (local / "vae" / "config.json").exists()
+        return str(local), {"subfolder": "vae" if is_pipeline else None}
+    if local.exists():
+        raise NotADirectoryError(f"{name} is not a folder")
+    if _looks_like_path(name):
+        raise FileNotFoundError(f"no such folder {name}")
+    return name, {"revision": spec.revision}
+
+
+def _cannot_load(spec: VAESpec, exc: BaseException) -> UsageError:
+    return UsageError(f"cannot load VAE '{spec.name}': {_short_reason(exc)}; pass a local diffusers folder with --vae")
+
+
 def load_vae(
     spec: VAESpec, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
 ) -> AutoencoderKL:
@@ -98,65 +127,70 @@ def load_vae(
     Raises:
         UsageError: the VAE cannot be loaded (missing folder, unknown id, no network).
     """
-    name = spec.name
-    if name == TINY_VAE:
+    if spec.name == TINY_VAE:
         # Plain nn.Module.to: diffusers' own .to() warns about fp32 modules on every dtype cast.
         vae = torch.nn.Module.to(_build_tiny_vae(), dtype=dtype)
     else:
-        local = Path(name).expanduser()
         try:
-            if local.is_dir():
-                # A full pipeline folder keeps its VAE in vae/.
-                is_pipeline = (
-                    not (local / "config.json").exists()
-                    and (local / "vae" / "config.json").exists()
-                )
-                subfolder = "vae" if is_pipeline else None
-                vae = AutoencoderKL.from_pretrained(
-                    str(local),
-                    subfolder=subfolder,
-                    torch_dtype=dtype,
-                    low_cpu_mem_usage=is_accelerate_available(),
-                )
-            elif local.exists():
-                raise NotADirectoryError(f"{name} is not a folder")
-            elif _looks_like_path(name):
-                raise FileNotFoundError(f"no such folder {name}")
-            else:
-                vae = AutoencoderKL.from_pretrained(
-                    name,
-                    revision=spec.revision,
-                    torch_dtype=dtype,
-                    low_cpu_mem_usage=is_accelerate_available(),
-                )
-        except Exception as exc:  # noqa: BLE001 - every loading failure is the user's to fix
-            raise UsageError(
-                f"cannot load VAE '{name}': {_short_reason(exc)}; "
-                "pass a local diffusers folder with --vae"
-            ) from exc
+            where, kwargs = _where(spec)
+            vae = AutoencoderKL.from_pretrained(where, **kwargs, torch_dtype=dtype, low_cpu_mem_usage=is_accelerate_available())
+        except Exception as exc:
+            raise _cannot_load(spec, exc) from exc
     vae = vae.to(device)
     vae.eval()
     vae.requires_grad_(False)
-    logger.info("loaded VAE %s on %s (%s)", name, device, dtype)
+    logger.info("loaded VAE %s on %s (%s)", spec.name, device, dtype)
     return vae
 
 
-def vae_metadata(vae: AutoencoderKL, spec: VAESpec) -> dict[str, Any]:
-    """Describe a loaded VAE for the cache metadata (JSON-friendly)."""
-    config = vae.config
-    return {
-        "id": spec.name,
-        "revision": spec.revision,
-        "tiny": spec.name == TINY_VAE,
-        "class": type(vae).__name__,
-        "scaling_factor": float(config.scaling_factor),
-        "shift_factor": (
-            None if getattr(config, "shift_factor", None) is None else float(config.shift_factor)
-        ),
-        "latent_channels": int(config.latent_channels),
-        "downsample_factor": 2 ** (len(config.block_out_channels) - 1),
-        "weights_sha256": state_dict_sha256(vae),
-    }
+def vae_config(spec: VAESpec) -> dict[str, Any]:
+    """The VAE's config (geometry, ``scaling_factor``, ...) without loading its weights; found
+    where :func:`load_vae` would find them.
+
+    Raises:
+        UsageError: the config cannot be read (missing folder, unknown id, no network).
+    """
+    if spec.name == TINY_VAE:
+        return dict(_build_tiny_vae().config)
+    try:
+        where, kwargs = _where(spec)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # hub deprecation chatter; a failure is reported below
+            return dict(AutoencoderKL.load_config(where, **kwargs))
+    except Exception as exc:
+        raise _cannot_load(spec, exc) from exc
+
+
+def _default_scaling_factor() -> float:
+    """``AutoencoderKL``'s own default ``scaling_factor`` (SD-VAE's), read from its signature."""
+    return float(inspect.signature(AutoencoderKL.__init__).parameters["scaling_factor"].default)
+
+
+def latent_norm(config: Mapping[str, Any]) -> LatentNorm:
+    """The latent normalisation a VAE's config asks for: ``z = (x - shift) * scale``.
+
+    ``scaling_factor`` (``AutoencoderKL``'s default where the config has none) and ``shift_factor``
+    give one scalar each (SD-VAE: scale 0.18215, shift 0). A config with per-channel
+    ``latents_mean`` / ``latents_std`` means ``z = (x - mean) / std * scaling_factor``: shift =
+    mean and scale = scaling_factor / std, per channel.
+
+    Raises:
+        UsageError: the config has both per-channel statistics and a ``shift_factor``, or
+            per-channel statistics of different lengths or a ``latents_std`` that is not positive.
+    """
+    factor = config.get("scaling_factor")
+    factor = _default_scaling_factor() if factor is None else float(factor)
+    shift = config.get("shift_factor")
+    mean, std = config.get("latents_mean"), config.get("latents_std")
+    if mean is None or std is None:
+        return LatentNorm((factor,), (0.0 if shift is None else float(shift),))
+    if shift:
+        raise UsageError("the VAE config has both per-channel latents_mean/latents_std and a shift_factor; which one applies is unclear")
+    if len(mean) != len(std):
+        raise UsageError(f"the VAE config has {len(mean)} latents_mean values but {len(std)} latents_std values")
+    if not all(float(s) > 0 for s in std):
+        raise UsageError(f"the VAE config's latents_std must be positive, not {list(std)}")
+    return LatentNorm(tuple(factor / float(s) for s in std), tuple(float(m) for m in mean))
 
 
 def encode_images(vae: AutoencoderKL, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

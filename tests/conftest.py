@@ -13,7 +13,7 @@ os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "error")
 
 def tiny_config(data: Path, out: Path, **overrides):
     """Precompute config with the tiny presets, run in this process (fast, for tests)."""
-    from pipeline.plan import PrecomputeConfig
+    from repa_cache.pipeline.plan import PrecomputeConfig
 
     kw = dict(
         data=str(data), out=str(out), vae="tiny", teachers=("tiny",), flip=True, shard_size=8, batch_size=8,
@@ -25,7 +25,7 @@ def tiny_config(data: Path, out: Path, **overrides):
 
 @pytest.fixture(scope="session")
 def demo_images(tmp_path_factory) -> Path:
-    from pipeline.demo import make_demo_images
+    from repa_cache.pipeline.demo import make_demo_images
 
     return make_demo_images(tmp_path_factory.mktemp("images"), per_class=5, seed=1)
 
@@ -33,7 +33,7 @@ def demo_images(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_cache(demo_images, tmp_path_factory) -> Path:
     """4 classes x 5 images + 2 bad inputs (one converted, one skipped), both views, shards of 8."""
-    from pipeline.precompute import precompute
+    from repa_cache.pipeline.precompute import precompute
 
     out = tmp_path_factory.mktemp("cache") / "c"
     precompute(tiny_config(demo_images, out))
@@ -45,7 +45,7 @@ def run_cli(capsys):
     """Run ``repa ARGS`` in this process through the real entry point; (exit code, stdout, stderr)."""
     import sys
 
-    import cli
+    from repa_cache import cli
 
     def run(args: list[str]) -> tuple[int, str, str]:
         old = sys.argv

@@ -12,12 +12,12 @@ Data order is a pure function of ``(seed, epoch, global position)``:
   features always come from the same view.
 
 A batch item is a dict of CPU tensors; :func:`to_device` turns it into the model's inputs on the
-device (posterior sample ``mean + std·ε`` and the latent scale read from the cache).
+device (posterior sample ``mean + std·ε``, normalised with the cache's :class:`LatentNorm`).
 """
 
 from __future__ import annotations
 
-import functools
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,10 +25,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from cache.errors import UsageError
-from cache.format import LATENTS, teacher_group
-from cache.reader import CacheReader
-from cache.wds import WdsReader, open_reader
+from repa_cache.cache.errors import UsageError
+from repa_cache.cache.format import LATENTS, LatentNorm, teacher_group
+from repa_cache.cache.reader import CacheReader
+from repa_cache.cache.wds import WdsReader, open_reader
 
 
 @dataclass(frozen=True)
@@ -43,7 +43,7 @@ class DataConfig:
     window_blocks: int = 32  # samples are shuffled across this many blocks
     num_workers: int = 2
     prefetch_factor: int = 2
-    verify_checksums: bool = False
+    verify_checksums: bool = True  # hash each shard the first time this process reads it (refuses damaged data)
     holdout: int = 0  # the last N valid cache samples are never trained on (alignment metrics use them)
 
 
@@ -88,6 +88,7 @@ class CacheBatches(Dataset):
                 f"the cache has {len(self.valid)} usable samples, fewer than one batch of {cfg.global_batch}; lower --batch-size"
             )
         self._reader: CacheReader | WdsReader | None = reader
+        self._orders: dict[int, np.ndarray] = {}
 
     def _open(self) -> CacheReader | WdsReader:
         return open_reader(self.cfg.cache, groups=self.groups, verify_checksums=self.cfg.verify_checksums)
@@ -101,9 +102,12 @@ class CacheBatches(Dataset):
     def local_batch(self) -> int:
         return self.cfg.global_batch // self.world_size
 
-    @functools.lru_cache(maxsize=2)
     def _order(self, epoch: int) -> np.ndarray:
-        return epoch_order(self.valid, self.cfg.seed, epoch, self.cfg.block_size, self.cfg.window_blocks)
+        """All valid indices in epoch order; the last two epochs are kept (a batch may span two)."""
+        if epoch not in self._orders:
+            self._orders = {e: o for e, o in self._orders.items() if e == epoch - 1}
+            self._orders[epoch] = epoch_order(self.valid, self.cfg.seed, epoch, self.cfg.block_size, self.cfg.window_blocks)
+        return self._orders[epoch]
 
     def indices(self, step: int) -> tuple[np.ndarray, np.ndarray]:
         """(cache indices, view per sample) of this rank's part of global batch ``step``."""
@@ -141,7 +145,7 @@ class StepSampler(torch.utils.data.Sampler[int]):
     def __init__(self, start: int, stop: int) -> None:
         self.start, self.stop = start, stop
 
-    def __iter__(self):  # type: ignore[override]
+    def __iter__(self) -> Iterator[int]:
         return iter(range(self.start, self.stop))
 
     def __len__(self) -> int:
@@ -162,24 +166,13 @@ def make_loader(ds: CacheBatches, start_step: int, stop_step: int, pin_memory: b
     )
 
 
-@dataclass(frozen=True)
-class LatentScale:
-    """How to turn a stored posterior into the model's input, read from the cache."""
-
-    scaling_factor: float
-    shift_factor: float
-
-    @classmethod
-    def from_cache(cls, reader: CacheReader | WdsReader) -> LatentScale:
-        m = reader.group(LATENTS).meta.model
-        return cls(float(m["scaling_factor"]), float(m.get("shift_factor") or 0.0))
-
-
-def to_device(batch: dict[str, torch.Tensor], scale: LatentScale, teachers: tuple[str, ...], device: torch.device) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
-    """(x, y, teacher features) on the device; x is a fresh posterior sample, scaled."""
+def to_device(
+    batch: dict[str, torch.Tensor], norm: LatentNorm, teachers: tuple[str, ...], device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    """(x, y, teacher features) on the device; x is a fresh posterior sample in the model's space."""
     mean = batch["mean"].to(device, non_blocking=True)
     std = batch["std"].to(device, non_blocking=True)
-    x = (mean + std * torch.randn_like(mean) - scale.shift_factor) * scale.scaling_factor  # (B, C, h, w)
+    x = norm.to_model(mean + std * torch.randn_like(mean))  # (B, C, h, w)
     y = batch["label"].to(device, non_blocking=True)
     feats = [batch[f"feat/{t}"].to(device, non_blocking=True).float() for t in teachers]  # (B, T, D) each
     return x, y, feats

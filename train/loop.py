@@ -16,8 +16,6 @@ the end of the run; metrics are summed on the device and read at log steps.
 
 from __future__ import annotations
 
-import contextlib
-import copy
 import dataclasses
 import json
 import logging
@@ -25,7 +23,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,14 +31,17 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from cache.errors import CacheError, RepaError, UsageError
-from cache.format import LATENTS, TEACHER_PREFIX, sha256_json, teacher_group
-from cache.wds import open_meta_any, open_reader
-from train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from train.data import CacheBatches, DataConfig, LatentScale, make_loader, to_device
-from train.loss import repa_loss, resample_tokens
-from train.model import SiT, count_parameters, sit_config
-from train.transport import Transport, TransportConfig
+from repa_cache.cache.errors import CacheError, RepaError, UsageError
+from repa_cache.cache.format import LATENTS, TEACHER_PREFIX, LatentNorm, sha256_json, teacher_group
+from repa_cache.cache.wds import open_meta_any, open_reader
+from repa_cache.stages.devices import check_precision, resolve_device, use_bf16
+from repa_cache.train.alignment import alignment_metrics
+from repa_cache.train.checkpoint import Checkpoint, ModelCard, latest_checkpoint, load_latest_training, save_checkpoint
+from repa_cache.train.config import TrainConfig
+from repa_cache.train.data import CacheBatches, DataConfig, make_loader, to_device
+from repa_cache.train.loss import resample_tokens
+from repa_cache.train.model import SiTConfig, count_parameters, sit_config
+from repa_cache.train.step import build_trainer, train_step
 
 log = logging.getLogger(__name__)
 
@@ -49,55 +50,6 @@ class TrainingDiverged(RepaError):
     """The loss became NaN or infinite; the run stops and keeps its last good checkpoint."""
 
     exit_code = 1
-
-
-@dataclass
-class OptimConfig:
-    """AdamW as in REPA: constant lr 1e-4, betas (0.9, 0.999), no weight decay, clip 1.0, EMA 0.9999."""
-
-    lr: float = 1e-4
-    betas: tuple[float, float] = (0.9, 0.999)
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    ema_decay: float = 0.9999
-
-
-@dataclass
-class TrainConfig:
-    """A training run. Values that belong to the data (latent shape and scale, token count, teacher
-    dims, number of classes) are not here: they are read from the cache."""
-
-    cache: str
-    out: str
-    model: str = "SiT-B/2"
-    teachers: tuple[str, ...] = ()  # empty: the cache's only teacher
-    encoder_depth: int | None = None  # None: the model size's default (4 for S/B, 8 for L/XL)
-    proj_coeff: float = 0.5
-    batch_size: int = 256  # global, over all ranks
-    max_steps: int = 400_000
-    seed: int = 0
-    device: str = "auto"
-    precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
-    compile: bool = False
-    ckpt_every: int = 10_000
-    log_every: int = 100
-    keep_checkpoints: int = 2
-    num_workers: int | None = None  # DataLoader workers per rank; None: loader_workers() picks
-    resample_teacher: bool = False  # resample teacher tokens to the student grid instead of refusing
-    align_every: int = 0  # every N steps log CKNNA and cosine to the teacher on the held-out samples (0: off)
-    holdout: int = 0  # the last N valid cache samples are held out of training (for alignment metrics)
-    transport: TransportConfig = field(default_factory=TransportConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    tensorboard: bool = False
-    quiet: bool = False
-
-    # Fields that may change between a run and its resume.
-    RESUMABLE_CHANGES = frozenset({"max_steps", "ckpt_every", "log_every", "keep_checkpoints", "num_workers", "device", "compile", "tensorboard", "quiet", "out", "cache", "align_every"})
-
-    def to_json(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["teachers"] = list(self.teachers)
-        return d
 
 
 @dataclass
@@ -141,17 +93,6 @@ def init_distributed(device: torch.device) -> DistInfo:
     )
 
 
-def resolve_device(name: str, local_rank: int) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda was asked for but no CUDA device is available")
-    if dev.type == "cuda" and dev.index is None:
-        dev = torch.device("cuda", local_rank)
-    return dev
-
-
 def loader_workers(asked: int | None, device: torch.device, local_world_size: int | None) -> int:
     """DataLoader workers per rank. On a GPU the reader is latency-bound (each worker waits on
     many small chunk reads), so more workers than cores still help: 8 workers delivered about 3x
@@ -176,10 +117,11 @@ class RunSetup:
 
     cfg: TrainConfig
     teachers: tuple[str, ...]
-    model_config: Any
-    scale: LatentScale
+    model_config: SiTConfig
+    norm: LatentNorm
     teacher_tokens: dict[str, int]
     cache_info: dict[str, Any]
+    card: ModelCard  # what every checkpoint of the run carries for inference
 
 
 def plan_run(cfg: TrainConfig) -> RunSetup:
@@ -203,8 +145,10 @@ def plan_run(cfg: TrainConfig) -> RunSetup:
         raise UsageError(f"{', '.join(negative)}: must not be negative")
     if not cfg.optim.lr > 0:
         raise UsageError(f"--lr must be positive, got {cfg.optim.lr}")
+    check_precision(cfg.precision)
     reader = open_reader(root, groups=[LATENTS] + [teacher_group(t) for t in teachers])  # refuses uncommitted/damaged
-    lat = reader.group(LATENTS).meta.model
+    latents = reader.group(LATENTS)
+    lat = latents.meta.model
     dims = tuple(int(reader.group(t).meta.model["dim"]) for t in teachers)
     overrides: dict[str, Any] = {
         "input_size": int(lat["latent_size"]),
@@ -227,15 +171,29 @@ def plan_run(cfg: TrainConfig) -> RunSetup:
         "groups": {g: info.commit["fingerprint_hash"] for g, info in reader.groups.items()},
         "weights": {g: info.commit["weights_sha256"] for g, info in reader.groups.items()},
     }
-    return RunSetup(cfg, teachers, mcfg, LatentScale.from_cache(reader), tokens, cache_info)
+    norm = LatentNorm.of_latents(lat)
+    norm.check_channels(mcfg.in_channels)
+    card = ModelCard(
+        model=dataclasses.asdict(mcfg),
+        teachers=teachers,
+        latent_norm=norm.to_json(),
+        vae={"id": lat.get("id"), "revision": lat.get("revision"), "tiny": bool(lat.get("tiny")),
+             "weights_sha256": latents.commit.get("weights_sha256")},
+        class_names=tuple(meta.class_names),
+        method={"name": "repa", "options": {"proj_coeff": cfg.proj_coeff, "encoder_depth": mcfg.encoder_depth}},
+        path=cfg.transport.path,
+        train=cfg.to_json(),
+        cache=cache_info,
+    )
+    return RunSetup(cfg, teachers, mcfg, norm, tokens, cache_info, card)
 
 
-def check_resume(state: dict[str, Any], cfg: TrainConfig, setup: RunSetup, path: Path) -> None:
-    if state.get("kind") != "repa-train-checkpoint":
-        raise UsageError(f"{path} is not a training checkpoint of this tool")
-    if state["cache"] != setup.cache_info:
+def check_resume(ckpt: Checkpoint, cfg: TrainConfig, setup: RunSetup) -> None:
+    """Refuse to resume ``ckpt`` under another cache or with a config change that alters the run."""
+    path = ckpt.path
+    if ckpt.card.cache != setup.cache_info:
         raise CacheError(f"checkpoint {path} was trained on another cache (fingerprints differ); use a new --out")
-    old, new = state["config"], cfg.to_json()
+    old, new = ckpt.card.train, cfg.to_json()
     changed = [k for k in new if k not in TrainConfig.RESUMABLE_CHANGES and old.get(k) != new[k]]
     if changed:
         details = "; ".join(f"{k}: {old.get(k)} -> {new[k]}" for k in changed)
@@ -262,42 +220,30 @@ def train(cfg: TrainConfig) -> TrainResult:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     run = Path(cfg.out)
+    if run.exists() and not run.is_dir():
+        raise UsageError(f"--out {run} is an existing file, not a run folder")
+    tr = build_trainer(setup.model_config, device, optim=cfg.optim, transport=cfg.transport, proj_coeff=cfg.proj_coeff,
+                       precision=cfg.precision, compile=cfg.compile, seed=cfg.seed, ddp=di.world_size > 1)
+    start, resumed = 0, None
+    ckpt = load_latest_training(run)
+    if ckpt is not None:
+        check_resume(ckpt, cfg, setup)  # before anything in the run folder changes
+        assert ckpt.model is not None and ckpt.optimizer is not None
+        tr.model.load_state_dict(ckpt.model)
+        tr.ema.load_state_dict(ckpt.ema)
+        tr.opt.load_state_dict(ckpt.optimizer)
+        start = resumed = ckpt.step
     if di.is_main:
         run.mkdir(parents=True, exist_ok=True)
-        (run / "config.json").write_text(json.dumps({"train": cfg.to_json(), "model": dataclasses.asdict(setup.model_config), "teachers": list(setup.teachers), "cache": setup.cache_info}, indent=1, default=str))
-
-    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-    model = SiT(setup.model_config).to(device)
-    ema = copy.deepcopy(model).requires_grad_(False)
-    opt = torch.optim.AdamW(
-        model.parameters(), lr=cfg.optim.lr, betas=cfg.optim.betas, weight_decay=cfg.optim.weight_decay, fused=device.type == "cuda"
-    )
-    start, resumed = 0, None
-    ckpt = latest_checkpoint(run)
-    if ckpt is not None:
-        state = load_checkpoint(ckpt)
-        check_resume(state, cfg, setup, ckpt)
-        model.load_state_dict(state["model"])
-        ema.load_state_dict(state["ema"])
-        opt.load_state_dict(state["optimizer"])
-        start = resumed = int(state["step"])
-    if di.is_main:
-        n = count_parameters(model)
+        config = {"card": setup.card.to_json(), "teacher_tokens": setup.teacher_tokens}
+        (run / "config.json").write_text(json.dumps(config, indent=1, default=str))
+        n = count_parameters(tr.model)
         log.info("model %s: %.1fM backbone parameters; teachers %s; world size %d", cfg.model, n / 1e6, ", ".join(setup.teachers), di.world_size)
-        if resumed is not None:
-            print(f"resuming {run} from step {resumed} ({ckpt.name})", file=sys.stderr)
-
-    ddp_model: torch.nn.Module = model
-    if di.world_size > 1:
-        ddp_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    fwd = torch.compile(ddp_model) if cfg.compile else ddp_model
-    # The null (unconditional) class is the row after the cache's classes.
-    transport = Transport(dataclasses.replace(cfg.transport, null_class=setup.model_config.num_classes))
-    use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
+        if ckpt is not None:
+            print(f"resuming {run} from step {resumed} ({ckpt.path.name})", file=sys.stderr)
 
     ds = CacheBatches(
-        DataConfig(cfg.cache, setup.teachers, cfg.batch_size, cfg.seed, holdout=cfg.holdout,
+        DataConfig(cfg.cache, setup.teachers, cfg.batch_size, cfg.seed, holdout=cfg.holdout, verify_checksums=cfg.verify,
                    num_workers=loader_workers(cfg.num_workers, device, di.local_world_size)),
         di.rank,
         di.world_size,
@@ -320,28 +266,18 @@ def train(cfg: TrainConfig) -> TrainResult:
         assert int(batch["step"]) == step, "data order out of step"  # a CPU tensor: no device sync
         gen_seed = step_seed(cfg.seed, di.rank, step)
         torch.manual_seed(gen_seed)
-        x, y, feats = to_device(batch, setup.scale, setup.teachers, device)
+        x, y, feats = to_device(batch, setup.norm, setup.teachers, device)
         if cfg.resample_teacher:
             feats = [resample_tokens(f, setup.model_config.grid) if f.shape[1] != setup.model_config.num_tokens else f for f in feats]
-        with autocast:
-            out = transport.training_losses(fwd, x, y)
-        denoise = out["denoise"].float()
-        repa, cos = repa_loss(out["zs"], feats)
-        loss = denoise + cfg.proj_coeff * repa
+        res = train_step(tr, x, y, feats)
         # Recorded on the device, checked on the host at the next log or checkpoint step. The steps
         # in between still update the parameters (with NaN/inf): those updates are discarded, since
         # the check stops the run before any checkpoint is written and the last good checkpoint is
         # the resume point.
-        non_finite.record(step, loss, denoise, repa)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-        opt.step()
-        with torch.no_grad():
-            ema_p, p = list(ema.parameters()), list(model.parameters())
-            torch._foreach_lerp_(ema_p, p, 1.0 - cfg.optim.ema_decay)
+        non_finite.record(step, res.loss, res.denoise, res.repa)
         step += 1
-        acc.add(loss=loss, denoise=denoise, repa=repa, grad_norm=gnorm, **{f"cos/{t}": c for t, c in zip(setup.teachers, cos)})
+        acc.add(loss=res.loss, denoise=res.denoise, repa=res.repa, grad_norm=res.grad_norm,
+                **{f"cos/{t}": c for t, c in zip(setup.teachers, res.cos)})
         bar.update(1)
 
         is_log = step % cfg.log_every == 0 or step == cfg.max_steps
@@ -358,12 +294,10 @@ def train(cfg: TrainConfig) -> TrainResult:
                 last["gpu_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
             acc, t_last, wait = _Accumulator(), now, 0.0
             if di.is_main and cfg.align_every and step % cfg.align_every == 0:
-                from eval.align import alignment_metrics
-
                 if not cfg.holdout:
                     log.warning("--align-every without --holdout: alignment is measured on samples the model trains on")
-                last.update(alignment_metrics(model, cfg.cache, setup.teachers, num=cfg.holdout or 512, resample=cfg.resample_teacher,
-                                              path=cfg.transport.path, precision="bf16" if use_bf16 else "fp32"))
+                last.update(alignment_metrics(tr.model, cfg.cache, setup.teachers, num=cfg.holdout or 512, resample=cfg.resample_teacher,
+                                              path=cfg.transport.path, precision="bf16" if use_bf16(cfg.precision, device) else "fp32"))
             if di.is_main:
                 with open(metrics_file, "a") as f:
                     f.write(json.dumps(last) + "\n")
@@ -374,7 +308,7 @@ def train(cfg: TrainConfig) -> TrainResult:
                     bar.write(_status(last, cfg.max_steps, setup.teachers))
         if is_ckpt:
             if di.is_main:
-                save_checkpoint(run, step, model, ema, opt, cfg.to_json(), setup.cache_info, keep=cfg.keep_checkpoints)
+                save_checkpoint(run, step, tr.model, tr.ema, tr.opt, setup.card, keep=cfg.keep_checkpoints)
             if di.world_size > 1:
                 dist.barrier()
         t_wait0 = time.perf_counter()
@@ -478,15 +412,13 @@ def _tensorboard(run: Path) -> Any:
 def describe_run(cfg: TrainConfig, dry_run: bool = False) -> str:
     """``repa train``: with ``dry_run`` the resolved config (from the cache) as JSON, else train and
     return a one-line summary."""
-    if cfg.precision not in ("auto", "bf16", "fp32"):
-        raise UsageError(f"--precision must be auto, bf16 or fp32, not '{cfg.precision}'")
     setup = plan_run(cfg)
     if dry_run:
         resolved = {
             "train": cfg.to_json(),
             "teachers": list(setup.teachers),
             "model": dataclasses.asdict(setup.model_config),
-            "latent_scale": dataclasses.asdict(setup.scale),
+            "latent_norm": setup.norm.to_json(),
             "teacher_tokens": setup.teacher_tokens,
             "cache": setup.cache_info,
         }

@@ -1,7 +1,7 @@
 """The REPA projection loss, and explicit resampling of a teacher token grid.
 
 REPA aligns the student's projected hidden tokens to a frozen teacher's patch tokens with a
-negative cosine similarity per token. The training loop adds it to the denoising loss:
+negative cosine similarity per token. The training step (:mod:`repa_cache.train.step`) adds it to the denoising loss:
 ``total = denoise + proj_coeff * repa`` (proj_coeff 0.5 in the recipe).
 """
 
@@ -75,7 +75,3 @@ def resample_tokens(feats: Tensor, grid: int) -> Tensor:
                          antialias=grid < side)  # (B, D, g, g)
     return fmap.flatten(2).transpose(1, 2).to(feats.dtype)  # (B, g*g, D)
 
-
-def total_loss(denoise: Tensor, repa: Tensor, proj_coeff: float) -> Tensor:
-    """``denoise + proj_coeff * repa``: the REPA training objective."""
-    return denoise + proj_coeff * repa

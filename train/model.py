@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cache.errors import UsageError
+from repa_cache.cache.errors import UsageError
 
 logger = logging.getLogger(__name__)
 
@@ -186,7 +186,7 @@ class TimestepEmbedder(nn.Module):
     def forward(self, t: Tensor) -> Tensor:
         """(B,) -> (B, D)."""
         freq = self.frequencies(t, self.frequency_size)
-        return self.mlp(freq.to(self.mlp[0].weight.dtype))
+        return self.mlp(freq.to(next(self.mlp.parameters()).dtype))
 
 
 class LabelEmbedder(nn.Module):
@@ -278,6 +278,17 @@ class FinalLayer(nn.Module):
         return self.linear(modulate(self.norm_final(x), shift, scale))
 
 
+def _linears(seq: nn.Module) -> list[nn.Linear]:
+    """The linear layers of a small MLP, in order."""
+    return [m for m in seq.children() if isinstance(m, nn.Linear)]
+
+
+def _zero(linear: nn.Linear) -> None:
+    nn.init.zeros_(linear.weight)
+    if linear.bias is not None:
+        nn.init.zeros_(linear.bias)
+
+
 def build_projector(hidden_size: int, projector_dim: int, z_dim: int) -> nn.Sequential:
     """REPA projector: ``Linear(D, P) -> SiLU -> Linear(P, P) -> SiLU -> Linear(P, z_dim)``."""
     return nn.Sequential(
@@ -319,18 +330,19 @@ class SiT(nn.Module):
         for module in self.modules():
             if isinstance(module, nn.Linear):
                 nn.init.xavier_uniform_(module.weight)
-                nn.init.zeros_(module.bias)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
         w = self.x_embedder.weight
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))  # the patch conv as a (D, C*P*P) linear
+        assert self.x_embedder.bias is not None
         nn.init.zeros_(self.x_embedder.bias)
         nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        for linear in _linears(self.t_embedder.mlp):
+            nn.init.normal_(linear.weight, std=0.02)
         for block in self.blocks:
-            nn.init.zeros_(block.adaLN_modulation[-1].weight)
-            nn.init.zeros_(block.adaLN_modulation[-1].bias)
-        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].weight)
-        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].bias)
+            assert isinstance(block, SiTBlock)
+            _zero(_linears(block.adaLN_modulation)[-1])
+        _zero(_linears(self.final_layer.adaLN_modulation)[-1])
         nn.init.zeros_(self.final_layer.linear.weight)
         nn.init.zeros_(self.final_layer.linear.bias)
 

@@ -1,7 +1,8 @@
 """Transport between data and noise: interpolant path, time sampling, velocity target, loss.
 
-Everything about alpha(t) and sigma(t) lives here; the training loop calls
-:meth:`Transport.training_losses` and adds the REPA term, and samplers call :func:`velocity`.
+Everything about alpha(t) and sigma(t) lives here: the training step calls
+:meth:`Transport.training_losses` and adds the REPA term, and the samplers call
+:func:`path_coefficients`.
 
 Convention (SiT/REPA): ``x_t = alpha(t) * x + sigma(t) * eps`` with t=0 data and t=1 noise.
 The model predicts the velocity ``v = d/dt x_t = alpha'(t) * x + sigma'(t) * eps``; on the linear
@@ -16,18 +17,15 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
 
-from cache.errors import UsageError
+from repa_cache.cache.errors import UsageError
+from repa_cache.train.config import PATHS, TransportConfig
 
 logger = logging.getLogger(__name__)
-
-PATHS = ("linear", "cosine")
-TIME_SAMPLINGS = ("uniform", "lognormal")
 
 
 class VelocityModel(Protocol):
@@ -36,37 +34,19 @@ class VelocityModel(Protocol):
     def __call__(self, x: Tensor, t: Tensor, y: Tensor) -> tuple[Tensor, list[Tensor]]: ...
 
 
-@dataclass
-class TransportConfig:
-    """How training pairs are drawn.
+def path_coefficients(path: str, t: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(alpha, sigma, d_alpha/dt, d_sigma/dt)`` of an interpolant at times t, each shaped like t.
 
-    Attributes:
-        path: ``"linear"`` (alpha=1-t, sigma=t; the REPA default) or ``"cosine"``
-            (alpha=cos(pi t/2), sigma=sin(pi t/2)).
-        time_sampling: ``"uniform"`` t ~ U[0, 1), or ``"lognormal"`` t = s/(1+s), s = exp(N(0, 1)).
-        label_dropout: probability that a label is replaced by the null class (for CFG).
-        null_class: index of the null class; equals the model's ``num_classes``.
+    The one definition of the paths, used by training and by the samplers: ``"linear"``
+    (alpha = 1 - t, sigma = t) and ``"cosine"`` (alpha = cos(pi t / 2), sigma = sin(pi t / 2)).
     """
-
-    path: str = "linear"
-    time_sampling: str = "uniform"
-    label_dropout: float = 0.1
-    null_class: int = 1000
-
-    def __post_init__(self) -> None:
-        self.validate()
-
-    def validate(self) -> None:
-        """Raise :class:`UsageError` on a value the transport does not know."""
-        if self.path not in PATHS:
-            raise UsageError(f"unknown path '{self.path}'; known paths: {', '.join(PATHS)}")
-        if self.time_sampling not in TIME_SAMPLINGS:
-            raise UsageError(
-                f"unknown time sampling '{self.time_sampling}'; known: {', '.join(TIME_SAMPLINGS)}")
-        if not 0.0 <= self.label_dropout <= 1.0:
-            raise UsageError(f"--label-dropout must be in [0, 1], got {self.label_dropout}")
-        if self.null_class < 0:
-            raise UsageError(f"null class must be a non-negative index, got {self.null_class}")
+    if path == "linear":
+        return 1 - t, t, -torch.ones_like(t), torch.ones_like(t)
+    if path != "cosine":
+        raise UsageError(f"unknown path '{path}'; known paths: {', '.join(PATHS)}")
+    half_pi = math.pi / 2
+    alpha, sigma = torch.cos(half_pi * t), torch.sin(half_pi * t)
+    return alpha, sigma, -half_pi * sigma, half_pi * alpha
 
 
 def _per_sample(t: Tensor, like: Tensor) -> Tensor:
@@ -83,11 +63,7 @@ class Transport:
 
     def alpha_sigma(self, t: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """``(alpha, sigma, d_alpha/dt, d_sigma/dt)`` at times t, each shaped like t."""
-        if self.config.path == "linear":
-            return 1 - t, t, -torch.ones_like(t), torch.ones_like(t)
-        half_pi = math.pi / 2
-        alpha, sigma = torch.cos(half_pi * t), torch.sin(half_pi * t)
-        return alpha, sigma, -half_pi * sigma, half_pi * alpha
+        return path_coefficients(self.config.path, t)
 
     def sample_t(self, batch: int, device: torch.device | str) -> Tensor:
         """Training times (B,) in [0, 1), float32, from the global RNG."""
@@ -114,7 +90,7 @@ class Transport:
         drop = torch.rand(y.shape[0], device=y.device) < p  # (B,)
         return torch.where(drop, torch.full_like(y, self.config.null_class), y)
 
-    def training_losses(self, model: VelocityModel, x: Tensor, y: Tensor) -> dict[str, object]:
+    def training_losses(self, model: VelocityModel, x: Tensor, y: Tensor) -> dict[str, Any]:
         """One flow-matching step's loss on clean latents x (B, C, H, W) with labels y (B,).
 
         Returns a dict with ``"denoise"`` (scalar ``mean((v_hat - v)^2)`` in fp32), ``"zs"`` (the
@@ -129,8 +105,3 @@ class Transport:
         denoise = (v_hat.float() - v.float()).pow(2).mean()
         return {"denoise": denoise, "zs": zs, "t": t, "y_used": y_used}
 
-
-def velocity(model: VelocityModel, x: Tensor, t: Tensor, y: Tensor) -> Tensor:
-    """The model's velocity prediction alone, for samplers: (B, C, H, W)."""
-    v_hat, _ = model(x, t, y)
-    return v_hat

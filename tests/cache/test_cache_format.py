@@ -11,8 +11,8 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from cache.errors import CacheError
-from cache.format import (
+from repa_cache.cache.errors import CacheError
+from repa_cache.cache.format import (
     FORMAT_VERSION,
     LATENTS,
     ArraySpec,
@@ -22,9 +22,10 @@ from cache.format import (
     fingerprint_diff,
     record_path,
 )
-from cache.reader import CacheReader
-from cache.verify import verify_cache
-from cache.writer import DEFAULT_CODEC, commit_group, create_cache, create_group, shard_key, write_shard
+from repa_cache.cache.layout import shard_key
+from repa_cache.cache.reader import CacheReader
+from repa_cache.cache.verify import VerifyReport, verify_cache
+from repa_cache.cache.writer import DEFAULT_CODEC, commit_group, create_cache, create_group, write_shard
 
 N, SHARD, VIEWS = 10, 4, ("orig", "hflip")
 SKIPPED = {5}  # cache index of an input that failed to decode
@@ -112,7 +113,7 @@ def test_round_trip_bit_exact_random_access_and_blocks(cache):
 
 
 def test_reader_reads_only_requested_groups(cache):
-    root, truth = cache
+    root, _ = cache
     r = CacheReader(root, groups=["t"])
     assert list(r.groups) == ["teachers/t"]
     got = r.read([1, 2])
@@ -155,6 +156,11 @@ def _shard_file(root: Path, group: str, name: str, shard: int) -> Path:
     return root / shard_key(arr, shard)
 
 
+def _damaged(report: VerifyReport) -> list[tuple[str, int]]:
+    """(group, shard) of every shard verify reported a problem with, sorted."""
+    return sorted({(p.group, p.shard) for p in report.problems if p.shard is not None})
+
+
 def test_bit_flip_detected_by_verify_and_checked_reader(cache):
     root, _ = cache
     f = _shard_file(root, "teachers/t", "patch", 1)
@@ -162,7 +168,7 @@ def test_bit_flip_detected_by_verify_and_checked_reader(cache):
     raw[len(raw) // 2] ^= 0x01
     f.write_bytes(bytes(raw))
     report = verify_cache(root, quiet=True)
-    assert report.damaged_shards() == [("teachers/t", 1)]
+    assert _damaged(report) == [("teachers/t", 1)]
     assert "fails its checksum" in str(report.problems[0])
     r = CacheReader(root, verify_checksums=True)
     r.read([0, 1])  # shard 0 is fine
@@ -174,7 +180,7 @@ def test_truncated_chunk_detected_and_never_read_as_fill(cache):
     root, _ = cache
     f = _shard_file(root, LATENTS, "mean", 2)
     f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
-    assert verify_cache(root, quiet=True).damaged_shards() == [(LATENTS, 2)]
+    assert _damaged(verify_cache(root, quiet=True)) == [(LATENTS, 2)]
     with pytest.raises(CacheError, match="shard 2"):
         CacheReader(root).read([8])  # default reader: no checksum, but never returns fill/garbage silently
 
@@ -193,7 +199,7 @@ def test_missing_record_refused(cache):
     record_path(root, "teachers/t", 0).unlink()
     with pytest.raises(CacheError, match="shard 0 has no record"):
         CacheReader(root, groups=["t"])
-    assert ("teachers/t", 0) in verify_cache(root, quiet=True).damaged_shards()
+    assert ("teachers/t", 0) in _damaged(verify_cache(root, quiet=True))
 
 
 def _latents_only(root: Path) -> tuple[Path, CacheMeta, GroupMeta, dict[str, np.ndarray]]:

@@ -16,13 +16,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cache.copy import copy_cache
-from cache.errors import CacheError
-from cache.format import commit_path, record_path
-from cache.reader import CacheReader
-from cache.storage import store_path
-from cache.verify import verify_cache
-from cache.wds import WdsReader, export_wds, open_reader
+from repa_cache.cache.copy import copy_cache
+from repa_cache.cache.errors import CacheError
+from repa_cache.cache.format import commit_path, record_path
+from repa_cache.cache.reader import CacheReader
+from repa_cache.cache.storage import store_path
+from repa_cache.cache.verify import verify_cache
+from repa_cache.cache.wds import WdsReader, export_wds, open_reader
 from tests.conftest import tiny_config
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -94,7 +94,7 @@ def _assert_same(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> None:
 
 
 def test_precompute_to_s3_is_the_local_cache_bit_for_bit(s3, demo_images, tiny_cache):
-    from pipeline.precompute import precompute
+    from repa_cache.pipeline.precompute import precompute
 
     url = f"{s3.bucket()}/cache"
     precompute(tiny_config(demo_images, url))
@@ -174,7 +174,7 @@ def test_cache_copy_refusals(case, message, tiny_cache, demo_images, tmp_path, r
         dst.mkdir()
         (dst / "notes.txt").write_text("mine")
     elif case == "other-cache":
-        from pipeline.precompute import precompute
+        from repa_cache.pipeline.precompute import precompute
 
         precompute(tiny_config(demo_images, dst, resolution=128))
     elif case == "uncommitted":
@@ -224,7 +224,7 @@ def test_s3_server_stopped_mid_write_then_restarted(s3, demo_images, tmp_path):
     and running the command again completes it, equal to an uninterrupted local run."""
     url = f"{s3.bucket()}/cache"
     env = {**os.environ, **s3.env, "AWS_MAX_ATTEMPTS": "2"}
-    base = [sys.executable, str(ROOT / "cli.py"), "precompute", str(demo_images)]
+    base = [sys.executable, "-m", "repa_cache.cli", "precompute", str(demo_images)]
     opts = ["--vae", "tiny", "--shard-size", "2", "--batch-size", "2", "--device", "cpu", "--workers", "1", "--quiet"]
 
     def run(out: str, teachers: list[str], **kw):

@@ -16,11 +16,12 @@ import pyarrow as pa
 import pytest
 import zarr
 
-from cache.errors import CacheError, UsageError
-from cache.format import FORMAT_VERSION, GROUP_ATTR, LATENTS, ROOT_ATTR, ArraySpec, CacheMeta, GroupMeta
-from cache.reader import CacheReader
-from cache.wds import INDEX_FILE, WdsReader, export_wds, member_field, open_meta_any, open_reader
-from cache.writer import DEFAULT_CODEC, commit_group, create_cache, create_group, shard_key, write_shard
+from repa_cache.cache.errors import CacheError, UsageError
+from repa_cache.cache.format import FORMAT_VERSION, GROUP_ATTR, LATENTS, ROOT_ATTR, ArraySpec, CacheMeta, GroupMeta
+from repa_cache.cache.layout import shard_key
+from repa_cache.cache.reader import CacheReader
+from repa_cache.cache.wds import INDEX_FILE, WdsReader, export_wds, member_field, open_meta_any, open_reader
+from repa_cache.cache.writer import DEFAULT_CODEC, commit_group, create_cache, create_group, write_shard
 
 N, SHARD, VIEWS = 13, 4, ("orig", "hflip")  # 4 cache shards, the last one partial
 SKIPPED = (5, 11)  # inputs that failed to decode: 11 valid samples (a shard with only skipped rows trips the writer)
@@ -417,7 +418,8 @@ def test_damaged_export_refused_naming_the_shard(synth, tmp_path):
 def test_trainer_batches_equal_from_either_backend(synth, monkeypatch, world_size):
     import torch
 
-    from train.data import CacheBatches, DataConfig, LatentScale
+    from repa_cache.cache.format import LATENTS, LatentNorm
+    from repa_cache.train.data import CacheBatches, DataConfig
 
     monkeypatch.setattr(CacheBatches, "_open", lambda self: open_reader(
         self.cfg.cache, groups=self.groups, verify_checksums=self.cfg.verify_checksums))
@@ -428,7 +430,8 @@ def test_trainer_batches_equal_from_either_backend(synth, monkeypatch, world_siz
         w = CacheBatches(cfgs["wds"], rank=rank, world_size=world_size)
         assert isinstance(w._reader, WdsReader) and isinstance(z._reader, CacheReader)
         assert z.batches_per_epoch == w.batches_per_epoch == len(VALID) // 4
-        assert LatentScale.from_cache(z._reader) == LatentScale.from_cache(w._reader) == LatentScale(0.5, 0.1)
+        norms = [LatentNorm.of_latents(r.group(LATENTS).meta.model) for r in (z._reader, w._reader)]
+        assert norms[0] == norms[1] == LatentNorm((0.5,), (0.1,))
         for step in range(7):  # more than three epochs
             a, b = z[step], w[step]
             assert list(a) == list(b) and len(a["index"]) == 4 // world_size
@@ -485,26 +488,19 @@ def test_training_from_the_export_equals_training_from_the_cache(tiny_cache, tmp
     """The whole trainer (plan, batches, steps, checkpoint) on an export: same weights, same cache identity."""
     import torch
 
-    import train.loop as loop
-    from train.checkpoint import latest_checkpoint, load_checkpoint
-    from train.data import CacheBatches
+    import repa_cache.train.loop as loop
+    from repa_cache.train.checkpoint import latest_checkpoint, load_checkpoint
+    from repa_cache.train.config import TrainConfig
 
-    # Until train/ opens caches through cache.wds.open_reader / open_meta_any (no-ops after that).
-    monkeypatch.setattr(CacheBatches, "_open", lambda self: open_reader(
-        self.cfg.cache, groups=self.groups, verify_checksums=self.cfg.verify_checksums))
-    monkeypatch.setattr(loop, "open_meta", lambda p: open_meta_any(p)[:2], raising=False)
-    monkeypatch.setattr(loop, "list_groups", lambda root: open_meta_any(root)[2], raising=False)
-    monkeypatch.setattr(loop, "CacheReader", lambda p, groups=None, verify_checksums=False: open_reader(
-        p, groups=groups, verify_checksums=verify_checksums), raising=False)
     export_wds(tiny_cache, tmp_path / "wds", shard_bytes=200_000)
     states = {}
     for name, src in (("zarr", tiny_cache), ("wds", tmp_path / "wds")):
-        cfg = loop.TrainConfig(cache=str(src), out=str(tmp_path / name), model="SiT-tiny/2", batch_size=8, max_steps=4,
+        cfg = TrainConfig(cache=str(src), out=str(tmp_path / name), model="SiT-tiny/2", batch_size=8, max_steps=4,
                                ckpt_every=4, log_every=4, num_workers=0, device="cpu", quiet=True)
         assert loop.train(cfg).step == 4
         states[name] = load_checkpoint(latest_checkpoint(tmp_path / name))
     a, b = states["zarr"], states["wds"]
-    assert a["cache"] == b["cache"]  # fingerprints and weight hashes: a run can resume on either backend
+    assert a.card.cache == b.card.cache  # fingerprints and weight hashes: a run can resume on either backend
     for part in ("model", "ema"):
-        for k, v in a[part].items():
-            assert torch.equal(v, b[part][k]), f"{part}.{k} differs"
+        for k, v in getattr(a, part).items():
+            assert torch.equal(v, getattr(b, part)[k]), f"{part}.{k} differs"

@@ -15,8 +15,9 @@ import pytest
 import torch
 from PIL import Image
 
-from cache.errors import UsageError
-from eval.fid import (
+from repa_cache.cache.errors import UsageError
+from repa_cache.eval.config import FidConfig
+from repa_cache.eval.fid import (
     INCEPTION_NAME,
     FeatureStats,
     compute_stats,
@@ -27,7 +28,7 @@ from eval.fid import (
     iter_images,
     reference_stats,
 )
-from eval.sample import iter_npz_batches, npz_array_info, save_npz
+from repa_cache.eval.sample import iter_npz_batches, npz_array_info, save_npz
 
 
 def _spd(rng: np.random.Generator, d: int) -> np.ndarray:
@@ -134,8 +135,8 @@ def test_fid_with_an_injected_extractor(tmp_path: Path) -> None:
     ext = PoolExtractor()
     stats_dir = tmp_path / "stats"
 
-    close = fid(same, ref, extractors={"fid": ext}, stats_dir=stats_dir, batch_size=16)["fid"]
-    far = fid(other_npz, ref, extractors={"fid": ext}, stats_dir=stats_dir, batch_size=16)
+    close = fid(same, ref, FidConfig(stats_dir=str(stats_dir), batch_size=16), extractors={"fid": ext})["fid"]
+    far = fid(other_npz, ref, FidConfig(stats_dir=str(stats_dir), batch_size=16), extractors={"fid": ext})
     assert 0 <= close < far["fid"]
     # The value is the Fréchet distance of the extractor's features, computed by hand here.
     def feats(x: np.ndarray) -> np.ndarray:
@@ -146,16 +147,16 @@ def test_fid_with_an_injected_extractor(tmp_path: Path) -> None:
     assert far["fid"] == pytest.approx(want, rel=1e-6)
     assert far["num_samples"] == 60 and far["num_ref"]["fid"] == 80
     # A folder of PNGs of the same images gives the same value.
-    assert fid(other_dir, ref, extractors={"fid": ext}, stats_dir=stats_dir)["fid"] == pytest.approx(far["fid"], rel=1e-9)
+    assert fid(other_dir, ref, FidConfig(stats_dir=str(stats_dir)), extractors={"fid": ext})["fid"] == pytest.approx(far["fid"], rel=1e-9)
 
 
 def test_reference_statistics_are_computed_once(tmp_path: Path) -> None:
     ref = _folder(tmp_path / "ref", _images(40, 100, 3))
     samples = save_npz(tmp_path / "s.npz", _images(20, 100, 4))
     ext = PoolExtractor()
-    first = fid(samples, ref, extractors={"fid": ext}, stats_dir=tmp_path / "stats")
+    first = fid(samples, ref, FidConfig(stats_dir=str(tmp_path / "stats")), extractors={"fid": ext})
     assert ext.seen == 60
-    second = fid(samples, ref, extractors={"fid": ext}, stats_dir=tmp_path / "stats")
+    second = fid(samples, ref, FidConfig(stats_dir=str(tmp_path / "stats")), extractors={"fid": ext})
     assert ext.seen == 80  # only the samples again
     assert second["fid"] == pytest.approx(first["fid"], rel=1e-12)
     cached = Path(first["ref_stats"]["fid"])
@@ -177,13 +178,13 @@ def test_adm_reference_batch_statistics_are_used_for_inception(tmp_path: Path) -
     np.savez(ref, arr_0=_images(10, 100, 0), mu=mu, sigma=sigma)
     samples = save_npz(tmp_path / "s.npz", _images(30, 100, 1))
     inception_like = PoolExtractor(INCEPTION_NAME)
-    got = fid(samples, ref, extractors={"fid": inception_like}, stats_dir=tmp_path / "st")
+    got = fid(samples, ref, FidConfig(stats_dir=str(tmp_path / "st")), extractors={"fid": inception_like})
     assert inception_like.seen == 30
     s = compute_stats(samples, PoolExtractor())
     assert got["fid"] == pytest.approx(frechet_distance(s.mu, s.sigma, mu, sigma), rel=1e-9)
     # Another extractor computes its statistics from the images of the batch.
     other = PoolExtractor("pool4")
-    fid(samples, ref, extractors={"fd": other}, stats_dir=tmp_path / "st")
+    fid(samples, ref, FidConfig(stats_dir=str(tmp_path / "st")), extractors={"fd": other})
     assert other.seen == 40
 
 
@@ -192,7 +193,7 @@ def test_fd_dinov2_through_the_teacher_registry(tmp_path: Path) -> None:
     ext = dinov2_extractor("tiny")
     a = save_npz(tmp_path / "a.npz", _images(12, 100, 0, size=32))
     b = save_npz(tmp_path / "b.npz", _images(12, 180, 1, size=32))
-    res = fid(a, b, extractors={"fd_dinov2": ext}, stats_dir=tmp_path / "st")
+    res = fid(a, b, FidConfig(stats_dir=str(tmp_path / "st")), extractors={"fd_dinov2": ext})
     assert res["fd_dinov2"] > 0 and ext.name == "tiny-cls"
     feats = ext(torch.from_numpy(_images(3, 100, 0, size=32)).permute(0, 3, 1, 2))
     assert feats.shape == (3, 32)
@@ -236,7 +237,7 @@ def test_bad_sources_are_usage_errors(tmp_path: Path) -> None:
         (mixed, "one size"),
     ]:
         with pytest.raises(UsageError, match=words):
-            fid(bad, good, extractors=ext, stats_dir=tmp_path / "st")
+            fid(bad, good, FidConfig(stats_dir=str(tmp_path / "st")), extractors=ext)
     assert sum(len(b) for b in iter_images(good, 3)) == 4
     with pytest.raises(UsageError, match="at least 2"):
         compute_stats(save_npz(tmp_path / "one.npz", _images(1, 100, 0)), PoolExtractor())

@@ -17,15 +17,16 @@ import pytest
 import torch
 from torch import Tensor
 
-from cache.errors import UsageError
-from eval.samplers import (
-    SampleNoise,
+from repa_cache.cache.errors import UsageError
+from repa_cache.eval.config import SampleConfig
+from repa_cache.eval.samplers import (
     SamplerConfig,
     parse_guidance_interval,
     sample_labels,
     sample_latents,
     score_from_velocity,
 )
+from repa_cache.train.noise import SampleNoise
 
 SHAPE = (1, 2, 2)
 
@@ -199,3 +200,9 @@ def test_parse_guidance_interval() -> None:
     for bad in ("0.7", "a,b", "0.8,0.1", "0,2"):
         with pytest.raises(UsageError):
             parse_guidance_interval(bad)
+
+
+def test_sampler_defaults_are_the_sampling_jobs() -> None:
+    job, sampler = SampleConfig(), SamplerConfig()
+    assert (sampler.sampler, sampler.steps, sampler.heun, sampler.cfg_scale, sampler.guidance_interval) == (
+        job.sampler, job.steps, job.heun, job.cfg_scale, job.guidance_interval) == ("sde", 250, False, 1.0, (0.0, 0.7))

@@ -52,8 +52,8 @@ class TorchThreads(WorkerPlugin):
 
 def _same_cache(a_path: Path, b_path: Path, groups: tuple[str, ...]) -> None:
     """Equal data (bit for bit), equal validity and equal stored bytes (checksums), shard by shard."""
-    from cache.format import record_path
-    from cache.reader import CacheReader
+    from repa_cache.cache.format import record_path
+    from repa_cache.cache.reader import CacheReader
 
     a, b = CacheReader(a_path, groups=list(groups)), CacheReader(b_path, groups=list(groups))
     np.testing.assert_array_equal(a.valid, b.valid)
@@ -75,8 +75,8 @@ def _same_cache(a_path: Path, b_path: Path, groups: tuple[str, ...]) -> None:
 def test_worker_sigkilled_mid_precompute_run_completes_and_equals_in_process_run(demo_images, tmp_path):
     from distributed import Client, LocalCluster
 
-    from cache.verify import verify_cache
-    from pipeline.precompute import precompute
+    from repa_cache.cache.verify import verify_cache
+    from repa_cache.pipeline.precompute import precompute
 
     small = dict(shard_size=2, batch_size=2)  # 22 inputs -> 11 shard tasks
     ref = tmp_path / "ref"
@@ -95,7 +95,7 @@ def test_worker_sigkilled_mid_precompute_run_completes_and_equals_in_process_run
         def run() -> None:
             try:
                 result["res"] = precompute(tiny_config(demo_images, out, scheduler=cluster.scheduler_address, **small))
-            except BaseException as e:  # noqa: BLE001 - reported by the assertion below
+            except BaseException:  # noqa: BLE001 - reported by the assertion below
                 result["error"] = traceback.format_exc()
 
         th = threading.Thread(target=run, daemon=True)
@@ -137,8 +137,8 @@ def _reader_proc(path: str, expected: str, seed: int, writer_done, out_q, min_af
     """Loop: open a reader, read random valid indices, compare with the expected values; probe the
     group being added (refused until committed, then complete). Reports counts or the error."""
     try:
-        from cache.errors import CacheError
-        from cache.reader import CacheReader
+        from repa_cache.cache.errors import CacheError
+        from repa_cache.cache.reader import CacheReader
 
         exp = dict(np.load(expected))
         valid = exp.pop("valid_indices")
@@ -173,7 +173,7 @@ def _reader_proc(path: str, expected: str, seed: int, writer_done, out_q, min_af
                 else:
                     raise
                 if done:
-                    raise AssertionError(f"reader {seed}: new group refused after the writer finished: {msg}")
+                    raise AssertionError(f"reader {seed}: new group refused after the writer finished: {msg}") from None
             if done:
                 after += 1
                 if after >= min_after:
@@ -186,7 +186,7 @@ def _reader_proc(path: str, expected: str, seed: int, writer_done, out_q, min_af
 
 def _writer_proc(data: str, path: str, out_q) -> None:
     try:
-        from pipeline.precompute import precompute
+        from repa_cache.pipeline.precompute import precompute
 
         res = precompute(tiny_config(Path(data), Path(path), teachers=("tiny", "tiny-reg")))
         out_q.put(("writer", res.groups, res.shards_written))
@@ -198,8 +198,8 @@ def _writer_proc(data: str, path: str, out_q) -> None:
 def test_four_readers_and_a_writer_adding_a_teacher(tiny_cache, demo_images, tmp_path):
     import multiprocessing as mp
 
-    from cache.reader import CacheReader
-    from cache.verify import verify_cache
+    from repa_cache.cache.reader import CacheReader
+    from repa_cache.cache.verify import verify_cache
 
     path = tmp_path / "c"
     shutil.copytree(tiny_cache, path)

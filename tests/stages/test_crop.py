@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from stages.images import center_crop_adm
+from repa_cache.stages.images import center_crop_adm
 from tests.stages.conftest import random_rgb
 
 

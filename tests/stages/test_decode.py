@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from stages.images import DEFAULT_MAX_PIXELS, DecodeResult, center_crop_adm, decode_and_crop
+from repa_cache.stages.images import DEFAULT_MAX_PIXELS, DecodeResult, center_crop_adm, decode_and_crop
 from tests.stages.conftest import encode, random_rgb
 
 RES = 32
@@ -300,4 +300,4 @@ def test_pixel_limit_is_restored_after_concurrent_decodes(rng: np.random.Generat
     with ThreadPoolExecutor(max_workers=4) as pool:
         statuses = list(pool.map(lambda _: decode_and_crop(data, RES).status, range(64)))
     assert statuses == ["ok"] * 64
-    assert Image.MAX_IMAGE_PIXELS == before
+    assert before == Image.MAX_IMAGE_PIXELS

@@ -9,15 +9,16 @@ import timm
 import torch
 import torch.nn.functional as F
 
-from cache.errors import UsageError
-from stages.hashing import state_dict_sha256
-from stages.teachers import (
+from repa_cache.cache.errors import UsageError
+from repa_cache.stages.hashing import state_dict_sha256
+from repa_cache.stages.teachers import (
     TEACHERS,
     TeacherSpec,
     encode_images,
     get_teacher,
     load_teacher,
     preprocess,
+    teacher_geometry,
     teacher_input_size,
     teacher_metadata,
     token_grid,
@@ -190,9 +191,10 @@ def test_tiny_at_512() -> None:
 
 def test_tiny_metadata(tiny: tuple[TeacherSpec, torch.nn.Module]) -> None:
     spec, model = tiny
-    assert teacher_metadata(spec, model, 256) == {
+    assert teacher_metadata(spec, 256) == {
         "name": "tiny",
         "timm_id": spec.timm_id,
+        "checkpoint": None,
         "tiny": True,
         "mean": list(IMAGENET[0]),
         "std": list(IMAGENET[1]),
@@ -205,8 +207,22 @@ def test_tiny_metadata(tiny: tuple[TeacherSpec, torch.nn.Module]) -> None:
         "dim": 32,
         "num_prefix_tokens": 1,
         "token_rule": "final-norm patch tokens; CLS stored separately; register tokens dropped",
-        "weights_sha256": state_dict_sha256(model),
+        "description": spec.description,
+        "precision": "fp32",
     }
+    # The geometry it describes without weights is the loaded model's.
+    patch, cls = encode_images(model, spec, images(1, 256), 256)
+    assert patch.shape == (1, 256, 32) and cls.shape == (1, 32)
+
+
+def test_metadata_needs_no_weights() -> None:
+    """A real teacher is described from its architecture alone (no download, no memory)."""
+    spec = get_teacher("dinov2-vit-b-reg")
+    meta = teacher_metadata(spec, 512, checkpoint="/x/dinov2.pth", precision="bf16")
+    assert (meta["input_size"], meta["grid"], meta["num_tokens"]) == (448, 32, 1024)
+    assert (meta["dim"], meta["num_prefix_tokens"]) == (768, 5)  # CLS + 4 registers
+    assert (meta["checkpoint"], meta["precision"]) == ("/x/dinov2.pth", "bf16")
+    assert teacher_geometry(get_teacher("tiny-reg"), 256) == (48, 5)
 
 
 def test_token_count_mismatch_is_reported(tiny: tuple[TeacherSpec, torch.nn.Module]) -> None:

@@ -1,22 +1,27 @@
-"""The VAE stage: tiny model geometry, encode equals a hand call, loading errors."""
+"""The VAE stage: tiny model geometry, encode equals a hand call, the latent normalisation of a
+config, loading errors."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from diffusers import AutoencoderKL
 
-from cache.errors import UsageError
-from stages.vae import (
+from repa_cache.cache.errors import UsageError
+from repa_cache.cache.format import LatentNorm
+from repa_cache.stages.hashing import state_dict_sha256
+from repa_cache.stages.vae import (
     DEFAULT_VAE,
     TINY_VAE,
     VAESpec,
     encode_images,
+    latent_norm,
     load_vae,
-    state_dict_sha256,
-    vae_metadata,
+    vae_config,
 )
 
 SUFFIX = "; pass a local diffusers folder with --vae"
@@ -101,37 +106,76 @@ def test_state_dict_sha256_sees_every_change() -> None:
     assert state_dict_sha256(module) != state_dict_sha256(module.to(torch.bfloat16))
 
 
-def test_metadata(tiny_vae: AutoencoderKL) -> None:
-    meta = vae_metadata(tiny_vae, VAESpec("tiny"))
-    assert meta == {
-        "id": "tiny",
-        "revision": None,
-        "tiny": True,
-        "class": "AutoencoderKL",
-        "scaling_factor": 0.18215,
-        "shift_factor": None,
-        "latent_channels": 4,
-        "downsample_factor": 8,
-        "weights_sha256": state_dict_sha256(tiny_vae),
-    }
+# The relevant part of stabilityai/sd-vae-ft-ema's config.json.
+SD_VAE_CONFIG = {"_class_name": "AutoencoderKL", "latent_channels": 4, "block_out_channels": [128, 256, 512, 512],
+                 "scaling_factor": 0.18215}
+
+
+def test_latent_norm_of_sd_vae() -> None:
+    norm = latent_norm(SD_VAE_CONFIG)
+    assert norm == LatentNorm((0.18215,), (0.0,))
+    assert norm.to_json() == {"scale": [0.18215], "shift": [0.0]}
+
+
+def test_latent_norm_with_shift_factor() -> None:
+    """FLUX-style config: one scale and one shift, z = (x - shift) * scale."""
+    norm = latent_norm({**SD_VAE_CONFIG, "scaling_factor": 0.3611, "shift_factor": 0.1159, "latent_channels": 16})
+    assert norm == LatentNorm((0.3611,), (0.1159,))
+    x = np.full((1, 16, 2, 2), 1.5, dtype=np.float64)
+    np.testing.assert_allclose(norm.to_model(x), (1.5 - 0.1159) * 0.3611)
+
+
+def test_latent_norm_with_per_channel_statistics() -> None:
+    """z = (x - mean) / std * scaling_factor, per channel (as diffusers' pipelines apply
+    latents_mean / latents_std), checked by hand on one latent."""
+    mean, std = [0.5, -1.0, 0.0, 2.0], [2.0, 0.5, 1.0, 4.0]
+    norm = latent_norm({**SD_VAE_CONFIG, "scaling_factor": 0.5, "latents_mean": mean, "latents_std": std})
+    assert norm.channels == 4
+    assert norm.scale == (0.25, 1.0, 0.5, 0.125) and norm.shift == (0.5, -1.0, 0.0, 2.0)
+    x = np.random.default_rng(0).standard_normal((2, 4, 3, 3))  # (B, C, h, w)
+    by_hand = np.stack([(x[:, c] - mean[c]) / std[c] * 0.5 for c in range(4)], axis=1)  # (B, C, h, w)
+    np.testing.assert_allclose(norm.to_model(x), by_hand, rtol=1e-12)
+    np.testing.assert_allclose(norm.from_model(norm.to_model(x)), x, rtol=1e-12)
+
+
+def test_latent_norm_without_scaling_factor_takes_autoencoderkl_default() -> None:
+    config = {k: v for k, v in SD_VAE_CONFIG.items() if k != "scaling_factor"}
+    assert latent_norm(config) == LatentNorm((AutoencoderKL().config.scaling_factor,), (0.0,))
+    assert latent_norm({**config, "scaling_factor": None}) == latent_norm(config)
+
+
+def test_latent_norm_refuses_ambiguous_configs() -> None:
+    with pytest.raises(UsageError, match="both per-channel"):
+        latent_norm({**SD_VAE_CONFIG, "shift_factor": 0.1, "latents_mean": [0.0] * 4, "latents_std": [1.0] * 4})
+    with pytest.raises(UsageError, match="4 latents_mean values but 3 latents_std"):
+        latent_norm({**SD_VAE_CONFIG, "latents_mean": [0.0] * 4, "latents_std": [1.0] * 3})
+    with pytest.raises(UsageError, match="latents_std must be positive"):
+        latent_norm({**SD_VAE_CONFIG, "latents_mean": [0.0] * 4, "latents_std": [1.0, 0.0, 1.0, 1.0]})
+
+
+def test_tiny_config_and_norm(tiny_vae: AutoencoderKL) -> None:
+    config = vae_config(VAESpec(TINY_VAE))
+    assert config == dict(tiny_vae.config)
+    assert latent_norm(config) == LatentNorm((0.18215,), (0.0,))
 
 
 def test_local_folder_loads(tiny_vae: AutoencoderKL, tmp_path: Path) -> None:
     tiny_vae.save_pretrained(tmp_path / "vae-dir")
     loaded = load_vae(VAESpec(str(tmp_path / "vae-dir")))
     assert state_dict_sha256(loaded) == state_dict_sha256(tiny_vae)
-    meta = vae_metadata(loaded, VAESpec(str(tmp_path / "vae-dir")))
-    assert meta["tiny"] is False and meta["downsample_factor"] == 8
-    # A full pipeline folder with the VAE in vae/ works too.
+    assert vae_config(VAESpec(str(tmp_path / "vae-dir")))["block_out_channels"] == [8, 16, 16, 16]
+    # A full pipeline folder with the VAE in vae/ works too, for the weights and for the config.
     tiny_vae.save_pretrained(tmp_path / "pipeline" / "vae")
     loaded = load_vae(VAESpec(str(tmp_path / "pipeline")))
     assert state_dict_sha256(loaded) == state_dict_sha256(tiny_vae)
+    assert vae_config(VAESpec(str(tmp_path / "pipeline")))["latent_channels"] == 4
 
 
-def test_missing_local_path(tmp_path: Path) -> None:
+@pytest.mark.parametrize("read", [load_vae, vae_config])
+def test_missing_local_path(tmp_path: Path, read: Callable[[VAESpec], object]) -> None:
     missing = str(tmp_path / "no" / "vae")
     with pytest.raises(UsageError) as info:
-        load_vae(VAESpec(missing))
+        read(VAESpec(missing))
     assert str(info.value) == f"cannot load VAE '{missing}': no such folder {missing}{SUFFIX}"
 
 
@@ -153,9 +197,10 @@ def test_empty_local_folder(tmp_path: Path) -> None:
 @pytest.mark.usefixtures("hf_offline")
 @pytest.mark.filterwarnings("ignore:The `local_dir_use_symlinks`:UserWarning")  # inside diffusers
 @pytest.mark.parametrize("name", ["nobody/no-such-vae", DEFAULT_VAE])
-def test_hub_id_offline(name: str) -> None:
+@pytest.mark.parametrize("read", [load_vae, vae_config])
+def test_hub_id_offline(name: str, read: Callable[[VAESpec], object]) -> None:
     with pytest.raises(UsageError) as info:
-        load_vae(VAESpec(name, revision="main"))
+        read(VAESpec(name, revision="main"))
     message = str(info.value)
     assert message.startswith(f"cannot load VAE '{name}': ")
     assert message.endswith(SUFFIX)

@@ -19,11 +19,13 @@ import numpy as np
 import pytest
 import torch
 
-from cache.errors import UsageError
-from train.checkpoint import latest_checkpoint, load_checkpoint
-from train.data import CacheBatches, DataConfig, epoch_order
-from train import loop
-from train.loop import OptimConfig, TrainConfig, TrainingDiverged, train
+from repa_cache.cache.errors import UsageError
+from repa_cache.train import loop
+from repa_cache.train import step as step_mod
+from repa_cache.train.checkpoint import Checkpoint, latest_checkpoint, load_checkpoint
+from repa_cache.train.config import OptimConfig, TrainConfig
+from repa_cache.train.data import CacheBatches, DataConfig, epoch_order
+from repa_cache.train.loop import TrainingDiverged, train
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -34,16 +36,16 @@ def cfg(cache: Path, out: Path, **kw) -> TrainConfig:
     return TrainConfig(cache=str(cache), out=str(out), **base)
 
 
-def _state(run: Path) -> dict:
+def _state(run: Path) -> Checkpoint:
     return load_checkpoint(latest_checkpoint(run))
 
 
-def _assert_same_state(a: dict, b: dict) -> None:
-    assert a["step"] == b["step"]
+def _assert_same_state(a: Checkpoint, b: Checkpoint) -> None:
+    assert a.step == b.step
     for part in ("model", "ema"):
-        for k, v in a[part].items():
-            assert torch.equal(v, b[part][k]), f"{part}.{k} differs"
-    sa, sb = a["optimizer"]["state"], b["optimizer"]["state"]
+        for k, v in getattr(a, part).items():
+            assert torch.equal(v, getattr(b, part)[k]), f"{part}.{k} differs"
+    sa, sb = a.optimizer["state"], b.optimizer["state"]
     for i in sa:
         for k in sa[i]:
             assert torch.equal(sa[i][k], sb[i][k]), f"optimizer state {i}.{k} differs"
@@ -86,7 +88,7 @@ def test_metrics_report_world_size_and_per_rank_throughput(tiny_cache, tmp_path,
 
 
 def test_sigkill_then_rerun_equals_uninterrupted(tiny_cache, tmp_path):
-    args = [sys.executable, str(ROOT / "cli.py"), "train", "--cache", str(tiny_cache), "--model", "SiT-tiny/2",
+    args = [sys.executable, "-m", "repa_cache.cli", "train", "--cache", str(tiny_cache), "--model", "SiT-tiny/2",
             "--batch-size", "8", "--max-steps", "40", "--ckpt-every", "5", "--log-every", "5", "--workers", "0",
             "--device", "cpu", "--quiet"]
     killed = tmp_path / "killed"
@@ -98,7 +100,7 @@ def test_sigkill_then_rerun_equals_uninterrupted(tiny_cache, tmp_path):
     proc.wait()
     kept = latest_checkpoint(killed)
     assert kept is not None, proc.stderr.read().decode()
-    step_at_kill = load_checkpoint(kept)["step"]
+    step_at_kill = load_checkpoint(kept).step
     assert step_at_kill < 40, "the run finished before it could be killed; the test proves nothing"
     out = subprocess.run(args + ["--out", str(killed)], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
@@ -132,7 +134,7 @@ def test_epoch_order_is_a_permutation_and_depends_on_seed_and_epoch():
 
 
 def test_batches_pair_latent_and_features_from_the_same_view(tiny_cache):
-    from cache.reader import CacheReader
+    from repa_cache.cache.reader import CacheReader
 
     ds = CacheBatches(DataConfig(str(tiny_cache), ("tiny",), global_batch=8, num_workers=0))
     batch = ds[0]
@@ -149,7 +151,7 @@ def test_torchrun_two_gloo_processes(tiny_cache, tmp_path):
     script = tmp_path / "gather.py"
     script.write_text(
         "import json, sys, torch.distributed as dist\n"
-        "from train.data import CacheBatches, DataConfig\n"
+        "from repa_cache.train.data import CacheBatches, DataConfig\n"
         "dist.init_process_group('gloo')\n"
         "ds = CacheBatches(DataConfig(sys.argv[1], ('tiny',), global_batch=8, num_workers=0), dist.get_rank(), dist.get_world_size())\n"
         "mine = [ds[s]['index'].tolist() for s in range(3)]\n"
@@ -159,7 +161,7 @@ def test_torchrun_two_gloo_processes(tiny_cache, tmp_path):
         "dist.destroy_process_group()\n"
     )
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     res = subprocess.run(torchrun + [str(script), str(tiny_cache), str(tmp_path / "idx.json")], env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     per_rank = json.loads((tmp_path / "idx.json").read_text())
@@ -171,12 +173,12 @@ def test_torchrun_two_gloo_processes(tiny_cache, tmp_path):
     # The trainer itself under torchrun (DDP on gloo): two steps and a checkpoint.
     run = tmp_path / "ddp"
     res = subprocess.run(
-        torchrun + [str(ROOT / "cli.py"), "train", "--cache", str(tiny_cache), "--out", str(run), "--model", "SiT-tiny/2",
+        torchrun + ["-m", "repa_cache.cli", "train", "--cache", str(tiny_cache), "--out", str(run), "--model", "SiT-tiny/2",
                     "--batch-size", "8", "--max-steps", "2", "--ckpt-every", "2", "--log-every", "1", "--workers", "0", "--device", "cpu"],
         env=env, capture_output=True, text=True, timeout=300,
     )
     assert res.returncode == 0, res.stderr[-2000:]
-    assert load_checkpoint(latest_checkpoint(run))["step"] == 2
+    assert load_checkpoint(latest_checkpoint(run)).step == 2
     assert "world size 2 on 1 node, batch 4 per rank (8 global), backend gloo, device cpu, 0 loader workers per rank" in res.stderr
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in lines] == [1, 2]  # rank 0 alone writes
@@ -195,13 +197,13 @@ def test_torchrun_non_finite_loss_on_one_rank_stops_every_rank_before_the_next_c
     script = tmp_path / "nan_on_rank1.py"
     script.write_text(
         "import itertools, math, sys, torch.distributed as dist\n"
-        "from train import loop\n"
-        "real, calls = loop.repa_loss, itertools.count()\n"
+        "from repa_cache.train import config, loop, step\n"
+        "real, calls = step.repa_loss, itertools.count()\n"
         "def repa_loss(zs, targets):\n"
         "    repa, cos = real(zs, targets)\n"
         "    return (repa * math.nan if next(calls) == 3 and dist.get_rank() == 1 else repa), cos\n"
-        "loop.repa_loss = repa_loss\n"
-        "cfg = loop.TrainConfig(cache=sys.argv[1], out=sys.argv[2], model='SiT-tiny/2', batch_size=8, max_steps=8,\n"
+        "step.repa_loss = repa_loss\n"
+        "cfg = config.TrainConfig(cache=sys.argv[1], out=sys.argv[2], model='SiT-tiny/2', batch_size=8, max_steps=8,\n"
         "                       ckpt_every=2, log_every=4, num_workers=0, device='cpu', quiet=True)\n"
         "try:\n"
         "    loop.train(cfg)\n"
@@ -213,11 +215,11 @@ def test_torchrun_non_finite_loss_on_one_rank_stops_every_rank_before_the_next_c
     )
     run = tmp_path / "ddp-nan"
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     res = subprocess.run(torchrun + [str(script), str(tiny_cache), str(run)], env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     kept = latest_checkpoint(run)
-    assert kept is not None and load_checkpoint(kept)["step"] == 2
+    assert kept is not None and load_checkpoint(kept).step == 2
     tail = f"; stopped. Last good checkpoint: {kept}"
     rank0, rank1 = ((tmp_path / f"ddp-nan.rank{r}").read_text() for r in range(2))
     assert rank0 == f"loss became non-finite at step 3 (on another rank){tail}"
@@ -274,19 +276,19 @@ def test_divergence_stops_with_step_and_keeps_last_good_checkpoint(tiny_cache, t
         train(cfg(tiny_cache, run, max_steps=50, ckpt_every=1, optim=OptimConfig(lr=1e30, grad_clip=1e30)))
     bad = int(re.search(r"at step (\d+) ", str(e.value)).group(1))
     kept = load_checkpoint(latest_checkpoint(run))
-    assert kept["step"] == bad  # checked before every save: the state after steps 0..bad-1
-    assert all(torch.isfinite(v).all() for v in kept["model"].values() if v.is_floating_point())
+    assert kept.step == bad  # checked before every save: the state after steps 0..bad-1
+    assert all(torch.isfinite(v).all() for v in kept.model.values() if v.is_floating_point())
 
 
 def _nan_repa_loss_at(monkeypatch, bad_step: int) -> None:
     """Make the REPA loss of one step NaN (the loop calls repa_loss once per step, from step 0)."""
-    real, calls = loop.repa_loss, itertools.count()
+    real, calls = step_mod.repa_loss, itertools.count()
 
     def repa_loss(zs, targets):
         repa, cos = real(zs, targets)
         return (repa * math.nan if next(calls) == bad_step else repa), cos
 
-    monkeypatch.setattr(loop, "repa_loss", repa_loss)
+    monkeypatch.setattr(step_mod, "repa_loss", repa_loss)
 
 
 @pytest.mark.parametrize(
@@ -313,19 +315,19 @@ def test_non_finite_step_is_named_when_checked_only_at_log_and_checkpoint_steps(
         assert kept is None and not (run / "metrics.jsonl").exists()
         return
     state = load_checkpoint(kept)
-    assert state["step"] == kept_step <= bad_step
-    assert all(torch.isfinite(v).all() for part in ("model", "ema") for v in state[part].values() if v.is_floating_point())
+    assert state.step == kept_step <= bad_step
+    assert all(torch.isfinite(v).all() for part in ("model", "ema") for v in getattr(state, part).values() if v.is_floating_point())
     steps = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()] if log_every <= bad_step else []
     assert all(s <= bad_step for s in steps)
 
 
 def test_dry_run_reads_geometry_and_scale_from_the_cache(tiny_cache, tmp_path):
-    from train.loop import describe_run
+    from repa_cache.train.loop import describe_run
 
     resolved = json.loads(describe_run(cfg(tiny_cache, tmp_path / "d"), dry_run=True))
     assert resolved["model"]["input_size"] == 32 and resolved["model"]["in_channels"] == 4
     assert resolved["model"]["num_classes"] == 4 and resolved["model"]["z_dims"] == [32]
-    assert resolved["latent_scale"] == {"scaling_factor": 0.18215, "shift_factor": 0.0}
+    assert resolved["latent_norm"] == {"scale": [0.18215], "shift": [0.0]}
     assert not (tmp_path / "d").exists()
 
 
@@ -342,7 +344,7 @@ def test_overfits_a_handful_of_cached_samples(tiny_cache, tmp_path):
 
 
 def test_holdout_samples_are_never_trained_on(tiny_cache):
-    from cache.reader import CacheReader
+    from repa_cache.cache.reader import CacheReader
 
     valid = CacheReader(tiny_cache).valid_indices()
     ds = CacheBatches(DataConfig(str(tiny_cache), ("tiny",), global_batch=4, num_workers=0, holdout=5))

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from train.loss import repa_loss, resample_tokens, total_loss
+from repa_cache.train.loss import repa_loss, resample_tokens
 
 
 def neg_cos_reference(z: torch.Tensor, y: torch.Tensor) -> float:
@@ -107,11 +107,6 @@ def test_token_mismatch_names_both_shapes() -> None:
         repa_loss([torch.zeros(2, 64, 8)], [torch.zeros(2, 256, 8)])
     with pytest.raises(ValueError, match="2 projector outputs but 1 teacher"):
         repa_loss([torch.zeros(1, 4, 8)] * 2, [torch.zeros(1, 4, 8)])
-
-
-def test_total_loss() -> None:
-    total = total_loss(torch.tensor(1.5), torch.tensor(-0.8), 0.5)
-    assert total.item() == pytest.approx(1.1)
 
 
 def _column_ramp(side: int, dim: int = 3) -> torch.Tensor:

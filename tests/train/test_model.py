@@ -7,10 +7,11 @@ import math
 import pytest
 import torch
 
-from cache.errors import UsageError
-from train.loss import repa_loss, total_loss
-from train.model import SIT_SIZES, SiT, SiTConfig, count_parameters, sit_config
-from train.transport import Transport, TransportConfig
+from repa_cache.cache.errors import UsageError
+from repa_cache.train.config import TransportConfig
+from repa_cache.train.loss import repa_loss
+from repa_cache.train.model import SIT_SIZES, SiT, SiTConfig, count_parameters, sit_config
+from repa_cache.train.transport import Transport
 
 
 def tiny(**overrides: object) -> SiTConfig:
@@ -199,7 +200,7 @@ def test_overfit_tiny_batch() -> None:
     for _ in range(400):
         out = transport.training_losses(model, x, y)
         repa, _ = repa_loss(out["zs"], [target])
-        loss = total_loss(out["denoise"], repa, proj_coeff=0.5)
+        loss = out["denoise"] + 0.5 * repa
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

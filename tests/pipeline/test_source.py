@@ -1,4 +1,5 @@
-"""list_source and read_bytes on generated image folders and webdataset shards."""
+"""The source listing (list_source) and item reads (read_bytes) on generated image folders and
+webdataset shards."""
 
 from __future__ import annotations
 
@@ -11,9 +12,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cache.errors import UsageError
-from stages.images import SourceItem, SourceListing, decode_and_crop, list_source, read_bytes
+from repa_cache.cache.errors import UsageError
+from repa_cache.pipeline.source import SourceItem, SourceListing, list_source, read_bytes
+from repa_cache.stages.images import decode_and_crop
 from tests.stages.conftest import encode, random_rgb
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    return np.random.default_rng(1234)
 
 
 def write(path: Path, data: bytes) -> bytes:
@@ -173,7 +180,7 @@ def test_webdataset(
     shards: tuple[Path, dict[str, tuple[bytes, int]]], caplog: pytest.LogCaptureFixture
 ) -> None:
     root, expected = shards
-    with caplog.at_level(logging.WARNING, logger="stages.images"):
+    with caplog.at_level(logging.WARNING, logger="repa_cache.pipeline.source"):
         listing = list_source(root)
     assert listing.kind == "webdataset"
     assert listing.root == str(root.resolve())

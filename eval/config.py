@@ -1,0 +1,116 @@
+"""Typed settings of the evaluation jobs, with REPA's defaults: sampling, FID and alignment.
+
+``repa sample``, ``repa fid`` and ``repa align`` take their option defaults from these classes,
+so every default is written once, here. Values fixed by the checkpoint (model shape, interpolant,
+teachers, latent normalisation, VAE) are not settings: they are read from its model card. This
+module imports no torch, so the CLI's ``--help`` stays fast.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class SampleConfig:
+    """A sampling job (``repa sample``).
+
+    Attributes:
+        num: number of samples (50 000 for FID). A rerun may raise it; samples already made are kept.
+        cfg_scale: classifier-free guidance scale (1: none).
+        guidance_interval: ``(low, high)`` within [0, 1]: guidance applies to steps starting at
+            ``low <= t <= high``.
+        sampler: ``"sde"`` (Euler–Maruyama, as REPA) or ``"ode"``.
+        steps: model evaluations per sample.
+        heun: Heun steps (ODE only).
+        classes: class ids to cycle through; empty: a random class per sample from its seed.
+        seed: job seed; sample ``i`` uses ``(seed, i)``.
+        batch_size: samples per forward pass on each rank.
+        vae: a local folder holding the checkpoint's VAE (it must have the same weights); default:
+            the VAE named in the checkpoint.
+        device: ``"auto"`` (cuda:LOCAL_RANK, else the CPU), ``"cpu"``, ``"cuda"``...
+        precision: ``"auto"`` (bf16 autocast on CUDA), ``"bf16"`` or ``"fp32"`` for the model; the
+            VAE decodes in fp32.
+        grid: number of samples tiled into ``grid.png`` (0: no grid).
+        quiet: no progress bar.
+    """
+
+    num: int = 50_000
+    cfg_scale: float = 1.0
+    guidance_interval: tuple[float, float] = (0.0, 0.7)
+    sampler: str = "sde"
+    steps: int = 250
+    heun: bool = False
+    classes: tuple[int, ...] = ()
+    seed: int = 0
+    batch_size: int = 64
+    vae: str | None = None
+    device: str = "auto"
+    precision: str = "auto"
+    grid: int = 64
+    quiet: bool = False
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "guidance_interval", tuple(float(v) for v in self.guidance_interval))
+        object.__setattr__(self, "classes", tuple(int(c) for c in self.classes))
+
+
+@dataclass(frozen=True)
+class AlignConfig:
+    """An alignment measurement (``repa align``) on cached teacher features.
+
+    Attributes:
+        cache: the cache to read latents and teacher features from; default: the training cache
+            named in the checkpoint. Its groups must be the ones the model was trained on.
+        num: number of samples: the last ``num`` valid indices of the cache.
+        t: the time of the noisy input, in (0, 1].
+        k: nearest neighbours for CKNNA and mutual kNN.
+        batch_size: samples per forward pass.
+        seed: seed of the per-sample noise.
+        device: ``"auto"``, ``"cpu"``, ``"cuda"``...
+        precision: ``"auto"`` (bf16 autocast on CUDA), ``"bf16"`` or ``"fp32"``.
+    """
+
+    cache: str | None = None
+    num: int = 1024
+    t: float = 0.5
+    k: int = 10
+    batch_size: int = 64
+    seed: int = 0
+    device: str = "auto"
+    precision: str = "auto"
+
+
+@dataclass(frozen=True)
+class FidConfig:
+    """A Fréchet distance job (``repa fid``).
+
+    Attributes:
+        fd_dinov2: also compute FD-DINOv2.
+        inception_weights: local Inception weights file; default: torch-fidelity's download.
+        dinov2_teacher: registry name of the FD-DINOv2 network.
+        dinov2_checkpoint: local weights file for it.
+        batch_size: images per forward pass.
+        device: ``"auto"``, ``"cpu"``, ``"cuda"``...
+        stats_dir: where reference statistics are cached (default ``~/.cache/repa-cache/fid-stats``).
+        quiet: no progress bars.
+    """
+
+    fd_dinov2: bool = False
+    inception_weights: str | None = None
+    dinov2_teacher: str = "dinov2-vit-l"
+    dinov2_checkpoint: str | None = None
+    batch_size: int = 50
+    device: str = "auto"
+    stats_dir: str | None = None
+    quiet: bool = False
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    """``repa demo``: where it writes, how many images per class (4 classes), how long it trains."""
+
+    out: str = "demo-out"
+    per_class: int = 12
+    train_steps: int = 200
+    quiet: bool = False

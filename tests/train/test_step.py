@@ -1,0 +1,66 @@
+"""The one training step that ``repa train`` and ``bench/train_step.py`` both run."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from repa_cache.train.config import OptimConfig, TransportConfig
+from repa_cache.train.loss import repa_loss
+from repa_cache.train.model import sit_config
+from repa_cache.train.step import build_trainer, train_step
+
+
+def _setup():
+    mcfg = sit_config("SiT-tiny/2", input_size=8, num_classes=5, z_dims=(6,), projector_dim=16)
+    tr = build_trainer(mcfg, torch.device("cpu"), optim=OptimConfig(lr=1e-3, ema_decay=0.9), proj_coeff=0.5,
+                       precision="fp32", seed=3)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 4, 8, 8, generator=g)
+    y = torch.randint(0, 5, (4,), generator=g)
+    feats = [torch.randn(4, mcfg.num_tokens, 6, generator=g)]
+    return tr, x, y, feats
+
+
+def test_step_is_denoise_plus_weighted_repa_then_adamw_clip_and_ema():
+    tr, x, y, feats = _setup()
+    # The same step by hand, on copies.
+    model = copy.deepcopy(tr.model)
+    ema = copy.deepcopy(tr.ema)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.999), weight_decay=0.0)
+    torch.manual_seed(11)
+    out = tr.transport.training_losses(model, x, y)
+    repa, _ = repa_loss(out["zs"], feats)
+    want_loss = out["denoise"].float() + 0.5 * repa
+    want_loss.backward()
+    want_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    with torch.no_grad():
+        for e, p in zip(ema.parameters(), model.parameters()):
+            e.copy_(e + 0.1 * (p - e))
+
+    torch.manual_seed(11)
+    res = train_step(tr, x, y, feats)
+    assert torch.equal(res.loss, want_loss.detach())
+    assert torch.equal(res.denoise + 0.5 * res.repa, res.loss)
+    assert torch.equal(res.grad_norm, want_norm)
+    for (name, a), b in zip(tr.model.named_parameters(), model.parameters()):
+        assert torch.equal(a, b), name
+    for (name, a), b in zip(tr.ema.named_parameters(), ema.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-7, msg=name)
+    assert res.cos[0].item() == -res.repa.item()  # one teacher: the loss is minus its mean cosine
+
+
+def test_null_class_is_the_row_after_the_real_classes():
+    tr, *_ = _setup()
+    assert tr.transport.config.null_class == 5 == tr.model.config.num_classes
+    tr2 = build_trainer(tr.model.config, torch.device("cpu"), transport=TransportConfig(label_dropout=0.0, null_class=1000))
+    assert tr2.transport.config.null_class == 5 and tr2.transport.config.label_dropout == 0.0
+
+
+def test_same_seed_same_initial_weights():
+    a, *_ = _setup()
+    b, *_ = _setup()
+    for (name, p), q in zip(a.model.named_parameters(), b.model.parameters()):
+        assert torch.equal(p, q), name

@@ -1,0 +1,103 @@
+"""Typed configuration of a training run, with the REPA recipe's defaults.
+
+Each component owns a small dataclass: :class:`TransportConfig` (path, time sampling, label
+dropout), :class:`OptimConfig` (AdamW and EMA) and :class:`TrainConfig` (the run). ``repa train``
+takes its option defaults from these classes, so every default is written once, here. Values that
+belong to the data (latent shape and normalisation, token count, teacher dims, number of classes)
+are not configuration: they are read from the cache. This module imports no torch, so the CLI's
+``--help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from repa_cache.cache.errors import UsageError
+
+PATHS: tuple[str, ...] = ("linear", "cosine")
+TIME_SAMPLINGS: tuple[str, ...] = ("uniform", "lognormal")
+
+
+@dataclass
+class TransportConfig:
+    """How training pairs are drawn.
+
+    Attributes:
+        path: ``"linear"`` (alpha=1-t, sigma=t; the REPA default) or ``"cosine"``
+            (alpha=cos(pi t/2), sigma=sin(pi t/2)).
+        time_sampling: ``"uniform"`` t ~ U[0, 1), or ``"lognormal"`` t = s/(1+s), s = exp(N(0, 1)).
+        label_dropout: probability that a label is replaced by the null class (for CFG).
+        null_class: index of the null class; equals the model's ``num_classes``.
+    """
+
+    path: str = "linear"
+    time_sampling: str = "uniform"
+    label_dropout: float = 0.1
+    null_class: int = 1000
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise :class:`UsageError` on a value the transport does not know."""
+        if self.path not in PATHS:
+            raise UsageError(f"unknown path '{self.path}'; known paths: {', '.join(PATHS)}")
+        if self.time_sampling not in TIME_SAMPLINGS:
+            raise UsageError(f"unknown time sampling '{self.time_sampling}'; known: {', '.join(TIME_SAMPLINGS)}")
+        if not 0.0 <= self.label_dropout <= 1.0:
+            raise UsageError(f"--label-dropout must be in [0, 1], got {self.label_dropout}")
+        if self.null_class < 0:
+            raise UsageError(f"null class must be a non-negative index, got {self.null_class}")
+
+
+@dataclass
+class OptimConfig:
+    """AdamW as in REPA: constant lr 1e-4, betas (0.9, 0.999), no weight decay, clip 1.0, EMA 0.9999."""
+
+    lr: float = 1e-4
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    ema_decay: float = 0.9999
+
+
+@dataclass
+class TrainConfig:
+    """A training run (``repa train``)."""
+
+    cache: str
+    out: str
+    model: str = "SiT-B/2"
+    teachers: tuple[str, ...] = ()  # empty: the cache's only teacher
+    encoder_depth: int | None = None  # None: the model size's default (4 for S/B, 8 for L/XL)
+    proj_coeff: float = 0.5
+    batch_size: int = 256  # global, over all ranks
+    max_steps: int = 400_000
+    seed: int = 0
+    device: str = "auto"
+    precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
+    compile: bool = False
+    ckpt_every: int = 10_000
+    log_every: int = 100
+    keep_checkpoints: int = 2
+    num_workers: int | None = None  # DataLoader workers per rank; None: loader_workers() picks
+    resample_teacher: bool = False  # resample teacher tokens to the student grid instead of refusing
+    align_every: int = 0  # every N steps log CKNNA and cosine to the teacher on the held-out samples (0: off)
+    holdout: int = 0  # the last N valid cache samples are held out of training (for alignment metrics)
+    verify: bool = True  # check each shard's checksum the first time a loader process reads it
+    transport: TransportConfig = field(default_factory=TransportConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    tensorboard: bool = False
+    quiet: bool = False
+
+    # Fields that may change between a run and its resume.
+    RESUMABLE_CHANGES = frozenset({"max_steps", "ckpt_every", "log_every", "keep_checkpoints", "num_workers", "device",
+                                   "compile", "tensorboard", "quiet", "out", "cache", "align_every", "verify"})
+
+    def to_json(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["teachers"] = list(self.teachers)
+        return d
+
