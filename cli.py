@@ -48,7 +48,7 @@ app = typer.Typer(
 def precompute(
     data: Annotated[Path, typer.Argument(help="Image folder (one sub-folder per class) or folder of webdataset .tar shards.")],
     out: Annotated[str, typer.Argument(help="Cache folder or URL (s3://bucket/prefix) to create, resume, or add teachers to.")],
-    resolution: Annotated[int, typer.Option(help="Crop size in pixels (ADM center crop).")] = _field(PrecomputeConfig, "resolution"),
+    resolution: Annotated[int, typer.Option(help="Crop size in pixels (ADM center crop): a multiple of 8 in [64, 4096].")] = _field(PrecomputeConfig, "resolution"),
     vae: Annotated[
         Optional[str], typer.Option(help="Diffusers AutoencoderKL: HF id, local folder, or 'tiny'. Default: the cache's VAE, else stabilityai/sd-vae-ft-ema.")
     ] = _field(PrecomputeConfig, "vae"),
@@ -60,14 +60,14 @@ def precompute(
         Optional[list[str]], typer.Option(help="NAME=FILE: load a teacher's weights from a local file (repeatable).")
     ] = None,
     flip: Annotated[bool, typer.Option(help="Also encode the horizontally flipped view.")] = _field(PrecomputeConfig, "flip"),
-    shard_size: Annotated[int, typer.Option(help="Samples per shard (the unit of work and of writing).")] = _field(PrecomputeConfig, "shard_size"),
-    batch_size: Annotated[int, typer.Option(help="Images per encoder forward pass.")] = _field(PrecomputeConfig, "batch_size"),
+    shard_size: Annotated[int, typer.Option(help="Samples per shard (the unit of work and of writing), in [1, 65536].")] = _field(PrecomputeConfig, "shard_size"),
+    batch_size: Annotated[int, typer.Option(help="Images per encoder forward pass (at least 1).")] = _field(PrecomputeConfig, "batch_size"),
     feature_dtype: Annotated[str, typer.Option(help="Stored teacher feature dtype: float16 or float32.")] = _field(PrecomputeConfig, "feature_dtype"),
     precision: Annotated[
         Optional[str], typer.Option(help="Encoder arithmetic: fp32, or bf16 (autocast, much faster on a GPU). Default: a resumed group's own, else fp32.")
     ] = _field(PrecomputeConfig, "precision"),
     device: Annotated[str, typer.Option(help="'auto' (one GPU per worker, else CPU), 'cpu', 'cuda', 'cuda:1'.")] = _field(PrecomputeConfig, "device"),
-    workers: Annotated[Optional[int], typer.Option(help="Local dask worker processes. Default: one per GPU, else 1.")] = _field(PrecomputeConfig, "workers"),
+    workers: Annotated[Optional[int], typer.Option(help="Local dask worker processes (at least 1). Default: one per GPU, else 1.")] = _field(PrecomputeConfig, "workers"),
     scheduler: Annotated[Optional[str], typer.Option(help="Address of an existing dask scheduler (tcp://host:8786).")] = _field(PrecomputeConfig, "scheduler"),
     seed: Annotated[int, typer.Option(help="Seed of the sample order permutation.")] = _field(PrecomputeConfig, "seed"),
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
@@ -116,8 +116,10 @@ def stats(
     max_samples: Annotated[int, typer.Option(help="Samples read for latent/feature statistics.")] = DEFAULT_MAX_SAMPLES,
 ) -> None:
     """Print what a cache holds: samples, classes, outcomes, groups, storage, latent and feature statistics."""
-    from repa_cache.cache.stats import cache_stats, format_stats, plot_stats
+    from repa_cache.cache.stats import cache_stats, check_plot_path, format_stats, plot_stats
 
+    if plot is not None:
+        check_plot_path(plot)  # before the statistics are computed
     s = cache_stats(cache, max_samples=max_samples, with_histograms=plot is not None)
     if plot is not None:
         plot_stats(s, plot)

@@ -7,6 +7,9 @@ delivers at a given per-GPU consumption rate (default 350 img/s, about SiT-XL/2 
 one modern GPU; pass the rate measured by ``bench/train_step.py`` with ``--gpu-rate``).
 
 * warm: every cache file is read once before the run (page cache full);
+* verify on/off: the trainer checks each shard's sha256 the first time a loader process reads it
+  (``repa train``'s default; ``--no-verify`` skips it). A process hashes every shard it touches
+  once, so the cost falls on the first epoch and on short runs like these;
 * cold: before each configuration the cache files are evicted from the page cache with
   ``posix_fadvise(POSIX_FADV_DONTNEED)`` (no privileges needed); the resident fraction is checked
   with ``mincore`` and reported, so a cold run that was not cold shows it.
@@ -91,17 +94,19 @@ def batches(args: argparse.Namespace, workers: int) -> tuple[int, int]:
 
 
 def run_config(cache: Path, teachers: tuple[str, ...], args: argparse.Namespace, device: torch.device, workers: int,
-               block: int, state: str, files: list[Path], scale: LatentNorm) -> dict[str, Any]:
+               block: int, state: str, files: list[Path], scale: LatentNorm, verify: bool = True) -> dict[str, Any]:
+    label = {"state": state, "workers": workers, "block": block, "verify": "on" if verify else "off"}
     if state == "cold":
         ok = drop_page_cache(files)
         if not ok:
-            return {"state": state, "workers": workers, "block": block, "note": "cold not possible: no posix_fadvise"}
+            return {**label, "note": "cold not possible: no posix_fadvise"}
     else:
         warm_page_cache(files)
     resident = resident_fraction(files)
     warmup, steps = batches(args, workers)
     n = warmup + steps
-    ds = CacheBatches(DataConfig(str(cache), teachers, args.batch_size, seed=0, block_size=block, num_workers=workers))
+    ds = CacheBatches(DataConfig(str(cache), teachers, args.batch_size, seed=0, block_size=block, num_workers=workers,
+                                 verify_checksums=verify))
     if n > ds.batches_per_epoch:
         print(f"note: {n} batches > {ds.batches_per_epoch} per epoch: some samples are read twice (warm the second time)")
     t0 = time.perf_counter()
@@ -124,9 +129,7 @@ def run_config(cache: Path, teachers: tuple[str, ...], args: argparse.Namespace,
     del it
     samples = steps * args.batch_size
     return {
-        "state": state,
-        "workers": workers,
-        "block": block,
+        **label,
         "resident_before": None if resident is None else round(resident, 3),
         "first_batch_s": t_first,
         "incl_startup_samples_per_s": n * args.batch_size / total,
@@ -154,6 +157,8 @@ def main() -> None:
     p.add_argument("--workers", default="0,2,4,8", help="DataLoader worker counts")
     p.add_argument("--block-sizes", default="16,256", help="DataConfig.block_size values")
     p.add_argument("--states", default="warm,cold", help="page-cache states: warm, cold")
+    p.add_argument("--verify", default="on,off",
+                   help="shard checksums on first read (repa train's default) and/or off (--no-verify): on,off measures the cost")
     p.add_argument("--cache", default=None, help="read this existing cache instead of generating one")
     p.add_argument("--samples", type=int, default=None, help="samples of the generated cache (default: one epoch of the longest configuration)")
     p.add_argument("--workdir", default=None, help="where the generated cache goes (default: a temporary folder, removed)")
@@ -167,6 +172,9 @@ def main() -> None:
     workers, blocks, states = _ints(args.workers), _ints(args.block_sizes), [s.strip() for s in args.states.split(",") if s.strip()]
     if any(s not in ("warm", "cold") for s in states):
         p.error("--states takes warm and/or cold")
+    verifies = [v.strip() for v in args.verify.split(",") if v.strip()]
+    if not verifies or any(v not in ("on", "off") for v in verifies):
+        p.error("--verify takes on and/or off")
 
     tmp = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="bench-loader-"))
     tmp.mkdir(parents=True, exist_ok=True)
@@ -209,11 +217,11 @@ def main() -> None:
         }
         del reader
         results = []
-        for state, block, w in itertools.product(states, blocks, workers):
-            r = run_config(cache, teachers, args, device, w, block, state, files, scale)
+        for state, block, w, v in itertools.product(states, blocks, workers, verifies):
+            r = run_config(cache, teachers, args, device, w, block, state, files, scale, verify=v == "on")
             results.append(r)
             if "samples_per_s" in r:
-                print(f"{state:4s} block {block:4d} workers {w}: {r['samples_per_s']:.0f} samples/s, "
+                print(f"{state:4s} block {block:4d} workers {w} verify {v:3s}: {r['samples_per_s']:.0f} samples/s, "
                       f"{r['delivered_MB_s']:.0f} MB/s delivered, {r['stored_MB_s']:.0f} MB/s stored, "
                       f"resident before {r['resident_before']}", flush=True)
             else:
@@ -224,7 +232,7 @@ def main() -> None:
             shutil.rmtree(tmp, ignore_errors=True)
 
     print(f"\n{info['device']} | torch {info['torch']} | {info['command']}")
-    print(markdown_table(results, ["state", "block", "workers", "batches", "resident_before", "samples_per_s", "delivered_MB_s",
+    print(markdown_table(results, ["state", "block", "workers", "verify", "batches", "resident_before", "samples_per_s", "delivered_MB_s",
                                    "decoded_MB_s", "stored_MB_s", "gpus_fed", "first_batch_s", "incl_startup_samples_per_s"]))
     out = {"info": info, "results": results}
     text = json.dumps(out, indent=1, default=str)

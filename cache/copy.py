@@ -30,6 +30,7 @@ from tqdm import tqdm
 from repa_cache.cache.errors import CacheError, FingerprintMismatch, UsageError
 from repa_cache.cache.format import MANIFEST_FILE, PLAN_FILE, TEACHER_PREFIX, ShardRecord, commit_path, fingerprint_diff, record_path
 from repa_cache.cache.layout import load_records, open_zarr, shard_key, zarr_array
+from repa_cache.cache.lock import LOCK_FILE, is_our_lock, writer_lock
 from repa_cache.cache.reader import CacheReader, ReaderBase, commit_record, group_meta, list_groups, open_meta
 from repa_cache.cache.storage import StorePath, store_path
 
@@ -71,7 +72,13 @@ def copy_cache(
         wanted = list(dict.fromkeys(["latents", *(ReaderBase.resolve_group(g) for g in groups)]))
     # Opening a reader checks what a reader checks: committed, every record and object present.
     CacheReader(src_root, groups=wanted)
+    _check_dst(dst_root, meta)  # refuse a destination that is not ours before writing anything
+    with writer_lock(dst_root, "repa cache copy"):  # one writer per cache
+        return _copy_locked(src_root, dst_root, meta, wanted, jobs, quiet, t0)
 
+
+def _copy_locked(src_root: StorePath, dst_root: StorePath, meta: Any, wanted: list[str], jobs: int, quiet: bool,
+                 t0: float) -> CopyResult:
     _prepare_dst(src_root, dst_root, meta)
     result = CopyResult(src_root, dst_root)
     done_groups = []
@@ -103,8 +110,8 @@ def copy_cache(
     return result
 
 
-def _prepare_dst(src: StorePath, dst: StorePath, meta: Any) -> None:
-    """A new destination gets the root metadata and plan; an existing one must be the same cache."""
+def _check_dst(dst: StorePath, meta: Any) -> None:
+    """The destination is new, empty (our own lock aside) or the same cache; else refused untouched."""
     if (dst / "zarr.json").is_file():
         _, old = open_meta(dst)
         diff = fingerprint_diff(old.base_fingerprint, meta.base_fingerprint)
@@ -112,8 +119,13 @@ def _prepare_dst(src: StorePath, dst: StorePath, meta: Any) -> None:
             raise FingerprintMismatch(f"{dst} is another cache (made with other settings: {'; '.join(diff)})")
     elif dst.is_file():
         raise UsageError(f"destination {dst} is an existing file, not a cache")
-    elif dst.iterdir():
+    elif any(not (p.name == LOCK_FILE and is_our_lock(p)) for p in dst.iterdir()):
         raise UsageError(f"destination {dst} is not empty and is not a repa cache")
+
+
+def _prepare_dst(src: StorePath, dst: StorePath, meta: Any) -> None:
+    """A new destination gets the root metadata and plan; an existing one must be the same cache."""
+    _check_dst(dst, meta)  # again, under the lock: another writer may have been there meanwhile
     dst.mkdir()
     if not (dst / "zarr.json").exists():
         (dst / "zarr.json").write_bytes((src / "zarr.json").read_bytes())

@@ -44,6 +44,14 @@ RECORDS_DIR = "_records"
 COMMITS_DIR = "_commits"
 
 VIEW_NAMES = ("orig", "hflip")
+
+# Bounds on sizes read from a cache's metadata, checked before anything is allocated or looped
+# over (a file a user hands over is hostile). Far above any real dataset or model.
+MAX_SAMPLES = 1 << 34  # ~17e9 inputs (LAION-5B has 5.9e9)
+MAX_SHARD_SIZE = 1 << 20  # samples per shard
+MAX_SAMPLE_ELEMENTS = 1 << 26  # values per sample and view of one array (DINOv2-G at 512 px: 1024 x 1536)
+MAX_CLASSES = 1 << 20
+MAX_RESOLUTION = 1 << 14
 CROP_RULE = "adm-center"  # ADM/DiT: BOX-halve while >= 2x, BICUBIC resize of the short side, center crop
 
 
@@ -117,6 +125,44 @@ class CacheMeta:
         kw["views"] = tuple(kw["views"])
         kw["class_names"] = tuple(kw["class_names"])
         return cls(**kw)
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def meta_problem(meta: CacheMeta) -> str | None:
+    """What is out of bounds or inconsistent in root metadata read from a file, or None."""
+    if not _is_int(meta.num_samples) or not 1 <= meta.num_samples <= MAX_SAMPLES:
+        return f"num_samples {meta.num_samples!r} is not an integer in [1, {MAX_SAMPLES}]"
+    if not _is_int(meta.shard_size) or not 1 <= meta.shard_size <= MAX_SHARD_SIZE:
+        return f"shard_size {meta.shard_size!r} is not an integer in [1, {MAX_SHARD_SIZE}]"
+    if not _is_int(meta.resolution) or not 1 <= meta.resolution <= MAX_RESOLUTION:
+        return f"resolution {meta.resolution!r} is not an integer in [1, {MAX_RESOLUTION}]"
+    if not meta.views or len(set(meta.views)) != len(meta.views) or any(v not in VIEW_NAMES for v in meta.views):
+        return f"views {list(meta.views)!r} are not distinct names of {list(VIEW_NAMES)}"
+    if len(meta.class_names) > MAX_CLASSES:
+        return f"{len(meta.class_names)} class names (at most {MAX_CLASSES})"
+    return None
+
+
+def group_problem(gmeta: GroupMeta) -> str | None:
+    """What is out of bounds in a group's metadata read from a file, or None."""
+    if not gmeta.arrays:
+        return "has no arrays"
+    for a in gmeta.arrays:
+        if not all(_is_int(d) and d >= 1 for d in a.sample_shape) or len(a.sample_shape) > 8:
+            return f"array '{a.name}' has sample shape {list(a.sample_shape)!r} (positive integers expected)"
+        n = 1
+        for d in a.sample_shape:
+            n *= d
+        if n > MAX_SAMPLE_ELEMENTS:
+            return f"array '{a.name}' has {n} values per sample (at most {MAX_SAMPLE_ELEMENTS})"
+        try:
+            np.dtype(a.dtype)
+        except TypeError:
+            return f"array '{a.name}' has unknown dtype {a.dtype!r}"
+    return None
 
 
 _T = TypeVar("_T")
@@ -250,6 +296,9 @@ class ShardRecord:
 
     ``outcomes`` lists, for each sample of the shard in cache order, ``[status, reason, width,
     height]``; ``checksums`` maps array name to the sha256 of the stored zarr shard object.
+    ``input_sha256`` lists, in the same order, the sha256 of each input's encoded bytes as read for
+    this shard (empty in records written before it existed): a task that encodes the shard for
+    another group compares it with the bytes it reads, so groups never mix different pixels.
     """
 
     group: str
@@ -262,6 +311,7 @@ class ShardRecord:
     weights_sha256: str
     fingerprint_hash: str
     outcomes: list[list[Any]] = field(default_factory=list)
+    input_sha256: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

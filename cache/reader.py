@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import hashlib
+import json
 import logging
 import os
 import threading
@@ -28,18 +29,22 @@ import numpy as np
 import zarr
 from zarr.core.sync import sync as zarr_sync  # runs a coroutine on zarr's own event loop
 
-from repa_cache.cache.errors import CacheError
+from repa_cache.cache.errors import CacheError, one_line
 from repa_cache.cache.format import (
     FORMAT_VERSION,
     GROUP_ATTR,
     LATENTS,
     MANIFEST_FILE,
+    PLAN_FILE,
     ROOT_ATTR,
     TEACHER_PREFIX,
+    ArraySpec,
     CacheMeta,
     GroupMeta,
     ShardRecord,
     commit_path,
+    group_problem,
+    meta_problem,
     read_json,
 )
 from repa_cache.cache.layout import load_records, open_zarr, read_shard_bytes, shard_key, zarr_array
@@ -63,27 +68,132 @@ def open_meta(path: str | Path | StorePath) -> tuple[StorePath, CacheMeta]:
         raise CacheError(f"{root} is not a readable zarr group: {e}") from e
     if ROOT_ATTR not in attrs:
         raise CacheError(f"{root} is a zarr group but not a repa cache (no '{ROOT_ATTR}' attributes)")
-    meta = CacheMeta.from_json(_json_object(attrs[ROOT_ATTR], f"{root}: root attributes"))
-    if meta.format_version > FORMAT_VERSION:
+    try:
+        meta = CacheMeta.from_json(_json_object(attrs[ROOT_ATTR], f"{root}: root attributes"))
+    except (KeyError, TypeError, ValueError) as e:
+        raise CacheError(f"{root}: root attributes are incomplete (damaged cache): {one_line(e)}") from e
+    if not isinstance(meta.format_version, int) or meta.format_version > FORMAT_VERSION:
         raise CacheError(f"{root} has cache format v{meta.format_version}; this version reads v{FORMAT_VERSION}")
+    problem = meta_problem(meta)
+    if problem:
+        raise CacheError(f"{root}: root metadata out of bounds: {problem} (damaged cache)")
     return root, meta
 
 
+def _rows(path: StorePath) -> int:
+    try:
+        return path.parquet_rows()
+    except FileNotFoundError:
+        raise
+    except Exception as e:
+        if is_storage_error(e):
+            raise
+        raise CacheError(f"{path} is not a readable Parquet file (damaged cache): {one_line(e)}") from e
+
+
+def check_plan(root: StorePath, meta: CacheMeta) -> None:
+    """The plan exists and has one row per sample (so ``num_samples`` can be trusted for sizes)."""
+    path = root / PLAN_FILE
+    try:
+        n = _rows(path)
+    except FileNotFoundError:
+        raise CacheError(f"{path} is missing (damaged cache, or its precompute was killed before the plan; run it again)") from None
+    if n != meta.num_samples:
+        raise CacheError(f"{path} has {n} rows but the cache metadata says {meta.num_samples} samples (damaged cache)")
+
+
+def read_manifest(root: StorePath, meta: CacheMeta, columns: list[str] | None = None) -> Any:
+    """The manifest (required once a group is committed), checked to have one row per sample."""
+    path = root / MANIFEST_FILE
+    try:
+        n = _rows(path)
+    except FileNotFoundError:
+        raise CacheError(f"{path} is missing (every committed cache has one; damaged cache)") from None
+    if n != meta.num_samples:
+        raise CacheError(f"{path} has {n} rows but the cache metadata says {meta.num_samples} samples (damaged cache)")
+    try:
+        return path.read_parquet(columns=columns)
+    except Exception as e:
+        if is_storage_error(e):
+            raise
+        raise CacheError(f"{path} is not a readable manifest (damaged cache): {one_line(e)}") from e
+
+
+def array_problem(arr: zarr.Array, meta: CacheMeta, spec: ArraySpec) -> str | None:
+    """What is wrong with an array's stored shape, sharding or dtype against the cache and group
+    metadata (which were bounded), or None. Checked before anything sized by the array is read."""
+    want = (meta.num_samples, len(meta.views), *spec.sample_shape)
+    if tuple(arr.shape) != want:
+        return f"array '{spec.name}' has shape {tuple(arr.shape)}, the metadata says {want}"
+    shards = arr.shards
+    if shards is None or tuple(shards) != (meta.shard_size, *want[1:]):
+        return f"array '{spec.name}' is stored in shards of {shards}, the metadata says {(meta.shard_size, *want[1:])}"
+    if np.dtype(arr.dtype) != np.dtype(spec.dtype):
+        return f"array '{spec.name}' is {arr.dtype}, the metadata says {spec.dtype}"
+    return None
+
+
+def group_arrays(root: StorePath, meta: CacheMeta, group: str, gmeta: GroupMeta) -> dict[str, zarr.Array]:
+    """The arrays of a group, each checked against the metadata (CacheError naming what differs)."""
+    grp = open_zarr(root / group)
+    arrays = {}
+    for spec in gmeta.arrays:
+        if spec.name not in grp:
+            raise CacheError(f"group '{group}' of {root}: array '{spec.name}' is missing (damaged cache)")
+        arrays[spec.name] = arr = zarr_array(grp, spec.name)
+        problem = array_problem(arr, meta, spec)
+        if problem:
+            raise CacheError(f"group '{group}' of {root}: {problem} (damaged cache)")
+    return arrays
+
+
+def _is_group(path: StorePath) -> bool:
+    """True when ``path`` holds a group of ours: a zarr.json whose attributes carry the group
+    metadata. A group without them was cut off before its creation finished (the writer sets them
+    last, in one write) and is treated as absent; an unreadable zarr.json counts as present, so
+    that ``verify`` reports it as damaged."""
+    try:
+        raw = (path / "zarr.json").read_bytes()
+    except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+        return False
+    try:
+        attrs = json.loads(raw).get("attributes") or {}
+    except (ValueError, AttributeError):
+        return True
+    return isinstance(attrs, dict) and GROUP_ATTR in attrs
+
+
 def list_groups(root: StorePath | Path) -> list[str]:
-    """Group paths present in the cache (committed or not), latents first."""
+    """Group paths present in the cache (committed or not), latents first. A group whose creation
+    did not finish (no group attributes yet) is not listed."""
     root = store_path(root)
     out = []
-    if (root / LATENTS / "zarr.json").exists():
+    if _is_group(root / LATENTS):
         out.append(LATENTS)
     tdir = root / TEACHER_PREFIX.rstrip("/")
-    out += [f"{TEACHER_PREFIX}{p.name}" for p in tdir.iterdir() if (p / "zarr.json").exists()]
+    out += [f"{TEACHER_PREFIX}{p.name}" for p in tdir.iterdir() if _is_group(p)]
     return out
 
 
 def group_meta(root: StorePath | Path, group: str) -> GroupMeta:
     root = store_path(root)
-    attrs = open_zarr(root / group).attrs.asdict()
-    return GroupMeta.from_json(_json_object(attrs[GROUP_ATTR], f"{root / group}: group attributes"))
+    try:
+        attrs = open_zarr(root / group).attrs.asdict()
+    except Exception as e:
+        if is_storage_error(e) and not isinstance(e, FileNotFoundError):
+            raise
+        raise CacheError(f"group '{group}' of {root} is not a readable zarr group (damaged cache): {one_line(e)}") from e
+    if GROUP_ATTR not in attrs:
+        raise CacheError(f"group '{group}' of {root} has no '{GROUP_ATTR}' attributes (its creation did not finish; "
+                         "run the precompute again)")
+    try:
+        gmeta = GroupMeta.from_json(_json_object(attrs[GROUP_ATTR], f"{root / group}: group attributes"))
+    except (KeyError, TypeError, ValueError) as e:
+        raise CacheError(f"{root / group}: group attributes are incomplete (damaged cache): {one_line(e)}") from e
+    problem = group_problem(gmeta)
+    if problem:
+        raise CacheError(f"group '{group}' of {root}: metadata out of bounds: {problem} (damaged cache)")
+    return gmeta
 
 
 def _json_object(value: Any, what: str) -> dict[str, Any]:
@@ -231,6 +341,7 @@ class CacheReader(ReaderBase):
 
     def __init__(self, path: str | Path | StorePath, groups: Iterable[str] | None = None, verify_checksums: bool = False) -> None:
         self.root, self.meta = open_meta(path)
+        check_plan(self.root, self.meta)  # num_samples agrees with a file that has that many rows
         present = list_groups(self.root)
         if groups is None:
             wanted = [g for g in present if commit_path(self.root, g).exists()]
@@ -243,7 +354,7 @@ class CacheReader(ReaderBase):
         self._lock = threading.Lock()
         self._pid = os.getpid()
         self.groups: dict[str, GroupInfo] = {g: self._open_group(g, present) for g in wanted}
-        manifest = (self.root / MANIFEST_FILE).read_parquet()
+        manifest = read_manifest(self.root, self.meta)
         self.labels: np.ndarray = manifest.column("label").to_numpy().astype(np.int64)
         self.keys: list[str] = manifest.column("key").to_pylist()
         self.status: np.ndarray = np.asarray(manifest.column("status").to_pylist())
@@ -260,8 +371,7 @@ class CacheReader(ReaderBase):
         gmeta = group_meta(self.root, group)
         if commit["fingerprint_hash"] != gmeta.fingerprint_hash:
             raise CacheError(f"group '{group}' of {self.root}: commit record does not match its metadata")
-        grp = open_zarr(self.root / group)
-        arrays = {spec.name: zarr_array(grp, spec.name) for spec in gmeta.arrays}
+        arrays = group_arrays(self.root, self.meta, group, gmeta)
         records = load_records(self.root, self.meta, group)
         stored = (self.root / group).find()  # one listing instead of a lookup per shard object
         for shard in range(self.meta.num_shards):

@@ -17,9 +17,10 @@ import dask.array as da
 import numpy as np
 import zarr
 
+from repa_cache.cache.errors import UsageError
 from repa_cache.cache.format import MANIFEST_FILE, LatentNorm, sha256_json
 from repa_cache.cache.layout import open_zarr, zarr_array
-from repa_cache.cache.reader import commit_record, group_meta, list_groups, open_meta
+from repa_cache.cache.reader import check_plan, commit_record, group_arrays, group_meta, list_groups, open_meta, read_manifest
 from repa_cache.cache.storage import StorePath
 
 DEFAULT_MAX_SAMPLES = 10_000
@@ -51,9 +52,12 @@ def cache_stats(path: str | Path, max_samples: int = DEFAULT_MAX_SAMPLES, with_h
         "fingerprint": sha256_json(meta.base_fingerprint)[:16],
         "classes": len(meta.class_names),
     }
+    check_plan(root, meta)  # num_samples is the row count of a real file before anything is sized by it
+    present = list_groups(root)
+    committed = any(commit_record(root, g) is not None for g in present)
     valid = np.ones(meta.num_samples, dtype=bool)
-    if (root / MANIFEST_FILE).exists():
-        m = (root / MANIFEST_FILE).read_parquet()
+    if committed or (root / MANIFEST_FILE).exists():  # required once a group is committed
+        m = read_manifest(root, meta)
         status = m.column("status").to_pylist()
         valid = np.asarray(status) != "skipped"
         labels = np.asarray(m.column("label").to_pylist())
@@ -70,14 +74,15 @@ def cache_stats(path: str | Path, max_samples: int = DEFAULT_MAX_SAMPLES, with_h
     out["stats_samples"] = int(idx.size)
     hist: dict[str, Any] = {}
     groups: dict[str, Any] = {}
-    for group in list_groups(root):
+    for group in present:
         gmeta = group_meta(root, group)
         commit = commit_record(root, group)
         zg = open_zarr(root / group)
+        checked = group_arrays(root, meta, group, gmeta)  # shapes agree with the bounded metadata
         arrays = {}
         nbytes = 0
         for spec in gmeta.arrays:
-            arr = zarr_array(zg, spec.name)
+            arr = checked[spec.name]
             arrays[spec.name] = {"shape": list(arr.shape), "dtype": spec.dtype, "codec": spec.codec}
             nbytes += arr.nbytes
         stored = _dir_bytes(root / group)
@@ -216,8 +221,27 @@ def format_stats(s: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def check_plot_path(path: str | Path) -> None:
+    """UsageError (one line) for a plot file matplotlib cannot write: an extension it has no
+    writer for, or a folder that does not exist. Cheap: call it before computing statistics."""
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    formats = FigureCanvasBase.get_supported_filetypes()
+    p = Path(path)
+    ext = p.suffix.lower().lstrip(".")
+    if ext not in formats:
+        raise UsageError(f"--plot {path}: unsupported file type '{p.suffix or '(none)'}'; "
+                         f"use one of {', '.join('.' + f for f in sorted(formats))}")
+    if p.is_dir():
+        raise UsageError(f"--plot {path} is a folder, not a file name")
+    if not p.parent.is_dir():
+        raise UsageError(f"--plot {path}: folder {p.parent} does not exist")
+
+
 def plot_stats(s: dict[str, Any], path: str | Path) -> None:
-    """Histograms of latent values, token norms, and per-class counts into one PNG."""
+    """Histograms of latent values, token norms, and per-class counts into one image (its type
+    from the file name's extension: .png, .pdf, .svg, ...)."""
+    check_plot_path(path)
     import matplotlib
 
     matplotlib.use("Agg")

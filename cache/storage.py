@@ -234,6 +234,13 @@ class StorePath:
             return pq.read_table(self.path, columns=columns)
         return pq.read_table(io.BytesIO(self.read_bytes()), columns=columns)
 
+    def parquet_rows(self) -> int:
+        """Row count of a Parquet file, from its footer (no data is read)."""
+        if self.is_local:
+            return int(pq.read_metadata(self.path).num_rows)
+        with self.fs.open(self.path, "rb") as f:
+            return int(pq.ParquetFile(f).metadata.num_rows)
+
     def open(self, mode: str = "rb", **kwargs: Any) -> Any:
         if self.is_local:
             return open(self.path, mode)

@@ -15,9 +15,20 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from repa_cache.cache.errors import CacheError
 from repa_cache.cache.format import MANIFEST_FILE, CacheMeta
-from repa_cache.cache.layout import load_records, open_zarr, zarr_array
-from repa_cache.cache.reader import GroupInfo, check_shard, commit_record, group_meta, list_groups, open_meta
+from repa_cache.cache.layout import load_records
+from repa_cache.cache.reader import (
+    GroupInfo,
+    check_plan,
+    check_shard,
+    commit_record,
+    group_arrays,
+    group_meta,
+    list_groups,
+    open_meta,
+    read_manifest,
+)
 from repa_cache.cache.storage import StorePath
 
 log = logging.getLogger(__name__)
@@ -47,23 +58,37 @@ class VerifyReport:
 
 
 def verify_cache(path: str | Path, quiet: bool = False) -> VerifyReport:
-    """Check the whole cache; never raises for damage, it reports it (CacheError if not a cache)."""
+    """Check the whole cache; never raises for damage to shards or groups, it reports it.
+
+    CacheError (one line) when it is not a cache, or when what the sizes of everything else
+    depend on cannot be trusted: root metadata out of bounds, a plan (or, once a group is
+    committed, a manifest) missing or with another row count than ``num_samples``.
+    """
     root, meta = open_meta(path)
+    check_plan(root, meta)
     report = VerifyReport(root)
     groups = list_groups(root)
     report.groups = groups
     if not groups:
         report.problems.append(Problem("cache", None, "has no groups"))
         return report
-    valid = _valid_mask(root, meta)
+    committed = {g for g in groups if commit_record(root, g) is not None}
+    valid = None
+    if committed or (root / MANIFEST_FILE).exists():
+        status = np.asarray(read_manifest(root, meta, columns=["status"]).column("status").to_pylist())
+        valid = status != "skipped"
     total = len(groups) * meta.num_shards
     bar = tqdm(total=total, unit="shard", desc="verify", disable=quiet or not sys.stderr.isatty())
     for group in groups:
-        if commit_record(root, group) is None:
+        if group not in committed:
             report.problems.append(Problem(group, None, "is not committed (its precompute did not finish)"))
-        gmeta = group_meta(root, group)
-        zgroup = open_zarr(root / group)
-        arrays = {spec.name: zarr_array(zgroup, spec.name) for spec in gmeta.arrays}
+        try:
+            gmeta = group_meta(root, group)
+            arrays = group_arrays(root, meta, group, gmeta)
+        except CacheError as e:
+            report.problems.append(Problem(group, None, str(e)))
+            bar.update(meta.num_shards)
+            continue
         records = load_records(root, meta, group)
         info = GroupInfo(gmeta, {}, arrays, records)
         for shard in range(meta.num_shards):
@@ -72,18 +97,22 @@ def verify_cache(path: str | Path, quiet: bool = False) -> VerifyReport:
             if shard not in records:
                 report.problems.append(Problem(group, shard, "has no record (never finished)"))
                 continue
-            problem = check_shard(info, shard) or _check_contents(info, meta, shard, valid)
+            problem = _record_problem(info, meta, shard) or check_shard(info, shard) or _check_contents(info, meta, shard, valid)
             if problem:
                 report.problems.append(Problem(group, shard, problem))
     bar.close()
     return report
 
 
-def _valid_mask(root: StorePath, meta: CacheMeta) -> np.ndarray | None:
-    if not (root / MANIFEST_FILE).exists():
-        return None
-    status = np.asarray((root / MANIFEST_FILE).read_parquet(columns=["status"]).column("status").to_pylist())
-    return status != "skipped"
+def _record_problem(info: GroupInfo, meta: CacheMeta, shard: int) -> str | None:
+    """A record that does not describe this shard (its range, count, outcomes, arrays)."""
+    rec = info.records[shard]
+    start, stop = meta.shard_range(shard)
+    if (rec.start, rec.stop, rec.count) != (start, stop, stop - start) or len(rec.outcomes) != stop - start:
+        return f"has a record for [{rec.start}, {rec.stop}) with {len(rec.outcomes)} outcomes, expected [{start}, {stop})"
+    if set(rec.checksums) != set(info.arrays):
+        return f"has a record for arrays {sorted(rec.checksums)}, expected {sorted(info.arrays)}"
+    return None
 
 
 def _check_contents(info: GroupInfo, meta: CacheMeta, shard: int, valid: np.ndarray | None) -> str | None:

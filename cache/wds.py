@@ -20,7 +20,11 @@ first read that touches a shard, then reads members with ``os.pread``: one read 
 per sample, never a scan of other shards. ``open_reader(path)`` picks the backend.
 
 The export is committed like the cache: shards first (fsynced), then ``index.json`` atomically.
-A folder without ``index.json`` (an interrupted export) is not an export.
+A folder without ``index.json`` (an interrupted export) is not an export. The destination must be
+empty or one of our exports: ``.repa-export.json`` is written before the first shard (and removed
+once ``index.json`` exists), so a rerun recognises and replaces an interrupted export of its own,
+while a folder holding anything export-wds did not write is refused untouched. A ``_lock.json``
+keeps a second export out of the folder while one runs (:mod:`cache.lock`).
 """
 
 from __future__ import annotations
@@ -49,12 +53,15 @@ from repa_cache.cache.format import (
     GroupMeta,
     write_json_atomic,
 )
+from repa_cache.cache.lock import LOCK_FILE, is_our_lock, writer_lock
 from repa_cache.cache.reader import CacheReader, ReaderBase
 from repa_cache.cache.storage import StorePath, store_path
 
 WDS_MARKER = "repa-cache-wds"
 WDS_VERSION = 1
 INDEX_FILE = "index.json"
+EXPORT_MARKER = ".repa-export.json"  # written before the first shard: this folder is an export in progress
+EXPORT_MARKER_FORMAT = "repa-cache-wds-export-in-progress"
 SHARD_PATTERN = "shard-%06d.tar"
 _SHARD_RE = re.compile(r"^shard-\d{6}\.tar$")
 DEFAULT_SHARD_BYTES = 1_000_000_000
@@ -96,24 +103,56 @@ def is_export(path: str | Path | StorePath) -> bool:
 
 
 def _is_export_file(name: str) -> bool:
-    return bool(_SHARD_RE.match(name)) or name in (INDEX_FILE, MANIFEST_FILE) or (name.startswith(f".{INDEX_FILE}.") and name.endswith(".tmp"))
+    """A name export-wds writes in its destination (shards, index, manifest, marker, lock, and the
+    temporary names of its atomic writes)."""
+    ours = (INDEX_FILE, MANIFEST_FILE, EXPORT_MARKER, LOCK_FILE)
+    if _SHARD_RE.match(name) or name in ours or name == f"{LOCK_FILE}.takeover":
+        return True
+    return name.startswith(".") and name.endswith(".tmp") and any(name.startswith(f".{n}.") for n in ours)
 
 
-def _prepare_out(out: StorePath) -> None:
-    """Create ``out``, or clear a previous export in it; refuse anything else."""
+def _is_marker(path: StorePath) -> bool:
+    try:
+        return json.loads(path.read_bytes()).get("format") == EXPORT_MARKER_FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _check_out(out: StorePath) -> list[str]:
+    """The names in ``out`` that a new export replaces; UsageError when ``out`` is not ours.
+
+    ``out`` is ours when it is absent or empty (our own lock aside), or when it carries our marker:
+    a finished export's ``index.json``, or the ``.repa-export.json`` an export writes before its
+    first shard. Even then, a file export-wds does not write is never touched: the export is refused.
+    """
     if out.is_file():
         raise UsageError(f"output path {out} is an existing file, not a folder")
     names = [p.name for p in out.iterdir()]
-    if names:
-        # A previous export, finished or interrupted (only its own files), is replaced; anything else is refused.
-        if not all(_is_export_file(n) for n in names):
-            raise UsageError(f"output folder {out} is not empty and is not a webdataset export of a cache")
-        if INDEX_FILE in names:
-            (out / INDEX_FILE).unlink()  # uncommit first: a half-rewritten export is never read as whole
-        for n in names:
-            if n != INDEX_FILE:
-                (out / n).unlink()
+    if all(n == LOCK_FILE and is_our_lock(out / n) for n in names):
+        return []
+    if not ((INDEX_FILE in names and is_export(out)) or (EXPORT_MARKER in names and _is_marker(out / EXPORT_MARKER))):
+        raise UsageError(f"output folder {out} is not empty and is not a webdataset export of a cache "
+                         "(export-wds writes only into an empty folder or one of its own exports; nothing was changed)")
+    foreign = [n for n in names if not _is_export_file(n)]
+    if foreign:
+        raise UsageError(f"output folder {out} holds {foreign[0]!r}, which export-wds did not write; "
+                         "move it away or choose another folder (nothing was changed)")
+    return [n for n in names if n not in (LOCK_FILE, f"{LOCK_FILE}.takeover", EXPORT_MARKER)]
+
+
+def _prepare_out(out: StorePath, source: StorePath) -> None:
+    """Mark ``out`` as ours (before any shard), then clear a previous export of ours in it."""
+    names = _check_out(out)
     out.mkdir()
+    write_json_atomic(out / EXPORT_MARKER, {
+        "format": EXPORT_MARKER_FORMAT, "source_cache": str(source),
+        "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    })
+    if INDEX_FILE in names:
+        (out / INDEX_FILE).unlink()  # uncommit first: a half-rewritten export is never read as whole
+    for n in names:
+        if n != INDEX_FILE:
+            (out / n).unlink()
 
 
 def export_wds(
@@ -136,7 +175,13 @@ def export_wds(
     out = store_path(out_dir)
     if out.is_within(reader.root):
         raise UsageError(f"output folder {out} is inside the cache {reader.root}")
-    _prepare_out(out)
+    _check_out(out)  # refuse a folder that is not ours before writing anything into it
+    with writer_lock(out, "repa export-wds"):
+        return _export_locked(reader, out, shard_bytes)
+
+
+def _export_locked(reader: CacheReader, out: StorePath, shard_bytes: int) -> dict[str, Any]:
+    _prepare_out(out, reader.root.resolve())
     meta = reader.meta
     fields = {f"{g}/{a.name}": member_field(g, a.name) for g, info in reader.groups.items() for a in info.meta.arrays}
     width = max(9, len(str(meta.num_samples - 1)))
@@ -201,6 +246,7 @@ def export_wds(
         "shards": shards,
     }
     write_json_atomic(out / INDEX_FILE, index)  # written last: the export is complete
+    (out / EXPORT_MARKER).unlink()  # index.json now marks the folder as ours
     return index
 
 

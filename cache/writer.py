@@ -62,13 +62,20 @@ def create_cache(root: StorePath | Path, meta: CacheMeta, plan: pa.Table) -> Non
 
 
 def create_group(root: StorePath | Path, meta: CacheMeta, gmeta: GroupMeta) -> None:
-    """Create a group and its (empty) arrays. Safe to call again with identical metadata."""
+    """Create a group and its (empty) arrays. Safe to call again with identical metadata.
+
+    The group's attributes (its :class:`GroupMeta`) are written last, in one atomic write of its
+    ``zarr.json``: until then readers and a rerun treat the group as absent
+    (:func:`cache.reader.list_groups`), so a kill at any point leaves either a whole group or one
+    that the next run creates again from scratch (its arrays rewritten, never merged).
+    """
     root = store_path(root)
     store_root = open_zarr(root, mode="r+")
     grp = store_root.require_group(gmeta.group)
+    complete = GROUP_ATTR in grp.attrs.asdict()
     for spec in gmeta.arrays:
         shape = (meta.num_samples, len(meta.views), *spec.sample_shape)
-        if spec.name in grp:
+        if complete and spec.name in grp:
             continue
         grp.create_array(
             spec.name,
@@ -79,8 +86,9 @@ def create_group(root: StorePath | Path, meta: CacheMeta, gmeta: GroupMeta) -> N
             compressors=make_codec(spec.codec),
             fill_value=np.nan,
             dimension_names=("sample", "view", *[f"d{i}" for i in range(len(spec.sample_shape))]),
+            overwrite=True,  # a half-created group (killed before its attributes) holds no data of ours yet
         )
-    grp.attrs[GROUP_ATTR] = gmeta.to_json()
+    grp.attrs[GROUP_ATTR] = gmeta.to_json()  # one atomic write of the group's zarr.json: the group exists
 
 
 def write_shard(
@@ -91,8 +99,11 @@ def write_shard(
     data: dict[str, np.ndarray],
     outcomes: list[list[Any]],
     weights_sha256: str,
+    input_sha256: list[str] | None = None,
 ) -> ShardRecord:
     """Write one whole shard of every array of a group, then its record.
+
+    ``input_sha256``: the sha256 of each input's encoded bytes, in shard order (kept in the record).
 
     ``data[name]`` has shape ``(stop - start, V, *sample_shape)``; rows of skipped inputs must be
     NaN (they are never read as data). Returns the record that was written.
@@ -130,6 +141,7 @@ def write_shard(
         weights_sha256=weights_sha256,
         fingerprint_hash=gmeta.fingerprint_hash,
         outcomes=outcomes,
+        input_sha256=list(input_sha256 or []),
     )
     write_json_atomic(record_path(root, gmeta.group, shard), record.to_json())
     return record

@@ -9,8 +9,17 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from repa_cache.cache.errors import UsageError
 from repa_cache.cache.format import CODE_VERSION, CROP_RULE, FORMAT_VERSION, VIEW_NAMES, CacheMeta
+from repa_cache.cache.storage import store_path
 from repa_cache.pipeline.source import SourceListing
+
+#: ``--resolution`` bounds (a multiple of 8, so that the SD-VAE's 8x downsampling is exact).
+MIN_RESOLUTION = 64
+MAX_RESOLUTION = 4096
+#: ``--shard-size`` bound: a shard is decoded and encoded in one worker's memory
+#: (65536 crops of 256 px are 12 GiB of pixels).
+MAX_SHARD_SIZE = 65536
 
 
 @dataclass(frozen=True)
@@ -40,6 +49,56 @@ class PrecomputeConfig:
     @property
     def views(self) -> tuple[str, ...]:
         return VIEW_NAMES if self.flip else VIEW_NAMES[:1]
+
+
+def check_config(cfg: PrecomputeConfig) -> None:
+    """Refuse values that cannot work, before any work starts (one line each).
+
+    ``resolution`` must be a multiple of 8 in [:data:`MIN_RESOLUTION`, :data:`MAX_RESOLUTION`];
+    ``shard_size`` in [1, :data:`MAX_SHARD_SIZE`]; ``batch_size`` and ``workers`` (when given) at
+    least 1; ``device`` a device torch knows (``auto``, ``cpu``, ``cuda``, ``cuda:N``), and without a
+    remote scheduler one this machine has (a remote cluster's workers resolve it themselves); the
+    output folder must not be the data folder or inside it (symlinks resolved), or the cache would
+    be listed as data by every later run.
+
+    Raises:
+        UsageError: the first value that breaks a rule.
+    """
+    from repa_cache.stages.devices import resolve_device
+
+    r = cfg.resolution
+    if r % 8 or not MIN_RESOLUTION <= r <= MAX_RESOLUTION:
+        raise UsageError(f"--resolution must be a multiple of 8 in [{MIN_RESOLUTION}, {MAX_RESOLUTION}], not {r}")
+    if not 1 <= cfg.shard_size <= MAX_SHARD_SIZE:
+        raise UsageError(f"--shard-size must be in [1, {MAX_SHARD_SIZE}], not {cfg.shard_size}")
+    if cfg.batch_size < 1:
+        raise UsageError(f"--batch-size must be at least 1, not {cfg.batch_size}")
+    if cfg.workers is not None and cfg.workers < 1:
+        raise UsageError(f"--workers must be at least 1, not {cfg.workers}")
+    if cfg.scheduler is None:
+        resolve_device(cfg.device)
+    else:
+        _check_device_name(cfg.device)
+    out, data = store_path(cfg.out), store_path(cfg.data)
+    if out.is_local and out.is_within(data):
+        raise UsageError(
+            f"output folder {cfg.out} is inside the data folder {cfg.data} "
+            f"({out.resolve()} in {data.resolve()}); write the cache somewhere else"
+        )
+
+
+def _check_device_name(name: str) -> None:
+    """``name`` is a device torch knows, of a type stage one uses (not checked against this machine)."""
+    import torch
+
+    if name == "auto":
+        return
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise UsageError(f"unknown device '{name}'; use auto, cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise UsageError(f"unsupported device '{name}'; use auto, cpu, cuda or cuda:N")
 
 
 def sample_order(num_items: int, seed: int) -> np.ndarray:

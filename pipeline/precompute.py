@@ -20,13 +20,14 @@ import torch
 from tqdm import tqdm
 
 from repa_cache.cache.errors import FingerprintMismatch, RepaError, UsageError, quiet_unraisable
-from repa_cache.cache.format import PLAN_FILE, ROOT_ATTR, GroupMeta, fingerprint_diff, teacher_group
+from repa_cache.cache.format import PLAN_FILE, ROOT_ATTR, CacheMeta, GroupMeta, fingerprint_diff, teacher_group
 from repa_cache.cache.layout import load_records
+from repa_cache.cache.lock import LOCK_FILE, is_our_lock, writer_lock
 from repa_cache.cache.reader import commit_record, group_meta, list_groups, open_meta
 from repa_cache.cache.storage import StorePath, store_path
 from repa_cache.cache.writer import commit_group, create_cache, create_group
 from repa_cache.pipeline.groups import STAGE_ONE_PRECISIONS, teacher_group_meta, vae_group
-from repa_cache.pipeline.plan import PrecomputeConfig, make_plan, sample_order
+from repa_cache.pipeline.plan import PrecomputeConfig, check_config, make_plan, sample_order
 from repa_cache.pipeline.source import list_source
 from repa_cache.pipeline.worker import run_shard_task, shard_tasks
 from repa_cache.stages.devices import check_precision
@@ -47,22 +48,20 @@ class PrecomputeResult:
 
 
 def _check_out_path(out: StorePath) -> bool:
-    """True when ``out`` already holds a cache; UsageError when it holds something else."""
+    """True when ``out`` already holds a cache; UsageError when it holds something else (nothing
+    we did not write is overwritten: only an empty folder, or one holding only our lock, is new)."""
     if (out / "zarr.json").is_file():
         return True
     if out.is_file():
         raise UsageError(f"output path {out} is an existing file, not a cache")
-    if out.iterdir():
+    if any(not (p.name == LOCK_FILE and is_our_lock(p)) for p in out.iterdir()):
         raise UsageError(f"output folder {out} is not empty and is not a repa cache")
     return False
 
 
 def precompute(cfg: PrecomputeConfig) -> PrecomputeResult:
     t0 = time.perf_counter()
-    if cfg.resolution % 8 or cfg.resolution <= 0:
-        raise UsageError(f"--resolution must be a positive multiple of 8, not {cfg.resolution}")
-    if cfg.shard_size <= 0 or cfg.batch_size <= 0:
-        raise UsageError("--shard-size and --batch-size must be positive")
+    check_config(cfg)  # bounds, device, OUT not inside DATA
     for name in cfg.teachers:
         get_teacher(name)  # unknown teacher: one clear message before any work
     if cfg.precision is not None:
@@ -70,9 +69,16 @@ def precompute(cfg: PrecomputeConfig) -> PrecomputeResult:
     if len(set(cfg.teachers)) != len(cfg.teachers):
         raise UsageError("a teacher is named twice")
     out = store_path(cfg.out)
-    existing = _check_out_path(out)
+    _check_out_path(out)  # before anything is written there
     listing = list_source(cfg.data)
     meta, plan = make_plan(listing, cfg)
+    with writer_lock(out, "repa precompute"):  # one writer per cache
+        return _precompute_locked(cfg, out, listing, meta, plan, t0)
+
+
+def _precompute_locked(cfg: PrecomputeConfig, out: StorePath, listing: Any, meta: CacheMeta, plan: Any,
+                       t0: float) -> PrecomputeResult:
+    existing = _check_out_path(out)  # again: another writer may have created it meanwhile
 
     if existing:
         _, old = open_meta(out)
@@ -145,7 +151,7 @@ def _run_tasks(cfg: PrecomputeConfig, tasks: list[Any], known_weights: dict[str,
     """Submit one task per shard to the dask cluster and wait, checking records as they arrive."""
     from distributed import Client, LocalCluster, as_completed
 
-    cuda = torch.cuda.is_available() and cfg.device in ("auto", "cuda")
+    cuda = torch.cuda.is_available() and (cfg.device == "auto" or cfg.device.startswith("cuda"))
     if cfg.scheduler:
         client = Client(cfg.scheduler)
         cluster = None

@@ -12,6 +12,17 @@ Two layouts are understood:
 * **webdataset shards**: ``*.tar`` files at the top level of the folder, each sample made of an
   image member (``jpg``, ``jpeg``, ``png`` or ``webp``) and a ``cls`` member holding the integer
   label as text.
+
+Limits (every number read from a file is bounded before anything is allocated from it):
+
+* a ``cls`` member is read only up to :data:`MAX_LABEL_BYTES` bytes; a longer one is not a label;
+* a label must be below :data:`MAX_CLASSES` (the class table has ``max label + 1`` entries);
+* a sample key repeated inside one tar (a second member with a key and extension already seen)
+  is a webdataset key collision: only the first sample is listed.
+
+A webdataset sample that breaks one of these rules (or has no image or no label) is not listed;
+the listing counts such samples by reason, logs one warning per reason with its count, and reports
+the counts in :meth:`SourceListing.describe` (``"unlisted"``).
 """
 
 from __future__ import annotations
@@ -33,7 +44,17 @@ WDS_IMAGE_EXTENSIONS: tuple[str, ...] = ("jpg", "jpeg", "png", "webp")
 #: Extension of the member that holds a webdataset sample's integer label.
 WDS_LABEL_EXTENSION = "cls"
 
+#: Labels must be below this (the class table of a webdataset listing has ``max label + 1`` names).
+MAX_CLASSES = 100_000
+#: Longest ``cls`` member that is read (a label below MAX_CLASSES is 5 digits; whitespace allowed).
+MAX_LABEL_BYTES = 64
+
 _MAX_ERROR_CHARS = 160
+
+#: Reasons a webdataset sample is not listed (keys of ``SourceListing.unlisted``).
+UNLISTED_INCOMPLETE = "no image or no valid label"
+UNLISTED_LABEL_TOO_LARGE = f"label not below {MAX_CLASSES}"
+UNLISTED_DUPLICATE = "duplicate key"
 
 
 @dataclass(frozen=True)
@@ -65,21 +86,28 @@ class SourceListing:
         root: The dataset folder (absolute).
         class_names: Class name of each label index.
         items: The samples, in listing order.
+        unlisted: Webdataset samples that were found but not listed: ``(reason, count)`` pairs,
+            only for reasons with a non-zero count.
     """
 
     kind: str
     root: str
     class_names: tuple[str, ...]
     items: tuple[SourceItem, ...]
+    unlisted: tuple[tuple[str, int], ...] = ()
 
     def describe(self) -> dict[str, object]:
-        """A short, JSON-friendly description of the source for the cache metadata."""
-        return {
+        """A short, JSON-friendly description of the source for the cache metadata (with
+        ``"unlisted"``: reason -> count, for a webdataset listing)."""
+        out: dict[str, object] = {
             "kind": self.kind,
             "root": self.root,
             "num_items": len(self.items),
             "num_classes": len(self.class_names),
         }
+        if self.kind == "webdataset":
+            out["unlisted"] = dict(self.unlisted)
+        return out
 
     def fingerprint(self) -> str:
         """A sha256 hex digest of the listing's content.
@@ -181,11 +209,12 @@ def _list_webdataset(root: Path, tar_names: list[str]) -> SourceListing:
     """List webdataset ``.tar`` shards by reading their headers (no image is decoded)."""
     items: list[SourceItem] = []
     max_label = -1
-    dropped = 0
+    unlisted = {UNLISTED_INCOMPLETE: 0, UNLISTED_LABEL_TOO_LARGE: 0, UNLISTED_DUPLICATE: 0}
     for tar_name in tar_names:
         tar_path = root / tar_name
         # sample key -> extension -> member, keys in order of first appearance
         samples: dict[str, dict[str, tarfile.TarInfo]] = {}
+        repeats: dict[str, dict[str, int]] = {}  # key -> extension -> later members with that name
         try:
             with tarfile.open(tar_path, mode="r:") as tar:
                 for member in tar:
@@ -194,49 +223,74 @@ def _list_webdataset(root: Path, tar_names: list[str]) -> SourceListing:
                     if _is_hidden(member.name.rpartition("/")[2]):
                         continue
                     key, ext = _split_wds_name(member.name)
-                    samples.setdefault(key, {}).setdefault(ext.lower(), member)
+                    members = samples.setdefault(key, {})
+                    if ext.lower() in members:
+                        counts = repeats.setdefault(key, {})
+                        counts[ext.lower()] = counts.get(ext.lower(), 0) + 1
+                        continue
+                    members[ext.lower()] = member
                 labels = {key: _read_wds_label(tar, members.get(WDS_LABEL_EXTENSION)) for key, members in samples.items()}
         except (tarfile.TarError, OSError) as exc:
             raise UsageError(f"cannot read tar shard {tar_path}: {one_line(exc, _MAX_ERROR_CHARS)}") from exc
+        # A repeated key is a second sample under the same name: only the first one is listed.
+        unlisted[UNLISTED_DUPLICATE] += sum(max(counts.values()) for counts in repeats.values())
         for key, members in samples.items():
             image = next((members[e] for e in WDS_IMAGE_EXTENSIONS if e in members), None)
             label = labels[key]
             if image is None or label is None:
-                dropped += 1
+                unlisted[UNLISTED_INCOMPLETE] += 1
+                continue
+            if label >= MAX_CLASSES:
+                unlisted[UNLISTED_LABEL_TOO_LARGE] += 1
                 continue
             max_label = max(max_label, label)
             items.append(
                 SourceItem(key=f"{tar_name}/{key}", label=label, path=str(tar_path), offset=image.offset_data, size=image.size)
             )
-    if dropped:
+    if unlisted[UNLISTED_INCOMPLETE]:
         logger.warning(
             "%d webdataset samples in %s have no image member (%s) or no valid %s label; they are not listed",
-            dropped,
+            unlisted[UNLISTED_INCOMPLETE],
             root,
             "/".join(WDS_IMAGE_EXTENSIONS),
             WDS_LABEL_EXTENSION,
+        )
+    if unlisted[UNLISTED_LABEL_TOO_LARGE]:
+        logger.warning(
+            "%d webdataset samples in %s have a label of %d or more (at most %d classes); they are not listed",
+            unlisted[UNLISTED_LABEL_TOO_LARGE],
+            root,
+            MAX_CLASSES,
+            MAX_CLASSES,
+        )
+    if unlisted[UNLISTED_DUPLICATE]:
+        logger.warning(
+            "%d webdataset samples in %s repeat a key already seen in their tar shard; only the first "
+            "sample of each key is listed",
+            unlisted[UNLISTED_DUPLICATE],
+            root,
         )
     return SourceListing(
         kind="webdataset",
         root=str(root),
         class_names=tuple(str(i) for i in range(max_label + 1)),
         items=tuple(items),
+        unlisted=tuple((reason, n) for reason, n in unlisted.items() if n),
     )
 
 
 def _read_wds_label(tar: tarfile.TarFile, member: tarfile.TarInfo | None) -> int | None:
-    """A ``cls`` member as a non-negative integer; ``None`` when absent or not such an integer."""
-    if member is None:
+    """A ``cls`` member as a non-negative integer; ``None`` when absent, longer than
+    :data:`MAX_LABEL_BYTES` (not read) or not such an integer."""
+    if member is None or member.size > MAX_LABEL_BYTES:
         return None
     handle = tar.extractfile(member)
     if handle is None:
         return None
-    text = handle.read().decode("utf-8", errors="replace").strip()
-    try:
-        label = int(text)
-    except ValueError:
+    text = handle.read(MAX_LABEL_BYTES + 1).decode("utf-8", errors="replace").strip()
+    if not text.isascii() or not text.isdigit():
         return None
-    return label if label >= 0 else None
+    return int(text)
 
 
 def read_bytes(item: SourceItem) -> bytes:
@@ -255,4 +309,7 @@ def read_bytes(item: SourceItem) -> bytes:
         return handle.read(item.size)
 
 
-__all__ = ["WDS_IMAGE_EXTENSIONS", "WDS_LABEL_EXTENSION", "SourceItem", "SourceListing", "list_source", "read_bytes"]
+__all__ = [
+    "MAX_CLASSES", "MAX_LABEL_BYTES", "WDS_IMAGE_EXTENSIONS", "WDS_LABEL_EXTENSION", "SourceItem", "SourceListing", "list_source",
+    "read_bytes",
+]

@@ -4,6 +4,7 @@ by every task that process runs."""
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import threading
@@ -14,8 +15,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from repa_cache.cache.errors import RepaError
-from repa_cache.cache.format import CacheMeta, GroupMeta
+from repa_cache.cache.errors import CacheError, RepaError
+from repa_cache.cache.format import LATENTS, RECORDS_DIR, TEACHER_PREFIX, CacheMeta, GroupMeta, ShardRecord, record_path
 from repa_cache.cache.reader import group_meta, open_meta
 from repa_cache.cache.storage import StorePath, describe_storage_error, is_storage_error, store_path
 from repa_cache.cache.writer import write_shard
@@ -24,7 +25,7 @@ from repa_cache.stages import teachers as teachers_mod
 from repa_cache.stages import vae as vae_mod
 from repa_cache.stages.devices import resolve_device
 from repa_cache.stages.hashing import state_dict_sha256
-from repa_cache.stages.images import decode_and_crop
+from repa_cache.stages.images import DecodeResult, decode_and_crop
 
 log = logging.getLogger(__name__)
 
@@ -67,11 +68,11 @@ def _model(gmeta: GroupMeta, resolution: int, device: torch.device) -> tuple[tor
         if key not in _MODELS:
             if gmeta.kind == "latents":
                 model = vae_mod.load_vae(vae_mod.VAESpec(m["id"], m["revision"]), device=device)
+                if precision == "bf16" and device.type == "cuda":
+                    model = model.to(memory_format=torch.channels_last)  # the VAE is all convolutions: NHWC is faster under bf16
             else:
                 spec = teachers_mod.get_teacher(m["name"])
                 model = teachers_mod.load_teacher(spec, resolution, device=device, checkpoint=m.get("checkpoint"))
-                if precision == "bf16" and device.type == "cuda":
-                    model = model.to(memory_format=torch.channels_last)  # NHWC convs: faster under bf16
             _MODELS[key] = (model, state_dict_sha256(model))
             log.info("loaded %s on %s", gmeta.group, device)
         return _MODELS[key]
@@ -118,7 +119,10 @@ def encode_shard(task: ShardTask) -> list[dict[str, Any]]:
     # Decode and crop every input, in threads (PIL releases the GIL; one core decodes some 400
     # img/s, less than one GPU encodes); skipped ones keep a defined outcome and no pixels.
     with ThreadPoolExecutor(max_workers=_decode_threads(task, device)) as pool:
-        decoded = list(pool.map(lambda it: decode_and_crop(read_bytes(it), meta.resolution), task.items))
+        read = list(pool.map(lambda it: _read_and_decode(it, meta.resolution), task.items))
+    decoded = [d for d, _ in read]
+    hashes = [h for _, h in read]
+    _check_inputs_unchanged(root, task, hashes)
     outcomes = [[d.status, d.reason, d.width, d.height] for d in decoded]
     keep = np.array([d.image is not None for d in decoded], dtype=bool)
     crops = np.stack([d.image for d in decoded if d.image is not None]) if keep.any() else None  # (n, H, W, 3)
@@ -142,9 +146,55 @@ def encode_shard(task: ShardTask) -> list[dict[str, Any]]:
                     rows = np.flatnonzero(keep)[b0 : b0 + task.batch_size]
                     for name, arr in out.items():
                         data[name][rows, v] = arr
-        record = write_shard(root, meta, gmeta, task.shard, data, outcomes, weights)
+        record = write_shard(root, meta, gmeta, task.shard, data, outcomes, weights, input_sha256=hashes)
         records.append(record.to_json())
     return records
+
+
+def _read_and_decode(item: SourceItem, resolution: int) -> tuple[DecodeResult, str]:
+    """An item's decoded crop and the sha256 of the bytes it was decoded from (same read)."""
+    data = read_bytes(item)
+    return decode_and_crop(data, resolution), hashlib.sha256(data).hexdigest()
+
+
+def describe_item(item: SourceItem) -> str:
+    """The file an item is read from, for a message: its path, or ``TAR member KEY``."""
+    if item.offset < 0:
+        return item.path
+    return f"{item.path} member {item.key.split('/', 1)[-1]}"
+
+
+def _check_inputs_unchanged(root: StorePath, task: ShardTask, hashes: list[str]) -> None:
+    """Refuse to encode this shard if another group already wrote it from different bytes.
+
+    The listing fingerprint covers each input's key, label and size, not its content; a file
+    replaced by another of the same size between a killed run and its resume (or before a teacher
+    is added) would mix the old pixels' data with the new ones'. Records written before input
+    hashes existed have none, and are not checked.
+
+    Raises:
+        CacheError: an input's bytes differ from those another group's record was made from.
+    """
+    records = root / RECORDS_DIR
+    teachers = records / TEACHER_PREFIX.rstrip("/")
+    groups = [LATENTS] + ([f"{TEACHER_PREFIX}{p.name}" for p in teachers.iterdir()] if teachers.is_dir() else [])
+    for group in groups:
+        if group in task.groups:
+            continue
+        path = record_path(root, group, task.shard)
+        if not path.is_file():
+            continue
+        recorded = ShardRecord.from_json(path.read_json()).input_sha256
+        if not recorded:
+            continue
+        if len(recorded) != len(hashes):
+            raise CacheError(f"shard {task.shard} of '{group}' records {len(recorded)} inputs, not {len(hashes)}; the cache is damaged")
+        for item, old, new in zip(task.items, recorded, hashes):
+            if old != new:
+                raise CacheError(
+                    f"{describe_item(item)} changed since shard {task.shard} of '{group}' was encoded from it "
+                    f"(same size, sha256 {old[:12]} -> {new[:12]}); restore the file or precompute into a new cache"
+                )
 
 
 def _decode_threads(task: ShardTask, device: torch.device) -> int:

@@ -21,6 +21,11 @@ from repa_cache.cache.errors import one_line
 
 #: Largest image (width * height) that is decoded; larger ones are skipped from their header.
 DEFAULT_MAX_PIXELS = 2**28
+#: Largest image (width * height) the ADM resize may produce (the short side becomes the
+#: resolution, so a very thin image is scaled up along its long side too): 2**26 pixels is 192 MiB
+#: of RGB, an aspect ratio of 1024:1 at 256 px and 4:1 at 4096 px. Larger ones are skipped from
+#: their header, before any pixel is decoded.
+DEFAULT_MAX_RESIZED_PIXELS = 2**26
 
 _ALPHA_MODES = frozenset({"LA", "La", "PA", "RGBA", "RGBa"})
 _MAX_REASON_CHARS = 160  # longest library error message quoted in a manifest reason
@@ -126,6 +131,16 @@ def _to_rgb(image: Image.Image) -> tuple[Image.Image, str]:
     return image.convert("RGB"), reason
 
 
+def adm_resize_size(width: int, height: int, resolution: int) -> tuple[int, int]:
+    """The size :func:`center_crop_adm` resizes a ``width x height`` image to before cutting out
+    the crop (same arithmetic: BOX halving while the short side is at least twice the resolution,
+    then the short side scaled to the resolution, sides rounded). Allocates nothing."""
+    while min(width, height) >= 2 * resolution:
+        width, height = width // 2, height // 2
+    scale = resolution / min(width, height)
+    return round(width * scale), round(height * scale)
+
+
 def center_crop_adm(image: Image.Image, resolution: int) -> np.ndarray:
     """Center-crop an RGB image to ``resolution`` square with the ADM / DiT / REPA rule.
 
@@ -148,8 +163,7 @@ def center_crop_adm(image: Image.Image, resolution: int) -> np.ndarray:
     while min(image.size) >= 2 * resolution:
         half = (image.size[0] // 2, image.size[1] // 2)
         image = image.resize(half, resample=Image.Resampling.BOX)
-    scale = resolution / min(image.size)
-    new_size = (round(image.size[0] * scale), round(image.size[1] * scale))
+    new_size = adm_resize_size(image.size[0], image.size[1], resolution)
     image = image.resize(new_size, resample=Image.Resampling.BICUBIC)
     array = np.asarray(image)  # (H, W, 3)
     top = (array.shape[0] - resolution) // 2
@@ -163,7 +177,10 @@ def _skipped(reason: str, width: int = 0, height: int = 0) -> DecodeResult:
 
 
 def decode_and_crop(
-    data: bytes, resolution: int, max_pixels: int = DEFAULT_MAX_PIXELS
+    data: bytes,
+    resolution: int,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_resized_pixels: int = DEFAULT_MAX_RESIZED_PIXELS,
 ) -> DecodeResult:
     """Decode encoded image bytes and center-crop them with :func:`center_crop_adm`.
 
@@ -173,6 +190,9 @@ def decode_and_crop(
     * ``skipped`` ``"not an image"``: PIL cannot identify the format;
     * ``skipped`` ``"too large: {w}x{h} pixels"``: ``w * h > max_pixels``, decided from the header
       before any pixel is decoded (PIL's own decompression-bomb limit does not pre-empt this);
+    * ``skipped`` ``"extreme aspect ratio: {w}x{h} would be resized to {W}x{H} pixels"``: the ADM
+      resize (:func:`adm_resize_size`) would make more than ``max_resized_pixels`` pixels (a
+      1x100000 image at 256 px would become 256x25600000); decided from the header too;
     * ``skipped`` ``"corrupt or truncated image: <error>"``: loading the pixels failed (truncated
       data is not padded: PIL's ``LOAD_TRUNCATED_IMAGES`` stays off);
     * ``skipped`` ``"unsupported image mode <mode>: <error>"``: PIL cannot convert it to RGB;
@@ -186,12 +206,15 @@ def decode_and_crop(
     frame.
 
     Raises:
-        ValueError: ``resolution`` or ``max_pixels`` is not positive (a caller error, not bad data).
+        ValueError: ``resolution``, ``max_pixels`` or ``max_resized_pixels`` is not positive (a
+            caller error, not bad data).
     """
     if resolution <= 0:
         raise ValueError(f"resolution must be positive, got {resolution}")
     if max_pixels <= 0:
         raise ValueError(f"max_pixels must be positive, got {max_pixels}")
+    if max_resized_pixels <= 0:
+        raise ValueError(f"max_resized_pixels must be positive, got {max_resized_pixels}")
     if len(data) == 0:
         return _skipped("empty file")
     try:
@@ -208,6 +231,11 @@ def decode_and_crop(
             return _skipped(f"corrupt or truncated image: size {width}x{height}", width, height)
         if width * height > max_pixels:
             return _skipped(f"too large: {width}x{height} pixels", width, height)
+        resized = adm_resize_size(width, height, resolution)
+        if resized[0] * resized[1] > max_resized_pixels:
+            return _skipped(
+                f"extreme aspect ratio: {width}x{height} would be resized to {resized[0]}x{resized[1]} pixels", width, height
+            )
         try:
             image.load()
         except Image.DecompressionBombError:

@@ -264,3 +264,17 @@ def test_s3_server_stopped_mid_write_then_restarted(s3, demo_images, tmp_path):
     clean = run(str(tmp_path / "clean"), ["tiny", "tiny-reg"])
     assert clean.returncode == 0, clean.stderr
     _assert_same(_read_all(url), _read_all(tmp_path / "clean"))
+
+
+def test_lock_on_s3_is_a_conditional_put(s3):
+    from repa_cache.cache.lock import LOCK_FILE, LockHeld, acquire, release
+
+    root = store_path(s3.bucket() + "/c")
+    info = acquire(root, "repa precompute")
+    with pytest.raises(LockHeld, match=r"is being written by repa precompute \(host .*; wait for it to finish"):
+        acquire(root, "repa cache copy")
+    lock = root / LOCK_FILE
+    with pytest.raises(FileExistsError), lock.fs.open(lock.path, "xb") as f:  # the store refuses it (If-None-Match)
+        f.write(b"x")
+    release(root, info)
+    assert not (root / LOCK_FILE).exists()

@@ -4,6 +4,7 @@ webdataset shards."""
 from __future__ import annotations
 
 import io
+import json
 import logging
 import shutil
 import tarfile
@@ -292,3 +293,98 @@ def test_read_bytes_short_tar_gives_truncated_outcome(
     data = read_bytes(short)
     assert len(data) == item.size // 2
     assert decode_and_crop(data, 16).status == "skipped"
+
+
+# --- hostile webdataset shards: every number read from a tar is bounded --------------------------
+
+
+def _wds(root: Path, members: list[tuple[str, bytes]]) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(root / "s-000000.tar", "w") as tar:
+        for name, data in members:
+            add_member(tar, name, data)
+    return root
+
+
+def test_huge_label_is_not_listed_and_the_class_table_stays_small(tmp_path: Path, rng: np.random.Generator) -> None:
+    """Memory bound: listing runs in a process capped at 1 GiB of address space (a class table of
+    99999999999 names would need terabytes)."""
+    from repa_cache.pipeline.source import MAX_CLASSES
+    from tests.stages.conftest import run_with_memory_limit
+
+    jpeg = encode(random_rgb(rng, 24, 24), "JPEG")
+    root = _wds(tmp_path / "wds", [("a.jpg", jpeg), ("a.cls", b"99999999999"), ("b.jpg", jpeg), ("b.cls", b"4"),
+                                   ("c.jpg", jpeg), ("c.cls", str(MAX_CLASSES).encode()),
+                                   ("d.jpg", jpeg), ("d.cls", str(MAX_CLASSES - 1).encode())])
+    code = f"""
+import json, logging
+logging.basicConfig(level=logging.WARNING, format="%(message)s")
+from repa_cache.pipeline.source import list_source
+listing = list_source({str(root)!r})
+print(json.dumps([[i.key, i.label] for i in listing.items]))
+print(json.dumps(listing.describe()["unlisted"]))
+print(len(listing.class_names))
+"""
+    items, unlisted, num_classes = run_with_memory_limit(code, 1 << 30).splitlines()
+    assert MAX_CLASSES == 100_000
+    assert json.loads(items) == [["s-000000.tar/b", 4], ["s-000000.tar/d", 99_999]]
+    assert json.loads(unlisted) == {"label not below 100000": 2}
+    assert int(num_classes) == 100_000
+
+
+def test_huge_label_warning(tmp_path: Path, rng: np.random.Generator, caplog: pytest.LogCaptureFixture) -> None:
+    jpeg = encode(random_rgb(rng, 24, 24), "JPEG")
+    # 100000, not a bomb: before the bound this built a 100001-name class table; in-process is safe.
+    root = _wds(tmp_path / "wds", [("a.jpg", jpeg), ("a.cls", b"100000"), ("b.jpg", jpeg), ("b.cls", b"1")])
+    with caplog.at_level(logging.WARNING):
+        listing = list_source(root)
+    assert [i.key for i in listing.items] == ["s-000000.tar/b"] and listing.class_names == ("0", "1")
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings == [f"1 webdataset samples in {root.resolve()} have a label of 100000 or more (at most 100000 classes); "
+                        "they are not listed"]
+
+
+def test_big_cls_member_is_not_read_whole(tmp_path: Path, rng: np.random.Generator) -> None:
+    """Memory bound: listing a tar with a 16 MiB ``cls`` member allocates under 1 MiB at peak
+    (tracemalloc); only MAX_LABEL_BYTES of a label are ever read."""
+    import tracemalloc
+
+    from repa_cache.pipeline.source import MAX_LABEL_BYTES
+
+    jpeg = encode(random_rgb(rng, 24, 24), "JPEG")
+    big = b"1" + b" " * (16 << 20)  # would parse as label 1 if read whole
+    root = _wds(tmp_path / "wds", [("a.jpg", jpeg), ("a.cls", big), ("b.jpg", jpeg), ("b.cls", b"0" + b" " * (MAX_LABEL_BYTES - 1)),
+                                   ("c.jpg", jpeg), ("c.cls", b"0" + b" " * MAX_LABEL_BYTES)])
+    tracemalloc.start()
+    try:
+        listing = list_source(root)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert MAX_LABEL_BYTES == 64
+    assert peak < 1 << 20, peak
+    assert [(i.key, i.label) for i in listing.items] == [("s-000000.tar/b", 0)]
+    assert listing.describe()["unlisted"] == {"no image or no valid label": 2}
+
+
+def test_duplicate_key_is_counted_and_reported(tmp_path: Path, rng: np.random.Generator, caplog: pytest.LogCaptureFixture) -> None:
+    a1, a2, b = (encode(random_rgb(rng, 24, 24), "PNG") for _ in range(3))
+    root = _wds(tmp_path / "wds", [("a.png", a1), ("a.cls", b"0"), ("a.png", a2), ("a.cls", b"1"), ("b.png", b), ("b.cls", b"1"),
+                                   ("b.png", b), ("b.cls", b"1"), ("b.png", b)])
+    with caplog.at_level(logging.WARNING):
+        listing = list_source(root)
+    assert [(i.key, i.label) for i in listing.items] == [("s-000000.tar/a", 0), ("s-000000.tar/b", 1)]
+    assert read_bytes(listing.items[0]) == a1  # the first sample of a key is the one listed
+    assert listing.describe() == {"kind": "webdataset", "root": str(root.resolve()), "num_items": 2, "num_classes": 2,
+                                  "unlisted": {"duplicate key": 3}}
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings == [f"3 webdataset samples in {root.resolve()} repeat a key already seen in their tar shard; "
+                        "only the first sample of each key is listed"]
+
+
+@pytest.mark.parametrize("text", [b"+3", b"3_0", b"\xd9\xa3", b"-1", b"3.0", b""])
+def test_label_must_be_plain_decimal_digits(tmp_path: Path, rng: np.random.Generator, text: bytes) -> None:
+    jpeg = encode(random_rgb(rng, 24, 24), "JPEG")
+    root = _wds(tmp_path / "wds", [("a.jpg", jpeg), ("a.cls", text), ("b.jpg", jpeg), ("b.cls", b" 2\n")])
+    listing = list_source(root)
+    assert [(i.key, i.label) for i in listing.items] == [("s-000000.tar/b", 2)]

@@ -301,3 +301,41 @@ def test_pixel_limit_is_restored_after_concurrent_decodes(rng: np.random.Generat
         statuses = list(pool.map(lambda _: decode_and_crop(data, RES).status, range(64)))
     assert statuses == ["ok"] * 64
     assert before == Image.MAX_IMAGE_PIXELS
+
+
+# A 1x100000 PNG is ~470 bytes; the ADM resize would make it 256x25600000 (19.5 GB of RGB).
+_THIN_PNG_CODE = """
+import io, json
+from PIL import Image
+from repa_cache.stages.images import decode_and_crop
+buf = io.BytesIO()
+Image.new("RGB", (1, 100000), (200, 10, 10)).save(buf, format="PNG")
+res = decode_and_crop(buf.getvalue(), 256)
+print(json.dumps([len(buf.getvalue()), res.status, res.reason, res.width, res.height, res.image is None]))
+"""
+
+
+def test_extreme_aspect_ratio_is_skipped_from_the_header_under_1_gib() -> None:
+    """Memory bound: the whole decode runs in a process capped at 1 GiB of address space."""
+    import json
+
+    from tests.stages.conftest import run_with_memory_limit
+
+    size, status, reason, width, height, no_image = json.loads(run_with_memory_limit(_THIN_PNG_CODE, 1 << 30))
+    assert size < 1000
+    assert (status, width, height, no_image) == ("skipped", 1, 100000, True)
+    assert reason == "extreme aspect ratio: 1x100000 would be resized to 256x25600000 pixels"
+
+
+def test_resized_pixel_limit_is_exact(rng: np.random.Generator) -> None:
+    from repa_cache.stages.images import DEFAULT_MAX_RESIZED_PIXELS, adm_resize_size
+
+    assert DEFAULT_MAX_RESIZED_PIXELS == 2**26
+    assert adm_resize_size(1, 100000, 256) == (256, 25600000)
+    assert adm_resize_size(600, 300, 64) == (128, 64)  # halved twice to 150x75, then bicubic to 128x64
+    data = encode(random_rgb(rng, 40, 10), "PNG")  # resized to 64x16 = 1024 pixels at 16 px
+    assert decode_and_crop(data, 16, max_resized_pixels=1024).status == "converted"  # upscaled
+    res = decode_and_crop(data, 16, max_resized_pixels=1023)
+    assert (res.status, res.reason, res.image) == ("skipped", "extreme aspect ratio: 40x10 would be resized to 64x16 pixels", None)
+    with pytest.raises(ValueError, match="max_resized_pixels must be positive"):
+        decode_and_crop(data, 16, max_resized_pixels=0)

@@ -353,3 +353,42 @@ def test_holdout_samples_are_never_trained_on(tiny_cache):
         seen |= set(ds.indices(step)[0].tolist())
     assert seen <= set(valid[:-5].tolist()) and not seen & set(valid[-5:].tolist())
     assert len(seen) >= len(valid) - 5 - 3  # drop-last leaves at most batch-1 out of an epoch
+
+
+@pytest.mark.parametrize("damage", ["swap", "flip"])
+def test_a_shard_damaged_after_commit_stops_training_naming_it(tiny_cache, tmp_path, run_cli, damage):
+    """Shard objects swapped between two shards (each still decodes) or one flipped bit: the trainer
+    checks each shard's checksum the first time it reads it, and stops naming the shard."""
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_cache, bad)
+    shards = sorted(p for p in (bad / "latents" / "mean" / "c").rglob("*") if p.is_file())
+    a, b = shards[0].read_bytes(), shards[1].read_bytes()
+    if damage == "swap":
+        shards[0].write_bytes(b)
+        shards[1].write_bytes(a)
+    else:
+        flipped = bytearray(a)
+        flipped[len(flipped) // 2] ^= 0x10
+        shards[0].write_bytes(bytes(flipped))
+    args = ["train", "--cache", str(bad), "--model", "SiT-tiny/2", "--batch-size", "8", "--max-steps", "4", "--workers", "0",
+            "--device", "cpu", "--quiet"]
+    code, _, err = run_cli([*args, "--out", str(tmp_path / "r")])
+    errors = [line for line in err.splitlines() if not line.startswith("world size ")]  # the start-up status line
+    assert code == 2 and len(errors) == 1 and "Traceback" not in err, err
+    assert re.fullmatch(r"error: group 'latents' of .*: shard [01] of 'mean' fails its checksum \(\d+ bytes stored, \d+ written\)", errors[0])
+    assert latest_checkpoint(tmp_path / "r") is None
+
+
+def test_bad_device_and_out_exit_2(tiny_cache, tmp_path, run_cli):
+    base = ["train", "--cache", str(tiny_cache), "--model", "SiT-tiny/2", "--batch-size", "8", "--max-steps", "1", "--workers", "0"]
+    code, _, err = run_cli([*base, "--out", str(tmp_path / "r"), "--device", "foo"])
+    assert code == 2 and err.strip() == "error: unknown device 'foo'; use auto, cpu, cuda or cuda:N", err
+    if not torch.cuda.is_available():
+        code, _, err = run_cli([*base, "--out", str(tmp_path / "r"), "--device", "cuda"])
+        assert code == 2 and err.strip() == "error: --device cuda was asked for but no CUDA device is available", err
+    (tmp_path / "file").write_text("mine")
+    code, _, err = run_cli([*base, "--out", str(tmp_path / "file")])
+    assert code == 2 and err.strip() == f"error: --out {tmp_path / 'file'} is an existing file, not a run folder", err
+    assert (tmp_path / "file").read_text() == "mine"
