@@ -39,34 +39,19 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-try:
-    from common import (  # type: ignore[import-not-found]  # python bench/loader.py
-        bytes_per_sample,
-        cache_files,
-        cache_teachers,
-        drop_page_cache,
-        env_info,
-        markdown_table,
-        resident_fraction,
-        sync,
-        warm_page_cache,
-        write_synthetic_cache,
-    )
-except ImportError:  # python -m bench.loader
-    from bench.common import (
-        bytes_per_sample,
-        cache_files,
-        cache_teachers,
-        drop_page_cache,
-        env_info,
-        markdown_table,
-        resident_fraction,
-        sync,
-        warm_page_cache,
-        write_synthetic_cache,
-    )
-
 import torch
+from common import (  # type: ignore[import-not-found]  # run as python bench/loader.py
+    bytes_per_sample,
+    cache_files,
+    cache_teachers,
+    drop_page_cache,
+    env_info,
+    markdown_table,
+    resident_fraction,
+    sync,
+    warm_page_cache,
+    write_synthetic_cache,
+)
 
 from repa_cache.cache.format import LATENTS, LatentNorm, teacher_group
 from repa_cache.cache.reader import CacheReader

@@ -44,41 +44,23 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-try:
-    from common import (  # type: ignore[import-not-found]  # python bench/train_step.py
-        cache_teachers,
-        env_info,
-        image_keys,
-        make_crops,
-        make_images,
-        markdown_table,
-        matmul_peak_flops,
-        median_spread,
-        peak_memory_bytes,
-        precompute_cache,
-        reset_peak_memory,
-        sync,
-        write_synthetic_cache,
-    )
-except ImportError:  # python -m bench.train_step
-    from bench.common import (
-        cache_teachers,
-        env_info,
-        image_keys,
-        make_crops,
-        make_images,
-        markdown_table,
-        matmul_peak_flops,
-        median_spread,
-        peak_memory_bytes,
-        precompute_cache,
-        reset_peak_memory,
-        sync,
-        write_synthetic_cache,
-    )
-
 import numpy as np
 import torch
+from common import (  # type: ignore[import-not-found]  # run as python bench/train_step.py
+    cache_teachers,
+    env_info,
+    image_keys,
+    make_crops,
+    make_images,
+    markdown_table,
+    matmul_peak_flops,
+    median_spread,
+    peak_memory_bytes,
+    precompute_cache,
+    reset_peak_memory,
+    sync,
+    write_synthetic_cache,
+)
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.data import Dataset
 from torch.utils.flop_counter import FlopCounterMode

@@ -13,6 +13,20 @@ from repa_cache.cache.errors import UsageError
 PRECISIONS: tuple[str, ...] = ("auto", "fp32", "bf16")
 
 
+def parse_device(name: str) -> torch.device | None:
+    """The device a ``--device`` name stands for, without asking whether this machine has it
+    (None for ``auto``). UsageError for a name that is not ``auto``, ``cpu``, ``cuda`` or ``cuda:N``."""
+    if name == "auto":
+        return None
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise UsageError(f"unknown device '{name}'; use auto, cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise UsageError(f"unsupported device '{name}'; use auto, cpu, cuda or cuda:N")
+    return device
+
+
 def resolve_device(name: str, index: int = 0) -> torch.device:
     """The device named by ``--device``.
 
@@ -23,16 +37,11 @@ def resolve_device(name: str, index: int = 0) -> torch.device:
     Raises:
         UsageError: an unknown device name, or CUDA asked for where there is none.
     """
-    if name == "auto":
+    device = parse_device(name)
+    if device is None:
         if torch.cuda.is_available():
             return torch.device("cuda", index % torch.cuda.device_count())
         return torch.device("cpu")
-    try:
-        device = torch.device(name)
-    except (RuntimeError, ValueError):
-        raise UsageError(f"unknown device '{name}'; use auto, cpu, cuda or cuda:N") from None
-    if device.type not in ("cpu", "cuda"):
-        raise UsageError(f"unsupported device '{name}'; use auto, cpu, cuda or cuda:N")
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise UsageError(f"--device {name} was asked for but no CUDA device is available")
