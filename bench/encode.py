@@ -78,10 +78,13 @@ def _stored_bytes(arr: np.ndarray) -> int:
 def bench_models(args: argparse.Namespace) -> dict:
     from repa_cache.stages import teachers
     from repa_cache.stages import vae as vae_mod
+    from repa_cache.stages.devices import autocast
     from repa_cache.stages.images import decode_and_crop
 
     device = torch.device(args.device)
-    dtype = torch.bfloat16 if (device.type == "cuda" and args.bf16) else torch.float32
+    # As stage one's --precision: fp32 weights, bf16 autocast (and a channels-last VAE) on CUDA.
+    precision = "bf16" if (device.type == "cuda" and args.bf16) else "fp32"
+    dtype = torch.float32
     with tempfile.TemporaryDirectory() as tmp:
         root = make_demo_images(Path(tmp), per_class=max(1, args.images // len(DEMO_CLASSES)), bad_inputs=False)
         files = sorted(p for p in root.rglob("*") if p.is_file())[: args.images]
@@ -95,12 +98,23 @@ def bench_models(args: argparse.Namespace) -> dict:
     crops = np.stack([decode_and_crop(b, args.resolution).image for b in blobs[:B]])
     images = torch.from_numpy(crops).permute(0, 3, 1, 2).contiguous().to(device)  # (B, 3, H, W) uint8
     vae = sd_vae_random(device, dtype)
+    if precision == "bf16":
+        vae = vae.to(memory_format=torch.channels_last)
     spec = teachers.get_teacher("dinov2-vit-b")
-    teacher = teachers.load_teacher(spec, args.resolution, device=device, pretrained=False).to(dtype)
-    vae_s, vae_spread = _timed(lambda: vae_mod.encode_images(vae, images), device, args.repeats)
-    tea_s, tea_spread = _timed(lambda: teachers.encode_images(teacher, spec, images.to(device), args.resolution), device, args.repeats)
-    mean, std = vae_mod.encode_images(vae, images)
-    patch, cls = teachers.encode_images(teacher, spec, images, args.resolution)
+    teacher = teachers.load_teacher(spec, args.resolution, device=device, pretrained=False)
+
+    def encode_vae():
+        with autocast(device, precision):
+            return vae_mod.encode_images(vae, images)
+
+    def encode_teacher():
+        with autocast(device, precision):
+            return teachers.encode_images(teacher, spec, images, args.resolution)
+
+    vae_s, vae_spread = _timed(encode_vae, device, args.repeats)
+    tea_s, tea_spread = _timed(encode_teacher, device, args.repeats)
+    mean, std = encode_vae()
+    patch, cls = encode_teacher()
     views = 2 if args.flip else 1
     per_sample = {
         "latents": views * (_stored_bytes(mean.float().cpu().numpy()) + _stored_bytes(std.float().cpu().numpy())) / B,
@@ -110,7 +124,7 @@ def bench_models(args: argparse.Namespace) -> dict:
     return {
         "mode": "models (random-init SD-VAE + DINOv2-B/14)",
         "device": _device_name(device),
-        "dtype": str(dtype).replace("torch.", ""),
+        "precision": "bf16 autocast" if precision == "bf16" else "fp32",
         "batch": B,
         "views": views,
         "resolution": args.resolution,
@@ -169,7 +183,8 @@ def main() -> None:
     p.add_argument("--resolution", type=int, default=256)
     p.add_argument("--flip", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True, help="bf16 models on CUDA")
+    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True,
+                   help="bf16 autocast on CUDA (fp32 weights, as precompute --precision bf16)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--shard-size", type=int, default=32)
     p.add_argument("--workers", type=int, default=1)

@@ -303,7 +303,7 @@ def train_summary(res):
 summary = {name: train_summary(res) for name, res in train.items()}
 for p, res in encode.items():
     if res and "encode_img_per_s_all_views" in res:
-        summary[f"encode_{p}"] = {k: res.get(k) for k in ("dtype", "batch", "vae_img_per_s", "teacher_img_per_s",
+        summary[f"encode_{p}"] = {k: res.get(k) for k in ("precision", "batch", "vae_img_per_s", "teacher_img_per_s",
                                                           "encode_img_per_s_all_views", "decode_crop_img_per_s_threaded")}
 if loader and "results" in loader:
     rows = [r for r in loader["results"] if "samples_per_s" in r]
