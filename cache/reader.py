@@ -91,26 +91,26 @@ def _rows(path: StorePath) -> int:
         raise CacheError(f"{path} is not a readable Parquet file (damaged cache): {one_line(e)}") from e
 
 
-def check_plan(root: StorePath, meta: CacheMeta) -> None:
-    """The plan exists and has one row per sample (so ``num_samples`` can be trusted for sizes)."""
-    path = root / PLAN_FILE
+def _check_rows(path: StorePath, meta: CacheMeta, missing: str) -> None:
+    """A Parquet table of the cache exists and has one row per sample; ``missing`` says why its
+    absence is damage."""
     try:
         n = _rows(path)
     except FileNotFoundError:
-        raise CacheError(f"{path} is missing (damaged cache, or its precompute was killed before the plan; run it again)") from None
+        raise CacheError(f"{path} is missing ({missing})") from None
     if n != meta.num_samples:
         raise CacheError(f"{path} has {n} rows but the cache metadata says {meta.num_samples} samples (damaged cache)")
+
+
+def check_plan(root: StorePath, meta: CacheMeta) -> None:
+    """The plan exists and has one row per sample (so ``num_samples`` can be trusted for sizes)."""
+    _check_rows(root / PLAN_FILE, meta, "damaged cache, or its precompute was killed before the plan; run it again")
 
 
 def read_manifest(root: StorePath, meta: CacheMeta, columns: list[str] | None = None) -> Any:
     """The manifest (required once a group is committed), checked to have one row per sample."""
     path = root / MANIFEST_FILE
-    try:
-        n = _rows(path)
-    except FileNotFoundError:
-        raise CacheError(f"{path} is missing (every committed cache has one; damaged cache)") from None
-    if n != meta.num_samples:
-        raise CacheError(f"{path} has {n} rows but the cache metadata says {meta.num_samples} samples (damaged cache)")
+    _check_rows(path, meta, "every committed cache has one; damaged cache")
     try:
         return path.read_parquet(columns=columns)
     except Exception as e:
