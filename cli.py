@@ -23,7 +23,7 @@ from repa_cache.cache.stats import DEFAULT_MAX_SAMPLES
 from repa_cache.cache.wds import DEFAULT_SHARD_BYTES
 from repa_cache.eval.config import AlignConfig, DemoConfig, FidConfig, SampleConfig
 from repa_cache.pipeline.plan import PrecomputeConfig
-from repa_cache.train.config import OptimConfig, TrainConfig, TransportConfig
+from repa_cache.train.config import METHOD_NAMES, OptimConfig, TrainConfig, TransportConfig
 
 
 def _field(cls: type, name: str) -> Any:
@@ -54,7 +54,7 @@ def precompute(
     ] = _field(PrecomputeConfig, "vae"),
     vae_revision: Annotated[Optional[str], typer.Option(help="HF revision of the VAE.")] = _field(PrecomputeConfig, "vae_revision"),
     teacher: Annotated[
-        Optional[list[str]], typer.Option(help=f"Teacher name from the registry (repeatable). Default: {', '.join(_field(PrecomputeConfig, 'teachers'))}.")
+        Optional[list[str]], typer.Option(help=f"Teacher: a registry name, or timm:MODEL_ID for any timm ViT (preprocessing from its pretrained config) (repeatable). Default: {', '.join(_field(PrecomputeConfig, 'teachers'))}.")
     ] = None,
     teacher_checkpoint: Annotated[
         Optional[list[str]], typer.Option(help="NAME=FILE: load a teacher's weights from a local file (repeatable).")
@@ -63,6 +63,7 @@ def precompute(
     shard_size: Annotated[int, typer.Option(help="Samples per shard (the unit of work and of writing), in [1, 65536].")] = _field(PrecomputeConfig, "shard_size"),
     batch_size: Annotated[int, typer.Option(help="Images per encoder forward pass (at least 1).")] = _field(PrecomputeConfig, "batch_size"),
     feature_dtype: Annotated[str, typer.Option(help="Stored teacher feature dtype: float16 or float32.")] = _field(PrecomputeConfig, "feature_dtype"),
+    feature_codec: Annotated[str, typer.Option(help="Teacher token codec: float16 (as --feature-dtype) or int8 (per-token scale, a quarter of float32's bytes).")] = _field(PrecomputeConfig, "feature_codec"),
     precision: Annotated[
         Optional[str], typer.Option(help="Encoder arithmetic: fp32, or bf16 (autocast, much faster on a GPU). Default: a resumed group's own, else fp32.")
     ] = _field(PrecomputeConfig, "precision"),
@@ -88,6 +89,7 @@ def precompute(
         shard_size=shard_size,
         batch_size=batch_size,
         feature_dtype=feature_dtype,
+        feature_codec=feature_codec,
         precision=precision,
         device=device,
         workers=workers,
@@ -98,11 +100,11 @@ def precompute(
     print(describe_result(run(cfg)))
 
 
-def _pairs(values: list[str], flag: str) -> dict[str, str]:
+def _pairs(values: list[str], flag: str, form: str = "NAME=FILE") -> dict[str, str]:
     out = {}
     for v in values:
         if "=" not in v:
-            raise UsageError(f"{flag} takes NAME=FILE, got '{v}'")
+            raise UsageError(f"{flag} takes {form}, got '{v}'")
         k, f = v.split("=", 1)
         out[k] = f
     return out
@@ -112,7 +114,8 @@ def _pairs(values: list[str], flag: str) -> dict[str, str]:
 def stats(
     cache: Annotated[str, typer.Argument(help="Cache folder or URL.")],
     json_out: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
-    plot: Annotated[Optional[Path], typer.Option(help="Write histograms to this PNG file.")] = None,
+    plot: Annotated[Optional[Path], typer.Option(help="Write a figure (latent values per channel, token norms, outcomes, "
+                                                      "class counts) to this file (.png, .pdf, .svg, ...).")] = None,
     max_samples: Annotated[int, typer.Option(help="Samples read for latent/feature statistics.")] = DEFAULT_MAX_SAMPLES,
 ) -> None:
     """Print what a cache holds: samples, classes, outcomes, groups, storage, latent and feature statistics."""
@@ -125,6 +128,8 @@ def stats(
         plot_stats(s, plot)
     s.pop("_histograms", None)
     print(json.dumps(s, indent=1, default=str) if json_out else format_stats(s))
+    if plot is not None:  # beside the JSON, not inside it
+        print(f"plot: {plot}", file=sys.stderr if json_out else sys.stdout)
 
 
 @app.command()
@@ -152,8 +157,19 @@ def train(
     model: Annotated[str, typer.Option(help="SiT size: SiT-S/2 ... SiT-XL/2 (patch 2/4/8), or SiT-tiny/2.")] = _field(TrainConfig, "model"),
     teacher: Annotated[Optional[list[str]], typer.Option(help="Teacher group(s) to align to (repeatable). Default: the cache's only teacher.")] = None,
     encoder_depth: Annotated[Optional[int], typer.Option(help="Align the output of this block (default: 4 for S/B, 8 for L/XL).")] = _field(TrainConfig, "encoder_depth"),
-    proj_coeff: Annotated[float, typer.Option(help="Weight of the REPA loss.")] = _field(TrainConfig, "proj_coeff"),
+    method: Annotated[str, typer.Option(help=f"Training method: {', '.join(METHOD_NAMES)}. 'repa methods' lists each with its "
+                                             "source, options and the cache fields it reads (docs/methods.md).")] = _field(TrainConfig, "method"),
+    method_option: Annotated[Optional[list[str]], typer.Option("--method-option", "-O", help="KEY=VALUE option of the method (repeatable), "
+                                                               "e.g. -O cls_coeff=0.03 for reg.")] = None,
+    proj_coeff: Annotated[Optional[float], typer.Option(help="Weight of the alignment loss. Default: the method's (0.5 REPA/REG, 1.0 iREPA).")] = _field(TrainConfig, "proj_coeff"),
+    align_schedule: Annotated[str, typer.Option(help="Alignment weight over the run: const, stop:N (all alignment off from step N, "
+                                                     "HASTE) or exp-decay:C0,HALF_LIFE (C0*2^(-step/HALF_LIFE), ERW).")] = _field(TrainConfig, "align_schedule"),
+    warmup_steps: Annotated[int, typer.Option(help="ERW encoder warm-up: the first K steps train the embedders, blocks up to "
+                                                   "--encoder-depth and the projectors on clean latents with the alignment loss alone.")] = _field(TrainConfig, "warmup_steps"),
+    label_dropout: Annotated[float, typer.Option(help="Probability that a label is replaced by the null class (for guidance).")] = _field(TransportConfig, "label_dropout"),
     batch_size: Annotated[int, typer.Option(help="Global batch size (over all ranks).")] = _field(TrainConfig, "batch_size"),
+    grad_accum: Annotated[int, typer.Option(help="Gradient accumulation: K forward/backward passes per step on each rank, over "
+                                                 "slices of its batch (same samples and draws); a resume may change K.")] = _field(TrainConfig, "grad_accum"),
     max_steps: Annotated[int, typer.Option(help="Stop after this many optimiser steps.")] = _field(TrainConfig, "max_steps"),
     lr: Annotated[float, typer.Option(help="AdamW learning rate (constant).")] = _field(OptimConfig, "lr"),
     seed: Annotated[int, typer.Option(help="Seed of data order, initial weights and noise.")] = _field(TrainConfig, "seed"),
@@ -166,7 +182,10 @@ def train(
     time_sampling: Annotated[str, typer.Option(help="Time sampling: uniform or lognormal.")] = _field(TransportConfig, "time_sampling"),
     workers: Annotated[Optional[int], typer.Option(help="DataLoader worker processes per rank. Default: 2 on the CPU; on a GPU 8, fewer when a rank's share of the cores is smaller.")] = _field(TrainConfig, "num_workers"),
     resample_teacher: Annotated[bool, typer.Option(help="Resample teacher tokens to the student's grid when counts differ.")] = _field(TrainConfig, "resample_teacher"),
-    tensorboard: Annotated[bool, typer.Option(help="Also write TensorBoard scalars to RUN/tb.")] = _field(TrainConfig, "tensorboard"),
+    tensorboard: Annotated[bool, typer.Option(help="Also write TensorBoard scalars to RUN/tb (pip install -e .[track]).")] = _field(TrainConfig, "tensorboard"),
+    wandb: Annotated[Optional[str], typer.Option(help="Also log to this Weights & Biases project (WANDB_MODE=offline without network).")] = _field(TrainConfig, "wandb"),
+    sample_every: Annotated[int, typer.Option(help="Every N steps write a 16-image grid from the EMA weights to RUN/samples/step-N.png "
+                                                   "(same noise and classes each time; Euler ODE, 50 steps, cfg 4). 0: off.")] = _field(TrainConfig, "sample_every"),
     align_every: Annotated[int, typer.Option(help="Log CKNNA/cosine to the teacher every N steps (0: off; at log steps).")] = _field(TrainConfig, "align_every"),
     holdout: Annotated[int, typer.Option(help="Hold the last N valid cache samples out of training (used by --align-every).")] = _field(TrainConfig, "holdout"),
     verify: Annotated[bool, typer.Option(help="Check each shard's checksum the first time a loader worker reads it; a mismatch stops the run "
@@ -174,7 +193,7 @@ def train(
     dry_run: Annotated[bool, typer.Option(help="Print the resolved config and exit.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or status lines.")] = False,
 ) -> None:
-    """Train a SiT with REPA from a cache: no teacher forward, no image decoding. Also under torchrun."""
+    """Train a SiT with REPA (or another --method) from a cache: no teacher forward, no image decoding. Also under torchrun."""
     from repa_cache.train.loop import describe_run
 
     cfg = TrainConfig(
@@ -183,8 +202,13 @@ def train(
         model=model,
         teachers=tuple(teacher or ()),
         encoder_depth=encoder_depth,
+        method=method,
+        method_options=_pairs(method_option or [], "--method-option", "KEY=VALUE"),
         proj_coeff=proj_coeff,
+        align_schedule=align_schedule,
+        warmup_steps=warmup_steps,
         batch_size=batch_size,
+        grad_accum=grad_accum,
         max_steps=max_steps,
         seed=seed,
         device=device,
@@ -194,15 +218,29 @@ def train(
         log_every=log_every,
         num_workers=workers,
         resample_teacher=resample_teacher,
-        transport=TransportConfig(path=path, time_sampling=time_sampling),
+        transport=TransportConfig(path=path, time_sampling=time_sampling, label_dropout=label_dropout),
         optim=OptimConfig(lr=lr),
         tensorboard=tensorboard,
+        wandb=wandb,
+        sample_every=sample_every,
         align_every=align_every,
         holdout=holdout,
         verify=verify,
         quiet=quiet,
     )
     print(describe_run(cfg, dry_run=dry_run))
+
+
+@app.command()
+def methods() -> None:
+    """List the training methods: source, what each reads from the cache, and its options (repa train -O KEY=VALUE)."""
+    from repa_cache.train.methods import METHODS
+
+    for name, cls in METHODS.items():
+        m = cls()
+        fields = ", ".join(m.teacher_fields(True))
+        opts = ", ".join(f"{k}={v}" for k, v in m.card()["options"].items())
+        print(f"{name}: {cls.summary}\n  source: {cls.source}\n  reads: latents, teacher {fields}\n  options: {opts}")
 
 
 S, F, A = SampleConfig, FidConfig, AlignConfig  # short names for the defaults below
@@ -220,6 +258,8 @@ def sample(
     steps: Annotated[int, typer.Option(help="Integration steps.")] = _field(S, "steps"),
     heun: Annotated[bool, typer.Option("--heun/--euler", help="Heun (2nd order) or Euler steps for the ODE sampler.")] = _field(S, "heun"),
     class_id: Annotated[Optional[list[int]], typer.Option("--class", help="Sample only these class ids (repeatable). Default: any.")] = None,
+    cls_cfg: Annotated[Optional[float], typer.Option(help="REG models: guidance scale of the jointly denoised CLS token "
+                                                         "(default: --cfg; REG's evaluation: 2.3 with --cfg 2.3, 0,0.85).")] = _field(S, "cls_cfg_scale"),
     seed: Annotated[int, typer.Option(help="Sample i uses seed (seed, i): results do not depend on batch size or ranks.")] = _field(S, "seed"),
     batch_size: Annotated[int, typer.Option(help="Samples per forward pass.")] = _field(S, "batch_size"),
     vae: Annotated[Optional[str], typer.Option(help="Local folder holding the VAE the checkpoint names (same weights).")] = _field(S, "vae"),
@@ -234,29 +274,41 @@ def sample(
 
     job = SampleConfig(
         num=num, cfg_scale=cfg, guidance_interval=parse_guidance_interval(guidance_interval), sampler=sampler, steps=steps,
-        heun=heun, classes=tuple(class_id or ()), seed=seed, batch_size=batch_size, vae=vae, device=device,
+        heun=heun, classes=tuple(class_id or ()), seed=seed, cls_cfg_scale=cls_cfg, batch_size=batch_size, vae=vae, device=device,
         precision=precision, grid=grid, quiet=quiet,
     )
     print(run(ckpt, out, job).describe())
 
 
+@app.command("evaluate")
 @app.command()
 def fid(
     samples: Annotated[Path, typer.Argument(help="Samples: an .npz (arr_0, uint8 NHWC) or a folder of images.")],
     ref: Annotated[Path, typer.Argument(help="Reference: the ADM reference batch .npz, another .npz or an image folder.")],
     fd_dinov2: Annotated[bool, typer.Option(help="Also compute the Frechet distance on DINOv2 features.")] = _field(F, "fd_dinov2"),
+    inception_score: Annotated[bool, typer.Option(help="Inception Score of the samples.")] = _field(F, "inception_score"),
+    precision_recall: Annotated[bool, typer.Option(help="Precision and recall (k-NN balls) against the reference images.")] = _field(F, "precision_recall"),
+    kid: Annotated[bool, typer.Option(help="Kernel Inception Distance against the reference images.")] = _field(F, "kid"),
+    is_splits: Annotated[int, typer.Option(help="IS: splits of the samples.")] = _field(F, "is_splits"),
+    pr_k: Annotated[int, typer.Option(help="Precision/recall: k of the k-NN radius.")] = _field(F, "pr_k"),
+    kid_subsets: Annotated[int, typer.Option(help="KID: random subsets averaged.")] = _field(F, "kid_subsets"),
+    kid_subset_size: Annotated[int, typer.Option(help="KID: images per subset (lowered to the smaller set).")] = _field(F, "kid_subset_size"),
+    max_ref_images: Annotated[int, typer.Option(help="Precision/recall and KID use the first N reference images.")] = _field(F, "max_ref_images"),
+    seed: Annotated[int, typer.Option(help="Seed of the IS shuffle and the KID subsets.")] = _field(F, "seed"),
     inception_weights: Annotated[Optional[str], typer.Option(help="Local Inception weights file.")] = _field(F, "inception_weights"),
     dinov2_checkpoint: Annotated[Optional[str], typer.Option(help="Local DINOv2 weights file for --fd-dinov2.")] = _field(F, "dinov2_checkpoint"),
     batch_size: Annotated[int, typer.Option(help="Images per feature-extractor batch.")] = _field(F, "batch_size"),
     device: Annotated[str, typer.Option(help="'auto', 'cpu' or 'cuda'.")] = _field(F, "device"),
-    stats_dir: Annotated[Optional[str], typer.Option(help="Cache of reference statistics (~/.cache/repa-cache/fid-stats).")] = _field(F, "stats_dir"),
+    stats_dir: Annotated[Optional[str], typer.Option(help="Cache of reference statistics and features (~/.cache/repa-cache/fid-stats).")] = _field(F, "stats_dir"),
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = _field(F, "quiet"),
 ) -> None:
-    """Frechet Inception Distance (torch-fidelity) between SAMPLES and REF; reference statistics are cached."""
+    """FID, IS, precision/recall, KID (torch-fidelity) and FD-DINOv2 of SAMPLES against REF, each with its definition; reference statistics and features are cached. `repa fid` is the same command."""
     from repa_cache.eval.fid import fid as run
 
-    job = FidConfig(fd_dinov2=fd_dinov2, inception_weights=inception_weights, dinov2_checkpoint=dinov2_checkpoint,
-                    batch_size=batch_size, device=device, stats_dir=stats_dir, quiet=quiet)
+    job = FidConfig(fd_dinov2=fd_dinov2, inception_score=inception_score, precision_recall=precision_recall, kid=kid,
+                    is_splits=is_splits, pr_k=pr_k, kid_subsets=kid_subsets, kid_subset_size=kid_subset_size,
+                    max_ref_images=max_ref_images, seed=seed, inception_weights=inception_weights,
+                    dinov2_checkpoint=dinov2_checkpoint, batch_size=batch_size, device=device, stats_dir=stats_dir, quiet=quiet)
     print(json.dumps(run(samples, ref, job), indent=1, default=str))
 
 
@@ -270,12 +322,42 @@ def align(
     batch_size: Annotated[int, typer.Option(help="Samples per forward pass.")] = _field(A, "batch_size"),
     device: Annotated[str, typer.Option(help="'auto', 'cpu' or 'cuda'.")] = _field(A, "device"),
     precision: Annotated[str, typer.Option(help="'auto' (bf16 on CUDA), 'bf16' or 'fp32'.")] = _field(A, "precision"),
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
     """Alignment of a checkpoint to its teacher(s) on cached features: mean cosine and CKNNA."""
     from repa_cache.eval.align import align as run
 
     job = AlignConfig(cache=cache, num=num, t=t, k=k, batch_size=batch_size, device=device, precision=precision)
-    print(json.dumps(run(ckpt, job), indent=1, default=str))
+    print(json.dumps(run(ckpt, job, quiet=quiet), indent=1, default=str))
+
+
+@app.command("import-ckpt")
+def import_ckpt(
+    src: Annotated[Path, typer.Argument(help="Checkpoint of the public REPA code (train.py's NNNNNNN.pt or a released one).")],
+    out: Annotated[Path, typer.Argument(help="New (or empty) run folder to write.")],
+    teacher: Annotated[Optional[list[str]], typer.Option(help="Teacher of each projector, in order (repeatable). Default: unknown.")] = None,
+    vae: Annotated[Optional[str], typer.Option(help="VAE recorded in the model card (HF id, local folder or 'tiny'). Default: stabilityai/sd-vae-ft-ema.")] = None,
+    encoder_depth: Annotated[Optional[int], typer.Option(help="Block the projectors read. Default: the checkpoint's args, else the size's default.")] = None,
+    num_heads: Annotated[Optional[int], typer.Option(help="Attention heads. Default: from the model size.")] = None,
+    path: Annotated[Optional[str], typer.Option(help="Interpolant: linear or cosine. Default: the checkpoint's args, else linear.")] = None,
+) -> None:
+    """Turn a REPA checkpoint into a run folder that repa sample and repa align read."""
+    from repa_cache.train.interop import ImportOptions, describe_import, import_repa_checkpoint
+
+    given: dict[str, Any] = dict(teachers=tuple(teacher) if teacher else None, vae=vae, encoder_depth=encoder_depth, num_heads=num_heads, path=path)
+    opts = ImportOptions(**{k: v for k, v in given.items() if v is not None})  # unset: the dataclass default
+    print(describe_import(import_repa_checkpoint(src, out, opts)))
+
+
+@app.command("export-ckpt")
+def export_ckpt(
+    ckpt: Annotated[Path, typer.Argument(help="Run folder (newest full checkpoint, else newest weights) or checkpoint file.")],
+    dst: Annotated[Path, typer.Argument(help="New .pt file in REPA's layout (model, ema, opt, args, steps).")],
+) -> None:
+    """Write a checkpoint in the layout of the public REPA code, for its generate.py and train.py."""
+    from repa_cache.train.interop import export_repa_checkpoint
+
+    print(f"wrote {export_repa_checkpoint(ckpt, dst)}")
 
 
 @app.command("export-wds")
@@ -284,12 +366,13 @@ def export_wds(
     out: Annotated[str, typer.Argument(help="Folder or URL for the tar shards and index.json (new, empty, or a previous export).")],
     shard_bytes: Annotated[int, typer.Option(help="Bytes of sample data per tar shard (a shard may exceed it by one sample).")] = DEFAULT_SHARD_BYTES,
     teacher: Annotated[Optional[list[str]], typer.Option(help="Export only these teachers (repeatable; latents always). Default: every committed group.")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
     """Export a cache as webdataset tar shards (one sample per valid index) with a self-describing index.json."""
     from repa_cache.cache.wds import describe_export
     from repa_cache.cache.wds import export_wds as run
 
-    print(describe_export(run(cache, out, shard_bytes=shard_bytes, groups=["latents", *teacher] if teacher else None), out))
+    print(describe_export(run(cache, out, shard_bytes=shard_bytes, groups=["latents", *teacher] if teacher else None, quiet=quiet), out))
 
 
 @app.command()
@@ -305,6 +388,17 @@ def demo(
     run_demo(DemoConfig(out=str(out), per_class=per_class, train_steps=train_steps, quiet=quiet))
 
 
+@app.command("plot")
+def plot_curves(
+    run: Annotated[Path, typer.Argument(help="Run folder of `repa train` (or its metrics.jsonl).")],
+    out: Annotated[Optional[Path], typer.Option(help="Image to write (.png, .pdf, .svg, ...). Default: RUN/curves.png.")] = None,
+) -> None:
+    """Draw a run's loss, alignment, throughput and gradient-norm curves from its metrics.jsonl; prints the image's path."""
+    from repa_cache.eval.plot import plot_run
+
+    print(plot_run(run, out))
+
+
 cache_app = typer.Typer(help="Move caches between local disk and object storage.", no_args_is_help=True)
 app.add_typer(cache_app, name="cache")
 
@@ -315,12 +409,13 @@ def cache_copy(
     dst: Annotated[str, typer.Argument(help="Destination folder or URL: new, empty, an interrupted copy, or the same cache.")],
     teacher: Annotated[Optional[list[str]], typer.Option(help="Copy only these teachers (repeatable; latents always). Default: every committed group.")] = None,
     jobs: Annotated[int, typer.Option(help="Shards copied concurrently.")] = DEFAULT_JOBS,
+    feature_codec: Annotated[Optional[str], typer.Option(help="Store the teacher tokens in this codec (float16 or int8): decode and encode again. Default: copy as stored.")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
     """Copy a committed cache, checking every shard against its checksum; running it again finishes an interrupted copy."""
     from repa_cache.cache.copy import copy_cache, describe_copy
 
-    print(describe_copy(copy_cache(src, dst, groups=teacher, jobs=jobs, quiet=quiet)))
+    print(describe_copy(copy_cache(src, dst, groups=teacher, jobs=jobs, quiet=quiet, feature_codec=feature_codec)))
 
 
 def main() -> None:

@@ -53,6 +53,8 @@ from common import (  # type: ignore[import-not-found]  # run as python bench/lo
     write_synthetic_cache,
 )
 
+from repa_cache.cache.codec import FEATURE_CODECS, FLOAT16
+from repa_cache.cache.copy import copy_cache
 from repa_cache.cache.format import LATENTS, LatentNorm, teacher_group
 from repa_cache.cache.reader import CacheReader
 from repa_cache.stages.devices import resolve_device
@@ -101,7 +103,7 @@ def run_config(cache: Path, teachers: tuple[str, ...], args: argparse.Namespace,
     for i in range(n):
         batch = next(it)
         if device.type == "cuda":
-            to_device(batch, scale, teachers, device)
+            to_device(batch, scale, teachers, device, ds.codecs)
             sync(device)
         if i == 0:
             t_first = time.perf_counter() - t0
@@ -148,6 +150,8 @@ def main() -> None:
     p.add_argument("--samples", type=int, default=None, help="samples of the generated cache (default: one epoch of the longest configuration)")
     p.add_argument("--workdir", default=None, help="where the generated cache goes (default: a temporary folder, removed)")
     p.add_argument("--json", default=None, help="also write the result here")
+    p.add_argument("--feature-codec", default="float16", choices=FEATURE_CODECS,
+                   help="store the teacher tokens in this codec: the cache is transcoded with `repa cache copy --feature-codec` first")
     args = p.parse_args()
 
     device = resolve_device(args.device)
@@ -174,11 +178,13 @@ def main() -> None:
             longest = max(sum(batches(args, w)) for w in workers)
             samples = args.samples or longest * args.batch_size
             cache = write_synthetic_cache(tmp / "cache", samples, teacher=teacher)
+        if args.feature_codec != FLOAT16:
+            cache = copy_cache(cache, tmp / f"cache-{args.feature_codec}", feature_codec=args.feature_codec, quiet=True).dst.local
         prep_s = time.perf_counter() - t0
         teachers = (teacher,)
         groups = [LATENTS, teacher_group(teacher)]
         sizes = bytes_per_sample(cache, groups)
-        used = [k for k in sizes if not k.endswith("/cls")]  # what CacheBatches reads (CacheBatches.fields)
+        used = [k for k in sizes if not k.endswith(("/cls", "/cls_scale"))]  # what CacheBatches reads (CacheBatches.fields)
         # bytes a read of the drawn view touches: 1/V of the sample's where a chunk holds one view
         args.read_bytes = {kind: sum(sizes[k][kind] * (1 / sizes[k]["views"] if sizes[k]["views_per_chunk"] == 1 else 1) for k in used)
                            for kind in ("stored", "decoded")}
@@ -189,6 +195,7 @@ def main() -> None:
             **env_info(device),
             "cache": str(cache) if args.cache else f"generated synthetic ({reader.num_samples} samples, {len(reader.views)} views)",
             "teacher": teacher,
+            "feature_codec": args.feature_codec,
             "num_samples": reader.num_samples,
             "views": list(reader.views),
             "shard_size": reader.meta.shard_size,

@@ -12,8 +12,10 @@
 
 The step is the trainer's own (``repa_cache.train.step.train_step``, built by ``build_trainer`` with
 the recipe's AdamW and EMA): per-step reseed, fresh posterior sample, bf16 autocast on CUDA (fp32 on
-CPU), ``transport.training_losses``, fp32 ``repa_loss``, ``loss = denoise + proj_coeff*repa``,
-backward, grad clip 1.0, AdamW (fused on CUDA), EMA ``_foreach_lerp_``.
+CPU), the method's objective (``--method``, default REPA: ``transport.training_losses``, fp32
+``repa_loss``, ``loss = denoise + proj_coeff*repa``), backward, grad clip 1.0, AdamW (fused on CUDA),
+EMA ``_foreach_lerp_``. ``--align-schedule stop:0`` times the steps after an alignment stop: the
+cached path then reads latents only (and what the method still needs) and no projector runs.
 Every step is timed with a device sync at its end, which the trainer does not have (it checks the
 loss only at log steps), so a step here includes its whole device time and no overlap with the
 next one; the first ``--warmup`` steps of each path are not timed.
@@ -27,6 +29,7 @@ Examples::
     python bench/train_step.py                                   # CPU: SiT-S/2, DINOv2-B geometry, batch 4
     python bench/train_step.py --device cuda --model SiT-XL/2 --batch-size 256 --compile
     python bench/train_step.py --model SiT-tiny/2 --teacher tiny --batch-size 16 --steps 10
+    python bench/train_step.py --paths cached --method reg          # or irepa; --align-schedule stop:0
 """
 
 from __future__ import annotations
@@ -71,7 +74,7 @@ from repa_cache.stages.teachers import encode_images, get_teacher, load_teacher
 from repa_cache.train.config import TrainConfig
 from repa_cache.train.data import CacheBatches, DataConfig, make_loader, to_device
 from repa_cache.train.loop import plan_run, step_seed
-from repa_cache.train.loss import repa_loss
+from repa_cache.train.methods import StepBatch
 from repa_cache.train.model import count_parameters
 from repa_cache.train.step import Trainer, build_trainer, train_step
 
@@ -127,16 +130,28 @@ def source_files(keys: list[str], images: Path, crops: Path | None) -> list[str]
 # the step (mirrors train/loop.py)
 
 
-def count_step_flops(tr: Trainer, x: torch.Tensor, y: torch.Tensor, feats: list[torch.Tensor]) -> int:
+def count_step_flops(tr: Trainer, batch: StepBatch) -> int:
     """FLOPs of forward + backward of one training step (eager model, attention through the math
     backend so that its matmuls are counted on every device; optimizer/EMA not counted)."""
     with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as fc:
         with autocast(tr.device, tr.precision):
-            out = tr.transport.training_losses(tr.model, x, y)
-        repa, _ = repa_loss(out["zs"], feats)
-        (out["denoise"].float() + tr.proj_coeff * repa).backward()
+            out = tr.method.losses(tr.model, tr.transport, batch, tr.phases.coeff(0, tr.proj_coeff), tr.phase)
+        out.total.backward()
     tr.model.zero_grad(set_to_none=True)
     return int(fc.get_total_flops())
+
+
+def synthetic_batch(setup: Any, B: int, device: torch.device, seed: int = 1) -> StepBatch:
+    """Random inputs of the run's shapes, already on the device, with what the method reads."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    mc = setup.model_config
+    x = torch.randn(B, mc.in_channels, mc.input_size, mc.input_size, device=device, generator=g)
+    y = torch.randint(0, mc.num_classes, (B,), device=device, generator=g)
+    fields = setup.data_fields()[0][1]
+    patch = [torch.randn(B, setup.teacher_tokens[t], d, device=device, generator=g)
+             for t, d in zip(setup.teachers, mc.z_dims)] if "patch" in fields else []
+    cls = [torch.randn(B, d, device=device, generator=g) for d in mc.z_dims] if "cls" in fields else []
+    return StepBatch(x, y, patch, cls)
 
 
 def count_teacher_flops(teacher: torch.nn.Module, spec: Any, images: torch.Tensor, resolution: int, autocast: Any) -> int:
@@ -183,13 +198,10 @@ def run_path(path: str, args: argparse.Namespace, ctx: dict[str, Any], tr: Train
     loader = None
     teacher_mod = spec = None
     if path == "synthetic":
-        g = torch.Generator(device=device).manual_seed(1)
-        mc = setup.model_config
-        x0 = torch.randn(B, mc.in_channels, mc.input_size, mc.input_size, device=device, generator=g)
-        y0 = torch.randint(0, mc.num_classes, (B,), device=device, generator=g)
-        f0 = [torch.randn(B, setup.teacher_tokens[t], d, device=device, generator=g) for t, d in zip(teachers, mc.z_dims)]
+        b0 = synthetic_batch(setup, B, device)
     else:
-        dcfg = DataConfig(str(ctx["cache"]), teachers, B, seed=0, block_size=args.block_size, num_workers=args.num_workers)
+        dcfg = DataConfig(str(ctx["cache"]), teachers, B, seed=0, block_size=args.block_size, num_workers=args.num_workers,
+                          teacher_fields=setup.data_fields())
         if path == "cached":
             ds: Any = CacheBatches(dcfg)
         else:
@@ -214,21 +226,21 @@ def run_path(path: str, args: argparse.Namespace, ctx: dict[str, Any], tr: Train
             t0 = time.perf_counter()
             torch.manual_seed(step_seed(0, 0, i))
             if path == "synthetic":
-                x, y, feats = x0, y0, f0
+                inp = b0
                 t_wait = 0.0
                 timer.start()
             else:
                 batch = next(loader)
                 t_wait = time.perf_counter() - t0
                 timer.start()
-                x, y, feats = to_device(batch, setup.norm, teachers if path == "cached" else (), device)
+                inp = to_device(batch, setup.norm, teachers if path == "cached" else (), device, getattr(ds, "codecs", None))
                 if path == "online":
                     images = batch["images"].to(device, non_blocking=True)
                     with autocast(device, tr.precision):
-                        patch, _ = encode_images(teacher_mod, spec, images, ctx["resolution"])  # (B, T, D) fp32
-                    feats = [patch]
+                        patch, cls = encode_images(teacher_mod, spec, images, ctx["resolution"])  # (B, T, D), (B, D) fp32
+                    inp.patch, inp.cls = [patch], [cls]
             t_in = timer.stop()
-            loss = train_step(tr, x, y, feats).loss
+            loss = train_step(tr, inp, 0).loss  # step 0 of the run's first phase (the schedule's stop:0 is the no-alignment phase)
             sync(device)
         if profiled:
             ctx.setdefault("profiles", {})[path] = prof
@@ -279,7 +291,9 @@ def prepare(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             cache = precompute_cache(images, cache, teacher=teacher)
         else:
             cache = write_synthetic_cache(cache, samples, teacher=teacher, keys=image_keys(images), resolution=resolution)
-    setup = plan_run(TrainConfig(cache=str(cache), out=str(work / "run"), model=args.model, teachers=(teacher,), batch_size=args.batch_size))
+    setup = plan_run(TrainConfig(cache=str(cache), out=str(work / "run"), model=args.model, teachers=(teacher,), batch_size=args.batch_size,
+                                 method=args.method, method_options=dict(kv.split("=", 1) for kv in args.method_option),
+                                 align_schedule=args.align_schedule))
     from repa_cache.cache.reader import CacheReader
 
     reader = CacheReader(cache, groups=["latents"])
@@ -298,6 +312,9 @@ def main() -> None:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda[:i]")
     p.add_argument("--model", default=None, help="SiT size (default: SiT-XL/2 on CUDA, SiT-S/2 on CPU)")
     p.add_argument("--teacher", default="dinov2-vit-b", help="registry teacher; 'tiny' builds the cache with the real precompute")
+    p.add_argument("--method", default="repa", help="training method (repa train --method): repa, irepa, reg")
+    p.add_argument("--method-option", action="append", default=[], metavar="KEY=VALUE", help="option of the method (repeatable)")
+    p.add_argument("--align-schedule", default="const", help="const, or stop:0 to time the steps after an alignment stop")
     p.add_argument("--batch-size", type=int, default=None, help="default: 256 on CUDA, 4 on CPU")
     p.add_argument("--steps", type=int, default=None, help="timed steps per path (default: 20 on CUDA, 8 on CPU)")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps per path (default: 5 on CUDA (10 with --compile), 2 on CPU)")
@@ -344,10 +361,13 @@ def main() -> None:
         ctx["device"] = device
         setup = ctx["setup"]
         prep_s = time.perf_counter() - t0
-        tr = build_trainer(setup.model_config, device, precision=args.precision, compile=args.compile)
+        tr = build_trainer(setup.model_config, device, method=setup.method, phases=setup.phases, precision=args.precision,
+                           compile=args.compile)
         info: dict[str, Any] = {
             **env_info(device),
             "model": args.model,
+            "method": setup.method.name,
+            "align_schedule": args.align_schedule,
             "backbone_params_M": count_parameters(tr.model) / 1e6,
             "teacher": ctx["teacher"],
             "batch": args.batch_size,
@@ -362,12 +382,8 @@ def main() -> None:
             "prepare_s": round(prep_s, 1),
         }
         if args.flops:
-            mc = setup.model_config
             b = min(args.batch_size, 4)
-            x = torch.randn(b, mc.in_channels, mc.input_size, mc.input_size, device=device)
-            y = torch.randint(0, mc.num_classes, (b,), device=device)
-            f = [torch.randn(b, setup.teacher_tokens[t], d, device=device) for t, d in zip(setup.teachers, mc.z_dims)]
-            info["train_gflop_per_img"] = count_step_flops(tr, x, y, f) / b / 1e9
+            info["train_gflop_per_img"] = count_step_flops(tr, synthetic_batch(setup, b, device, seed=2)) / b / 1e9
             peak_dtype = torch.bfloat16 if bf16 else torch.float32
             info["matmul_peak_tflops"] = matmul_peak_flops(device, peak_dtype) / 1e12
             info["matmul_peak_dtype"] = str(peak_dtype).replace("torch.", "")
@@ -407,14 +423,15 @@ def main() -> None:
         if not args.workdir:
             shutil.rmtree(tmp, ignore_errors=True)
 
-    rows = [dict(r, **{k: info[k] for k in ("model", "teacher", "batch", "precision")}) for r in results]
+    rows = [dict(r, **{k: info[k] for k in ("model", "method", "align_schedule", "teacher", "batch", "precision")}) for r in results]
     for r in rows:
         r["peak_mem_gib"] = None if r.get("peak_mem_gib") is None else round(r["peak_mem_gib"], 2)
         r["mfu"] = f"{100 * r['mfu']:.1f}%" if "mfu" in r else None
         if "error" in r:
             r["img_per_s"] = r["error"]
     print(f"\n{info['device']} | torch {info['torch']} | {info['command']}")
-    print(markdown_table(rows, ["model", "teacher", "batch", "precision", "path", "img_per_s", "step_ms", "spread_ms", "data_wait_ms",
+    print(markdown_table(rows, ["model", "method", "align_schedule", "teacher", "batch", "precision", "path",
+                                 "img_per_s", "step_ms", "spread_ms", "data_wait_ms",
                                 "input_ms", "peak_mem_gib", "mfu"]))
     print("ratios: " + ", ".join(f"{k} {v:.2f}" for k, v in ratios.items()))
     print(json.dumps({k: v for k, v in out.items() if k != "profile_top"}, indent=1, default=str))

@@ -17,7 +17,6 @@ the destination verifies with the same checksums as the source.
 from __future__ import annotations
 
 import hashlib
-import sys
 import time
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -25,12 +24,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tqdm import tqdm
+import numpy as np
 
+from repa_cache.cache.codec import FEATURE_CODECS, scale_name
 from repa_cache.cache.errors import CacheError, FingerprintMismatch, UsageError
-from repa_cache.cache.format import MANIFEST_FILE, PLAN_FILE, TEACHER_PREFIX, ShardRecord, commit_path, fingerprint_diff, record_path
+from repa_cache.cache.format import (
+    MANIFEST_FILE,
+    PLAN_FILE,
+    TEACHER_PREFIX,
+    GroupMeta,
+    ShardRecord,
+    commit_path,
+    fingerprint_diff,
+    record_path,
+    with_feature_codec,
+)
 from repa_cache.cache.layout import load_records, open_zarr, shard_key, zarr_array
 from repa_cache.cache.lock import LOCK_FILE, is_our_lock, writer_lock
+from repa_cache.cache.progress import Progress, format_bytes
 from repa_cache.cache.reader import CacheReader, ReaderBase, commit_record, group_meta, list_groups, open_meta
 from repa_cache.cache.storage import StorePath, store_path
 
@@ -54,11 +65,19 @@ def copy_cache(
     groups: Iterable[str] | None = None,
     jobs: int = DEFAULT_JOBS,
     quiet: bool = False,
+    feature_codec: str | None = None,
 ) -> CopyResult:
-    """Copy the committed groups of ``src`` (or ``groups``; latents are always included) to ``dst``."""
+    """Copy the committed groups of ``src`` (or ``groups``; latents are always included) to ``dst``.
+
+    ``feature_codec``: store every teacher group in this codec (:mod:`cache.codec`): a group stored
+    otherwise is transcoded (read and decoded, checked against its checksums, encoded again and
+    written shard by shard with its own records and commit, resumable like a precompute); the
+    latents and groups already in that codec are copied byte for byte."""
     t0 = time.perf_counter()
     if jobs <= 0:
         raise UsageError(f"--jobs must be positive, not {jobs}")
+    if feature_codec is not None and feature_codec not in FEATURE_CODECS:
+        raise UsageError(f"--feature-codec must be one of {', '.join(FEATURE_CODECS)}, not '{feature_codec}'")
     src_root, meta = open_meta(src)
     dst_root = store_path(dst)
     if dst_root.is_within(src_root) or src_root.is_within(dst_root):
@@ -73,16 +92,41 @@ def copy_cache(
     # Opening a reader checks what a reader checks: committed, every record and object present.
     CacheReader(src_root, groups=wanted)
     _check_dst(dst_root, meta)  # refuse a destination that is not ours before writing anything
+    targets = {g: _transcoded(src_root, g, feature_codec) for g in wanted}
     with writer_lock(dst_root, "repa cache copy"):  # one writer per cache
-        return _copy_locked(src_root, dst_root, meta, wanted, jobs, quiet, t0)
+        return _copy_locked(src_root, dst_root, meta, wanted, jobs, quiet, t0, targets)
+
+
+def _transcoded(src: StorePath, group: str, codec: str | None) -> GroupMeta | None:
+    """The metadata a group gets in ``codec`` when that changes how it is stored, else None."""
+    if codec is None:
+        return None
+    gmeta = group_meta(src, group)
+    if gmeta.kind != "teacher":
+        return None
+    target = with_feature_codec(gmeta, codec)
+    return None if target.fingerprint_hash == gmeta.fingerprint_hash else target
 
 
 def _copy_locked(src_root: StorePath, dst_root: StorePath, meta: Any, wanted: list[str], jobs: int, quiet: bool,
-                 t0: float) -> CopyResult:
+                 t0: float, targets: dict[str, GroupMeta | None]) -> CopyResult:
     _prepare_dst(src_root, dst_root, meta)
     result = CopyResult(src_root, dst_root)
     done_groups = []
+    transcoded: list[GroupMeta] = []
     for group in wanted:
+        target = targets[group]
+        if target is not None:
+            dst_commit = commit_record(dst_root, group)
+            if dst_commit is not None:
+                if dst_commit["fingerprint_hash"] != target.fingerprint_hash:
+                    raise FingerprintMismatch(f"group '{group}' of {dst_root} was made with other settings than "
+                                              f"{target.codec_name} tokens from {src_root}")
+                result.groups[group] = "already there"
+            else:
+                _transcode_group(src_root, dst_root, meta, target, jobs, quiet, result)
+                transcoded.append(target)
+            continue
         src_commit = (commit_path(src_root, group)).read_bytes()
         dst_commit = commit_record(dst_root, group)
         if dst_commit is not None:
@@ -95,7 +139,7 @@ def _copy_locked(src_root: StorePath, dst_root: StorePath, meta: Any, wanted: li
         _copy_group(src_root, dst_root, meta, group, jobs, quiet, result)
         done_groups.append((group, src_commit))
 
-    if done_groups:
+    if done_groups or transcoded:
         src_manifest = (src_root / MANIFEST_FILE).read_bytes()
         dst_manifest = dst_root / MANIFEST_FILE
         if not dst_manifest.exists():
@@ -106,6 +150,11 @@ def _copy_locked(src_root: StorePath, dst_root: StorePath, meta: Any, wanted: li
         for group, raw in done_groups:  # last: the group is committed at the destination
             commit_path(dst_root, group).write_bytes(raw)
             result.groups[group] = "copied"
+        for target in transcoded:
+            from repa_cache.cache.writer import commit_group  # transcoding writes; a plain copy never does
+
+            commit_group(dst_root, meta, target)
+            result.groups[target.group] = f"transcoded to {target.codec_name}"
     result.seconds = time.perf_counter() - t0
     return result
 
@@ -172,18 +221,69 @@ def _copy_group(src: StorePath, dst: StorePath, meta: Any, group: str, jobs: int
         record_path(dst, group, shard).write_json(rec.to_json())  # after its data, as the writer does
         return nbytes
 
-    bar = tqdm(total=len(todo), unit="shard", desc=f"copy {group}", disable=quiet or not sys.stderr.isatty())
-    with ThreadPoolExecutor(max_workers=jobs) as pool:
+    with Progress(len(todo), f"copy {group}", "shards", quiet=quiet) as bar, ThreadPoolExecutor(max_workers=jobs) as pool:
         for nbytes in pool.map(copy_shard, todo):
             result.bytes_copied += nbytes
             result.shards_copied += 1
             bar.update(1)
-    bar.close()
+
+
+def _transcode_group(src: StorePath, dst: StorePath, meta: Any, target: GroupMeta, jobs: int, quiet: bool,
+                     result: CopyResult) -> None:
+    """Write ``target.group`` at ``dst`` in its codec from the source's decoded tokens, shard by shard.
+
+    Each source shard is checked against its checksums, decoded to float32 and written by the
+    writer as a precompute would (encode, record with the cosine check, later the commit). Shard
+    records keep the source's outcomes, weights and input hashes. A shard whose record at ``dst``
+    already has the target's fingerprint and the source's outcomes and weights is not written
+    again, so a rerun finishes an interrupted transcode.
+    """
+    from repa_cache.cache.writer import create_group, write_shard  # transcoding writes; a plain copy never does
+
+    group = target.group
+    if not (dst / TEACHER_PREFIX / "zarr.json").exists() and (src / TEACHER_PREFIX / "zarr.json").exists():
+        (dst / TEACHER_PREFIX / "zarr.json").write_bytes((src / TEACHER_PREFIX / "zarr.json").read_bytes())
+    if group in list_groups(dst):
+        old = group_meta(dst, group)
+        if old.fingerprint_hash != target.fingerprint_hash:
+            diff = "; ".join(fingerprint_diff(old.fingerprint, target.fingerprint))
+            raise FingerprintMismatch(f"group '{group}' of {dst} was made with other settings: {diff}")
+    create_group(dst, meta, target)
+    reader = CacheReader(src, groups=[group], verify_checksums=True)
+    floats = [a for a in target.arrays if a.name not in {scale_name(n) for n in (target.feature_codec or {}).get("arrays", [])}]
+    src_records = load_records(src, meta, group)
+    dst_records = load_records(dst, meta, group)
+
+    def done(shard: int) -> bool:
+        rec, have = src_records[shard], dst_records.get(shard)
+        return have is not None and (have.fingerprint_hash, have.weights_sha256, have.outcomes) == (
+            target.fingerprint_hash, rec.weights_sha256, rec.outcomes)
+
+    todo = [s for s in range(meta.num_shards) if not done(s)]
+    result.shards_skipped += meta.num_shards - len(todo)
+
+    def transcode_shard(shard: int) -> int:
+        rec = src_records[shard]
+        start, stop = meta.shard_range(shard)
+        got = reader.read_block(start, stop, fields=[f"{group}/{a.name}" for a in floats])  # decoded, float32 or float16
+        rows = got["index"] - start
+        data = {}
+        for a in floats:
+            data[a.name] = np.full((stop - start, len(meta.views), *a.sample_shape), np.nan, dtype=np.float32)  # (n, V, ...)
+            data[a.name][rows] = got[f"{group}/{a.name}"]
+        written = write_shard(dst, meta, target, shard, data, rec.outcomes, rec.weights_sha256, rec.input_sha256)
+        return sum(written.stored_bytes.values())
+
+    with Progress(len(todo), f"transcode {group}", "shards", quiet=quiet) as bar, ThreadPoolExecutor(max_workers=jobs) as pool:
+        for nbytes in pool.map(transcode_shard, todo):
+            result.bytes_copied += nbytes
+            result.shards_copied += 1
+            bar.update(1)
 
 
 def describe_copy(res: CopyResult) -> str:
     parts = ", ".join(f"{g}: {s}" for g, s in res.groups.items())
-    return (f"copied {res.src} -> {res.dst}: {res.shards_copied} shards ({res.bytes_copied / 1e6:.1f} MB) in "
+    return (f"copied {res.src} -> {res.dst}: {res.shards_copied} shards ({format_bytes(res.bytes_copied)}) in "
             f"{res.seconds:.1f}s, {res.shards_skipped} already there; {parts}")
 
 

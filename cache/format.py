@@ -29,6 +29,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
+from repa_cache.cache.codec import FEATURE_CODECS, FLOAT16, INT8, codec_problem, int8_spec, scale_name, scale_shape
 from repa_cache.cache.storage import StorePath, store_path
 
 FORMAT_VERSION = 1
@@ -162,7 +163,7 @@ def group_problem(gmeta: GroupMeta) -> str | None:
             np.dtype(a.dtype)
         except TypeError:
             return f"array '{a.name}' has unknown dtype {a.dtype!r}"
-    return None
+    return codec_problem(gmeta.feature_codec, {a.name: (a.sample_shape, a.dtype) for a in gmeta.arrays})
 
 
 _T = TypeVar("_T")
@@ -265,6 +266,7 @@ class GroupMeta:
     model: dict[str, Any]
     arrays: tuple[ArraySpec, ...]
     fingerprint: dict[str, Any]
+    feature_codec: dict[str, Any] | None = None  # None: stored as floats (cache.codec); absent from the JSON then
 
     @property
     def fingerprint_hash(self) -> str:
@@ -283,11 +285,47 @@ class GroupMeta:
             "model": self.model,
             "arrays": [a.to_json() for a in self.arrays],
             "fingerprint": self.fingerprint,
-        }
+        } | ({"feature_codec": self.feature_codec} if self.feature_codec is not None else {})
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> GroupMeta:
-        return cls(d["group"], d["kind"], d["model"], tuple(ArraySpec.from_json(a) for a in d["arrays"]), d["fingerprint"])
+        return cls(d["group"], d["kind"], d["model"], tuple(ArraySpec.from_json(a) for a in d["arrays"]), d["fingerprint"],
+                   d.get("feature_codec"))
+
+    @property
+    def codec_name(self) -> str:
+        """``float16`` for a group stored as floats (whatever its float dtype), else the codec's name."""
+        return FLOAT16 if self.feature_codec is None else str(self.feature_codec["name"])
+
+
+def with_feature_codec(gmeta: GroupMeta, codec: str) -> GroupMeta:
+    """A teacher group's metadata stored with ``codec`` (see :mod:`cache.codec`).
+
+    The result depends only on the group's model part, never on how ``gmeta`` itself is stored:
+    ``float16`` gives exactly the metadata (and fingerprint) of a float16 group as ``repa
+    precompute`` makes it, ``int8`` that group with int8 values, float32 per-token scales and the
+    codec in its metadata and fingerprint. So a group precomputed as int8 and one transcoded to int8
+    from a float16 or float32 cache have the same fingerprint.
+    """
+    if codec not in FEATURE_CODECS:
+        raise ValueError(f"unknown feature codec '{codec}' (known: {', '.join(FEATURE_CODECS)})")
+    if gmeta.kind != "teacher":
+        raise ValueError(f"group '{gmeta.group}' holds {gmeta.kind}; only teacher tokens have a feature codec")
+    scales = {scale_name(a) for a in (gmeta.feature_codec or {}).get("arrays", [])}
+    floats = tuple(ArraySpec(a.name, a.sample_shape, FLOAT16, a.codec) for a in gmeta.arrays if a.name not in scales)
+    fingerprint = {k: v for k, v in gmeta.fingerprint.items() if k != "feature_codec"}
+    if codec == FLOAT16:
+        fingerprint["arrays"] = [a.to_json() for a in floats]
+        return GroupMeta(gmeta.group, gmeta.kind, gmeta.model, floats, fingerprint)
+    spec = int8_spec(tuple(a.name for a in floats))
+    arrays: tuple[ArraySpec, ...] = ()
+    for a in floats:
+        arrays += (ArraySpec(a.name, a.sample_shape, "int8", a.codec),
+                   ArraySpec(scale_name(a.name), scale_shape(a.sample_shape), spec["scale_dtype"], a.codec))
+    fingerprint["arrays"] = [a.to_json() for a in arrays]
+    fingerprint["feature_codec"] = spec
+    assert codec == INT8
+    return GroupMeta(gmeta.group, gmeta.kind, gmeta.model, arrays, fingerprint, spec)
 
 
 @dataclass
@@ -296,7 +334,8 @@ class ShardRecord:
 
     ``outcomes`` lists, for each sample of the shard in cache order, ``[status, reason, width,
     height]``; ``checksums`` maps array name to the sha256 of the stored zarr shard object.
-    ``input_sha256`` lists, in the same order, the sha256 of each input's encoded bytes as read for
+    ``codec_check`` (quantised groups only) summarises the cosine of every stored token to the
+    floats it was encoded from. ``input_sha256`` lists, in the same order, the sha256 of each input's encoded bytes as read for
     this shard (empty in records written before it existed): a task that encodes the shard for
     another group compares it with the bytes it reads, so groups never mix different pixels.
     """
@@ -312,9 +351,13 @@ class ShardRecord:
     fingerprint_hash: str
     outcomes: list[list[Any]] = field(default_factory=list)
     input_sha256: list[str] = field(default_factory=list)
+    codec_check: dict[str, Any] = field(default_factory=dict)  # quantised groups: cache.codec.cosine_check
 
     def to_json(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        if not self.codec_check:  # records of float groups stay as they always were
+            del d["codec_check"]
+        return d
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> ShardRecord:

@@ -29,6 +29,7 @@ import numpy as np
 import zarr
 from zarr.core.sync import sync as zarr_sync  # runs a coroutine on zarr's own event loop
 
+from repa_cache.cache.codec import MISSING_INT8, decode_numpy, scale_name, stored_arrays
 from repa_cache.cache.errors import CacheError, one_line
 from repa_cache.cache.format import (
     FORMAT_VERSION,
@@ -271,15 +272,57 @@ class ReaderBase:
             raise CacheError(f"view out of range [0, {len(self.views)}) in read_views() (views: {', '.join(self.views)})")
         return v
 
+    def feature_codec(self, group: str) -> dict[str, Any] | None:
+        """The ``feature_codec`` of a group (None: stored as floats), what :func:`cache.codec.dequantize`
+        takes to decode the arrays of a ``raw=True`` read."""
+        meta: GroupMeta = self.group(group).meta
+        return meta.feature_codec
+
+    def _stored(self, wanted: list[tuple[str, str]]) -> list[tuple[str, str]]:
+        """The stored arrays a read of ``wanted`` fetches: quantised arrays with their scales."""
+        out: list[tuple[str, str]] = []
+        for g in dict.fromkeys(g for g, _ in wanted):
+            names = [n for gg, n in wanted if gg == g]
+            out += [(g, n) for n in stored_arrays(self.feature_codec(g), names)]
+        return out
+
+    def _decoded(self, out: dict[str, np.ndarray], wanted: list[tuple[str, str]], raw: bool) -> dict[str, np.ndarray]:
+        """Replace each quantised array of ``out`` by its decoding, float16 (``raw``: keep the stored
+        int8 values, and their ``<array>_scale`` beside them). Scales that were not asked for are
+        dropped after decoding."""
+        if raw:
+            return out
+        asked = {f"{g}/{n}" for g, n in wanted}
+        for g in dict.fromkeys(g for g, _ in wanted):
+            codec = self.feature_codec(g)
+            if codec is None:
+                continue
+            for n in codec["arrays"]:
+                key, skey = f"{g}/{n}", f"{g}/{scale_name(n)}"
+                if key in out:
+                    out[key] = self._to_float16(g, n, decode_numpy(out[key], out[skey], codec))
+                if skey in out and skey not in asked:
+                    del out[skey]
+        return out
+
+    def _to_float16(self, group: str, name: str, x: np.ndarray) -> np.ndarray:
+        """Decoded tokens as float16, the dtype of a float16 group (half the bytes of float32 to
+        pin and copy); a CacheError, not infinities, for tokens beyond its range."""
+        if x.size and np.abs(x).max() > np.finfo(np.float16).max:
+            raise CacheError(f"group '{group}' of {self.root}: '{name}' holds values beyond float16's range; "
+                             "read it with raw=True and decode it with cache.codec.dequantize")
+        return x.astype(np.float16)
+
     def read_views(self, indices: Sequence[int] | np.ndarray, views: Sequence[int] | np.ndarray,
-                   groups: Iterable[str] | None = None, *, fields: Iterable[str] | None = None) -> dict[str, np.ndarray]:
+                   groups: Iterable[str] | None = None, *, fields: Iterable[str] | None = None,
+                   raw: bool = False) -> dict[str, np.ndarray]:
         """Like ``read``, with one stored view per row: row ``i`` of every array is view
         ``views[i]`` of sample ``indices[i]``, shape ``(n, ...)`` (no view axis). Also returns
         ``out["view"]``. This generic version reads every view and picks; a backend that can read
         one view alone overrides it."""
         idx = self._check_indices(indices)
         v = self._check_views(views, idx)
-        out = self.read(idx, groups=groups, fields=fields)
+        out = self.read(idx, groups=groups, fields=fields, raw=raw)
         rows = np.arange(idx.size)
         for k in [k for k in out if "/" in k]:
             out[k] = np.ascontiguousarray(out[k][rows, v])
@@ -287,16 +330,20 @@ class ReaderBase:
         return out
 
     def read(self, indices: Sequence[int] | np.ndarray, groups: Iterable[str] | None = None, *,
-             fields: Iterable[str] | None = None) -> dict[str, np.ndarray]:
-        """Rows at ``indices`` of the requested arrays, each ``(n, V, ...)``, plus ``label`` and ``index``."""
+             fields: Iterable[str] | None = None, raw: bool = False) -> dict[str, np.ndarray]:
+        """Rows at ``indices`` of the requested arrays, each ``(n, V, ...)``, plus ``label`` and ``index``.
+
+        Teacher tokens of a quantised group are decoded to float16; with ``raw=True`` they come as
+        stored: ``"<group>/patch"`` int8 and ``"<group>/patch_scale"`` float32 ``(..., T, 1)``, to
+        be decoded by :func:`cache.codec.dequantize` with :meth:`feature_codec` (on the GPU)."""
         raise NotImplementedError
 
     def read_block(self, start: int, stop: int, groups: Iterable[str] | None = None, *,
-                   fields: Iterable[str] | None = None) -> dict[str, np.ndarray]:
+                   fields: Iterable[str] | None = None, raw: bool = False) -> dict[str, np.ndarray]:
         """Valid rows of the contiguous block ``[start, stop)``; ``out["index"]`` says which."""
         if not 0 <= start <= stop <= self.num_samples:
             raise CacheError(f"block [{start}, {stop}) is outside [0, {self.num_samples})")
-        return self.read(np.arange(start, stop)[self.valid[start:stop]], groups=groups, fields=fields)
+        return self.read(np.arange(start, stop)[self.valid[start:stop]], groups=groups, fields=fields, raw=raw)
 
     def array_names(self, group: str) -> list[str]:
         """The arrays of an opened group, e.g. ``["patch", "cls"]`` for a teacher."""
@@ -306,8 +353,9 @@ class ReaderBase:
         """``(group, array)`` pairs to read: every array of the selected groups, or exactly the
         ``fields`` (``"<group>/<array>"`` keys as ``read`` returns them, e.g.
         ``"teachers/dinov2-vit-b/patch"``; a bare teacher name works as the group)."""
-        if fields is None:
-            return [(g, name) for g in self._select(groups) for name in self.array_names(g)]
+        if fields is None:  # a quantised array's scales come with it (see _stored)
+            return [(g, name) for g in self._select(groups) for name in self.array_names(g)
+                    if name not in {scale_name(a) for a in (self.feature_codec(g) or {}).get("arrays", [])}]
         if groups is not None:
             raise CacheError("read(): pass groups or fields, not both")
         out = []
@@ -401,9 +449,9 @@ class CacheReader(ReaderBase):
 
     # -- reading -------------------------------------------------------------------------------
     def read(self, indices: Sequence[int] | np.ndarray, groups: Iterable[str] | None = None, *,
-             fields: Iterable[str] | None = None) -> dict[str, np.ndarray]:
+             fields: Iterable[str] | None = None, raw: bool = False) -> dict[str, np.ndarray]:
         """Rows at ``indices`` (any order, repeats allowed) of the requested groups (or only the
-        ``fields``, see :class:`ReaderBase`).
+        ``fields``; quantised tokens decoded unless ``raw``, see :class:`ReaderBase`).
 
         Raises CacheError for an index out of range or of a skipped input.
         """
@@ -411,14 +459,17 @@ class CacheReader(ReaderBase):
         idx = self._check_indices(indices)
         wanted = self._fields(groups, fields)
         self._check_shards_of(wanted, idx)
-        rows = self._fetch([(g, name, idx, None) for g, name in wanted])
-        out = {f"{g}/{name}": r for (g, name), r in zip(wanted, rows)}
+        stored = self._stored(wanted)
+        rows = self._fetch([(g, name, idx, None) for g, name in stored])
+        out = {f"{g}/{name}": r for (g, name), r in zip(stored, rows)}
+        out = self._decoded(out, wanted, raw)
         out["label"] = self.labels[idx]
         out["index"] = idx
         return out
 
     def read_views(self, indices: Sequence[int] | np.ndarray, views: Sequence[int] | np.ndarray,
-                   groups: Iterable[str] | None = None, *, fields: Iterable[str] | None = None) -> dict[str, np.ndarray]:
+                   groups: Iterable[str] | None = None, *, fields: Iterable[str] | None = None,
+                   raw: bool = False) -> dict[str, np.ndarray]:
         """Like ``read``, with one stored view per row (see :meth:`ReaderBase.read_views`). Reads
         only that view: where a chunk holds one view (the layout the writer uses) nothing else is
         decompressed, about half the work of ``read`` with two views; older caches with both views
@@ -428,15 +479,17 @@ class CacheReader(ReaderBase):
         v = self._check_views(views, idx)
         wanted = self._fields(groups, fields)
         self._check_shards_of(wanted, idx)
+        stored = self._stored(wanted)
         by_view = [(view, np.flatnonzero(v == view)) for view in np.unique(v).tolist()]
-        rows = iter(self._fetch([(g, name, idx[sel], view) for g, name in wanted for view, sel in by_view]))
+        rows = iter(self._fetch([(g, name, idx[sel], view) for g, name in stored for view, sel in by_view]))
         out: dict[str, np.ndarray] = {}
-        for g, name in wanted:
+        for g, name in stored:
             arr = self.groups[g].arrays[name]
             data = np.empty((idx.size, *arr.shape[2:]), arr.dtype)
             for _, sel in by_view:
                 data[sel] = next(rows)
             out[f"{g}/{name}"] = data
+        out = self._decoded(out, wanted, raw)
         out["label"] = self.labels[idx]
         out["index"] = idx
         out["view"] = v
@@ -510,7 +563,9 @@ class CacheReader(ReaderBase):
     def _check_finite(self, group: str, name: str, rows: np.ndarray, idx: np.ndarray) -> None:
         if rows.size == 0:
             return
-        finite = np.isfinite(rows.reshape(rows.shape[0], -1)).all(axis=1)
+        flat = rows.reshape(rows.shape[0], -1)
+        # int8 tokens: the fill value marks what was never written, as NaN does for floats
+        finite = (flat != MISSING_INT8).all(axis=1) if flat.dtype == np.int8 else np.isfinite(flat).all(axis=1)
         if not finite.all():
             i = int(idx[np.flatnonzero(~finite)[0]])
             raise CacheError(

@@ -11,17 +11,22 @@ import os
 import re
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import dask.array as da
 import numpy as np
 import zarr
 
+from repa_cache.cache.codec import decode_numpy, scale_name
 from repa_cache.cache.errors import UsageError
 from repa_cache.cache.format import MANIFEST_FILE, LatentNorm, sha256_json
 from repa_cache.cache.layout import open_zarr, zarr_array
+from repa_cache.cache.progress import format_bytes
 from repa_cache.cache.reader import check_plan, commit_record, group_arrays, group_meta, list_groups, open_meta, read_manifest
 from repa_cache.cache.storage import StorePath
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 DEFAULT_MAX_SAMPLES = 10_000
 
@@ -96,12 +101,16 @@ def cache_stats(path: str | Path, max_samples: int = DEFAULT_MAX_SAMPLES, with_h
             "bytes_uncompressed": nbytes,
             "compression_ratio": round(nbytes / stored, 3) if stored else None,
             "bytes_per_sample": round(stored / max(1, int(valid.sum())), 1),
+            "bytes_per_view": round(stored / max(1, int(valid.sum()) * len(meta.views)), 1),
         }
+        if gmeta.kind != "latents":  # how its tokens are stored, and (quantised) how close they are to the source
+            g["feature_codec"] = gmeta.codec_name
+            g["codec_check"] = (commit or {}).get("codec_check")
         if commit is not None and idx.size:
             if gmeta.kind == "latents":
                 g["latent_stats"], h = _latent_stats(zg, idx)
             else:
-                g["feature_stats"], h = _feature_stats(zg, idx)
+                g["feature_stats"], h = _feature_stats(zg, idx, gmeta.feature_codec)
             if with_histograms:
                 hist[group] = h
         groups[group] = g
@@ -131,16 +140,21 @@ def _latent_stats(zg: zarr.Group, idx: np.ndarray) -> tuple[dict[str, Any], dict
         "channel_mean_posterior_std": [round(float(v), 5) for v in np.sqrt(e_var)],
         "suggested_scale": round(float(1.0 / np.sqrt(np.mean(var_mu + e_var))), 5),
     }
-    sample = mean[: min(512, len(idx))].compute()
-    return stats, {"latent mean values": sample.reshape(-1)}
+    sample = mean[: min(512, len(idx))].compute()  # (n, V, C, h, w)
+    return stats, {"channels": np.moveaxis(sample, 2, 0).reshape(sample.shape[2], -1), "samples": len(sample)}  # (C, n*V*h*w)
 
 
-def _feature_stats(zg: zarr.Group, idx: np.ndarray) -> tuple[dict[str, Any], dict[str, Any]]:
-    patch = _rows(zarr_array(zg, "patch"), idx).astype(np.float32)  # (n, V, T, D)
-    cls = _rows(zarr_array(zg, "cls"), idx).astype(np.float32)  # (n, V, D)
+def _feature_stats(zg: zarr.Group, idx: np.ndarray, codec: dict[str, Any] | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+    def tokens(name: str) -> da.Array:  # float32, decoded when quantised
+        x = _rows(zarr_array(zg, name), idx)
+        return x.astype(np.float32) if codec is None else decode_numpy(x, _rows(zarr_array(zg, scale_name(name)), idx), codec)
+
+    patch = tokens("patch")  # (n, V, T, D)
+    cls = tokens("cls")  # (n, V, D)
     pn = da.sqrt((patch**2).sum(axis=-1))
     cn = da.sqrt((cls**2).sum(axis=-1))
-    pm, ps, pmin, pmax, cm, cs, pnorms = da.compute(pn.mean(), pn.std(), pn.min(), pn.max(), cn.mean(), cn.std(), pn[:512])
+    pm, ps, pmin, pmax, cm, cs, pnorms, cnorms = da.compute(pn.mean(), pn.std(), pn.min(), pn.max(), cn.mean(), cn.std(),
+                                                            pn[:512], cn[:512])
     stats = {
         "patch_norm_mean": round(float(pm), 4),
         "patch_norm_std": round(float(ps), 4),
@@ -149,15 +163,7 @@ def _feature_stats(zg: zarr.Group, idx: np.ndarray) -> tuple[dict[str, Any], dic
         "cls_norm_mean": round(float(cm), 4),
         "cls_norm_std": round(float(cs), 4),
     }
-    return stats, {"patch token L2 norm": np.asarray(pnorms).reshape(-1)}
-
-
-def _human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    return str(n)
+    return stats, {"patch": np.asarray(pnorms).reshape(-1), "cls": np.asarray(cnorms).reshape(-1), "samples": len(pnorms)}
 
 
 def _values(v: tuple[float, ...]) -> str:
@@ -173,7 +179,7 @@ def format_stats(s: dict[str, Any]) -> str:
         f"samples        {s['samples']} in {s['shards']} shards of {s['shard_size']}; views {', '.join(s['views'])}",
         f"resolution     {s['resolution']} px, crop {s['crop']}, order seed {s['seed']}",
         f"fingerprint    {s['fingerprint']}",
-        f"on disk        {_human(s['bytes_on_disk'])}",
+        f"on disk        {format_bytes(s['bytes_on_disk'])}",
         f"outcomes       {s['outcomes']}",
     ]
     for reason, n in s.get("skipped_by_reason", {}).items():
@@ -198,9 +204,14 @@ def format_stats(s: dict[str, Any]) -> str:
             lines.append(f"  {an:<6} shape {tuple(a['shape'])} {a['dtype']}  {codec['name']}/{codec.get('cname')} L{codec.get('clevel')}")
         ratio = g["compression_ratio"]
         lines.append(
-            f"  storage      {_human(g['bytes_on_disk'])} on disk, {_human(g['bytes_uncompressed'])} raw, "
-            f"ratio {ratio}, {_human(g['bytes_per_sample'])}/sample"
+            f"  storage      {format_bytes(g['bytes_on_disk'])} on disk, {format_bytes(g['bytes_uncompressed'])} raw, "
+            f"ratio {ratio}, {format_bytes(g['bytes_per_sample'])}/sample"
         )
+        if "feature_codec" in g:
+            check = g.get("codec_check") or {}
+            cos = (f"; cosine to the source at write: min {check['min']:.6f}, 0.1% {check['q001']:.6f}, mean {check['mean']:.6f} "
+                   f"over {check['tokens']} tokens") if check.get("tokens") else ""
+            lines.append(f"  codec        {g['feature_codec']}, {format_bytes(g['bytes_per_view'])}/view stored{cos}")
         if "latent_stats" in g:
             ls = g["latent_stats"]
             norm = LatentNorm.of_latents(m)
@@ -221,7 +232,7 @@ def format_stats(s: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def check_plot_path(path: str | Path) -> None:
+def check_plot_path(path: str | Path, flag: str = "--plot") -> None:
     """UsageError (one line) for a plot file matplotlib cannot write: an extension it has no
     writer for, or a folder that does not exist. Cheap: call it before computing statistics."""
     from matplotlib.backend_bases import FigureCanvasBase
@@ -230,36 +241,105 @@ def check_plot_path(path: str | Path) -> None:
     p = Path(path)
     ext = p.suffix.lower().lstrip(".")
     if ext not in formats:
-        raise UsageError(f"--plot {path}: unsupported file type '{p.suffix or '(none)'}'; "
+        raise UsageError(f"{flag} {path}: unsupported file type '{p.suffix or '(none)'}'; "
                          f"use one of {', '.join('.' + f for f in sorted(formats))}")
     if p.is_dir():
-        raise UsageError(f"--plot {path} is a folder, not a file name")
+        raise UsageError(f"{flag} {path} is a folder, not a file name")
     if not p.parent.is_dir():
-        raise UsageError(f"--plot {path}: folder {p.parent} does not exist")
+        raise UsageError(f"{flag} {path}: folder {p.parent} does not exist")
 
 
-def plot_stats(s: dict[str, Any], path: str | Path) -> None:
-    """Histograms of latent values, token norms, and per-class counts into one image (its type
-    from the file name's extension: .png, .pdf, .svg, ...)."""
-    check_plot_path(path)
-    import matplotlib
+OUTCOMES = ("ok", "converted", "skipped")  # the manifest's statuses, in the order they are plotted
+_CLASS_NAMES_SHOWN = 30  # up to this many classes, the class axis is labelled with their names
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+
+def _model_name(model: dict[str, Any]) -> str:
+    return str(model.get("id") or model.get("timm_id") or "?")
+
+
+def plot_title(s: dict[str, Any]) -> str:
+    """The cache's folder name, its VAE and teachers, and a marker when any is a tiny random-init
+    preset (whose numbers mean nothing about real models)."""
+    groups = s["groups"]
+    name = os.path.basename(str(s["path"]).rstrip("/")) or str(s["path"])
+    parts = [f"cache {name}"]
+    if "latents" in groups:
+        parts.append(f"VAE {_model_name(groups['latents']['model'])}")
+    teachers = [f"{g.split('/', 1)[-1]} ({_model_name(v['model'])})" for g, v in groups.items() if v["kind"] != "latents"]
+    if teachers:
+        parts.append(f"teacher{'s' if len(teachers) > 1 else ''} {', '.join(teachers)}")
+    title = "  |  ".join(parts)
+    if any(v["model"].get("tiny") for v in groups.values()):
+        title += "  [TINY random-init preset]"
+    return title
+
+
+def stats_figure(s: dict[str, Any]) -> Figure:
+    """The figure of :func:`cache_stats` (run with ``with_histograms=True``), one panel each for:
+    the latent values of each latents group, one histogram per channel; the patch and CLS token
+    L2 norms of each teacher; the outcome counts of the manifest; the valid samples per class."""
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     hists = s.get("_histograms", {})
-    panels = [(f"{g}: {k}", v) for g, h in hists.items() for k, v in h.items()]
-    n = len(panels) + (1 if s.get("per_class") else 0)
-    fig, axes = plt.subplots(1, max(1, n), figsize=(5 * max(1, n), 3.5), squeeze=False)
-    for ax, (title, values) in zip(axes[0], panels):
-        ax.hist(np.asarray(values, dtype=np.float64), bins=60, color="#3b6ea5")
-        ax.set_title(title, fontsize=9)
-    if s.get("per_class"):
-        ax = axes[0][len(panels)]
-        ax.bar(range(len(s["per_class"])), list(s["per_class"].values()), color="#a55b3b")
-        ax.set_title("samples per class", fontsize=9)
-        ax.set_xlabel("class index")
-    fig.suptitle(os.path.basename(s["path"].rstrip("/")), fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    outcomes = s.get("outcomes") if isinstance(s.get("outcomes"), dict) else None
+    per_class = s.get("per_class") or {}
+    n_panels = len(hists) + (outcomes is not None) + bool(per_class)
+    ncols = 2 if n_panels in (2, 4) else max(1, min(3, n_panels))
+    nrows = max(1, -(-n_panels // ncols))
+    fig = Figure(figsize=(5.5 * ncols, 4.0 * nrows + 0.6), layout="constrained")
+    grid = fig.subplots(nrows, ncols, squeeze=False).ravel()
+    for ax in grid[n_panels:]:
+        fig.delaxes(ax)
+    axes = iter(grid[:n_panels])
+    for group, h in hists.items():
+        ax = next(axes)
+        n = h["samples"]  # the histograms read a prefix of the statistics' samples
+        if "channels" in h:
+            channels = np.asarray(h["channels"], dtype=np.float64)  # (C, values)
+            for c, values in enumerate(channels):
+                ax.hist(values, bins=60, histtype="step", linewidth=1.2, label=f"ch {c}")
+            ax.set_title(f"{group}: latent mean per channel ({n} samples)", fontsize=9)
+            ax.set_xlabel("latent value (VAE scale, before scale/shift)")
+            ax.set_ylabel("values per bin")
+            ax.legend(fontsize=7, ncol=min(4, len(channels)))
+        else:
+            ax.hist(np.asarray(h["patch"], dtype=np.float64), bins=60, density=True, alpha=0.7, label="patch tokens")
+            ax.hist(np.asarray(h["cls"], dtype=np.float64), bins=30, density=True, alpha=0.7, label="CLS token")
+            ax.set_title(f"{group}: token L2 norms ({n} samples)", fontsize=9)
+            ax.set_xlabel("token L2 norm")
+            ax.set_ylabel("density")
+            ax.legend(fontsize=7)
+    if outcomes is not None:
+        ax = next(axes)
+        kinds = list(OUTCOMES) + sorted(set(outcomes) - set(OUTCOMES))
+        counts = [int(outcomes.get(k, 0)) for k in kinds]
+        bars = ax.bar(kinds, counts, color=["#3b8a4a", "#c9a227", "#b03a2e"] + ["#777777"] * (len(kinds) - len(OUTCOMES)))
+        ax.bar_label(bars, fontsize=8)
+        ax.set_title(f"outcomes ({sum(counts)} inputs)", fontsize=9)
+        ax.set_xlabel("outcome")
+        ax.set_ylabel("inputs")
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    if per_class:
+        ax = next(axes)
+        names, counts = list(per_class), list(per_class.values())
+        ax.bar(range(len(counts)), counts, color="#a55b3b")
+        if len(names) <= _CLASS_NAMES_SHOWN:
+            ax.set_xticks(range(len(names)), names, rotation=0 if len(names) <= 8 else 90, fontsize=8 if len(names) <= 8 else 7)
+            ax.set_xlabel("class")
+        else:
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.set_xlabel("class index")
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_title(f"valid samples per class ({len(names)} classes, {min(counts)} to {max(counts)})", fontsize=9)
+        ax.set_ylabel("valid samples")
+    fig.suptitle(plot_title(s), fontsize=10)
+    return fig
+
+
+def plot_stats(s: dict[str, Any], path: str | Path) -> Path:
+    """Write :func:`stats_figure` to ``path`` (its type from the extension: .png, .pdf, .svg, ...);
+    returns the path."""
+    check_plot_path(path)
+    stats_figure(s).savefig(path, dpi=100)
+    return Path(path)

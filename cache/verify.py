@@ -8,16 +8,16 @@ inputs that were not skipped hold finite values (a lost chunk reads back as NaN 
 from __future__ import annotations
 
 import logging
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
+from repa_cache.cache.codec import MISSING_INT8
 from repa_cache.cache.errors import CacheError
 from repa_cache.cache.format import MANIFEST_FILE, CacheMeta
 from repa_cache.cache.layout import load_records
+from repa_cache.cache.progress import Progress
 from repa_cache.cache.reader import (
     GroupInfo,
     check_plan,
@@ -78,7 +78,7 @@ def verify_cache(path: str | Path, quiet: bool = False) -> VerifyReport:
         status = np.asarray(read_manifest(root, meta, columns=["status"]).column("status").to_pylist())
         valid = status != "skipped"
     total = len(groups) * meta.num_shards
-    bar = tqdm(total=total, unit="shard", desc="verify", disable=quiet or not sys.stderr.isatty())
+    bar = Progress(total, "verify", "shards", quiet=quiet)
     for group in groups:
         if group not in committed:
             report.problems.append(Problem(group, None, "is not committed (its precompute did not finish)"))
@@ -130,4 +130,6 @@ def _check_contents(info: GroupInfo, meta: CacheMeta, shard: int, valid: np.ndar
             return f"of '{name}' has shape {block.shape}, expected {want}"
         if keep.any() and not np.isfinite(block[keep]).all():
             return f"of '{name}' has missing or non-finite values in encoded rows"
+        if keep.any() and block.dtype == np.int8 and (block[keep] == MISSING_INT8).any():  # the int8 fill value
+            return f"of '{name}' has missing values in encoded rows"
     return None

@@ -54,6 +54,7 @@ from repa_cache.cache.format import (
     write_json_atomic,
 )
 from repa_cache.cache.lock import LOCK_FILE, is_our_lock, writer_lock
+from repa_cache.cache.progress import Progress, format_bytes
 from repa_cache.cache.reader import CacheReader, ReaderBase
 from repa_cache.cache.storage import StorePath, store_path
 
@@ -160,6 +161,7 @@ def export_wds(
     out_dir: str | Path,
     shard_bytes: int = DEFAULT_SHARD_BYTES,
     groups: Iterable[str] | None = None,
+    quiet: bool = False,
 ) -> dict[str, Any]:
     """Export the committed groups of a cache (or ``groups``) to webdataset shards; returns the index.
 
@@ -177,10 +179,10 @@ def export_wds(
         raise UsageError(f"output folder {out} is inside the cache {reader.root}")
     _check_out(out)  # refuse a folder that is not ours before writing anything into it
     with writer_lock(out, "repa export-wds"):
-        return _export_locked(reader, out, shard_bytes)
+        return _export_locked(reader, out, shard_bytes, quiet)
 
 
-def _export_locked(reader: CacheReader, out: StorePath, shard_bytes: int) -> dict[str, Any]:
+def _export_locked(reader: CacheReader, out: StorePath, shard_bytes: int, quiet: bool) -> dict[str, Any]:
     _prepare_out(out, reader.root.resolve())
     meta = reader.meta
     fields = {f"{g}/{a.name}": member_field(g, a.name) for g, info in reader.groups.items() for a in info.meta.arrays}
@@ -211,10 +213,13 @@ def _export_locked(reader: CacheReader, out: StorePath, shard_bytes: int) -> dic
     import webdataset as wds
 
     block = max(1, min(meta.shard_size, 256))
-    with wds.ShardWriter(SHARD_PATTERN, maxcount=1 << 40, maxsize=float(shard_bytes), post=post,
-                         verbose=0, opener=opener, mtime=_TAR_MTIME) as sink:
+    with (
+        Progress(meta.num_samples, "export-wds", "samples", quiet=quiet) as bar,  # cache indices, skipped ones included
+        wds.ShardWriter(SHARD_PATTERN, maxcount=1 << 40, maxsize=float(shard_bytes), post=post,
+                        verbose=0, opener=opener, mtime=_TAR_MTIME) as sink,
+    ):
         for start in range(0, meta.num_samples, block):
-            data = reader.read_block(start, min(start + block, meta.num_samples))
+            data = reader.read_block(start, min(start + block, meta.num_samples), raw=True)  # as stored: int8 tokens stay int8
             for j, i in enumerate(data["index"].tolist()):
                 sample: dict[str, Any] = {"__key__": f"{i:0{width}d}", LABEL_FIELD: int(data["label"][j]),
                                           KEY_FIELD: reader.keys[i]}
@@ -222,6 +227,7 @@ def _export_locked(reader: CacheReader, out: StorePath, shard_bytes: int) -> dic
                     sample[member] = np.ascontiguousarray(data[name][j])
                 sink.write(sample)
                 members[sink.fname].append(i)
+            bar.update(min(block, meta.num_samples - start))
 
     manifest_bytes = (reader.root / MANIFEST_FILE).read_bytes()
     (out / MANIFEST_FILE).write_bytes(manifest_bytes)
@@ -254,7 +260,7 @@ def describe_export(index: dict[str, Any], out: str | Path | StorePath) -> str:
     total = sum(s["bytes"] for s in index["shards"])
     groups = ", ".join(index["cache"]["groups"])
     return (f"exported {index['num_samples']} samples to {len(index['shards'])} webdataset shards in {out} "
-            f"({total / 1e6:.1f} MB; groups: {groups})")
+            f"({format_bytes(total)}; groups: {groups})")
 
 
 # -- reading -----------------------------------------------------------------------------------
@@ -373,14 +379,15 @@ class WdsReader(ReaderBase):
 
     # -- reading -------------------------------------------------------------------------------
     def read(self, indices: Sequence[int] | np.ndarray, groups: Iterable[str] | None = None, *,
-             fields: Iterable[str] | None = None) -> dict[str, np.ndarray]:
+             fields: Iterable[str] | None = None, raw: bool = False) -> dict[str, np.ndarray]:
         """Rows at ``indices`` (any order, repeats allowed) of the requested groups (or only the
         ``fields``, see :class:`cache.reader.ReaderBase`).
 
         Raises CacheError for an index out of range or of a skipped input.
         """
         idx = self._check_indices(indices)
-        wanted = self._fields(groups, fields)
+        asked = self._fields(groups, fields)
+        wanted = self._stored(asked)  # quantised arrays with their scales
         out: dict[str, np.ndarray] = {}
         for g, name in wanted:
             spec = self.groups[g].meta.array(name)
@@ -404,11 +411,12 @@ class WdsReader(ReaderBase):
                         if suffix not in members:
                             raise CacheError(f"{self.root}: shard {fname} lacks '{suffix}' of cache index {i}")
                         off, size = members[suffix]
-                        raw = shard_file.read(off, size)
-                        rows[f"{g}/{name}"][u] = self._decode(raw, fname, i, g, name)
+                        member = shard_file.read(off, size)
+                        rows[f"{g}/{name}"][u] = self._decode(member, fname, i, g, name)
         for name, arr in out.items():
             if idx.size:
                 arr[...] = np.stack(rows[name])[inverse.reshape(-1)]
+        out = self._decoded(out, asked, raw)
         out["label"] = self.labels[idx]
         out["index"] = idx
         return out

@@ -25,6 +25,7 @@ import zarr
 from zarr.codecs import BloscCodec
 from zarr.core.sync import sync
 
+from repa_cache.cache.codec import MISSING_INT8, cosine_check, decode_numpy, encode_int8, merge_checks, scale_name, token_cosine
 from repa_cache.cache.errors import CacheError
 from repa_cache.cache.format import (
     GROUP_ATTR,
@@ -84,7 +85,7 @@ def create_group(root: StorePath | Path, meta: CacheMeta, gmeta: GroupMeta) -> N
             chunks=(1, 1, *shape[2:]),  # one sample, one view: a reader decodes only the view it uses
             dtype=spec.dtype,
             compressors=make_codec(spec.codec),
-            fill_value=np.nan,
+            fill_value=MISSING_INT8 if spec.dtype == "int8" else np.nan,  # int8: a value the codec never writes
             dimension_names=("sample", "view", *[f"d{i}" for i in range(len(spec.sample_shape))]),
             overwrite=True,  # a half-created group (killed before its attributes) holds no data of ours yet
         )
@@ -110,6 +111,9 @@ def write_shard(
     """
     root = store_path(root)
     start, stop = meta.shard_range(shard)
+    codec_check: dict[str, Any] = {}
+    if gmeta.feature_codec is not None:
+        data, codec_check = encode_features(gmeta, data, outcomes, f"group '{gmeta.group}' shard {shard}")
     grp = open_zarr(root / gmeta.group, mode="r+")
     checksums: dict[str, str] = {}
     stored: dict[str, int] = {}
@@ -142,9 +146,39 @@ def write_shard(
         fingerprint_hash=gmeta.fingerprint_hash,
         outcomes=outcomes,
         input_sha256=list(input_sha256 or []),
+        codec_check=codec_check,
     )
     write_json_atomic(record_path(root, gmeta.group, shard), record.to_json())
     return record
+
+
+def encode_features(gmeta: GroupMeta, data: dict[str, np.ndarray], outcomes: list[list[Any]],
+                    where: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """One shard of a quantised group's float tokens -> its stored arrays, and the cosine check.
+
+    ``data[name]`` is ``(n, V, ..., D)`` float (rows of skipped inputs NaN). Rows of skipped inputs
+    are stored as the int8 fill value with NaN scales, exactly as if never written. Every stored
+    token is decoded again and compared with its source: the record keeps the cosine summary.
+
+    Raises:
+        CacheError: a non-skipped row holds NaN or infinity (``where`` names the shard).
+    """
+    codec = gmeta.feature_codec
+    assert codec is not None
+    keep = np.array([o[0] != "skipped" for o in outcomes], dtype=bool)
+    out = dict(data)
+    cosines = []
+    for name in codec["arrays"]:
+        x = np.array(data[name], dtype=np.float32)  # (n, V, ..., D), a copy
+        x[~keep] = 0  # skipped rows: no data; the rest keep their positions for the message
+        try:
+            q, scale = encode_int8(x, codec, f"{where}, array '{name}'")
+        except ValueError as e:
+            raise CacheError(str(e)) from None
+        q[~keep], scale[~keep] = MISSING_INT8, np.nan
+        cosines.append(token_cosine(x[keep], decode_numpy(q[keep], scale[keep], codec)).reshape(-1))
+        out[name], out[scale_name(name)] = q, scale
+    return out, cosine_check(np.concatenate(cosines) if cosines else np.empty(0))
 
 
 def manifest_table(plan: pa.Table, outcomes: list[list[Any]]) -> pa.Table:
@@ -182,6 +216,7 @@ def commit_group(root: StorePath | Path, meta: CacheMeta, gmeta: GroupMeta) -> d
     else:
         mpath.write_parquet(manifest)
     statuses = manifest.column("status").to_pylist()
+    check = {"codec_check": merge_checks([records[s].codec_check for s in range(meta.num_shards)])} if gmeta.feature_codec else {}
     commit = {
         "group": gmeta.group,
         "fingerprint_hash": gmeta.fingerprint_hash,
@@ -190,6 +225,7 @@ def commit_group(root: StorePath | Path, meta: CacheMeta, gmeta: GroupMeta) -> d
         "records_sha256": sha256_json([records[s].checksums for s in range(meta.num_shards)]),
         "counts": {k: statuses.count(k) for k in ("ok", "converted", "skipped")},
         "committed_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        **check,
     }
     write_json_atomic(commit_path(root, gmeta.group), commit)
     return commit

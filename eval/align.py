@@ -18,6 +18,7 @@ from typing import Any
 
 from repa_cache.cache.errors import CacheError, UsageError
 from repa_cache.cache.format import LATENTS, teacher_group
+from repa_cache.cache.progress import Progress
 from repa_cache.cache.reader import ReaderBase
 from repa_cache.cache.storage import store_path
 from repa_cache.cache.wds import open_reader
@@ -57,12 +58,13 @@ def _cache_of(loaded: LoadedModel, cache: str | None) -> str:
     return str(path)
 
 
-def align(ckpt: str | Path, cfg: AlignConfig | None = None) -> dict[str, Any]:
+def align(ckpt: str | Path, cfg: AlignConfig | None = None, quiet: bool = False) -> dict[str, Any]:
     """Alignment metrics of a checkpoint's EMA student on the last ``cfg.num`` valid cache samples.
 
     Args:
         ckpt: a run folder or a checkpoint file.
         cfg: the measurement's settings (default: :class:`AlignConfig`'s).
+        quiet: no progress bar or status lines.
 
     Returns:
         ``{"checkpoint", "step", "cache", "num", "t", "k", "teachers": {name: {"cos", "cknna",
@@ -82,10 +84,17 @@ def align(ckpt: str | Path, cfg: AlignConfig | None = None) -> dict[str, Any]:
         reader = open_training_cache(_cache_of(loaded, cfg.cache), card.cache, groups)
     except CacheError as e:
         raise CacheError(f"{e} (needed for alignment with {', '.join(card.teachers)})") from e
-    metrics = alignment_metrics(loaded.model, reader, card.teachers, num=cfg.num, t=cfg.t, k=cfg.k,
-                                batch_size=cfg.batch_size, seed=cfg.seed, path=card.path,
-                                resample=bool(card.train.get("resample_teacher")), precision=cfg.precision,
-                                norm=card.norm)
+    # Progress counts the samples as the student sees them: a hook on its forward pass.
+    bar = Progress(min(cfg.num, len(reader.valid_indices())), "align", "samples", quiet=quiet)
+    hook = loaded.model.register_forward_hook(lambda _m, args, _out: bar.update(int(args[0].shape[0])))
+    try:
+        metrics = alignment_metrics(loaded.model, reader, card.teachers, num=cfg.num, t=cfg.t, k=cfg.k,
+                                    batch_size=cfg.batch_size, seed=cfg.seed, path=card.path,
+                                    resample=bool(card.train.get("resample_teacher")), precision=cfg.precision,
+                                    norm=card.norm, method=loaded.method)
+    finally:
+        hook.remove()
+    bar.close()
     per_teacher = {name: {m: metrics[f"align/{m}/{name}"] for m in MEASURES} for name in card.teachers}
     return {"checkpoint": str(loaded.path), "step": loaded.step, "cache": str(reader.root),
             "num": int(metrics["align/num"]), "t": cfg.t, "k": cfg.k, "teachers": per_teacher}

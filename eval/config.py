@@ -24,6 +24,8 @@ class SampleConfig:
         steps: model evaluations per sample.
         heun: Heun steps (ODE only).
         classes: class ids to cycle through; empty: a random class per sample from its seed.
+        cls_cfg_scale: guidance scale of the CLS token a REG model denoises with the latent
+            (None: ``cfg_scale``); models without extra state ignore it.
         seed: job seed; sample ``i`` uses ``(seed, i)``.
         batch_size: samples per forward pass on each rank.
         vae: a local folder holding the checkpoint's VAE (it must have the same weights); default:
@@ -43,6 +45,7 @@ class SampleConfig:
     heun: bool = False
     classes: tuple[int, ...] = ()
     seed: int = 0
+    cls_cfg_scale: float | None = None
     batch_size: int = 64
     vae: str | None = None
     device: str = "auto"
@@ -83,20 +86,44 @@ class AlignConfig:
 
 @dataclass(frozen=True)
 class FidConfig:
-    """A Fréchet distance job (``repa fid``).
+    """An evaluation job (``repa evaluate``, also ``repa fid``): distances and scores of samples.
+
+    The Inception network gives FID, IS, precision/recall and KID (each with the protocol of
+    torch-fidelity and the ADM suite); a DINOv2 teacher gives FD-DINOv2.
 
     Attributes:
         fd_dinov2: also compute FD-DINOv2.
+        inception_score: also compute the Inception Score of the samples.
+        precision_recall: also compute precision and recall (Kynkäänniemi et al. 2019) against the
+            reference images.
+        kid: also compute the Kernel Inception Distance against the reference images.
+        is_splits: the samples are split into this many parts; IS is the mean over them.
+        pr_k: the k of the k-nearest-neighbour balls of precision and recall.
+        kid_subsets: number of random subsets KID averages over.
+        kid_subset_size: images per KID subset (lowered to the smaller set's size if needed).
+        max_ref_images: at most this many reference images (the first ones) give the reference
+            features of precision/recall and KID, which are held in memory.
+        seed: seed of the IS shuffle and of the KID subsets (torch-fidelity's default).
         inception_weights: local Inception weights file; default: torch-fidelity's download.
         dinov2_teacher: registry name of the FD-DINOv2 network.
         dinov2_checkpoint: local weights file for it.
         batch_size: images per forward pass.
         device: ``"auto"``, ``"cpu"``, ``"cuda"``...
-        stats_dir: where reference statistics are cached (default ``~/.cache/repa-cache/fid-stats``).
+        stats_dir: where reference statistics and features are cached (default
+            ``~/.cache/repa-cache/fid-stats``).
         quiet: no progress bars.
     """
 
     fd_dinov2: bool = False
+    inception_score: bool = True
+    precision_recall: bool = True
+    kid: bool = True
+    is_splits: int = 10
+    pr_k: int = 3
+    kid_subsets: int = 100
+    kid_subset_size: int = 1000
+    max_ref_images: int = 50_000
+    seed: int = 2020
     inception_weights: str | None = None
     dinov2_teacher: str = "dinov2-vit-l"
     dinov2_checkpoint: str | None = None

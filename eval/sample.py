@@ -23,7 +23,6 @@ import json
 import logging
 import math
 import os
-import sys
 import time
 import zipfile
 from collections.abc import Iterator
@@ -37,15 +36,16 @@ import torch
 import torch.distributed as dist
 from PIL import Image
 from torch import Tensor
-from tqdm import tqdm
 
 from repa_cache.cache.errors import RepaError, UsageError
 from repa_cache.cache.format import LatentNorm
+from repa_cache.cache.progress import Progress
 from repa_cache.cache.storage import atomic_file
 from repa_cache.eval.config import SampleConfig
-from repa_cache.eval.samplers import SamplerConfig, sample_labels, sample_latents
+from repa_cache.eval.samplers import SamplerConfig, sample_joint, sample_labels
 from repa_cache.stages.devices import check_precision, resolve_device
 from repa_cache.train.checkpoint import ModelCard, load_checkpoint, resolve_checkpoint, strip_wrapper_prefixes
+from repa_cache.train.methods import Method, method_from_card
 from repa_cache.train.model import SiT, SiTConfig
 from repa_cache.train.noise import SampleNoise
 
@@ -57,7 +57,7 @@ GRID_NAME = "grid.png"
 JOB_FILE = "sample.json"
 #: Settings that make the images what they are; a resume must keep them.
 IDENTITY_FIELDS = ("checkpoint", "sampler", "steps", "heun", "cfg_scale", "guidance_interval", "classes",
-                   "seed", "last_t")
+                   "seed", "last_t", "cls_cfg_scale")
 
 
 def local_rank() -> int:
@@ -76,6 +76,7 @@ class LoadedModel:
     Attributes:
         model: the SiT in eval mode with gradients off, on the requested device.
         config: its shape (``SiTConfig(**card.model)``).
+        method: the training method the card names (its student and what sampling integrates).
         card: the checkpoint's model card (teachers, latent normalisation, VAE, interpolant...).
         step: training step of the weights.
         path: the checkpoint file that was read.
@@ -86,6 +87,7 @@ class LoadedModel:
     card: ModelCard
     step: int
     path: Path
+    method: Method
 
     @property
     def null_class(self) -> int:
@@ -106,14 +108,15 @@ def load_model(ckpt: str | Path, device: torch.device | str = "cpu") -> LoadedMo
         config = SiTConfig(**ckpt_file.card.model)
     except (TypeError, ValueError) as e:
         raise UsageError(f"{ckpt_file.path} has an unusable model config ({str(e).splitlines()[0]})") from None
-    model = SiT(config)
+    method = method_from_card(ckpt_file.card.method)
+    model = method.build_student(config)
     try:
         model.load_state_dict(strip_wrapper_prefixes(ckpt_file.ema))
     except RuntimeError as e:
         raise UsageError(f"the EMA weights in {ckpt_file.path} do not fit {config}: {str(e).splitlines()[0]}") from None
     model = model.to(device).eval().requires_grad_(False)
     logger.info("loaded %s (step %d, EMA weights) on %s", ckpt_file.path, ckpt_file.step, device)
-    return LoadedModel(model, config, ckpt_file.card, ckpt_file.step, ckpt_file.path)
+    return LoadedModel(model, config, ckpt_file.card, ckpt_file.step, ckpt_file.path, method)
 
 
 # --------------------------------------------------------------------------------------------
@@ -310,6 +313,7 @@ class _Job:
     classes: list[int]
     seed: int
     last_t: float
+    cls_cfg_scale: float | None = None  # guidance of a jointly denoised CLS token (REG); None: cfg_scale
     # Read from the checkpoint (fixed by it, so not part of the identity):
     path: str = "linear"
     num_classes: int = 0
@@ -360,6 +364,8 @@ def _check(cfg: SampleConfig) -> SamplerConfig:
     check_precision(cfg.precision)
     if any(c < 0 for c in cfg.classes):
         raise UsageError(f"--class takes class ids >= 0, got {list(cfg.classes)}")
+    if cfg.cls_cfg_scale is not None and not (math.isfinite(cfg.cls_cfg_scale) and cfg.cls_cfg_scale >= 0):
+        raise UsageError(f"--cls-cfg must be a finite number >= 0, got {cfg.cls_cfg_scale}")
     return SamplerConfig(sampler=cfg.sampler, steps=cfg.steps, heun=cfg.heun, cfg_scale=cfg.cfg_scale,
                          guidance_interval=cfg.guidance_interval)
 
@@ -388,7 +394,7 @@ def sample(ckpt: str | Path, out: str | Path, cfg: SampleConfig | None = None) -
     device = resolve_device(cfg.device, local_rank())
 
     job = _Job(str(ckpt_path), cfg.num, scfg.sampler, scfg.steps, scfg.heun, scfg.cfg_scale,
-               list(scfg.guidance_interval), list(cfg.classes), cfg.seed, scfg.last_t)
+               list(scfg.guidance_interval), list(cfg.classes), cfg.seed, scfg.last_t, cfg.cls_cfg_scale)
     old = _previous_job(out, job)
     images = out / IMAGES_DIR
     present = {p.name for p in images.iterdir()} if images.is_dir() else set()
@@ -444,6 +450,26 @@ def _assemble_if_stale(images: Path, num: int, npz: Path, labels: np.ndarray) ->
     return assemble_npz(images, num, npz, labels)
 
 
+def sample_batch(model: torch.nn.Module, method: Method, config: SiTConfig, scfg: SamplerConfig, seed: int,
+                 indices: list[int], classes: tuple[int, ...] | list[int] = (), cls_cfg_scale: float | None = None,
+                 device: torch.device | str = "cpu", precision: str = "fp32") -> Tensor:
+    """Model latents (B, C, h, w) of samples ``indices`` of a job seeded ``seed``.
+
+    Each sample's stream gives its initial latent noise first, then the noise of each extra state
+    component the method denoises (REG's CLS token), then the SDE increments; its class comes from
+    ``classes`` or its seed. Guidance: ``scfg.cfg_scale`` on the latent, ``cls_cfg_scale`` (default
+    the same) on the extra components."""
+    shape = (config.in_channels, config.input_size, config.input_size)
+    extra_shapes = method.extra_shapes(config)
+    cls_scale = cls_cfg_scale if cls_cfg_scale is not None else scfg.cfg_scale
+    scales = [scfg.cfg_scale] + [cls_scale] * len(extra_shapes)
+    noise = SampleNoise(seed, indices, device)
+    x1 = noise.randn(shape)  # (B, C, h, w) initial noise, first draw of each sample's stream
+    extras = [noise.randn(s) for s in extra_shapes]  # then the noise of each extra component
+    y = sample_labels(seed, indices, config.num_classes, classes).to(device)
+    return sample_joint(model, [x1, *extras], y, scfg, config.num_classes, scales, noise, precision)[0]
+
+
 def _sample_indices(
     loaded: LoadedModel,
     decoder: LatentDecoder,
@@ -457,16 +483,12 @@ def _sample_indices(
     quiet: bool,
 ) -> int:
     """Sample, decode and write the PNGs of ``todo`` in batches; returns how many were written."""
-    mcfg = loaded.config
-    shape = (mcfg.in_channels, mcfg.input_size, mcfg.input_size)
-    bar = tqdm(total=len(todo), unit="img", desc="sample", disable=quiet or not sys.stderr.isatty())
+    bar = Progress(len(todo), "sample", "img", quiet=quiet)
     written = 0
     for start in range(0, len(todo), batch_size):
         idx = todo[start:start + batch_size]
-        noise = SampleNoise(job.seed, idx, device)
-        x1 = noise.randn(shape)  # (B, C, h, w) initial noise, first draw of each sample's stream
-        y = sample_labels(job.seed, idx, mcfg.num_classes, job.classes).to(device)
-        z = sample_latents(loaded.model, x1, y, scfg, loaded.null_class, noise, precision)
+        z = sample_batch(loaded.model, loaded.method, loaded.config, scfg, job.seed, idx, job.classes, job.cls_cfg_scale,
+                         device, precision)
         pix = decoder(z, batch_size)  # (B, H, W, 3) uint8
         for i, img in zip(idx, pix):
             write_png(images / png_name(i), img)
@@ -474,3 +496,35 @@ def _sample_indices(
         bar.update(len(idx))
     bar.close()
     return written
+
+
+#: what ``repa train --sample-every`` draws: REPA's training-time grid (Euler ODE, 50 steps, cfg 4)
+TRAINING_GRID = SamplerConfig(sampler="ode", steps=50, heun=False, cfg_scale=4.0, guidance_interval=(0.0, 1.0))
+
+
+class TrainingGrid:
+    """The grid ``repa train --sample-every N`` writes to ``RUN/samples/step-XXXXXXX.png``: the EMA
+    weights, the same noise and classes every time (samples 0..num-1 of the run's seed), so grids
+    of the same step are identical across a resume and successive grids show the same samples."""
+
+    def __init__(self, card: ModelCard, method: Method, config: SiTConfig, seed: int, device: torch.device,
+                 precision: str, num: int = 16) -> None:
+        self.card, self.method, self.config, self.seed = card, method, config, seed
+        self.device, self.precision, self.num = device, precision, num
+        self.decoder: LatentDecoder | None = None  # loaded at the first grid
+
+    def write(self, ema: torch.nn.Module, run: Path, step: int) -> Path:
+        if self.decoder is None:
+            self.decoder = load_decoder(self.card, self.device)
+        scfg = dataclasses.replace(TRAINING_GRID, path=self.card.path)
+        was_training = ema.training
+        ema.eval()
+        try:
+            z = sample_batch(ema, self.method, self.config, scfg, self.seed, list(range(self.num)), device=self.device,
+                             precision=self.precision)
+        finally:
+            ema.train(was_training)
+        path = run / "samples" / f"step-{step:07d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_png(path, make_grid(self.decoder(z)))
+        return path

@@ -161,31 +161,40 @@ def score_from_velocity(v: Tensor, x: Tensor, t: float, path: str = "linear") ->
 
 
 class _Drift:
-    """Evaluates the (guided) velocity of the model at one time for a batch."""
+    """Evaluates the (guided) velocity of the model at one time for a batch.
+
+    The state is a list of components: the latent, then any extra state the model denoises
+    jointly (REG's CLS token), each with its own guidance scale. The model is called as
+    ``model(x, t, y, *extras) -> (v, zs, *extra_v)``.
+    """
 
     def __init__(self, model: VelocityModel, y: Tensor, null_class: int, cfg: SamplerConfig,
-                 precision: str) -> None:
+                 precision: str, scales: Sequence[float]) -> None:
         self.model, self.cfg, self.precision = model, cfg, precision
         self.y = y
         self.y_pair = torch.cat([y, torch.full_like(y, null_class)])  # (2B,)
+        self.scales = list(scales)
         self.evaluations = 0
 
-    def velocity(self, x: Tensor, t: float, guided: bool) -> tuple[Tensor, Tensor]:
-        """``(v, x_in)``: float64 velocity (B, ...) and, when guided, (2B, ...) halves stacked."""
-        x_in = torch.cat([x, x]) if guided else x  # (B or 2B, C, H, W)
+    def velocity(self, xs: list[Tensor], t: float, guided: bool) -> tuple[list[Tensor], list[Tensor]]:
+        """``(v, x_in)`` per component: float64 velocity (B, ...) and, when guided, (2B, ...) halves stacked."""
+        x_in = [torch.cat([x, x]) if guided else x for x in xs]  # (B or 2B, ...) each
         y_in = self.y_pair if guided else self.y
-        t_in = torch.full((x_in.shape[0],), t, device=x.device, dtype=torch.float32)
-        with autocast(x.device, self.precision):
-            out = self.model(x_in.float(), t_in, y_in)
+        t_in = torch.full((x_in[0].shape[0],), t, device=xs[0].device, dtype=torch.float32)
+        with autocast(xs[0].device, self.precision):
+            out = self.model(x_in[0].float(), t_in, y_in, *[e.float() for e in x_in[1:]])
         self.evaluations += 1
-        return out[0].to(torch.float64), x_in
+        return [v.to(torch.float64) for v in (out[0], *out[2:])], x_in
 
-    def combine(self, d: Tensor, guided: bool) -> Tensor:
-        """Guidance on a stacked (cond, uncond) drift; identity when not guided."""
+    def combine(self, ds: list[Tensor], guided: bool) -> list[Tensor]:
+        """Guidance on stacked (cond, uncond) drifts, each component with its scale; identity when not guided."""
         if not guided:
-            return d
-        cond, uncond = d.chunk(2)
-        return uncond + self.cfg.cfg_scale * (cond - uncond)
+            return ds
+        out = []
+        for d, scale in zip(ds, self.scales):
+            cond, uncond = d.chunk(2)
+            out.append(uncond + scale * (cond - uncond))
+        return out
 
 
 @torch.no_grad()
@@ -212,44 +221,65 @@ def sample_latents(
     Returns:
         float32 latents (B, C, H, W) at t=0.
     """
-    if noise.shape[0] != y.shape[0]:
-        raise ValueError(f"{noise.shape[0]} noise samples but {y.shape[0]} labels")
-    drift = _Drift(model, y, null_class, config, precision)
-    x = noise.to(torch.float64)
+    return sample_joint(model, [noise], y, config, null_class, [config.cfg_scale], step_noise, precision)[0]
+
+
+@torch.no_grad()
+def sample_joint(
+    model: VelocityModel,
+    noises: Sequence[Tensor],
+    y: Tensor,
+    config: SamplerConfig,
+    null_class: int,
+    scales: Sequence[float],
+    step_noise: SampleNoise | None = None,
+    precision: str = "fp32",
+) -> list[Tensor]:
+    """Integrate a joint state (the latent and extra components, e.g. REG's CLS token) from noise
+    (t=1) to data (t=0); ``scales`` is the guidance scale of each component (the latent's first).
+    Guidance applies to every component at the same steps (the guidance interval). SDE increments
+    are drawn per step for each component in order, so a latent-only state draws exactly what
+    :func:`sample_latents` always drew. Returns float32 components at t=0."""
+    if any(n.shape[0] != y.shape[0] for n in noises):
+        raise ValueError(f"{[n.shape[0] for n in noises]} noise samples but {y.shape[0]} labels")
+    if len(scales) != len(noises):
+        raise ValueError(f"{len(scales)} guidance scales for {len(noises)} state components")
+    drift = _Drift(model, y, null_class, config, precision, scales)
+    xs = [n.to(torch.float64) for n in noises]
     times = config.time_grid().tolist()
     if config.sampler == "ode":
-        x = _ode(drift, x, times, config)
+        xs = _ode(drift, xs, times, config)
     else:
         if step_noise is None:
             raise ValueError("the SDE sampler needs a SampleNoise for its increments")
-        x = _sde(drift, x, times, config, step_noise)
-    return x.float()
+        xs = _sde(drift, xs, times, config, step_noise)
+    return [x.float() for x in xs]
 
 
-def _ode(drift: _Drift, x: Tensor, times: list[float], cfg: SamplerConfig) -> Tensor:
+def _ode(drift: _Drift, xs: list[Tensor], times: list[float], cfg: SamplerConfig) -> list[Tensor]:
     last = len(times) - 2
     for i, (t, t_next) in enumerate(itertools.pairwise(times)):
         guided = cfg.guidance_active(t)
         dt = t_next - t
-        v, _ = drift.velocity(x, t, guided)
+        v, _ = drift.velocity(xs, t, guided)
         d = drift.combine(v, guided)
-        x_next = x + dt * d
+        x_next = [x + dt * di for x, di in zip(xs, d)]
         if cfg.heun and i < last:
             v2, _ = drift.velocity(x_next, t_next, guided)  # guidance decided by the step's start
-            x_next = x + dt * 0.5 * (d + drift.combine(v2, guided))
-        x = x_next
-    return x
+            d2 = drift.combine(v2, guided)
+            x_next = [x + dt * 0.5 * (a + b) for x, a, b in zip(xs, d, d2)]
+        xs = x_next
+    return xs
 
 
-def _sde(drift: _Drift, x: Tensor, times: list[float], cfg: SamplerConfig, noise: SampleNoise) -> Tensor:
-    shape = tuple(x.shape[1:])
+def _sde(drift: _Drift, xs: list[Tensor], times: list[float], cfg: SamplerConfig, noise: SampleNoise) -> list[Tensor]:
     for i, (t, t_next) in enumerate(itertools.pairwise(times)):
         guided = cfg.guidance_active(t)
         dt = t_next - t
         w = 2.0 * t  # diffusion coefficient w(t) = g(t)^2, as in REPA
-        v, x_in = drift.velocity(x, t, guided)
-        d = drift.combine(v - 0.5 * w * score_from_velocity(v, x_in, t, cfg.path), guided)
+        v, x_in = drift.velocity(xs, t, guided)
+        d = drift.combine([vi - 0.5 * w * score_from_velocity(vi, xi, t, cfg.path) for vi, xi in zip(v, x_in)], guided)
         if i == len(times) - 2:  # final step to t=0: the drift alone
-            return x + dt * d
-        x = x + dt * d + math.sqrt(w * abs(dt)) * noise.randn(shape)
-    return x
+            return [x + dt * di for x, di in zip(xs, d)]
+        xs = [x + dt * di + math.sqrt(w * abs(dt)) * noise.randn(tuple(x.shape[1:])) for x, di in zip(xs, d)]
+    return xs

@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from repa_cache.cache.codec import FEATURE_CODECS, FLOAT16
 from repa_cache.cache.errors import UsageError
 from repa_cache.cache.format import CODE_VERSION, CROP_RULE, FORMAT_VERSION, VIEW_NAMES, CacheMeta
 from repa_cache.cache.storage import store_path
@@ -42,6 +43,7 @@ class PrecomputeConfig:
     scheduler: str | None = None
     seed: int = 0
     feature_dtype: str = "float16"
+    feature_codec: str = "float16"  # cache.codec: float16 stores feature_dtype; int8 quantises per token
     precision: str | None = None  # fp32 or bf16 (autocast); None: a group's own when resuming it, else fp32
     processes: bool = True
     quiet: bool = False
@@ -73,6 +75,10 @@ def check_config(cfg: PrecomputeConfig) -> None:
         raise UsageError(f"--shard-size must be in [1, {MAX_SHARD_SIZE}], not {cfg.shard_size}")
     if cfg.batch_size < 1:
         raise UsageError(f"--batch-size must be at least 1, not {cfg.batch_size}")
+    if cfg.feature_codec not in FEATURE_CODECS:
+        raise UsageError(f"--feature-codec must be one of {', '.join(FEATURE_CODECS)}, not '{cfg.feature_codec}'")
+    if cfg.feature_codec != FLOAT16 and cfg.feature_dtype != "float16":
+        raise UsageError(f"--feature-codec {cfg.feature_codec} quantises the encoder's float32 output; leave --feature-dtype at float16")
     if cfg.workers is not None and cfg.workers < 1:
         raise UsageError(f"--workers must be at least 1, not {cfg.workers}")
     if cfg.scheduler is None:

@@ -17,12 +17,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from tqdm import tqdm
 
+from repa_cache.cache.codec import FLOAT16
 from repa_cache.cache.errors import FingerprintMismatch, RepaError, UsageError, quiet_unraisable
-from repa_cache.cache.format import PLAN_FILE, ROOT_ATTR, CacheMeta, GroupMeta, fingerprint_diff, teacher_group
+from repa_cache.cache.format import PLAN_FILE, ROOT_ATTR, CacheMeta, GroupMeta, fingerprint_diff, teacher_group, with_feature_codec
 from repa_cache.cache.layout import load_records
 from repa_cache.cache.lock import LOCK_FILE, is_our_lock, writer_lock
+from repa_cache.cache.progress import Progress
 from repa_cache.cache.reader import commit_record, group_meta, list_groups, open_meta
 from repa_cache.cache.storage import StorePath, store_path
 from repa_cache.cache.writer import commit_group, create_cache, create_group
@@ -99,7 +100,8 @@ def _precompute_locked(cfg: PrecomputeConfig, out: StorePath, listing: Any, meta
         return group_meta(out, group).model.get("precision", "fp32") if group in present else "fp32"
 
     wanted: list[GroupMeta] = [vae_group(meta, _vae_spec(cfg, out if existing else None), precision("latents"))]
-    wanted += [teacher_group_meta(meta, t, cfg.feature_dtype, cfg.teacher_checkpoints.get(t), precision(teacher_group(t)))
+    wanted += [_stored_as(teacher_group_meta(meta, t, cfg.feature_dtype, cfg.teacher_checkpoints.get(t), precision(teacher_group(t))),
+                          cfg.feature_codec)
                for t in cfg.teachers]
 
     result = PrecomputeResult(root=out, samples=meta.num_samples)
@@ -135,6 +137,11 @@ def _precompute_locked(cfg: PrecomputeConfig, out: StorePath, listing: Any, meta
             result.skipped = commit["counts"]["skipped"]
     result.seconds = time.perf_counter() - t0
     return result
+
+
+def _stored_as(gmeta: GroupMeta, codec: str) -> GroupMeta:
+    """A teacher group with ``--feature-codec``: float16 leaves it exactly as it always was."""
+    return gmeta if codec == FLOAT16 else with_feature_codec(gmeta, codec)
 
 
 def _vae_spec(cfg: PrecomputeConfig, existing: StorePath | None) -> VAESpec:
@@ -177,8 +184,9 @@ def _run_tasks(cfg: PrecomputeConfig, tasks: list[Any], known_weights: dict[str,
     written = 0
     try:
         futures = [client.submit(run_shard_task, t, pure=False, retries=2, key=f"shard-{t.shard:06d}-{time.time_ns()}") for t in tasks]
-        bar = tqdm(total=len(futures), unit="shard", disable=cfg.quiet or not sys.stderr.isatty(), desc="precompute")
-        for _, result in as_completed(futures, with_results=True):
+        images = {f.key: len(t.items) for f, t in zip(futures, tasks)}  # counted when its shard finishes
+        bar = Progress(sum(images.values()), "precompute", "img", quiet=cfg.quiet)
+        for future, result in as_completed(futures, with_results=True):
             if "user_error" in result:
                 client.cancel(futures)
                 err = RepaError(result["user_error"])
@@ -192,7 +200,7 @@ def _run_tasks(cfg: PrecomputeConfig, tasks: list[Any], known_weights: dict[str,
                         f"({w[:12]} vs {rec['weights_sha256'][:12]}); use the same model files to resume"
                     )
             written += 1
-            bar.update(1)
+            bar.update(images[future.key])
         bar.close()
     finally:
         client.close()

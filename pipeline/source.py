@@ -5,10 +5,15 @@ hashable :class:`SourceListing` (its fingerprint is part of every cache's finger
 later reads the bytes of its items with :func:`read_bytes` and hands them to
 :func:`repa_cache.stages.images.decode_and_crop`.
 
-Two layouts are understood:
+Three layouts are understood:
 
 * an **image folder** (torchvision ``ImageFolder`` layout): one sub-folder per class, files found
   recursively below each class folder;
+* a **flat folder**: image files and no sub-folder, for unconditional training. It is one class,
+  named :data:`FLAT_CLASS_NAME` (a fixed name rather than the folder's, so that a moved or renamed
+  dataset keeps its fingerprint), and its listing's kind is ``"flat"``, which the cache records in
+  its source description. With one class, classifier-free guidance has nothing to guide towards:
+  sample such a model with ``--cfg 1``;
 * **webdataset shards**: ``*.tar`` files at the top level of the folder, each sample made of an
   image member (``jpg``, ``jpeg``, ``png`` or ``webp``) and a ``cls`` member holding the integer
   label as text.
@@ -51,6 +56,9 @@ MAX_LABEL_BYTES = 64
 
 _MAX_ERROR_CHARS = 160
 
+#: The one class of a flat folder (kind ``"flat"``).
+FLAT_CLASS_NAME = "unconditional"
+
 #: Reasons a webdataset sample is not listed (keys of ``SourceListing.unlisted``).
 UNLISTED_INCOMPLETE = "no image or no valid label"
 UNLISTED_LABEL_TOO_LARGE = f"label not below {MAX_CLASSES}"
@@ -82,7 +90,7 @@ class SourceListing:
     """The ordered list of samples of a dataset, with its class names.
 
     Attributes:
-        kind: ``"imagefolder"`` or ``"webdataset"``.
+        kind: ``"imagefolder"``, ``"flat"`` (one class, :data:`FLAT_CLASS_NAME`) or ``"webdataset"``.
         root: The dataset folder (absolute).
         class_names: Class name of each label index.
         items: The samples, in listing order.
@@ -137,7 +145,9 @@ def list_source(root: str | os.PathLike[str]) -> SourceListing:
     sorted name order, samples in the order they appear in each tar). Otherwise the folder is read
     as an image folder: classes are the sorted non-hidden sub-folder names, and every regular
     non-hidden file below a class folder is an item (non-image files included: they are skipped,
-    with a reason, when decoded). Image-folder items are sorted by their relative posix path.
+    with a reason, when decoded). A folder without non-hidden sub-folders is a flat folder: its
+    regular non-hidden files are the items of one class, :data:`FLAT_CLASS_NAME`. Items are
+    sorted by their relative posix path.
 
     Raises:
         UsageError: the folder does not exist, is a file, or holds no items.
@@ -147,7 +157,7 @@ def list_source(root: str | os.PathLike[str]) -> SourceListing:
         raise UsageError(f"data folder {root} does not exist")
     if not path.is_dir():
         raise UsageError(
-            f"data folder {root} is a file; pass the folder that holds one sub-folder per class "
+            f"data folder {root} is a file; pass the folder that holds the images (flat, or one sub-folder per class) "
             "or the .tar shards"
         )
     abs_root = path.resolve()
@@ -159,8 +169,8 @@ def list_source(root: str | os.PathLike[str]) -> SourceListing:
     listing = _list_webdataset(abs_root, tars) if tars else _list_imagefolder(abs_root)
     if not listing.items:
         raise UsageError(
-            f"no images found in {root} (expected one sub-folder per class, or webdataset .tar "
-            "shards)"
+            f"no images found in {root} (expected image files, one sub-folder per class, or webdataset "
+            ".tar shards)"
         )
     logger.info(
         "listed %d items in %d classes from %s (%s)",
@@ -173,10 +183,12 @@ def list_source(root: str | os.PathLike[str]) -> SourceListing:
 
 
 def _list_imagefolder(root: Path) -> SourceListing:
-    """List a torchvision-style image folder (one sub-folder per class)."""
+    """List a torchvision-style image folder (one sub-folder per class), or a flat folder."""
     class_names = sorted(
         entry.name for entry in os.scandir(root) if entry.is_dir() and not _is_hidden(entry.name)
     )
+    if not class_names:
+        return _list_flat(root)
     items: list[SourceItem] = []
     for label, class_name in enumerate(class_names):
         for dirpath, dirnames, filenames in os.walk(root / class_name):
@@ -192,6 +204,17 @@ def _list_imagefolder(root: Path) -> SourceListing:
                 items.append(SourceItem(key=key, label=label, path=full, size=os.path.getsize(full)))
     items.sort(key=lambda item: item.key)
     return SourceListing(kind="imagefolder", root=str(root), class_names=tuple(class_names), items=tuple(items))
+
+
+def _list_flat(root: Path) -> SourceListing:
+    """List a folder of image files without sub-folders as one class (unconditional training)."""
+    items = [
+        SourceItem(key=entry.name, label=0, path=entry.path, size=entry.stat().st_size)
+        for entry in os.scandir(root)
+        if not _is_hidden(entry.name) and entry.is_file()  # follows links; broken ones are not files
+    ]
+    items.sort(key=lambda item: item.key)
+    return SourceListing(kind="flat", root=str(root), class_names=(FLAT_CLASS_NAME,), items=tuple(items))
 
 
 def _split_wds_name(name: str) -> tuple[str, str]:
@@ -310,6 +333,6 @@ def read_bytes(item: SourceItem) -> bytes:
 
 
 __all__ = [
-    "MAX_CLASSES", "MAX_LABEL_BYTES", "WDS_IMAGE_EXTENSIONS", "WDS_LABEL_EXTENSION", "SourceItem", "SourceListing", "list_source",
+    "FLAT_CLASS_NAME", "MAX_CLASSES", "MAX_LABEL_BYTES", "WDS_IMAGE_EXTENSIONS", "WDS_LABEL_EXTENSION", "SourceItem", "SourceListing", "list_source",
     "read_bytes",
 ]

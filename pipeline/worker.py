@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from repa_cache.cache.codec import scale_name
 from repa_cache.cache.errors import CacheError, RepaError
 from repa_cache.cache.format import LATENTS, RECORDS_DIR, TEACHER_PREFIX, CacheMeta, GroupMeta, ShardRecord, record_path
 from repa_cache.cache.reader import group_meta, open_meta
@@ -131,9 +132,10 @@ def encode_shard(task: ShardTask) -> list[dict[str, Any]]:
     for group in task.groups:
         gmeta = group_meta(root, group)
         model, weights = _model(gmeta, meta.resolution, device)
+        scales = {scale_name(a) for a in (gmeta.feature_codec or {}).get("arrays", [])}  # made by the writer's encoding
         data = {
             a.name: np.full((stop - start, len(meta.views), *a.sample_shape), np.nan, dtype=np.float32)
-            for a in gmeta.arrays
+            for a in gmeta.arrays if a.name not in scales
         }
         if crops is not None:
             for v, view in enumerate(meta.views):

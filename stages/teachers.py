@@ -1,15 +1,22 @@
 """Teacher vision transformers of stage one: a small registry, loading and feature extraction.
 
 Each teacher is a timm ViT with its own preprocessing. Following the public REPA code, pixels go
-to ``[0, 1]``, are resized bicubically (no antialias) to the teacher's input size and normalised
-with the teacher's mean / std. The stored features are the final-norm patch tokens (DINOv2's
-``x_norm_patchtokens``) plus the CLS token, both raw (not L2-normalised); register tokens are
-dropped.
+to ``[0, 1]``, are resized (bicubic unless the model's pretrained config says otherwise, no
+antialias) to the teacher's input size and normalised with the teacher's mean / std. The stored
+features are the final-norm patch tokens (DINOv2's ``x_norm_patchtokens``) plus the CLS token,
+both raw (not L2-normalised); register tokens are dropped. A model without a CLS token (SigLIP,
+I-JEPA) stores its own pooled output (attention pool, average) in the CLS slot.
+
+Besides the presets, ``timm:MODEL_ID`` names any timm ViT: its mean / std, input size and
+interpolation come from the model's pretrained config (timm's ``resolve_data_config``), its input
+side scales with the resolution as DINOv2's does in REPA (the pretrained side at 256 px).
 """
 
 from __future__ import annotations
 
+import functools
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -29,8 +36,14 @@ CLIP_MEAN: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
 
 TOKEN_RULE = "final-norm patch tokens; CLS stored separately; register tokens dropped"
+POOLED_TOKEN_RULE = "final-norm patch tokens; no CLS token: the model's pooled output stored as cls; register tokens dropped"
 INTERPOLATION = "bicubic"
+INTERPOLATIONS = ("bicubic", "bilinear", "nearest")
 ANTIALIAS = False
+#: Prefix of teacher names that are timm model ids (``timm:vit_base_patch16_224.dino``).
+TIMM_PREFIX = "timm:"
+SIGLIP_MEAN: tuple[float, float, float] = (0.5, 0.5, 0.5)
+SIGLIP_STD: tuple[float, float, float] = (0.5, 0.5, 0.5)
 
 
 @dataclass(frozen=True)
@@ -49,6 +62,8 @@ class TeacherSpec:
             nor ``fixed_size`` the crop goes in unresized (MAE).
         tiny: A small random-initialised stand-in for tests and demos.
         description: One line for listings.
+        interpolation: Resize mode (``bicubic``, ``bilinear`` or ``nearest``; torch's
+            ``F.interpolate``, no antialias).
     """
 
     name: str
@@ -60,6 +75,7 @@ class TeacherSpec:
     fixed_size: int | None = None
     tiny: bool = False
     description: str = ""
+    interpolation: str = INTERPOLATION
 
 
 def _dinov2(name: str, timm_id: str, description: str) -> TeacherSpec:
@@ -118,6 +134,52 @@ _REGISTRY: tuple[TeacherSpec, ...] = (
         resize_base=None,
         description="MAE ViT-B/16, crop fed unresized (dim 768)",
     ),
+    # REPA's other encoders, as timm ships them (timm has no MoCo v3 and no MAE ViT-L/16).
+    TeacherSpec(
+        name="dinov1-vit-b",
+        timm_id="vit_base_patch16_224.dino",
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+        patch_size=16,
+        resize_base=224,
+        description="DINO (v1) ViT-B/16 at 224 px for 256 px crops (dim 768)",
+    ),
+    TeacherSpec(
+        name="jepa-vit-h",
+        timm_id="vit_huge_patch14_gap_224.in1k_ijepa",
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+        patch_size=14,
+        resize_base=224,
+        description="I-JEPA ViT-H/14 (ImageNet-1k), no CLS: its average pool as cls (dim 1280)",
+    ),
+    TeacherSpec(
+        name="siglip-vit-b",
+        timm_id="vit_base_patch16_siglip_256.webli",
+        mean=SIGLIP_MEAN,
+        std=SIGLIP_STD,
+        patch_size=16,
+        resize_base=256,
+        description="SigLIP ViT-B/16 image tower at 256 px, no CLS: its attention pool as cls (dim 768)",
+    ),
+    TeacherSpec(
+        name="dinov3-vit-b",
+        timm_id="vit_base_patch16_dinov3.lvd1689m",
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+        patch_size=16,
+        resize_base=256,
+        description="DINOv3 ViT-B/16 with 4 registers at 256 px (dim 768)",
+    ),
+    TeacherSpec(
+        name="dinov3-vit-l",
+        timm_id="vit_large_patch16_dinov3.lvd1689m",
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+        patch_size=16,
+        resize_base=256,
+        description="DINOv3 ViT-L/16 with 4 registers at 256 px (dim 1024)",
+    ),
     TeacherSpec(
         name="tiny",
         timm_id="tiny-random-vit",
@@ -150,16 +212,85 @@ _TINY_SHAPES: dict[str, tuple[int, int]] = {"tiny": (32, 0), "tiny-reg": (48, 4)
 
 
 def get_teacher(name: str) -> TeacherSpec:
-    """Look a teacher up by registry name.
+    """Look a teacher up by registry name, or build the spec of ``timm:MODEL_ID``.
 
     Raises:
-        UsageError: the name is not in :data:`TEACHERS`.
+        UsageError: the name is neither in :data:`TEACHERS` nor a usable timm ViT.
     """
+    if name.startswith(TIMM_PREFIX):
+        return timm_teacher(name[len(TIMM_PREFIX):])
     try:
         return TEACHERS[name]
     except KeyError:
         known = ", ".join(sorted(TEACHERS))
-        raise UsageError(f"unknown teacher '{name}'; known teachers: {known}") from None
+        raise UsageError(f"unknown teacher '{name}'; known teachers: {known}, or timm:MODEL_ID") from None
+
+
+def _has_class_token(model: torch.nn.Module) -> bool:
+    return getattr(model, "cls_token", None) is not None
+
+
+def _meta_model(timm_id: str, **kwargs: Any) -> torch.nn.Module:
+    """A timm model built on the ``meta`` device: its architecture and config, no memory."""
+    with torch.device("meta"):
+        return timm.create_model(timm_id, pretrained=False, num_classes=0, **kwargs)
+
+
+@functools.lru_cache(maxsize=64)
+def timm_teacher(model_id: str) -> TeacherSpec:
+    """The teacher spec of any timm ViT, its preprocessing read from its pretrained config.
+
+    ``model_id`` is ``architecture[.pretrained_tag]`` (without a tag, timm's default one). The
+    input side at 256 px is the pretrained input size, and scales with the resolution; mean, std
+    and interpolation are timm's ``resolve_data_config`` of the model. Nothing is downloaded.
+
+    Raises:
+        UsageError: an unknown model or tag, or a model that is not a ViT with square patches and
+            a square input, or an interpolation torch cannot apply.
+    """
+    from timm.data import resolve_data_config
+
+    name = f"{TIMM_PREFIX}{model_id}"
+    if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.\-]*", model_id):
+        raise UsageError(f"teacher '{name}': a timm model id is letters, digits, '_', '-' and '.'")
+    arch, _, tag = model_id.partition(".")
+    if not timm.is_model(arch):
+        raise UsageError(f"teacher '{name}': timm has no model '{arch}' (see timm.list_models('*vit*'))")
+    if tag and model_id not in timm.list_pretrained(model_id):
+        tags = ", ".join(t.partition(".")[2] for t in timm.list_pretrained(f"{arch}.*")) or "none"
+        raise UsageError(f"teacher '{name}': timm model '{arch}' has no pretrained tag '{tag}' (tags: {tags})")
+    try:
+        model = _meta_model(model_id)
+    except Exception as exc:
+        raise UsageError(f"teacher '{name}': timm cannot build it: {_short_reason(exc)}") from exc
+    patch = getattr(getattr(model, "patch_embed", None), "patch_size", None)
+    if patch is None or not hasattr(model, "num_prefix_tokens") or not hasattr(model, "forward_features"):
+        raise UsageError(f"teacher '{name}' is not a ViT (no patch embedding and token sequence); "
+                         "a teacher must give patch tokens")
+    ph, pw = (patch, patch) if isinstance(patch, int) else tuple(patch)
+    cfg = resolve_data_config({}, model=model)
+    _, height, width = cfg["input_size"]
+    interpolation = str(cfg["interpolation"])
+    if ph != pw or height != width:
+        raise UsageError(f"teacher '{name}' has {ph}x{pw} patches and a {width}x{height} input; "
+                         "only square ones are supported")
+    if interpolation not in INTERPOLATIONS:
+        raise UsageError(f"teacher '{name}': its pretrained config asks for '{interpolation}' resizing; "
+                         f"supported: {', '.join(INTERPOLATIONS)}")
+    default_tag = cast(dict[str, Any], getattr(model, "pretrained_cfg", None) or {}).get("tag")
+    resolved = model_id if tag or not default_tag else f"{arch}.{default_tag}"
+    cls = "CLS" if _has_class_token(model) else "pooled output as cls"
+    return TeacherSpec(
+        name=name,
+        timm_id=resolved,
+        mean=cast(tuple[float, float, float], tuple(float(v) for v in cfg["mean"])),
+        std=cast(tuple[float, float, float], tuple(float(v) for v in cfg["std"])),
+        patch_size=int(ph),
+        resize_base=int(height),
+        interpolation=interpolation,
+        description=f"timm {resolved} ({type(model).__name__}, dim {model.num_features}, {cls}), "
+                    f"preprocessing from its pretrained config",
+    )
 
 
 def teacher_input_size(spec: TeacherSpec, resolution: int) -> int:
@@ -285,7 +416,8 @@ def preprocess(spec: TeacherSpec, images: torch.Tensor, resolution: int) -> torc
     x = images.float() / 255.0  # (B, 3, H, W)
     if size != resolution:
         x = F.interpolate(
-            x, size=(size, size), mode=INTERPOLATION, align_corners=False, antialias=ANTIALIAS
+            x, size=(size, size), mode=spec.interpolation,
+            align_corners=None if spec.interpolation == "nearest" else False, antialias=ANTIALIAS,
         )  # (B, 3, S, S)
     mean = torch.tensor(spec.mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
     std = torch.tensor(spec.std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
@@ -309,7 +441,7 @@ def encode_images(
     Returns:
         ``(patch, cls)`` on the model's device: float32 final-norm patch tokens ``(B, T, D)`` with
         ``T = token_grid(spec, resolution) ** 2``, and the float32 CLS token ``(B, D)``. Register
-        tokens are dropped.
+        tokens are dropped; a model without a CLS token gives its pooled output instead.
 
     Raises:
         ValueError: the model returns a token count other than the expected grid.
@@ -319,8 +451,11 @@ def encode_images(
         x = preprocess(spec, images.to(device), resolution).to(dtype)  # (B, 3, S, S)
         tokens = model.forward_features(x)  # type: ignore[operator]  # (B, P + T, D), final norm applied
         prefix = int(getattr(model, "num_prefix_tokens", 1))
-        patch = tokens[:, prefix:].float()  # (B, T, D)
-        cls = tokens[:, 0].float()  # (B, D)
+        patch = tokens[:, prefix:].float()  # (B, T, D): CLS and register tokens dropped
+        if _has_class_token(model):
+            cls = tokens[:, 0].float()  # (B, D)
+        else:  # SigLIP's attention pool, I-JEPA's average: the model's own summary
+            cls = model.forward_head(tokens, pre_logits=True).float()  # type: ignore[operator]  # (B, D)
     grid = token_grid(spec, resolution)
     if patch.shape[1] != grid * grid:
         raise ValueError(
@@ -330,16 +465,20 @@ def encode_images(
     return patch, cls
 
 
+def _geometry(spec: TeacherSpec, resolution: int) -> tuple[int, int, bool]:
+    """(embedding dim, prefix tokens, has a CLS token) of a teacher without loading its weights:
+    a real model is built on the ``meta`` device (no memory), a tiny one for real."""
+    size = teacher_input_size(spec, resolution)
+    model = _build_tiny_teacher(spec.name, size) if spec.tiny else _meta_model(spec.timm_id, img_size=size)
+    info = cast(Any, model)
+    return int(info.num_features), int(info.num_prefix_tokens), _has_class_token(model)
+
+
 def teacher_geometry(spec: TeacherSpec, resolution: int) -> tuple[int, int]:
     """(embedding dim, number of prefix tokens: CLS and registers) of a teacher, without loading
     its weights: a real model is built on the ``meta`` device (no memory), a tiny one for real."""
-    size = teacher_input_size(spec, resolution)
-    if spec.tiny:
-        model = _build_tiny_teacher(spec.name, size)
-    else:
-        with torch.device("meta"):  # every registry teacher is a timm VisionTransformer
-            model = cast(VisionTransformer, timm.create_model(spec.timm_id, pretrained=False, img_size=size, num_classes=0))
-    return int(model.num_features), int(model.num_prefix_tokens)
+    dim, prefix, _ = _geometry(spec, resolution)
+    return dim, prefix
 
 
 def teacher_metadata(spec: TeacherSpec, resolution: int, checkpoint: str | None = None, precision: str = "fp32") -> dict[str, Any]:
@@ -347,7 +486,7 @@ def teacher_metadata(spec: TeacherSpec, resolution: int, checkpoint: str | None 
     which model (timm id, local ``checkpoint`` if any), its preprocessing, its token geometry at
     ``resolution`` and the ``precision`` it runs in. The hash of the weights a worker actually
     loads is in every shard record instead."""
-    dim, prefix = teacher_geometry(spec, resolution)
+    dim, prefix, has_cls = _geometry(spec, resolution)
     grid = token_grid(spec, resolution)
     return {
         "name": spec.name,
@@ -357,14 +496,14 @@ def teacher_metadata(spec: TeacherSpec, resolution: int, checkpoint: str | None 
         "mean": list(spec.mean),
         "std": list(spec.std),
         "input_size": teacher_input_size(spec, resolution),
-        "interpolation": INTERPOLATION,
+        "interpolation": spec.interpolation,
         "antialias": ANTIALIAS,
         "patch_size": spec.patch_size,
         "grid": grid,
         "num_tokens": grid * grid,
         "dim": dim,
         "num_prefix_tokens": prefix,
-        "token_rule": TOKEN_RULE,
+        "token_rule": TOKEN_RULE if has_cls else POOLED_TOKEN_RULE,
         "description": spec.description,
         "precision": precision,
     }

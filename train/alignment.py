@@ -35,6 +35,7 @@ from repa_cache.cache.reader import ReaderBase
 from repa_cache.cache.wds import open_reader
 from repa_cache.stages.devices import autocast
 from repa_cache.train.loss import resample_tokens
+from repa_cache.train.methods import Method, StepBatch, make_method
 from repa_cache.train.model import SiT
 from repa_cache.train.noise import SampleNoise
 from repa_cache.train.transport import path_coefficients
@@ -110,6 +111,11 @@ def mutual_knn(feats_a: Tensor, feats_b: Tensor, k: int = 10) -> float:
 # on a model and a cache
 
 
+def _view0(data: dict[str, np.ndarray], key: str, device: torch.device) -> Tensor:
+    """View 0 of a read array, as float32 on the device."""
+    return torch.from_numpy(np.ascontiguousarray(data[key][:, 0])).to(device).float()
+
+
 @torch.no_grad()
 def alignment_metrics(
     model: SiT,
@@ -125,6 +131,7 @@ def alignment_metrics(
     resample: bool = False,
     precision: str = "fp32",
     norm: LatentNorm | None = None,
+    method: Method | None = None,
 ) -> dict[str, float]:
     """Alignment of ``model`` with its teachers on the last ``num`` valid samples of ``cache``.
 
@@ -144,6 +151,8 @@ def alignment_metrics(
         resample: resample teacher tokens to the student's grid when their counts differ.
         precision: ``"fp32"``, ``"bf16"`` or ``"auto"`` (bf16 autocast on CUDA).
         norm: the model's latent normalisation; default: the one the cache records.
+        method: the training method (its student inputs and alignment targets); default REPA.
+            Extra state (REG's CLS token) is noised to time t with a second per-sample draw.
 
     Returns:
         ``{"align/cos/<teacher>", "align/cknna/<teacher>", "align/cknna_proj/<teacher>",
@@ -155,7 +164,9 @@ def alignment_metrics(
         raise UsageError("--num and --batch-size must be positive")
     if len(teachers) != len(model.projectors):
         raise UsageError(f"{len(teachers)} teachers named for a model with {len(model.projectors)} projectors")
+    method = method if method is not None else make_method("repa")
     groups = [LATENTS] + [teacher_group(n) for n in teachers]
+    fields = [f"{LATENTS}/mean"] + [f"{g}/{f}" for g in groups[1:] for f in method.teacher_fields(True)]
     reader = cache if isinstance(cache, ReaderBase) else open_reader(cache, groups=groups)
     indices = reader.valid_indices()[-num:]
     if len(indices) < num:
@@ -176,30 +187,33 @@ def alignment_metrics(
     try:
         for start in range(0, len(indices), batch_size):
             idx = indices[start:start + batch_size]
-            data = reader.read(idx, groups=groups)
+            data = reader.read(idx, fields=fields)
             mean = torch.from_numpy(np.ascontiguousarray(data["latents/mean"][:, 0])).to(device)  # (B, C, h, w) view 0
             x0 = norm.to_model(mean)
-            eps = SampleNoise(seed, idx.tolist(), device).randn(tuple(x0.shape[1:])).float()  # (B, C, h, w)
+            noise = SampleNoise(seed, idx.tolist(), device)
+            eps = noise.randn(tuple(x0.shape[1:])).float()  # (B, C, h, w)
             tt = torch.full((len(idx),), float(t), device=device)
-            alpha, sigma, _, _ = (a.view(-1, 1, 1, 1) for a in path_coefficients(path, tt))  # (B, 1, 1, 1)
-            x_t = alpha * x0 + sigma * eps
+            alpha, sigma, _, _ = path_coefficients(path, tt)  # (B,) each
+            x_t = alpha.view(-1, 1, 1, 1) * x0 + sigma.view(-1, 1, 1, 1) * eps
             y = torch.from_numpy(data["label"]).to(device)
+            batch = StepBatch(x0, y, [_view0(data, f"{teacher_group(n)}/patch", device) for n in teachers],
+                              [_view0(data, f"{teacher_group(n)}/cls", device) for n in teachers if "cls" in method.teacher_fields(True)])
+            for j, (name, feats) in enumerate(zip(teachers, batch.patch)):
+                if feats.shape[1] != mcfg.num_tokens:
+                    if not resample:
+                        raise UsageError(f"teacher '{name}' has {feats.shape[1]} tokens, the model {mcfg.num_tokens}; "
+                                         "the run was trained without --resample-teacher")
+                    batch.patch[j] = resample_tokens(feats, mcfg.grid)  # (B, T, Z)
+            extras = [alpha.view(-1, 1) * e + sigma.view(-1, 1) * noise.randn(tuple(e.shape[1:])).float() for e in method.extras(batch)]
             captured.clear()
             with autocast(device, precision):
-                _, zs = model(x_t, tt, y)
+                zs = model(x_t, tt, y, *extras)[1]
             hidden.append(captured[-1].float().mean(dim=1).cpu())  # (B, T, D) -> (B, D) pooled hidden state
-            for j, name in enumerate(teachers):
-                patch = data[f"{teacher_group(name)}/patch"][:, 0]  # (B, T', Z) view 0
-                feats = torch.from_numpy(np.ascontiguousarray(patch)).to(device).float()
-                if feats.shape[1] != zs[j].shape[1]:
-                    if not resample:
-                        raise UsageError(f"teacher '{name}' has {feats.shape[1]} tokens, the model {zs[j].shape[1]}; "
-                                         "the run was trained without --resample-teacher")
-                    feats = resample_tokens(feats, mcfg.grid)  # (B, T, Z)
-                z = zs[j].float()  # (B, T, Z)
-                cos_sum[j] += float(F.cosine_similarity(z, feats, dim=-1).mean(dim=1).sum())
+            for j, (aim, feats) in enumerate(zip(method.targets(batch), batch.patch)):
+                z = zs[j].float()  # (B, T, Z), aligned to the method's target ``aim`` of the same shape
+                cos_sum[j] += float(F.cosine_similarity(z, aim, dim=-1).mean(dim=1).sum())
                 proj[j].append(z.mean(dim=1).cpu())  # (B, Z)
-                target[j].append(feats.mean(dim=1).cpu())  # (B, Z)
+                target[j].append(feats.mean(dim=1).cpu())  # (B, Z): the teacher's own patch tokens, pooled
     finally:
         hook.remove()
         model.train(was_training)

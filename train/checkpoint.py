@@ -203,6 +203,24 @@ def save_checkpoint(
     return path
 
 
+def save_state_dicts(
+    run: Path,
+    step: int,
+    card: ModelCard,
+    ema: dict[str, torch.Tensor],
+    model: dict[str, torch.Tensor] | None = None,
+    optimizer: dict[str, Any] | None = None,
+) -> Path:
+    """Write weights that exist only as state dicts (imported ones): always the EMA-only file, and
+    the full file too when both ``model`` and ``optimizer`` are given. Returns the EMA-only path."""
+    if model is not None and optimizer is not None:
+        _save({**_header(KIND_TRAIN, step, card), "model": model, "ema": ema, "optimizer": optimizer},
+              checkpoint_path(run, step))
+    path = ema_path(run, step)
+    _save({**_header(KIND_EMA, step, card), "ema": ema}, path)
+    return path
+
+
 # -- reading -------------------------------------------------------------------------------------
 def check_file(path: Path, required: bool = True) -> None:
     """Compare a checkpoint file with its checksum record. Without a record: refused when

@@ -17,6 +17,8 @@ from typing import Any
 from repa_cache.cache.errors import UsageError
 
 PATHS: tuple[str, ...] = ("linear", "cosine")
+#: the training methods (repa_cache.train.methods.METHODS, named here so that --help needs no torch)
+METHOD_NAMES: tuple[str, ...] = ("repa", "irepa", "reg")
 TIME_SAMPLINGS: tuple[str, ...] = ("uniform", "lognormal")
 
 
@@ -27,7 +29,8 @@ class TransportConfig:
     Attributes:
         path: ``"linear"`` (alpha=1-t, sigma=t; the REPA default) or ``"cosine"``
             (alpha=cos(pi t/2), sigma=sin(pi t/2)).
-        time_sampling: ``"uniform"`` t ~ U[0, 1), or ``"lognormal"`` t = s/(1+s), s = exp(N(0, 1)).
+        time_sampling: ``"uniform"`` t ~ U[0, 1), or ``"lognormal"``: s = exp(N(0, 1)) is the
+            ratio sigma/alpha, so t = s/(1+s) on the linear path and (2/pi) atan(s) on the cosine one.
         label_dropout: probability that a label is replaced by the null class (for CFG).
         null_class: index of the null class; equals the model's ``num_classes``.
     """
@@ -72,8 +75,13 @@ class TrainConfig:
     model: str = "SiT-B/2"
     teachers: tuple[str, ...] = ()  # empty: the cache's only teacher
     encoder_depth: int | None = None  # None: the model size's default (4 for S/B, 8 for L/XL)
-    proj_coeff: float = 0.5
+    method: str = "repa"  # the training method (repa_cache.train.methods)
+    method_options: dict[str, Any] = field(default_factory=dict)  # the method's own options (not proj_coeff)
+    proj_coeff: float | None = None  # None: the method's default (0.5 for REPA)
+    align_schedule: str = "const"  # const | stop:N | exp-decay:C0,HALF_LIFE (repa_cache.train.schedule)
+    warmup_steps: int = 0  # encoder warm-up steps before the main objective (ERW)
     batch_size: int = 256  # global, over all ranks
+    grad_accum: int = 1  # micro-steps per optimiser step on each rank (same global batch and samples)
     max_steps: int = 400_000
     seed: int = 0
     device: str = "auto"
@@ -90,11 +98,14 @@ class TrainConfig:
     transport: TransportConfig = field(default_factory=TransportConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     tensorboard: bool = False
+    wandb: str | None = None  # Weights & Biases project to log to (None: off)
+    sample_every: int = 0  # every N steps write a grid from the EMA weights to RUN/samples (0: off)
     quiet: bool = False
 
     # Fields that may change between a run and its resume.
     RESUMABLE_CHANGES = frozenset({"max_steps", "ckpt_every", "log_every", "keep_checkpoints", "num_workers", "device",
-                                   "compile", "tensorboard", "quiet", "out", "cache", "align_every", "verify"})
+                                   "compile", "tensorboard", "quiet", "out", "cache", "align_every", "verify",
+                                   "grad_accum", "wandb", "sample_every"})
 
     def to_json(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)

@@ -11,8 +11,16 @@ Data order is a pure function of ``(seed, epoch, global position)``:
 * the stored view of each sample (original or flipped) is drawn from the same seed; latent and
   features always come from the same view.
 
+Which teacher arrays a step reads depends on the step: ``DataConfig.teacher_fields`` lists
+``(first step, fields)`` phases (the training method's fields while it aligns, and what it still
+reads once an alignment schedule has switched the alignment off: for REPA nothing, so the step
+reads latents only).
+
 A batch item is a dict of CPU tensors; :func:`to_device` turns it into the model's inputs on the
-device (posterior sample ``mean + std·ε``, normalised with the cache's :class:`LatentNorm`).
+device (posterior sample ``mean + std·ε``, normalised with the cache's :class:`LatentNorm`). Teacher
+tokens travel as stored: float16, or for a quantised group (``--feature-codec int8``) the int8
+values and their per-token scales, which are dequantised on the device (half the host-to-device
+bytes, and no decode work in the loader).
 """
 
 from __future__ import annotations
@@ -25,10 +33,12 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from repa_cache.cache.codec import dequantize, scale_name
 from repa_cache.cache.errors import UsageError
 from repa_cache.cache.format import LATENTS, LatentNorm, teacher_group
 from repa_cache.cache.reader import CacheReader
 from repa_cache.cache.wds import WdsReader, open_reader
+from repa_cache.train.methods.base import StepBatch
 
 
 @dataclass(frozen=True)
@@ -45,6 +55,16 @@ class DataConfig:
     prefetch_factor: int = 2
     verify_checksums: bool = True  # hash each shard the first time this process reads it (refuses damaged data)
     holdout: int = 0  # the last N valid cache samples are never trained on (alignment metrics use them)
+    # (first step, arrays read from each teacher group) in step order; REPA reads the patch tokens
+    teacher_fields: tuple[tuple[int, tuple[str, ...]], ...] = ((0, ("patch",)),)
+
+    def fields_at(self, step: int) -> tuple[str, ...]:
+        """The teacher arrays read for global step ``step``."""
+        fields: tuple[str, ...] = ()
+        for first, names in self.teacher_fields:
+            if step >= first:
+                fields = names
+        return fields
 
 
 def _rng(*key: int) -> np.random.Generator:
@@ -74,14 +94,14 @@ class CacheBatches(Dataset):
             raise UsageError(f"--batch-size {cfg.global_batch} is not divisible by the world size {world_size}")
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
         self.groups = [LATENTS] + [teacher_group(t) for t in cfg.teachers]
-        # what a step uses: the posterior's moments and each teacher's patch tokens (not its CLS token)
-        self.fields = [f"{LATENTS}/mean", f"{LATENTS}/std"] + [f"{g}/patch" for g in self.groups[1:]]
         reader = self._open()
         valid = reader.valid_indices()
         if not 0 <= cfg.holdout < len(valid):
             raise UsageError(f"--holdout {cfg.holdout} must leave samples to train on (the cache has {len(valid)} usable samples)")
         self.valid = valid[: len(valid) - cfg.holdout]
         self.num_views = len(reader.views)
+        #: the feature codec of each teacher's group (None: stored as floats), for to_device
+        self.codecs = {t: reader.feature_codec(g) for t, g in zip(cfg.teachers, self.groups[1:])}
         self.batches_per_epoch = len(self.valid) // cfg.global_batch
         if self.batches_per_epoch == 0:
             raise UsageError(
@@ -97,6 +117,11 @@ class CacheBatches(Dataset):
         state = self.__dict__.copy()
         state["_reader"] = None  # each worker process opens its own
         return state
+
+    def fields(self, step: int) -> list[str]:
+        """What step ``step`` reads: the posterior's moments and the method's teacher arrays."""
+        names = self.cfg.fields_at(step)
+        return [f"{LATENTS}/mean", f"{LATENTS}/std"] + [f"{g}/{n}" for g in self.groups[1:] for n in names]
 
     @property
     def local_batch(self) -> int:
@@ -125,7 +150,7 @@ class CacheBatches(Dataset):
         if self._reader is None:
             self._reader = self._open()
         idx, views = self.indices(step)
-        data = self._reader.read_views(idx, views, fields=self.fields)  # decodes only the drawn view
+        data = self._reader.read_views(idx, views, fields=self.fields(step), raw=True)  # only the drawn view, as stored
         out = {
             "mean": torch.from_numpy(data["latents/mean"]),  # (B, C, h, w)
             "std": torch.from_numpy(data["latents/std"]),
@@ -135,7 +160,11 @@ class CacheBatches(Dataset):
             "step": torch.tensor(step),
         }
         for t, g in zip(self.cfg.teachers, self.groups[1:]):
-            out[f"feat/{t}"] = torch.from_numpy(data[f"{g}/patch"])  # (B, T, D)
+            for name, key in (("patch", "feat"), ("cls", "cls")):
+                if f"{g}/{name}" in data:
+                    out[f"{key}/{t}"] = torch.from_numpy(data[f"{g}/{name}"])  # (B, T, D) / (B, D), float16 or int8
+                if f"{g}/{scale_name(name)}" in data:
+                    out[f"{key}_scale/{t}"] = torch.from_numpy(data[f"{g}/{scale_name(name)}"])  # (B, T, 1) / (B, 1)
         return out
 
 
@@ -166,13 +195,28 @@ def make_loader(ds: CacheBatches, start_step: int, stop_step: int, pin_memory: b
     )
 
 
-def to_device(
-    batch: dict[str, torch.Tensor], norm: LatentNorm, teachers: tuple[str, ...], device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
-    """(x, y, teacher features) on the device; x is a fresh posterior sample in the model's space."""
+def to_device(batch: dict[str, torch.Tensor], norm: LatentNorm, teachers: tuple[str, ...], device: torch.device,
+              codecs: dict[str, dict[str, Any] | None] | None = None) -> StepBatch:
+    """The step's inputs on the device: x is a fresh posterior sample in the model's space; the
+    teacher tokens the batch holds (patch tokens, CLS tokens) in float32, in teacher order,
+    dequantised on the device with each teacher's codec (``CacheBatches.codecs``; None: floats)."""
     mean = batch["mean"].to(device, non_blocking=True)
     std = batch["std"].to(device, non_blocking=True)
     x = norm.to_model(mean + std * torch.randn_like(mean))  # (B, C, h, w)
     y = batch["label"].to(device, non_blocking=True)
-    feats = [batch[f"feat/{t}"].to(device, non_blocking=True).float() for t in teachers]  # (B, T, D) each
-    return x, y, feats
+    codecs = codecs or {}
+
+    def tokens(key: str) -> list[torch.Tensor]:
+        out = []
+        for t in teachers:
+            if f"{key}/{t}" not in batch:
+                continue
+            q = batch[f"{key}/{t}"].to(device, non_blocking=True)
+            scale = batch.get(f"{key}_scale/{t}")
+            codec = codecs.get(t)
+            if codec is not None and scale is None:
+                raise ValueError(f"teacher '{t}' is quantised but the batch has no {key} scales")
+            out.append(dequantize(q, scale.to(device, non_blocking=True) if scale is not None else q, codec))
+        return out
+
+    return StepBatch(x, y, tokens("feat"), tokens("cls"))  # (B, T, D) / (B, D) float32 each

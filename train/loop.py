@@ -1,9 +1,10 @@
 """``repa train``: the cache-backed REPA training loop (single process or torchrun/DDP).
 
 Per step: a batch of cached (posterior, teacher tokens, label) from :mod:`train.data`, a fresh
-latent sample and scale on the device, ``transport.training_losses`` for the denoising loss and
-the student's projected hidden states, :func:`train.loss.repa_loss` against the cached tokens, and
-``loss = denoise + proj_coeff * repa``. No teacher forward, no image decoding.
+latent sample and scale on the device, and the training method's objective
+(:mod:`train.methods`; for REPA ``loss = denoise + proj_coeff * repa``) with the alignment
+coefficient of the run's schedule (:mod:`train.schedule`). No teacher forward, no image decoding.
+The loop knows no method by name: the method says what it reads, what it trains and what it logs.
 
 Exact resume: all randomness of step ``s`` on rank ``r`` comes from a generator seeded with
 ``(seed, r, s)`` and the data order is a function of ``(seed, s)``, so a checkpoint needs only the
@@ -19,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 import os
 import sys
 import time
@@ -40,8 +40,11 @@ from repa_cache.train.checkpoint import Checkpoint, ModelCard, latest_checkpoint
 from repa_cache.train.config import TrainConfig
 from repa_cache.train.data import CacheBatches, DataConfig, make_loader, to_device
 from repa_cache.train.loss import resample_tokens
+from repa_cache.train.methods import Method, make_method
 from repa_cache.train.model import SiTConfig, count_parameters, sit_config
+from repa_cache.train.schedule import MAIN_NO_ALIGN, AlignSchedule, Phases
 from repa_cache.train.step import build_trainer, train_step
+from repa_cache.train.tracking import Trackers
 
 log = logging.getLogger(__name__)
 
@@ -122,10 +125,17 @@ class RunSetup:
     teacher_tokens: dict[str, int]
     cache_info: dict[str, Any]
     card: ModelCard  # what every checkpoint of the run carries for inference
+    method: Method
+    phases: Phases
+
+    def data_fields(self) -> tuple[tuple[int, tuple[str, ...]], ...]:
+        """(first step, teacher arrays read) for each phase of the run (see DataConfig)."""
+        return tuple((first, self.method.teacher_fields(phase != MAIN_NO_ALIGN)) for first, phase in self.phases.boundaries())
 
 
 def plan_run(cfg: TrainConfig) -> RunSetup:
-    """Check the config against the cache and resolve the model config; raises user-facing errors."""
+    """Check the config against the cache and resolve the model config and the method (its
+    options with their defaults, ``cfg.proj_coeff`` included); raises user-facing errors."""
     root, meta, present = open_meta_any(cfg.cache)  # a zarr cache or its webdataset export
     cached_teachers = [g[len(TEACHER_PREFIX):] for g in present if g.startswith(TEACHER_PREFIX)]
     teachers = cfg.teachers
@@ -140,13 +150,22 @@ def plan_run(cfg: TrainConfig) -> RunSetup:
     if cfg.batch_size <= 0 or cfg.max_steps < 0 or cfg.ckpt_every <= 0 or cfg.log_every <= 0:
         raise UsageError("--batch-size, --ckpt-every and --log-every must be positive, --max-steps not negative")
     negative = [f"--{k.replace('_', '-')} {v}" for k, v in (("workers", cfg.num_workers), ("holdout", cfg.holdout),
-                ("align-every", cfg.align_every), ("proj-coeff", cfg.proj_coeff)) if v is not None and v < 0]
+                ("align-every", cfg.align_every), ("proj-coeff", cfg.proj_coeff), ("sample-every", cfg.sample_every),
+                ("warmup-steps", cfg.warmup_steps)) if v is not None and v < 0]
     if negative:
         raise UsageError(f"{', '.join(negative)}: must not be negative")
+    options = dict(cfg.method_options)
+    if cfg.proj_coeff is not None:
+        options["proj_coeff"] = cfg.proj_coeff
+    method = make_method(cfg.method, options)
+    cfg = dataclasses.replace(cfg, proj_coeff=method.proj_coeff,
+                              method_options={k: v for k, v in method.card()["options"].items() if k != "proj_coeff"})
+    phases = Phases(AlignSchedule.parse(cfg.align_schedule), cfg.warmup_steps)
     if not cfg.optim.lr > 0:
         raise UsageError(f"--lr must be positive, got {cfg.optim.lr}")
     check_precision(cfg.precision)
     reader = open_reader(root, groups=[LATENTS] + [teacher_group(t) for t in teachers])  # refuses uncommitted/damaged
+    method.check_cache({t: reader.array_names(teacher_group(t)) for t in teachers})
     latents = reader.group(LATENTS)
     lat = latents.meta.model
     dims = tuple(int(reader.group(t).meta.model["dim"]) for t in teachers)
@@ -180,12 +199,12 @@ def plan_run(cfg: TrainConfig) -> RunSetup:
         vae={"id": lat.get("id"), "revision": lat.get("revision"), "tiny": bool(lat.get("tiny")),
              "weights_sha256": latents.commit.get("weights_sha256")},
         class_names=tuple(meta.class_names),
-        method={"name": "repa", "options": {"proj_coeff": cfg.proj_coeff, "encoder_depth": mcfg.encoder_depth}},
+        method=method.card(),
         path=cfg.transport.path,
         train=cfg.to_json(),
         cache=cache_info,
     )
-    return RunSetup(cfg, teachers, mcfg, norm, tokens, cache_info, card)
+    return RunSetup(cfg, teachers, mcfg, norm, tokens, cache_info, card, method, phases)
 
 
 def check_resume(ckpt: Checkpoint, cfg: TrainConfig, setup: RunSetup) -> None:
@@ -194,7 +213,9 @@ def check_resume(ckpt: Checkpoint, cfg: TrainConfig, setup: RunSetup) -> None:
     if ckpt.card.cache != setup.cache_info:
         raise CacheError(f"checkpoint {path} was trained on another cache (fingerprints differ); use a new --out")
     old, new = ckpt.card.train, cfg.to_json()
-    changed = [k for k in new if k not in TrainConfig.RESUMABLE_CHANGES and old.get(k) != new[k]]
+    # a field an older run did not record had its default value then
+    defaults = TrainConfig(cache="", out="").to_json()
+    changed = [k for k in new if k not in TrainConfig.RESUMABLE_CHANGES and old.get(k, defaults[k]) != new[k]]
     if changed:
         details = "; ".join(f"{k}: {old.get(k)} -> {new[k]}" for k in changed)
         raise UsageError(f"cannot resume {path}: the config changed ({details}); use a new --out")
@@ -211,10 +232,14 @@ class TrainResult:
 def train(cfg: TrainConfig) -> TrainResult:
     """Train (or resume) a run; returns where it stopped."""
     setup = plan_run(cfg)
+    cfg = setup.cfg  # with the method's options resolved
     device = resolve_device(cfg.device, int(os.environ.get("LOCAL_RANK", 0)))
     di = init_distributed(device)
     if cfg.batch_size % di.world_size:
         raise UsageError(f"--batch-size {cfg.batch_size} is not divisible by the world size {di.world_size}")
+    local = cfg.batch_size // di.world_size
+    if not 1 <= cfg.grad_accum <= local:
+        raise UsageError(f"--grad-accum {cfg.grad_accum} must be between 1 and the batch per rank ({local})")
     if device.type == "cuda":
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -222,8 +247,9 @@ def train(cfg: TrainConfig) -> TrainResult:
     run = Path(cfg.out)
     if run.exists() and not run.is_dir():
         raise UsageError(f"--out {run} is an existing file, not a run folder")
-    tr = build_trainer(setup.model_config, device, optim=cfg.optim, transport=cfg.transport, proj_coeff=cfg.proj_coeff,
-                       precision=cfg.precision, compile=cfg.compile, seed=cfg.seed, ddp=di.world_size > 1)
+    tr = build_trainer(setup.model_config, device, optim=cfg.optim, transport=cfg.transport, method=setup.method,
+                       phases=setup.phases, precision=cfg.precision, compile=cfg.compile, seed=cfg.seed, ddp=di.world_size > 1,
+                       grad_accum=cfg.grad_accum)
     start, resumed = 0, None
     ckpt = load_latest_training(run)
     if ckpt is not None:
@@ -238,21 +264,29 @@ def train(cfg: TrainConfig) -> TrainResult:
         config = {"card": setup.card.to_json(), "teacher_tokens": setup.teacher_tokens}
         (run / "config.json").write_text(json.dumps(config, indent=1, default=str))
         n = count_parameters(tr.model)
-        log.info("model %s: %.1fM backbone parameters; teachers %s; world size %d", cfg.model, n / 1e6, ", ".join(setup.teachers), di.world_size)
+        log.info("model %s: %.1fM backbone parameters; method %s; teachers %s; world size %d", cfg.model, n / 1e6,
+                 setup.method.name, ", ".join(setup.teachers), di.world_size)
         if ckpt is not None:
             print(f"resuming {run} from step {resumed} ({ckpt.path.name})", file=sys.stderr)
 
     ds = CacheBatches(
         DataConfig(cfg.cache, setup.teachers, cfg.batch_size, cfg.seed, holdout=cfg.holdout, verify_checksums=cfg.verify,
-                   num_workers=loader_workers(cfg.num_workers, device, di.local_world_size)),
+                   num_workers=loader_workers(cfg.num_workers, device, di.local_world_size), teacher_fields=setup.data_fields()),
         di.rank,
         di.world_size,
     )
     loader = make_loader(ds, start, cfg.max_steps, pin_memory=device.type == "cuda")
     if di.is_main:
-        print(f"{di.describe(ds.local_batch, device)}, {ds.cfg.num_workers} loader workers per rank", file=sys.stderr)
+        accum = f", {cfg.grad_accum} micro-steps per step" if cfg.grad_accum > 1 else ""
+        print(f"{di.describe(ds.local_batch, device)}{accum}, {ds.cfg.num_workers} loader workers per rank", file=sys.stderr)
     metrics_file = run / "metrics.jsonl"
-    writer = _tensorboard(run) if cfg.tensorboard and di.is_main else None
+    trackers = Trackers(run, {"card": setup.card.to_json()}, cfg.tensorboard, cfg.wandb) if di.is_main else None
+    grid = None
+    if cfg.sample_every and di.is_main:
+        from repa_cache.eval.sample import TrainingGrid  # sampling and decoding: only when grids are asked for
+
+        grid = TrainingGrid(setup.card, setup.method, setup.model_config, cfg.seed, device,
+                            "bf16" if use_bf16(cfg.precision, device) else "fp32")
     bar = tqdm(total=cfg.max_steps, initial=start, unit="step", disable=cfg.quiet or not di.is_main or not sys.stderr.isatty())
 
     step = start
@@ -260,24 +294,25 @@ def train(cfg: TrainConfig) -> TrainResult:
     acc = _Accumulator()
     non_finite = _FirstNonFinite(device)
     t_last, wait = time.perf_counter(), 0.0
-    t_wait0 = time.perf_counter()
+    t_start = t_wait0 = time.perf_counter()
     for batch in loader:
         wait += time.perf_counter() - t_wait0
         assert int(batch["step"]) == step, "data order out of step"  # a CPU tensor: no device sync
         gen_seed = step_seed(cfg.seed, di.rank, step)
         torch.manual_seed(gen_seed)
-        x, y, feats = to_device(batch, setup.norm, setup.teachers, device)
+        inputs = to_device(batch, setup.norm, setup.teachers, device, ds.codecs)
         if cfg.resample_teacher:
-            feats = [resample_tokens(f, setup.model_config.grid) if f.shape[1] != setup.model_config.num_tokens else f for f in feats]
-        res = train_step(tr, x, y, feats)
+            inputs.patch = [resample_tokens(f, setup.model_config.grid) if f.shape[1] != setup.model_config.num_tokens else f
+                            for f in inputs.patch]
+        res = train_step(tr, inputs, step)
         # Recorded on the device, checked on the host at the next log or checkpoint step. The steps
         # in between still update the parameters (with NaN/inf): those updates are discarded, since
         # the check stops the run before any checkpoint is written and the last good checkpoint is
         # the resume point.
-        non_finite.record(step, res.loss, res.denoise, res.repa)
+        non_finite.record(step, res.loss, res.terms)
+        coeff = setup.phases.coeff(step, setup.method.proj_coeff)
         step += 1
-        acc.add(loss=res.loss, denoise=res.denoise, repa=res.repa, grad_norm=res.grad_norm,
-                **{f"cos/{t}": c for t, c in zip(setup.teachers, res.cos)})
+        acc.add(loss=res.loss, **res.terms, grad_norm=res.grad_norm, **{f"cos/{t}": c for t, c in zip(setup.teachers, res.cos)})
         bar.update(1)
 
         is_log = step % cfg.log_every == 0 or step == cfg.max_steps
@@ -288,7 +323,7 @@ def train(cfg: TrainConfig) -> TrainResult:
             last = acc.mean()  # host sync: the interval's work is done when the clock is read
             now = time.perf_counter()
             n_steps, dt = acc.count, max(now - t_last, 1e-9)
-            last.update(step=step, data_wait=wait / dt)
+            last.update(step=step, time=now - t_start, lr=tr.opt.param_groups[0]["lr"], align_coeff=coeff, data_wait=wait / dt)
             last.update(_throughput(n_steps * ds.local_batch / dt, wait / dt, di, device))
             if device.type == "cuda":
                 last["gpu_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
@@ -297,15 +332,17 @@ def train(cfg: TrainConfig) -> TrainResult:
                 if not cfg.holdout:
                     log.warning("--align-every without --holdout: alignment is measured on samples the model trains on")
                 last.update(alignment_metrics(tr.model, cfg.cache, setup.teachers, num=cfg.holdout or 512, resample=cfg.resample_teacher,
-                                              path=cfg.transport.path, precision="bf16" if use_bf16(cfg.precision, device) else "fp32"))
+                                              path=cfg.transport.path, precision="bf16" if use_bf16(cfg.precision, device) else "fp32",
+                                              method=setup.method))
             if di.is_main:
                 with open(metrics_file, "a") as f:
                     f.write(json.dumps(last) + "\n")
-                if writer is not None:
-                    for k, v in last.items():
-                        writer.add_scalar(k, v, step)
+                if trackers is not None:
+                    trackers.log(last, step)
                 if not cfg.quiet:
                     bar.write(_status(last, cfg.max_steps, setup.teachers))
+        if grid is not None and step % cfg.sample_every == 0:
+            grid.write(tr.ema, run, step)
         if is_ckpt:
             if di.is_main:
                 save_checkpoint(run, step, tr.model, tr.ema, tr.opt, setup.card, keep=cfg.keep_checkpoints)
@@ -314,25 +351,28 @@ def train(cfg: TrainConfig) -> TrainResult:
         t_wait0 = time.perf_counter()
     non_finite.check(di, run)
     bar.close()
-    if writer is not None:
-        writer.close()
+    if trackers is not None:
+        trackers.close()
     return TrainResult(run, step, last, resumed)
 
 
 class _FirstNonFinite:
-    """The first step whose loss was NaN or infinite, kept on the device so that recording it never
-    waits for the device; :meth:`check` reads it on the host."""
+    """The first step whose loss was NaN or infinite, with the loss terms of that step, kept on the
+    device so that recording it never waits for the device; :meth:`check` reads it on the host."""
 
     NONE = 2**62  # no non-finite step yet (larger than any step, so the minimum over ranks works)
 
     def __init__(self, device: torch.device) -> None:
         self.step = torch.full((), self.NONE, dtype=torch.int64, device=device)  # 0-dim
-        self.losses = torch.zeros(2, device=device)  # (denoise, repa) at that step, for the message
+        self.terms: dict[str, torch.Tensor] = {}  # name -> (value, present) at that step, (2,) each
 
-    def record(self, step: int, loss: torch.Tensor, denoise: torch.Tensor, repa: torch.Tensor) -> None:
+    def record(self, step: int, loss: torch.Tensor, terms: dict[str, torch.Tensor]) -> None:
         first = ~torch.isfinite(loss.detach()) & (self.step == self.NONE)
         self.step = torch.where(first, step, self.step)
-        self.losses = torch.where(first, torch.stack([denoise.detach(), repa.detach()]).float(), self.losses)
+        for name in [*self.terms, *(k for k in terms if k not in self.terms)]:  # first-seen order
+            now = torch.stack([terms[name].detach().float(), torch.ones((), device=self.step.device)]) if name in terms \
+                else torch.zeros(2, device=self.step.device)
+            self.terms[name] = torch.where(first, now, self.terms.get(name, torch.zeros(2, device=self.step.device)))
 
     def check(self, di: DistInfo, run: Path) -> None:
         """Raise :class:`TrainingDiverged` naming the first non-finite step of any rank. A host sync;
@@ -345,8 +385,7 @@ class _FirstNonFinite:
         if bad == self.NONE:
             return
         if int(self.step.item()) == bad:
-            d, r = self.losses.tolist()
-            values = f"denoise {d:.4g}, repa {r:.4g}"
+            values = ", ".join(f"{k} {v:.4g}" for k, (v, present) in ((k, t.tolist()) for k, t in self.terms.items()) if present)
         else:
             values = "on another rank"
         kept = latest_checkpoint(run)
@@ -375,38 +414,44 @@ def _throughput(img_per_sec: float, data_wait: float, di: DistInfo, device: torc
 
 
 class _Accumulator:
-    """Sums of scalar tensors between log steps, synchronised with the host only when read."""
+    """Sums of scalar tensors between log steps, synchronised with the host only when read. A
+    value absent from some steps (a term of one phase only) is averaged over the steps that had it."""
 
     def __init__(self) -> None:
         self.sums: dict[str, torch.Tensor] = {}
+        self.counts: dict[str, int] = {}
         self.count = 0
 
     def add(self, **values: torch.Tensor) -> None:
         for k, v in values.items():
             v = v.detach().float()
             self.sums[k] = self.sums[k] + v if k in self.sums else v
+            self.counts[k] = self.counts.get(k, 0) + 1
         self.count += 1
 
     def mean(self) -> dict[str, float]:
-        return {k: float(v.item()) / max(1, self.count) for k, v in self.sums.items()}
+        return {k: float(v.item()) / self.counts[k] for k, v in self.sums.items()}
+
+
+#: log keys that are not loss terms
+_NOT_TERMS = {"loss", "grad_norm", "step", "time", "lr", "align_coeff", "data_wait", "world_size", "gpu_mem_gib"}
+
+
+def _terms(m: dict[str, float]) -> dict[str, float]:
+    """The loss terms of a log row (the method's named terms: denoise, repa, ...)."""
+    return {k: v for k, v in m.items()
+            if k not in _NOT_TERMS and "/" not in k and not k.startswith(("img_per_sec", "data_wait"))}
 
 
 def _status(m: dict[str, float], max_steps: int, teachers: tuple[str, ...]) -> str:
-    cos = " ".join(f"cos[{t}] {m.get(f'cos/{t}', math.nan):.3f}" for t in teachers)
+    terms = " ".join(f"{k} {v:.4f}" for k, v in _terms(m).items())
+    cos = " ".join(f"cos[{t}] {m[f'cos/{t}']:.3f}" for t in teachers if f"cos/{t}" in m)
     mem = f" mem {m['gpu_mem_gib']:.1f}GiB" if "gpu_mem_gib" in m else ""
     slowest = f" (slowest rank {m['img_per_sec_rank_min']:.1f})" if m["world_size"] > 1 else ""
     return (
-        f"step {int(m['step'])}/{max_steps} loss {m['loss']:.4f} (denoise {m['denoise']:.4f} repa {m['repa']:.4f}) "
+        f"step {int(m['step'])}/{max_steps} loss {m['loss']:.4f} ({terms}) "
         f"{cos} gnorm {m['grad_norm']:.2f} {m['img_per_sec']:.1f} img/s{slowest} data-wait {m['data_wait']:.0%}{mem}"
     )
-
-
-def _tensorboard(run: Path) -> Any:
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError as e:
-        raise UsageError("--tensorboard needs the tensorboard package (pip install tensorboard)") from e
-    return SummaryWriter(str(run / "tb"))
 
 
 def describe_run(cfg: TrainConfig, dry_run: bool = False) -> str:
@@ -415,7 +460,8 @@ def describe_run(cfg: TrainConfig, dry_run: bool = False) -> str:
     setup = plan_run(cfg)
     if dry_run:
         resolved = {
-            "train": cfg.to_json(),
+            "train": setup.cfg.to_json(),
+            "method": setup.method.card(),
             "teachers": list(setup.teachers),
             "model": dataclasses.asdict(setup.model_config),
             "latent_norm": setup.norm.to_json(),
@@ -426,5 +472,6 @@ def describe_run(cfg: TrainConfig, dry_run: bool = False) -> str:
     res = train(cfg)
     m = res.last_metrics
     resumed = f" (resumed from step {res.resumed_from})" if res.resumed_from is not None else ""
-    loss = f"; last loss {m['loss']:.4f} (denoise {m['denoise']:.4f}, repa {m['repa']:.4f})" if m else ""
+    terms = ", ".join(f"{k} {v:.4f}" for k, v in _terms(m).items())
+    loss = f"; last loss {m['loss']:.4f} ({terms})" if m else ""
     return f"run {res.run}: step {res.step}{resumed}{loss}"

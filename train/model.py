@@ -305,7 +305,12 @@ class SiT(nn.Module):
     projected tokens (B, T, z_dim) taken after block ``encoder_depth``.
     """
 
-    def __init__(self, config: SiTConfig) -> None:
+    #: name prefixes of the modules after the last block (not trained by the encoder warm-up)
+    OUTPUT_MODULES: tuple[str, ...] = ("final_layer.",)
+
+    def __init__(self, config: SiTConfig, projectors: nn.ModuleList | None = None) -> None:
+        """``projectors``: one module per teacher mapping hidden tokens (B, T, D) to (B, T, z_dim);
+        default REPA's MLP (:func:`build_projector`). A training method may bring its own."""
         super().__init__()
         config.validate()
         self.config = config
@@ -317,8 +322,10 @@ class SiT(nn.Module):
         self.register_buffer("pos_embed", sincos_pos_embed_2d(D, config.grid).unsqueeze(0))  # (1, T, D)
         self.blocks = nn.ModuleList(
             SiTBlock(D, config.num_heads, config.mlp_ratio, config.qk_norm) for _ in range(config.depth))
-        self.projectors = nn.ModuleList(
+        self.projectors = projectors if projectors is not None else nn.ModuleList(
             build_projector(D, config.projector_dim, z) for z in config.z_dims)
+        if len(self.projectors) != len(config.z_dims):
+            raise ValueError(f"{len(self.projectors)} projectors for {len(config.z_dims)} teachers")
         self.final_layer = FinalLayer(D, P, C)
         self.initialize_weights()
 
@@ -354,27 +361,61 @@ class SiT(nn.Module):
         x = x.permute(0, 5, 1, 3, 2, 4)  # (B, C, gh, P, gw, P)
         return x.reshape(B, C, g * P, g * P)  # (B, C, H, W)
 
-    def forward(self, x: Tensor, t: Tensor, y: Tensor) -> tuple[Tensor, list[Tensor]]:
+    def embed(self, x: Tensor) -> Tensor:
+        """Latents (B, C, H, W) -> position-embedded patch tokens (B, T, D)."""
+        h = self.x_embedder(x)  # (B, D, g, g)
+        return h.flatten(2).transpose(1, 2) + self.pos_embed  # (B, T, D)
+
+    def condition(self, t: Tensor, y: Tensor) -> Tensor:
+        """The adaLN condition (B, D) of times t (B,) and labels y (B,)."""
+        return self.t_embedder(t) + self.y_embedder(y)
+
+    def run_blocks(self, h: Tensor, c: Tensor, align: bool = True,
+                   encoder_only: bool = False) -> tuple[Tensor, list[Tensor]]:
+        """Tokens through the blocks: ``(h, zs)`` with zs the projected tokens after block
+        ``encoder_depth`` (empty when ``align`` is False). With ``encoder_only`` the blocks after
+        ``encoder_depth`` do not run and h is the aligned block's output."""
+        zs: list[Tensor] = []
+        for i, block in enumerate(self.blocks, start=1):
+            h = block(h, c)  # (B, T, D)
+            if i == self.config.encoder_depth:
+                if align:
+                    zs = [projector(h) for projector in self.projectors]  # each (B, T, z_dim)
+                if encoder_only:
+                    break
+        return h, zs
+
+    def forward(self, x: Tensor, t: Tensor, y: Tensor, *, align: bool = True,
+                encoder_only: bool = False) -> tuple[Tensor | None, list[Tensor]]:
         """Velocity prediction and projected tokens.
 
         Args:
             x: noisy latents (B, C, H, W).
             t: times (B,), float in [0, 1] (0 = data, 1 = noise).
             y: class labels (B,), long; ``num_classes`` is the null class.
+            align: compute the projected tokens (off once the alignment loss is switched off).
+            encoder_only: run only up to block ``encoder_depth`` and return no velocity (the
+                encoder warm-up trains nothing else).
 
         Returns:
-            ``(v, zs)``: v (B, C, H, W) and one (B, T, z_dim) tensor per projector.
+            ``(v, zs)``: v (B, C, H, W) (None with ``encoder_only``) and one (B, T, z_dim) tensor
+            per projector.
         """
-        h = self.x_embedder(x)  # (B, D, g, g)
-        h = h.flatten(2).transpose(1, 2) + self.pos_embed  # (B, T, D)
-        c = self.t_embedder(t) + self.y_embedder(y)  # (B, D)
-        zs: list[Tensor] = []
-        for i, block in enumerate(self.blocks, start=1):
-            h = block(h, c)  # (B, T, D)
-            if i == self.config.encoder_depth:
-                zs = [projector(h) for projector in self.projectors]  # each (B, T, z_dim)
+        c = self.condition(t, y)  # (B, D)
+        h, zs = self.run_blocks(self.embed(x), c, align, encoder_only)
+        if encoder_only:
+            return None, zs
         out = self.final_layer(h, c)  # (B, T, P*P*C)
         return self.unpatchify(out), zs
+
+    def warmup_parameters(self) -> Iterator[nn.Parameter]:
+        """What the encoder warm-up trains: the embedders, blocks 1..encoder_depth and the
+        projectors (the rest does not run in that phase)."""
+        late = tuple(f"blocks.{i}." for i in range(self.config.encoder_depth, self.config.depth))
+        late += self.OUTPUT_MODULES
+        for name, param in self.named_parameters():
+            if not name.startswith(late):
+                yield param
 
     def backbone_parameters(self) -> Iterator[nn.Parameter]:
         """Parameters of the diffusion model alone (everything but the REPA projectors)."""

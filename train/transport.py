@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
@@ -29,9 +31,10 @@ logger = logging.getLogger(__name__)
 
 
 class VelocityModel(Protocol):
-    """What the transport needs from a model: ``model(x_t, t, y) -> (v_hat, zs)``."""
+    """What the transport needs from a model: ``model(x_t, t, y, *extras_t, align=...) ->
+    (v_hat, zs, *extra_v_hat)``."""
 
-    def __call__(self, x: Tensor, t: Tensor, y: Tensor) -> tuple[Tensor, list[Tensor]]: ...
+    def __call__(self, x: Tensor, t: Tensor, y: Tensor, *extras: Tensor, **kwargs: Any) -> Any: ...
 
 
 def path_coefficients(path: str, t: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -69,8 +72,13 @@ class Transport:
         """Training times (B,) in [0, 1), float32, from the global RNG."""
         if self.config.time_sampling == "uniform":
             return torch.rand(batch, device=device)
-        # s = exp(n), t = s / (1 + s) = sigmoid(n): median 0.5, mass away from the ends.
-        return torch.sigmoid(torch.randn(batch, device=device))
+        # s = exp(n), n ~ N(0, 1): the time whose noise-to-signal ratio sigma/alpha is s, as REPA
+        # draws it. On the linear path t = s / (1 + s) = sigmoid(n); on the cosine path
+        # tan(pi t / 2) = s, so t = (2 / pi) atan(exp(n)). Both have median 0.5.
+        n = torch.randn(batch, device=device)
+        if self.config.path == "cosine":
+            return torch.atan(torch.exp(n)) * (2 / math.pi)
+        return torch.sigmoid(n)
 
     def interpolate(self, x: Tensor, noise: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
         """``(x_t, v_target)`` for data x and noise of shape (B, C, H, W) and times t (B,)."""
@@ -90,18 +98,52 @@ class Transport:
         drop = torch.rand(y.shape[0], device=y.device) < p  # (B,)
         return torch.where(drop, torch.full_like(y, self.config.null_class), y)
 
-    def training_losses(self, model: VelocityModel, x: Tensor, y: Tensor) -> dict[str, Any]:
-        """One flow-matching step's loss on clean latents x (B, C, H, W) with labels y (B,).
-
-        Returns a dict with ``"denoise"`` (scalar ``mean((v_hat - v)^2)`` in fp32), ``"zs"`` (the
-        model's projected tokens, for the REPA loss), ``"t"`` (B,) and ``"y_used"`` (the labels
-        after dropout, the ones the model saw).
-        """
+    def draw(self, x: Tensor, y: Tensor, extras: Sequence[Tensor] = ()) -> Draws:
+        """A step's randomness for the whole batch, from the global RNG in a fixed order: times,
+        latent noise, label dropout, then the noise of each extra state component."""
         t = self.sample_t(x.shape[0], x.device)  # (B,)
         noise = torch.randn_like(x)  # (B, C, H, W)
-        x_t, v = self.interpolate(x, noise, t)
         y_used = self.drop_labels(y)
-        v_hat, zs = model(x_t, t, y_used)
-        denoise = (v_hat.float() - v.float()).pow(2).mean()
-        return {"denoise": denoise, "zs": zs, "t": t, "y_used": y_used}
+        return Draws(t, noise, y_used, [torch.randn_like(e) for e in extras])
 
+    def training_losses(self, model: VelocityModel, x: Tensor, y: Tensor, extras: Sequence[Tensor] = (),
+                        align: bool = True, draws: Draws | None = None) -> dict[str, Any]:
+        """One flow-matching step's loss on clean latents x (B, C, H, W) with labels y (B,).
+
+        ``extras`` are further clean state components the model denoises jointly with the latent
+        (e.g. a (B, Z) CLS token): each is noised on the same path at the same time with its own
+        noise, and the model is called as
+        ``model(x_t, t, y, *extras_t, align=align) -> (v_hat, zs, *extra_v_hat)``. ``draws`` are
+        this batch's random draws (:meth:`draw`, made here when not given; a gradient-accumulation
+        micro-batch passes its slice of the whole batch's).
+
+        Returns a dict with ``"denoise"`` (scalar ``mean((v_hat - v)^2)`` in fp32), ``"zs"`` (the
+        model's projected tokens, for the alignment loss), ``"denoise_extras"`` (one such scalar per
+        extra), ``"t"`` (B,) and ``"y_used"`` (the labels after dropout, the ones the model saw).
+        """
+        d = draws if draws is not None else self.draw(x, y, extras)
+        assert d.noise is not None, "training_losses needs noise draws"
+        x_t, v = self.interpolate(x, d.noise, d.t)
+        noisy = [self.interpolate(e, n, d.t) for e, n in zip(extras, d.extra_noise)]  # [(e_t, v_e)]
+        out = model(x_t, d.t, d.y_used, *[e_t for e_t, _ in noisy], align=align)
+        v_hat, zs = out[0], out[1]
+        denoise = (v_hat.float() - v.float()).pow(2).mean()
+        extra = [(e_hat.float() - v_e.float()).pow(2).mean() for e_hat, (_, v_e) in zip(out[2:], noisy)]
+        return {"denoise": denoise, "zs": zs, "denoise_extras": extra, "t": d.t, "y_used": d.y_used}
+
+
+@dataclass
+class Draws:
+    """The random draws of one training step: times t (B,), latent noise (B, C, H, W) (None where
+    the step needs none, e.g. the encoder warm-up at t = 0), the labels after dropout (B,) and the
+    noise of each extra state component."""
+
+    t: Tensor
+    noise: Tensor | None
+    y_used: Tensor
+    extra_noise: list[Tensor]
+
+    def slice(self, rows: slice) -> Draws:
+        """The draws of rows ``rows`` of the batch (a gradient-accumulation micro-batch)."""
+        return Draws(self.t[rows], None if self.noise is None else self.noise[rows], self.y_used[rows],
+                     [n[rows] for n in self.extra_noise])

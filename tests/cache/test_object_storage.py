@@ -121,7 +121,7 @@ def test_cache_copy_round_trip_through_s3_is_byte_identical(s3, tiny_cache, tmp_
     assert code == 0, err
     assert _files(back) == _files(tiny_cache)
     code, out, _ = run_cli(["cache", "copy", url, str(back), "-q"])  # again: nothing to do
-    assert code == 0 and "0 shards (0.0 MB)" in out and "latents: already there" in out
+    assert code == 0 and "0 shards (0 B)" in out and "latents: already there" in out
 
 
 def test_cache_copy_resumes_only_what_is_missing(tiny_cache, tmp_path):

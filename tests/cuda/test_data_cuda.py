@@ -34,11 +34,13 @@ def test_pinned_non_blocking_batches_equal_the_cpu_path(tiny_cache, device):
     assert len(moved) == STEPS
 
     reference = CacheBatches(DataConfig(str(tiny_cache), TEACHERS, global_batch=8, seed=5, num_workers=0))
-    for step, (x, y, feats) in enumerate(moved):
+    for step, b in enumerate(moved):
+        x, y, feats = b.x, b.y, b.patch
         ref = reference[step]  # the same global step read in this process, not pinned
         assert x.device == y.device == feats[0].device == device
         # labels and teacher tokens: bit-equal to the CPU path's own to_device
-        _, y_cpu, f_cpu = to_device(ref, norm, TEACHERS, torch.device("cpu"))
+        cpu = to_device(ref, norm, TEACHERS, torch.device("cpu"))
+        y_cpu, f_cpu = cpu.y, cpu.patch
         assert torch.equal(y.cpu(), y_cpu)
         assert feats[0].dtype == torch.float32 and torch.equal(feats[0].cpu(), f_cpu[0])
         # the latent sample: mean + std * eps with the same eps drawn on the device, bit-equal

@@ -11,6 +11,7 @@ import torch
 from repa_cache.stages.devices import autocast, use_bf16
 from repa_cache.train.config import OptimConfig
 from repa_cache.train.loss import repa_loss
+from repa_cache.train.methods import StepBatch
 from repa_cache.train.model import SiTConfig, sit_config
 from repa_cache.train.step import Trainer, build_trainer, train_step
 
@@ -37,8 +38,9 @@ def _run(tr: Trainer, batch, steps: int = STEPS) -> list[dict[str, float]]:
     out = []
     for s in range(steps):
         torch.manual_seed(1000 + s)  # times, noise and label dropout of step s: the same for every trainer
-        r = train_step(tr, x, y, feats)
-        out.append({"loss": r.loss.item(), "denoise": r.denoise.item(), "repa": r.repa.item(), "grad_norm": r.grad_norm.item()})
+        r = train_step(tr, StepBatch(x, y, feats), s)
+        out.append({"loss": r.loss.item(), "denoise": r.terms["denoise"].item(), "repa": r.terms["repa"].item(),
+                    "grad_norm": r.grad_norm.item()})
     return out
 
 

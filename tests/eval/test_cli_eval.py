@@ -59,7 +59,8 @@ def test_option_defaults_are_the_config_defaults(tmp_path: Path, run_cli, monkey
         seen["sample"] = cfg
         return Done()
 
-    def fake_align(ckpt: object, cfg: AlignConfig) -> dict:
+    def fake_align(ckpt: object, cfg: AlignConfig, quiet: bool) -> dict:
+        assert quiet is False
         seen["align"] = cfg
         return {}
 

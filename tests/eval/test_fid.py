@@ -178,8 +178,13 @@ def test_adm_reference_batch_statistics_are_used_for_inception(tmp_path: Path) -
     np.savez(ref, arr_0=_images(10, 100, 0), mu=mu, sigma=sigma)
     samples = save_npz(tmp_path / "s.npz", _images(30, 100, 1))
     inception_like = PoolExtractor(INCEPTION_NAME)
-    got = fid(samples, ref, FidConfig(stats_dir=str(tmp_path / "st")), extractors={"fid": inception_like})
+    fd_only = FidConfig(stats_dir=str(tmp_path / "st"), inception_score=False, precision_recall=False, kid=False)
+    got = fid(samples, ref, fd_only, extractors={"fid": inception_like})
     assert inception_like.seen == 30
+    # Precision/recall and KID take the features of the batch's images, as ADM's evaluator does.
+    full = fid(samples, ref, FidConfig(stats_dir=str(tmp_path / "st")), extractors={"fid": inception_like})
+    assert inception_like.seen == 30 + 10 + 30 and full["num_ref_features"] == 10
+    assert full["fid"] == got["fid"] and 0 <= full["precision"] <= 1 and full["kid_subset_size"] == 10
     s = compute_stats(samples, PoolExtractor())
     assert got["fid"] == pytest.approx(frechet_distance(s.mu, s.sigma, mu, sigma), rel=1e-9)
     # Another extractor computes its statistics from the images of the batch.
@@ -195,6 +200,7 @@ def test_fd_dinov2_through_the_teacher_registry(tmp_path: Path) -> None:
     b = save_npz(tmp_path / "b.npz", _images(12, 180, 1, size=32))
     res = fid(a, b, FidConfig(stats_dir=str(tmp_path / "st")), extractors={"fd_dinov2": ext})
     assert res["fd_dinov2"] > 0 and ext.name == "tiny-cls"
+    assert res["definitions"]["fd_dinov2"].endswith("Fréchet distance of Gaussians fit to the CLS token of teacher 'tiny'")
     feats = ext(torch.from_numpy(_images(3, 100, 0, size=32)).permute(0, 3, 1, 2))
     assert feats.shape == (3, 32)
 
@@ -257,3 +263,10 @@ def test_inception_wrapper_with_local_weights(tmp_path: Path, monkeypatch: pytes
     stats = compute_stats(save_npz(tmp_path / "a.npz", _images(2, 100, 1, size=32)), ext)
     assert stats.mu.shape == (2048,) and stats.sigma.shape == (2048, 2048) and stats.extractor == INCEPTION_NAME
     assert np.isfinite(stats.mu).all() and stats.num == 2
+    feats, logits = ext.features_and_logits(torch.from_numpy(_images(3, 100, 1, size=32)).permute(0, 3, 1, 2))
+    assert feats.shape == (3, 2048) and logits.shape == (3, 1008) and torch.isfinite(logits).all()
+    # A weights file that needs more than tensors to unpickle is refused before torch-fidelity opens it.
+    hostile = tmp_path / "hostile.pth"
+    torch.save({"w": types.SimpleNamespace(a=1)}, hostile)
+    with pytest.raises(UsageError, match="is not a plain weights file"):
+        inception_extractor(hostile)

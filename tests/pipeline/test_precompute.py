@@ -224,7 +224,7 @@ def test_cli_stats_json_plot_and_verify(tiny_cache, tmp_path, run_cli):
     [
         (["precompute", "/nonexistent/data", "OUT"], "error: data folder /nonexistent/data does not exist"),
         (["precompute", "EMPTY", "OUT"], "error: no images found in EMPTY"),
-        (["precompute", "DATA", "OUT", "--teacher", "dino"], "error: unknown teacher 'dino'; known teachers: clip-vit-l, dinov2-vit-b"),
+        (["precompute", "DATA", "OUT", "--teacher", "dino"], "error: unknown teacher 'dino'; known teachers: clip-vit-l, dinov1-vit-b, dinov2-vit-b"),
         (["precompute", "DATA", "FILE"], "error: output path FILE is an existing file, not a cache"),
         (["precompute", "DATA", "OUT", "--resolution", "100"], "error: --resolution must be a multiple of 8 in [64, 4096], not 100"),
         (["precompute", "DATA", "OUT", "--precision", "fp16"], "error: --precision must be one of fp32, bf16, not 'fp16'"),

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from repa_cache.cache.errors import UsageError
-from repa_cache.pipeline.source import SourceItem, SourceListing, list_source, read_bytes
+from repa_cache.pipeline.source import FLAT_CLASS_NAME, SourceItem, SourceListing, list_source, read_bytes
 from repa_cache.stages.images import decode_and_crop
 from tests.stages.conftest import encode, random_rgb
 
@@ -247,22 +247,67 @@ def test_file_instead_of_folder(tmp_path: Path) -> None:
         list_source(path)
 
 
-@pytest.mark.parametrize("layout", ["empty", "empty-classes", "loose-files", "hidden-only"])
+@pytest.mark.parametrize("layout", ["empty", "empty-classes", "hidden-only", "flat-hidden-only", "classes-and-loose-files"])
 def test_no_images(tmp_path: Path, layout: str) -> None:
     root = tmp_path / "data"
     root.mkdir()
     if layout == "empty-classes":
         (root / "a").mkdir()
         (root / "b" / "c").mkdir(parents=True)
-    elif layout == "loose-files":
-        write(root / "x.png", b"data")
     elif layout == "hidden-only":
         write(root / "a" / ".x.png", b"data")
+    elif layout == "flat-hidden-only":
+        write(root / ".x.png", b"data")
+    elif layout == "classes-and-loose-files":  # with a sub-folder, loose files are not a class
+        (root / "a").mkdir()
+        write(root / "x.png", b"data")
     with pytest.raises(UsageError) as info:
         list_source(str(root))
     assert str(info.value) == (
-        f"no images found in {root} (expected one sub-folder per class, or webdataset .tar shards)"
+        f"no images found in {root} (expected image files, one sub-folder per class, or webdataset .tar shards)"
     )
+
+
+def test_flat_folder_is_one_unconditional_class(tmp_path: Path, rng: np.random.Generator) -> None:
+    root = tmp_path / "flat"
+    files = {name: write(root / name, encode(random_rgb(rng, 12, 16), fmt))
+             for name, fmt in (("b.png", "PNG"), ("a.jpg", "JPEG"), ("c.webp", "WEBP"))}
+    write(root / ".DS_Store", b"junk")
+    (root / ".thumbs").mkdir()  # a hidden folder is no class
+    write(root / ".thumbs" / "t.png", files["b.png"])
+    (root / "link.png").symlink_to(root / "missing.png")  # a broken link is no file
+    listing = list_source(root)
+    assert listing.kind == "flat" and listing.class_names == (FLAT_CLASS_NAME,) == ("unconditional",)
+    assert [(it.key, it.label, it.size, it.offset) for it in listing.items] == [
+        ("a.jpg", 0, len(files["a.jpg"]), -1), ("b.png", 0, len(files["b.png"]), -1), ("c.webp", 0, len(files["c.webp"]), -1)]
+    assert [read_bytes(it) for it in listing.items] == [files["a.jpg"], files["b.png"], files["c.webp"]]
+    assert listing.describe() == {"kind": "flat", "root": str(root.resolve()), "num_items": 3, "num_classes": 1}
+    # Not the same dataset as a one-class image folder holding the same files.
+    nested = tmp_path / "nested"
+    for name, data in files.items():
+        write(nested / "unconditional" / name, data)
+    assert list_source(nested).fingerprint() != listing.fingerprint()
+    # The fingerprint ignores where the folder is and what it is called.
+    shutil.copytree(root, tmp_path / "elsewhere", symlinks=True)
+    assert list_source(tmp_path / "elsewhere").fingerprint() == listing.fingerprint()
+
+
+def test_a_cache_of_a_flat_folder_records_it(tmp_path: Path) -> None:
+    from repa_cache.cache.reader import CacheReader
+    from repa_cache.pipeline.demo import make_demo_images
+    from repa_cache.pipeline.precompute import precompute
+    from tests.conftest import tiny_config
+
+    demo = make_demo_images(tmp_path / "demo", per_class=2, seed=3)
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for p in sorted(demo.rglob("*.png")):
+        shutil.copy(p, flat / f"{p.parent.name}-{p.name}")
+    precompute(tiny_config(flat, tmp_path / "cache", flip=False))
+    reader = CacheReader(tmp_path / "cache")
+    assert reader.meta.class_names == ("unconditional",)
+    assert reader.meta.source["kind"] == "flat" and reader.meta.source["num_classes"] == 1
+    assert reader.num_samples == len(list(flat.iterdir())) and set(reader.labels.tolist()) == {0}
 
 
 def test_tar_without_samples(tmp_path: Path) -> None:

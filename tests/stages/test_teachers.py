@@ -71,8 +71,8 @@ def test_registry_agrees_with_timm(name: str) -> None:
     assert cfg is not None
     assert tuple(cfg.mean) == spec.mean
     assert tuple(cfg.std) == spec.std
-    assert cfg.interpolation == "bicubic"
-    expected = CLIP if name.startswith("clip") else IMAGENET
+    assert cfg.interpolation == spec.interpolation == "bicubic"
+    expected = CLIP if name.startswith("clip") else ((0.5,) * 3, (0.5,) * 3) if name.startswith("siglip") else IMAGENET
     assert (spec.mean, spec.std) == expected
 
 
@@ -110,8 +110,8 @@ def test_unknown_teacher() -> None:
     with pytest.raises(UsageError) as info:
         get_teacher("dino")
     known = ", ".join(sorted(TEACHERS))
-    assert str(info.value) == f"unknown teacher 'dino'; known teachers: {known}"
-    assert known.startswith("clip-vit-l, dinov2-vit-b, dinov2-vit-b-reg, ")
+    assert str(info.value) == f"unknown teacher 'dino'; known teachers: {known}, or timm:MODEL_ID"
+    assert known.startswith("clip-vit-l, dinov1-vit-b, dinov2-vit-b, dinov2-vit-b-reg, ")
 
 
 def hand_preprocess(batch: torch.Tensor, size: int, mean: tuple, std: tuple) -> torch.Tensor:

@@ -21,11 +21,11 @@ import torch
 
 from repa_cache.cache.errors import UsageError
 from repa_cache.train import loop
-from repa_cache.train import step as step_mod
 from repa_cache.train.checkpoint import Checkpoint, latest_checkpoint, load_checkpoint
 from repa_cache.train.config import OptimConfig, TrainConfig
 from repa_cache.train.data import CacheBatches, DataConfig, epoch_order
 from repa_cache.train.loop import TrainingDiverged, train
+from repa_cache.train.methods import base as step_mod
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -197,7 +197,8 @@ def test_torchrun_non_finite_loss_on_one_rank_stops_every_rank_before_the_next_c
     script = tmp_path / "nan_on_rank1.py"
     script.write_text(
         "import itertools, math, sys, torch.distributed as dist\n"
-        "from repa_cache.train import config, loop, step\n"
+        "from repa_cache.train import config, loop\n"
+        "from repa_cache.train.methods import base as step\n"
         "real, calls = step.repa_loss, itertools.count()\n"
         "def repa_loss(zs, targets):\n"
         "    repa, cos = real(zs, targets)\n"

@@ -8,14 +8,14 @@ import torch
 
 from repa_cache.train.config import OptimConfig, TransportConfig
 from repa_cache.train.loss import repa_loss
+from repa_cache.train.methods import StepBatch
 from repa_cache.train.model import sit_config
 from repa_cache.train.step import build_trainer, train_step
 
 
 def _setup():
     mcfg = sit_config("SiT-tiny/2", input_size=8, num_classes=5, z_dims=(6,), projector_dim=16)
-    tr = build_trainer(mcfg, torch.device("cpu"), optim=OptimConfig(lr=1e-3, ema_decay=0.9), proj_coeff=0.5,
-                       precision="fp32", seed=3)
+    tr = build_trainer(mcfg, torch.device("cpu"), optim=OptimConfig(lr=1e-3, ema_decay=0.9), precision="fp32", seed=3)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(4, 4, 8, 8, generator=g)
     y = torch.randint(0, 5, (4,), generator=g)
@@ -30,9 +30,16 @@ def test_step_is_denoise_plus_weighted_repa_then_adamw_clip_and_ema():
     ema = copy.deepcopy(tr.ema)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.999), weight_decay=0.0)
     torch.manual_seed(11)
-    out = tr.transport.training_losses(model, x, y)
-    repa, _ = repa_loss(out["zs"], feats)
-    want_loss = out["denoise"].float() + 0.5 * repa
+    # REPA's objective written out: t ~ U[0, 1), noise, x_t = (1 - t) x + t eps, v = eps - x, label
+    # dropout 0.1 to the null class, then mse + 0.5 * mean negative cosine.
+    t = torch.rand(4)
+    eps = torch.randn_like(x)
+    tb = t.view(-1, 1, 1, 1)
+    x_t, v = (1 - tb) * x + tb * eps, -1 * x + 1 * eps
+    y_used = torch.where(torch.rand(4) < 0.1, torch.full_like(y, 5), y)
+    v_hat, zs = model(x_t, t, y_used)
+    repa, _ = repa_loss(zs, feats)
+    want_loss = (v_hat.float() - v.float()).pow(2).mean() + 0.5 * repa
     want_loss.backward()
     want_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     opt.step()
@@ -41,15 +48,15 @@ def test_step_is_denoise_plus_weighted_repa_then_adamw_clip_and_ema():
             e.copy_(e + 0.1 * (p - e))
 
     torch.manual_seed(11)
-    res = train_step(tr, x, y, feats)
+    res = train_step(tr, StepBatch(x, y, feats), 0)
     assert torch.equal(res.loss, want_loss.detach())
-    assert torch.equal(res.denoise + 0.5 * res.repa, res.loss)
+    assert torch.equal(res.terms["denoise"] + 0.5 * res.terms["repa"], res.loss)
     assert torch.equal(res.grad_norm, want_norm)
     for (name, a), b in zip(tr.model.named_parameters(), model.parameters()):
         assert torch.equal(a, b), name
     for (name, a), b in zip(tr.ema.named_parameters(), ema.parameters()):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-7, msg=name)
-    assert res.cos[0].item() == -res.repa.item()  # one teacher: the loss is minus its mean cosine
+    assert res.cos[0].item() == -res.terms["repa"].item()  # one teacher: the loss is minus its mean cosine
 
 
 def test_null_class_is_the_row_after_the_real_classes():

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from repa_cache.cache.errors import UsageError
 from repa_cache.train.config import TransportConfig
 from repa_cache.train.model import SiT, sit_config
-from repa_cache.train.transport import Transport
+from repa_cache.train.transport import Transport, path_coefficients
 
 
 def _data(seed: int = 0) -> tuple[Tensor, Tensor]:
@@ -106,9 +106,9 @@ class Recorder(nn.Module):
         self.model = model
         self.seen: list[Tensor] = []
 
-    def forward(self, x: Tensor, t: Tensor, y: Tensor) -> tuple[Tensor, list[Tensor]]:
+    def forward(self, x: Tensor, t: Tensor, y: Tensor, **kw: object) -> tuple[Tensor, list[Tensor]]:
         self.seen.append(y.clone())
-        return self.model(x, t, y)
+        return self.model(x, t, y, **kw)
 
 
 def _tiny_sit(num_classes: int = 10) -> SiT:
@@ -181,3 +181,23 @@ def test_config_validation() -> None:
         TransportConfig(time_sampling="logit")
     with pytest.raises(UsageError, match="label-dropout"):
         TransportConfig(label_dropout=1.5)
+
+
+@pytest.mark.parametrize("path", ["linear", "cosine"])
+def test_lognormal_times_are_those_whose_noise_to_signal_ratio_is_exp_n(path: str) -> None:
+    """REPA's lognormal sampling: s = exp(n), n ~ N(0, 1), is sigma/alpha; t = s/(1+s) on the
+    linear path and (2/pi) atan(s) on the cosine path."""
+    tr = Transport(TransportConfig(path=path, time_sampling="lognormal"))
+    torch.manual_seed(5)
+    t = tr.sample_t(200_000, "cpu").double()
+    torch.manual_seed(5)
+    s = torch.randn(200_000).double().exp()
+    want = s / (1 + s) if path == "linear" else torch.atan(s) * (2 / math.pi)
+    torch.testing.assert_close(t, want, rtol=0, atol=1e-6)
+    alpha, sigma, _, _ = path_coefficients(path, t)
+    torch.testing.assert_close(sigma / alpha, s, rtol=1e-4, atol=0)
+    # the distribution: P(t <= tau) = Phi(log(sigma/alpha at tau))
+    for tau in (0.1, 0.3, 0.5, 0.7, 0.9):
+        a, g, _, _ = path_coefficients(path, torch.tensor(tau, dtype=torch.float64))
+        cdf = 0.5 * (1 + math.erf(math.log(float(g / a)) / math.sqrt(2)))
+        assert (t <= tau).double().mean().item() == pytest.approx(cdf, abs=0.005)

@@ -1,0 +1,333 @@
+"""Training methods as components (iREPA, REG), alignment schedules and the encoder warm-up:
+each objective against a hand computation, REG's joint sampler, reads after an alignment stop,
+and a tiny run per method that resumes exactly and samples."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import itertools
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from repa_cache.cache.errors import UsageError
+from repa_cache.eval.config import SampleConfig
+from repa_cache.eval.sample import load_model, sample
+from repa_cache.eval.samplers import SamplerConfig, sample_joint
+from repa_cache.train.checkpoint import latest_checkpoint, load_checkpoint
+from repa_cache.train.config import METHOD_NAMES, OptimConfig, TrainConfig, TransportConfig
+from repa_cache.train.data import CacheBatches, DataConfig
+from repa_cache.train.loop import plan_run, train
+from repa_cache.train.methods import METHODS, StepBatch, make_method, method_from_card
+from repa_cache.train.methods.irepa import ConvProjector, spatial_zscore
+from repa_cache.train.methods.reg import RegSiT
+from repa_cache.train.model import sit_config
+from repa_cache.train.schedule import MAIN, MAIN_NO_ALIGN, WARMUP, AlignSchedule, Phases
+from repa_cache.train.step import build_trainer, train_step
+
+CPU = torch.device("cpu")
+
+
+def _batch(z: int = 6, classes: int = 5, with_cls: bool = False) -> tuple[object, StepBatch]:
+    mcfg = sit_config("SiT-tiny/2", input_size=8, num_classes=classes, z_dims=(z,), projector_dim=16)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 4, 8, 8, generator=g)
+    y = torch.randint(0, classes, (4,), generator=g)
+    patch = [3 * torch.randn(4, mcfg.num_tokens, z, generator=g) + 1]
+    cls = [torch.randn(4, z, generator=g)] if with_cls else []
+    return mcfg, StepBatch(x, y, patch, cls)
+
+
+def _kick(model: torch.nn.Module) -> None:
+    """Move off the zero init so that every output depends on the inputs."""
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+
+
+def _neg_cos(z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return -F.cosine_similarity(z.double(), y.double(), dim=-1).mean()
+
+
+def test_the_registry_names_every_method_and_the_cli_list_matches():
+    assert tuple(METHODS) == METHOD_NAMES == ("repa", "irepa", "reg")
+    assert make_method("irepa").proj_coeff == 1.0 and make_method("reg").proj_coeff == 0.5
+    m = method_from_card({"name": "reg", "options": {"proj_coeff": 0.25, "cls_coeff": 0.1}})
+    assert m.card() == {"name": "reg", "options": {"proj_coeff": 0.25, "cls_coeff": 0.1}}
+    # what earlier runs recorded for REPA still reads
+    assert method_from_card({"name": "repa", "options": {"proj_coeff": 0.5, "encoder_depth": 4}}).card()["options"] == {"proj_coeff": 0.5}
+
+
+@pytest.mark.parametrize("name, options, message", [
+    ("dino", {}, "unknown method 'dino'; known methods: repa, irepa, reg"),
+    ("reg", {"alpha": "1"}, "method 'reg' has no option alpha; its options: cls_coeff, proj_coeff"),
+    ("irepa", {"kernel_size": "2"}, "irepa kernel_size must be a positive odd number, got 2"),
+    ("irepa", {"kernel_size": "x"}, "method 'irepa': option kernel_size takes a int, got 'x'"),
+    ("repa", {"proj_coeff": "nan"}, "proj_coeff must be a finite number >= 0, got nan"),
+])
+def test_bad_method_settings_are_one_line_usage_errors(name, options, message):
+    with pytest.raises(UsageError) as e:
+        make_method(name, options)
+    assert str(e.value) == message
+
+
+# ------------------------------------------------------------------------------------ iREPA
+
+
+def test_irepa_zscore_against_numpy():
+    y = torch.randn(2, 9, 5, dtype=torch.float64) * torch.tensor([1.0, 50.0, 0.1, 3.0, 1000.0], dtype=torch.float64)
+    a = y.numpy()
+    want = (a - 0.6 * a.mean(axis=1, keepdims=True)) / (a.std(axis=1, ddof=1, keepdims=True) + 1e-6)
+    np.testing.assert_allclose(spatial_zscore(y, 0.6, 1e-6).double().numpy(), want, rtol=1e-5, atol=1e-5)
+
+
+def test_irepa_conv_projector_is_a_3x3_same_padded_convolution_over_the_token_grid():
+    proj = ConvProjector(hidden_size=4, z_dim=3, kernel_size=3)
+    h = torch.randn(2, 16, 4, dtype=torch.float64)
+    proj = proj.double()
+    out = proj(h)  # (2, 16, 3)
+    W, b = proj.conv.weight, proj.conv.bias  # (3, 4, 3, 3), (3,)
+    grid = h.reshape(2, 4, 4, 4)  # (B, row, col, D), tokens row-major
+    for n in range(2):
+        for r in range(4):
+            for c in range(4):
+                acc = b.clone()
+                for dr in (-1, 0, 1):
+                    for dc in (-1, 0, 1):
+                        rr, cc = r + dr, c + dc
+                        if 0 <= rr < 4 and 0 <= cc < 4:
+                            acc = acc + W[:, :, dr + 1, dc + 1] @ grid[n, rr, cc]
+                torch.testing.assert_close(out[n, r * 4 + c], acc)
+
+
+def test_irepa_objective_against_a_hand_computation():
+    mcfg, batch = _batch()
+    method = make_method("irepa")
+    torch.manual_seed(5)
+    model = method.build_student(mcfg)
+    assert isinstance(model.projectors[0], ConvProjector)
+    _kick(model)
+    tr = build_trainer(mcfg, CPU, method=method, transport=TransportConfig(label_dropout=0.0), seed=5)
+    tr.model.load_state_dict(model.state_dict())
+    torch.manual_seed(7)
+    t = torch.rand(4)
+    eps = torch.randn_like(batch.x)
+    x_t = (1 - t.view(-1, 1, 1, 1)) * batch.x + t.view(-1, 1, 1, 1) * eps
+    with torch.no_grad():
+        v_hat, zs = model(x_t, t, batch.y)
+    target = (batch.patch[0] - 0.6 * batch.patch[0].mean(1, keepdim=True)) / (batch.patch[0].std(1, keepdim=True) + 1e-6)
+    want = float((v_hat.double() - (eps - batch.x).double()).pow(2).mean() + 1.0 * _neg_cos(zs[0], target))
+    torch.manual_seed(7)
+    res = train_step(tr, batch, 0)
+    assert res.loss.item() == pytest.approx(want, rel=1e-5)
+    assert set(res.terms) == {"denoise", "repa"}
+
+
+# ------------------------------------------------------------------------------------ REG
+
+
+def test_reg_student_shapes_and_zero_initialised_cls_head():
+    mcfg, batch = _batch(with_cls=True)
+    model = make_method("reg").build_student(mcfg)
+    assert isinstance(model, RegSiT)
+    v, zs, cls_v = model(batch.x, torch.rand(4), batch.y, batch.cls[0])
+    assert v.shape == batch.x.shape and cls_v.shape == (4, 6) and zs[0].shape == (4, 1 + mcfg.num_tokens, 6)
+    assert torch.equal(cls_v, torch.zeros_like(cls_v))
+    with pytest.raises(UsageError, match="--method reg needs the CLS token of teacher 'tiny'"):
+        make_method("reg").check_cache({"tiny": ["patch"]})
+
+
+def test_reg_objective_has_three_terms_against_a_hand_computation():
+    mcfg, batch = _batch(with_cls=True)
+    method = make_method("reg")
+    tr = build_trainer(mcfg, CPU, method=method, transport=TransportConfig(label_dropout=0.5), seed=2)
+    _kick(tr.model)
+    model = copy.deepcopy(tr.model)
+    torch.manual_seed(9)
+    # the order of draws: times, latent noise, label dropout, then the CLS token's own noise
+    t = torch.rand(4)
+    eps = torch.randn_like(batch.x)
+    drop = torch.rand(4) < 0.5
+    eps_cls = torch.randn_like(batch.cls[0])
+    tb, tc = t.view(-1, 1, 1, 1), t.view(-1, 1)
+    y = torch.where(drop, torch.full_like(batch.y, 5), batch.y)
+    v_hat, zs, cls_hat = model((1 - tb) * batch.x + tb * eps, t, y, (1 - tc) * batch.cls[0] + tc * eps_cls)
+    denoise = (v_hat.double() - (eps - batch.x).double()).pow(2).mean()
+    denoise_cls = (cls_hat.double() - (eps_cls - batch.cls[0]).double()).pow(2).mean()
+    repa = _neg_cos(zs[0], torch.cat([batch.cls[0].unsqueeze(1), batch.patch[0]], dim=1))
+    torch.manual_seed(9)
+    res = train_step(tr, batch, 0)
+    denoise, denoise_cls, repa = denoise.detach(), denoise_cls.detach(), repa.detach()
+    assert res.terms["denoise"].item() == pytest.approx(float(denoise), rel=1e-5)
+    assert res.terms["denoise_cls"].item() == pytest.approx(float(denoise_cls), rel=1e-5)
+    assert res.terms["repa"].item() == pytest.approx(float(repa), rel=1e-5, abs=1e-6)
+    assert res.loss.item() == pytest.approx(float(denoise + 0.5 * repa + 0.03 * denoise_cls), rel=1e-5)
+    assert tr.model.cls_out.weight.grad is not None and tr.model.cls_out.weight.grad.abs().sum() > 0
+
+
+def _euler_joint(model, x, c, y, steps):
+    """The unguided joint probability-flow ODE, Euler, written out."""
+    x, c = x.double(), c.double()
+    times = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64).tolist()
+    for t, t_next in itertools.pairwise(times):
+        tt = torch.full((x.shape[0],), t)
+        v, _, cv = model(x.float(), tt, y, c.float())
+        x, c = x + (t_next - t) * v.double(), c + (t_next - t) * cv.double()
+    return x.float(), c.float()
+
+
+def test_reg_sampling_without_guidance_is_the_unguided_joint_ode():
+    mcfg, batch = _batch(with_cls=True)
+    model = make_method("reg").build_student(mcfg).eval()
+    _kick(model)
+    g = torch.Generator().manual_seed(3)
+    x1, c1 = torch.randn(4, 4, 8, 8, generator=g), torch.randn(4, 6, generator=g)
+    want_x, want_c = _euler_joint(model, x1, c1, batch.y, 5)
+    cfg = SamplerConfig(sampler="ode", steps=5, heun=False, cfg_scale=1.0)
+    x, c = sample_joint(model, [x1, c1], batch.y, cfg, 5, [1.0, 1.0])
+    torch.testing.assert_close(x, want_x, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(c, want_c, rtol=1e-5, atol=1e-6)
+    assert torch.isfinite(c).all() and c.shape == (4, 6)
+    # guidance on the CLS token alone changes the CLS token and, through attention, the latent
+    guided = SamplerConfig(sampler="ode", steps=5, heun=False, cfg_scale=1.5, guidance_interval=(0.0, 1.0))
+    gx, gc = sample_joint(model, [x1, c1], batch.y, guided, 5, [1.0, 3.0])
+    assert not torch.allclose(gc, c) and not torch.allclose(gx, x)
+
+
+# ------------------------------------------------------------------------------------ schedules
+
+
+def test_schedules_parse_and_give_their_coefficient_at_chosen_steps():
+    assert AlignSchedule.parse("const").coeff(10**6, 0.5) == 0.5
+    stop = AlignSchedule.parse("stop:100")
+    assert (stop.coeff(99, 0.5), stop.coeff(100, 0.5), stop.coeff(10**6, 0.5)) == (0.5, 0.0, 0.0)
+    ed = AlignSchedule.parse("exp-decay:6,50000")
+    assert ed.coeff(0, 0.5) == 6.0 and ed.coeff(50000, 0.5) == 3.0 and ed.coeff(125000, 0.5) == pytest.approx(6 * 2 ** -2.5)
+    ph = Phases(ed, warmup_steps=10)  # the decay counts from the end of the warm-up, as ERW does
+    assert ph.coeff(5, 0.5) == 0.5 and ph.coeff(10, 0.5) == 6.0 and ph.coeff(50010, 0.5) == 3.0
+    ph = Phases(AlignSchedule.parse("stop:4"), warmup_steps=2)
+    assert [ph.phase(s) for s in range(8)] == [WARMUP] * 2 + [MAIN] * 4 + [MAIN_NO_ALIGN] * 2
+    assert ph.boundaries() == [(0, WARMUP), (2, MAIN), (6, MAIN_NO_ALIGN)]
+    assert Phases(AlignSchedule.parse("stop:0")).boundaries() == [(0, MAIN_NO_ALIGN)]
+    for bad in ("stop", "stop:x", "stop:-1", "exp-decay:1", "exp-decay:1,0", "linear"):
+        with pytest.raises(UsageError, match="--align-schedule"):
+            AlignSchedule.parse(bad)
+
+
+def test_after_a_stop_the_step_has_no_alignment_term_and_projectors_are_frozen():
+    mcfg, batch = _batch()
+    tr = build_trainer(mcfg, CPU, phases=Phases(AlignSchedule.parse("stop:1")), seed=0)
+    before = copy.deepcopy(tr.model.projectors.state_dict())
+    train_step(tr, batch, 0)
+    res = train_step(tr, StepBatch(batch.x, batch.y), 1)  # no teacher tokens at all
+    assert set(res.terms) == {"denoise"} and res.cos == [] and torch.equal(res.loss, res.terms["denoise"])
+    assert tr.phase == MAIN_NO_ALIGN and not any(p.requires_grad for p in tr.model.projectors.parameters())
+    after_first = copy.deepcopy(tr.model.projectors.state_dict())
+    assert any(not torch.equal(before[k], after_first[k]) for k in before)  # step 0 trained them
+    train_step(tr, StepBatch(batch.x, batch.y), 2)
+    assert all(torch.equal(after_first[k], v) for k, v in tr.model.projectors.state_dict().items())
+
+
+def test_warmup_is_alignment_alone_at_t0_and_trains_only_the_encoder():
+    mcfg, batch = _batch()
+    tr = build_trainer(mcfg, CPU, optim=OptimConfig(lr=1e-2), phases=Phases(warmup_steps=1),
+                       transport=TransportConfig(label_dropout=0.0), seed=0)
+    _kick(tr.model)
+    model = copy.deepcopy(tr.model)
+    seen: list[torch.Tensor] = []
+    tr.model.t_embedder.register_forward_hook(lambda _m, args, _o: seen.append(args[0]))
+    torch.manual_seed(0)
+    res = train_step(tr, batch, 0)
+    assert len(seen) == 1 and torch.equal(seen[0], torch.zeros(4))
+    with torch.no_grad():
+        _, zs = model(batch.x, torch.zeros(4), batch.y, encoder_only=True)
+    # every sample of the batch counts (not only the last one)
+    assert res.loss.item() == pytest.approx(0.5 * float(_neg_cos(zs[0], batch.patch[0])), rel=1e-5)
+    assert set(res.terms) == {"repa"}
+    late = [f"blocks.{i}." for i in range(mcfg.encoder_depth, mcfg.depth)] + ["final_layer."]
+    new, old = tr.model.state_dict(), model.state_dict()
+    for k in new:
+        frozen = any(k.startswith(p) for p in late)
+        assert torch.equal(new[k], old[k]) == (frozen or k == "pos_embed"), k
+    train_step(tr, batch, 1)  # the main phase trains everything
+    assert tr.phase == MAIN and all(p.requires_grad for p in tr.model.parameters())
+    assert not torch.equal(tr.model.final_layer.linear.weight, model.final_layer.linear.weight)
+
+
+# ------------------------------------------------------------------------------------ runs on the tiny cache
+
+
+def _cfg(cache: Path, out: Path, **kw) -> TrainConfig:
+    base = dict(model="SiT-tiny/2", batch_size=8, max_steps=6, ckpt_every=3, log_every=3, num_workers=0, device="cpu", quiet=True)
+    base.update(kw)
+    return TrainConfig(cache=str(cache), out=str(out), **base)
+
+
+def test_after_stop_no_teacher_field_is_read(tiny_cache, monkeypatch):
+    from repa_cache.cache.reader import CacheReader
+
+    setup = plan_run(_cfg(tiny_cache, Path("unused"), align_schedule="stop:2"))
+    fields: list[list[str]] = []
+    real = CacheReader.read_views
+
+    def counting(self, indices, views, groups=None, **kw):
+        fields.append(list(kw.get("fields") or []))
+        return real(self, indices, views, groups, **kw)
+
+    monkeypatch.setattr(CacheReader, "read_views", counting)
+    ds = CacheBatches(DataConfig(str(tiny_cache), setup.teachers, 8, teacher_fields=setup.data_fields(), num_workers=0))
+    items = [ds[s] for s in range(4)]
+    assert [any(f.startswith("teachers/") for f in fs) for fs in fields] == [True, True, False, False]
+    assert "feat/tiny" in items[1] and not any(k.startswith(("feat/", "cls/")) for k in items[2])
+    reg = plan_run(_cfg(tiny_cache, Path("unused"), method="reg", align_schedule="stop:1"))
+    assert reg.data_fields() == ((0, ("cls", "patch")), (1, ("cls",)))  # REG still denoises the CLS token
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method, extra", [
+    ("irepa", {}),
+    ("reg", {}),
+    ("repa", {"align_schedule": "stop:1", "warmup_steps": 2}),  # steps 0-1 warm-up, 2 main, 3-5 no alignment
+    ("repa", {"align_schedule": "exp-decay:1,3"}),
+])
+def test_each_method_trains_resumes_exactly_and_samples(tiny_cache, tmp_path, method, extra):
+    full = train(_cfg(tiny_cache, tmp_path / "a", method=method, **extra))
+    train(_cfg(tiny_cache, tmp_path / "b", method=method, max_steps=3, **extra))
+    resumed = train(_cfg(tiny_cache, tmp_path / "b", method=method, **extra))
+    assert full.step == resumed.step == 6 and resumed.resumed_from == 3
+    a, b = load_checkpoint(latest_checkpoint(tmp_path / "a")), load_checkpoint(latest_checkpoint(tmp_path / "b"))
+    for k, v in a.model.items():
+        assert torch.equal(v, b.model[k]), k
+    assert a.card.method["name"] == method
+    rows = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    assert all({"loss", "denoise", "time", "lr", "align_coeff"} <= set(r) for r in rows)
+    if method == "reg":
+        assert all("denoise_cls" in r for r in rows)
+    if extra.get("align_schedule") == "stop:1":
+        assert "repa" not in rows[-1] and rows[-1]["align_coeff"] == 0.0
+    if extra.get("align_schedule", "").startswith("exp-decay"):
+        assert rows[-1]["align_coeff"] == pytest.approx(2 ** (-5 / 3))  # coefficient of the row's last step, 5
+    loaded = load_model(tmp_path / "a")
+    assert type(loaded.model).__name__ == ("RegSiT" if method == "reg" else "SiT")
+    res = sample(tmp_path / "a", tmp_path / "s", SampleConfig(num=2, steps=2, sampler="ode", device="cpu", grid=0, quiet=True))
+    assert res.written == 2
+    with pytest.raises(UsageError, match="the config changed"):
+        train(_cfg(tiny_cache, tmp_path / "a", method="repa" if method != "repa" else "irepa", max_steps=8))
+
+
+def test_a_method_the_cache_cannot_feed_is_refused(tiny_cache, tmp_path):
+    with pytest.raises(UsageError, match="unknown method 'rpa'"):
+        plan_run(_cfg(tiny_cache, tmp_path / "r", method="rpa"))
+    with pytest.raises(UsageError, match="method 'irepa' has no option cls_coeff"):
+        plan_run(_cfg(tiny_cache, tmp_path / "r", method="irepa", method_options={"cls_coeff": "1"}))
+    setup = plan_run(_cfg(tiny_cache, tmp_path / "r", method="irepa", proj_coeff=0.25))
+    assert setup.card.method == {"name": "irepa", "options": {"proj_coeff": 0.25, "alpha": 0.6, "eps": 1e-6, "kernel_size": 3}}
+    assert dataclasses.asdict(setup.cfg)["proj_coeff"] == 0.25
+    assert math.isclose(plan_run(_cfg(tiny_cache, tmp_path / "r")).cfg.proj_coeff, 0.5)

@@ -1,0 +1,202 @@
+"""What a training method is, and the objective they share.
+
+A method is a component: one file under :mod:`repa_cache.train.methods` with a :class:`Method`
+subclass that says
+
+* which cached teacher fields it reads (:meth:`Method.teacher_fields`), and refuses a cache that
+  lacks them (:meth:`Method.check_cache`);
+* which student it trains (:meth:`Method.build_student`: the SiT with its projectors, or a
+  subclass with extra modules);
+* what the projected tokens are aligned to (:meth:`Method.targets`);
+* which extra state the student denoises next to the latent (:meth:`Method.extras`: REG's CLS
+  token), with the weight of each extra denoising term; sampling integrates the same state.
+
+The objective is the same function for every method (:meth:`Method.losses`)::
+
+    main phase:   denoise(latent) + coeff * align(zs, targets) + sum_k w_k * denoise(extra_k)
+    no alignment: denoise(latent) + sum_k w_k * denoise(extra_k)       (projectors do not run)
+    warm-up:      coeff * align(zs, targets)  on clean inputs (t = 0), blocks 1..encoder_depth only
+
+where ``coeff`` comes from the alignment schedule (:mod:`repa_cache.train.schedule`). The loop
+calls it and knows no method by name. Method options are a dataclass per method; the run's
+``config.json`` and every checkpoint carry ``{"name", "options"}`` (:meth:`Method.card`), from
+which :func:`repa_cache.train.methods.method_from_card` rebuilds the method for sampling.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+from repa_cache.cache.errors import UsageError
+from repa_cache.train.loss import repa_loss
+from repa_cache.train.model import SiT, SiTConfig
+from repa_cache.train.schedule import MAIN_NO_ALIGN, WARMUP
+from repa_cache.train.transport import Draws, Transport
+
+
+@dataclass
+class StepBatch:
+    """One step's inputs on the device.
+
+    Attributes:
+        x: clean latents in the model's space (B, C, H, W).
+        y: class labels (B,).
+        patch: one (B, T, Z) patch-token tensor per teacher; empty when the step reads none.
+        cls: one (B, Z) CLS token per teacher; empty unless the method reads CLS tokens.
+    """
+
+    x: Tensor
+    y: Tensor
+    patch: list[Tensor] = dataclasses.field(default_factory=list)
+    cls: list[Tensor] = dataclasses.field(default_factory=list)
+
+    def slice(self, rows: slice) -> StepBatch:
+        """Rows ``rows`` of every tensor (a gradient-accumulation micro-batch)."""
+        return StepBatch(self.x[rows], self.y[rows], [p[rows] for p in self.patch], [c[rows] for c in self.cls])
+
+
+@dataclass
+class Losses:
+    """A step's objective: ``total`` (what is minimised), named fp32 terms for the log (each an
+    unweighted scalar), and the mean cosine per teacher (empty when nothing was aligned)."""
+
+    total: Tensor
+    terms: dict[str, Tensor]
+    cos: list[Tensor]
+
+
+@dataclass
+class MethodOptions:
+    """Options every method has; a method's own options subclass this."""
+
+    proj_coeff: float = 0.5  # weight of the alignment loss (the schedule may change it over the run)
+
+    def validate(self) -> None:
+        if not self.proj_coeff >= 0 or self.proj_coeff == float("inf"):
+            raise UsageError(f"proj_coeff must be a finite number >= 0, got {self.proj_coeff}")
+
+
+class Method:
+    """Base class of the training methods; plain REPA is this class unchanged."""
+
+    name: ClassVar[str] = ""
+    summary: ClassVar[str] = ""  # one line for --help
+    source: ClassVar[str] = ""  # paper and public code the facts come from
+    Options: ClassVar[type[MethodOptions]] = MethodOptions
+    #: name of the log term of each extra state component (see :meth:`extras`)
+    extra_terms: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, options: dict[str, Any] | None = None) -> None:
+        known = {f.name: f for f in dataclasses.fields(self.Options)}
+        given = dict(options or {})
+        unknown = sorted(set(given) - set(known))
+        if unknown:
+            raise UsageError(f"method '{self.name}' has no option {', '.join(unknown)}; "
+                             f"its options: {', '.join(sorted(known))}")
+        typed: dict[str, Any] = {}
+        for key, value in given.items():
+            kind: Any = type(known[key].default)  # every option has a scalar default: float, int or str
+            try:
+                typed[key] = kind(value) if not isinstance(value, kind) else value
+            except (TypeError, ValueError):
+                raise UsageError(f"method '{self.name}': option {key} takes a {kind.__name__}, got {value!r}") from None
+        self.options = self.Options(**typed)
+        self.options.validate()
+
+    # ---------------------------------------------------------------- description
+
+    def card(self) -> dict[str, Any]:
+        """``{"name", "options"}`` as recorded in config.json and in every checkpoint."""
+        return {"name": self.name, "options": dataclasses.asdict(self.options)}
+
+    @property
+    def proj_coeff(self) -> float:
+        return self.options.proj_coeff
+
+    # ---------------------------------------------------------------- the cache
+
+    def teacher_fields(self, align: bool = True) -> tuple[str, ...]:
+        """Arrays read from every teacher group: while aligning (``align``) and after the
+        alignment is switched off. REPA needs the patch tokens for alignment only."""
+        return ("patch",) if align else ()
+
+    def check_cache(self, arrays: dict[str, Sequence[str]]) -> None:
+        """Refuse a cache whose teacher groups lack a field this method reads. ``arrays`` maps
+        each chosen teacher to the arrays its group holds."""
+        for teacher, names in arrays.items():
+            missing = [f for f in self.teacher_fields(True) if f not in names]
+            if missing:
+                raise UsageError(f"--method {self.name} reads the {' and '.join(missing)} tokens of teacher "
+                                 f"'{teacher}', which the cache does not hold")
+
+    # ---------------------------------------------------------------- the student
+
+    def build_student(self, config: SiTConfig) -> SiT:
+        """The student this method trains, with fresh weights from torch's global RNG."""
+        return SiT(config)
+
+    def student_tokens(self, config: SiTConfig) -> int:
+        """Tokens of each projector output (and so of each alignment target)."""
+        return config.num_tokens
+
+    def targets(self, batch: StepBatch) -> list[Tensor]:
+        """What each projector's tokens are aligned to, one (B, T, Z) tensor per teacher."""
+        return batch.patch
+
+    def extras(self, batch: StepBatch) -> list[Tensor]:
+        """Clean values of the state the student denoises besides the latent (none for REPA)."""
+        return []
+
+    def extra_shapes(self, config: SiTConfig) -> list[tuple[int, ...]]:
+        """Per-sample shape of each extra state component (for the sampler's initial noise)."""
+        return []
+
+    def extra_weights(self) -> list[float]:
+        """Loss weight of each extra component's denoising term."""
+        return []
+
+    # ---------------------------------------------------------------- the objective
+
+    def draw(self, transport: Transport, batch: StepBatch, phase: str) -> Draws:
+        """The step's randomness for the whole (local) batch, drawn before any forward pass so that
+        gradient-accumulation micro-batches see exactly the draws of one full batch. The order is
+        fixed: times, latent noise, label dropout, then the noise of each extra component (so REPA
+        draws exactly what it always did); the warm-up draws the label dropout only."""
+        if phase == WARMUP:
+            t = torch.zeros(batch.x.shape[0], device=batch.x.device)  # (B,) clean inputs
+            return Draws(t, None, transport.drop_labels(batch.y), [])
+        return transport.draw(batch.x, batch.y, self.extras(batch))
+
+    def losses(self, fwd: torch.nn.Module, transport: Transport, batch: StepBatch, coeff: float,
+               phase: str, draws: Draws) -> Losses:
+        """The objective on ``batch`` (a full batch or a micro-batch of it, with the matching
+        ``draws``) in phase ``phase`` with alignment coefficient ``coeff``."""
+        if phase == WARMUP:
+            return self._warmup(fwd, batch, coeff, draws)
+        align = phase != MAIN_NO_ALIGN
+        out = transport.training_losses(fwd, batch.x, batch.y, extras=self.extras(batch), align=align, draws=draws)
+        denoise = out["denoise"].float()
+        terms = {"denoise": denoise}
+        cos: list[Tensor] = []
+        total = denoise
+        if align:
+            repa, cos = repa_loss(out["zs"], self.targets(batch))
+            total = denoise + coeff * repa
+            terms["repa"] = repa
+        for name, weight, value in zip(self.extra_terms, self.extra_weights(), out["denoise_extras"]):
+            total = total + weight * value.float()
+            terms[name] = value.float()
+        return Losses(total, terms, cos)
+
+    def _warmup(self, fwd: torch.nn.Module, batch: StepBatch, coeff: float, draws: Draws) -> Losses:
+        """ERW's encoder warm-up: clean inputs at t = 0 through blocks 1..encoder_depth, the
+        alignment loss alone, every sample of the batch (see docs/methods.md)."""
+        out = fwd(batch.x, draws.t, draws.y_used, *self.extras(batch), encoder_only=True)
+        repa, cos = repa_loss(out[1], self.targets(batch))
+        return Losses(coeff * repa, {"repa": repa}, cos)

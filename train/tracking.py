@@ -1,0 +1,57 @@
+"""Where a run's metrics go besides ``RUN/metrics.jsonl``: TensorBoard and Weights & Biases.
+
+Both are optional extras (``pip install -e .[track]``) and only rank 0 logs. TensorBoard writes
+event files to ``RUN/tb``. W&B logs to the project ``--wandb PROJECT`` with the run's folder name
+and its resolved config; the W&B run id is kept in ``RUN/wandb-id.txt`` so a resumed run continues
+the same W&B run. Set ``WANDB_MODE=offline`` where there is no network (files stay in
+``RUN/wandb`` for a later ``wandb sync``).
+"""
+
+from __future__ import annotations
+
+import secrets
+from pathlib import Path
+from typing import Any
+
+from repa_cache.cache.errors import UsageError
+
+WANDB_ID_FILE = "wandb-id.txt"
+
+
+class Trackers:
+    """The metric sinks of one run; :meth:`log` sends a metrics row to each."""
+
+    def __init__(self, run: Path, config: dict[str, Any], tensorboard: bool = False, wandb_project: str | None = None) -> None:
+        self.tb: Any = None
+        self.wandb: Any = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise UsageError("--tensorboard needs the tensorboard package (pip install -e .[track])") from None
+            self.tb = SummaryWriter(str(run / "tb"))
+        if wandb_project:
+            try:
+                import wandb
+            except ImportError:
+                raise UsageError("--wandb needs the wandb package (pip install -e .[track])") from None
+            id_file = run / WANDB_ID_FILE
+            run_id = id_file.read_text().strip() if id_file.is_file() else secrets.token_hex(8)
+            if not (run_id.isalnum() and len(run_id) <= 64):
+                raise UsageError(f"{id_file} does not hold a W&B run id")
+            id_file.write_text(run_id + "\n")
+            self.wandb = wandb.init(project=wandb_project, name=run.name, id=run_id, resume="allow", dir=str(run),
+                                    config=config)
+
+    def log(self, row: dict[str, float], step: int) -> None:
+        if self.tb is not None:
+            for k, v in row.items():
+                self.tb.add_scalar(k, v, step)
+        if self.wandb is not None:
+            self.wandb.log(row, step=step)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
