@@ -19,7 +19,7 @@
 #   whole; a step that fails or times out is recorded (exit status, seconds) and the next one runs.
 #   Every run writes gpu_proof.json: device, versions, each step's exit status and time, the CUDA
 #   tests' outcomes, every benchmark's JSON, and a summary of the headline figures against the
-#   targets of issue 17.
+#   project's GPU targets.
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 2
 

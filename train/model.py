@@ -52,6 +52,11 @@ class SiTConfig:
         projector_dim: hidden width of each projector MLP.
         z_dims: feature dimension of each teacher; one projector per entry.
         qk_norm: LayerNorm on queries and keys per head (off in the REPA recipe).
+        layout: ``"flat"`` (SiT: every block on the full token grid) or ``"u"`` (USiT,
+            :mod:`repa_cache.train.usit`: blocks ``1..depth - encoder_depth`` on the full grid, then a
+            2x2 token merge, blocks up to ``encoder_depth`` on the half grid (the aligned middle
+            stage), a 2x2 token split and the remaining blocks on the full grid with skip connections).
+            Cards written before this field existed have no ``layout`` and load as flat.
     """
 
     input_size: int = 32
@@ -66,6 +71,7 @@ class SiTConfig:
     projector_dim: int = 2048
     z_dims: tuple[int, ...] = field(default=(768,))
     qk_norm: bool = False
+    layout: str = "flat"
 
     def __post_init__(self) -> None:
         self.z_dims = tuple(int(z) for z in self.z_dims)
@@ -103,6 +109,18 @@ class SiTConfig:
                              "2-D sin-cos position embedding")
         if any(z < 1 for z in self.z_dims):
             raise UsageError(f"teacher feature dims must be positive, got {self.z_dims}")
+        if self.layout not in LAYOUTS:
+            raise UsageError(f"unknown model layout '{self.layout}'; known: {', '.join(LAYOUTS)}")
+        if self.layout == "u":
+            if not self.depth < 2 * self.encoder_depth or self.encoder_depth >= self.depth:
+                raise UsageError(f"a U-shaped model needs depth/2 < --encoder-depth < depth (the middle stage ends at "
+                                 f"block encoder_depth), got depth {self.depth}, encoder depth {self.encoder_depth}")
+            if self.grid % 2:
+                raise UsageError(f"a U-shaped model halves the token grid, but {self.grid} tokens per side is odd")
+
+
+#: the student layouts: a plain SiT, or a U-shaped one (repa_cache.train.usit)
+LAYOUTS: tuple[str, ...] = ("flat", "u")
 
 
 def _sizes() -> dict[str, dict[str, int]]:
@@ -126,16 +144,27 @@ def _sizes() -> dict[str, dict[str, int]]:
 
 SIT_SIZES: dict[str, dict[str, int]] = _sizes()
 
+#: U-shaped sizes (layout "u"): SiT's width, heads and depth; ``encoder_depth`` ends the middle stage,
+#: so the full-grid stages have ``depth - encoder_depth`` blocks each (B: 4+4+4, L: 8+8+8, XL: 8+12+8).
+USIT_SIZES: dict[str, dict[str, int]] = {
+    "USiT-B/2": dict(depth=12, hidden_size=768, num_heads=12, patch_size=2, encoder_depth=8),
+    "USiT-L/2": dict(depth=24, hidden_size=1024, num_heads=16, patch_size=2, encoder_depth=16),
+    "USiT-XL/2": dict(depth=28, hidden_size=1152, num_heads=16, patch_size=2, encoder_depth=20),
+    "USiT-tiny/2": dict(depth=4, hidden_size=64, num_heads=4, patch_size=2, encoder_depth=3, projector_dim=256),
+}
+
 
 def sit_config(name: str, **overrides: object) -> SiTConfig:
-    """Config of a named size (``"SiT-XL/2"``), with any field overridden by keyword."""
-    if name not in SIT_SIZES:
-        raise UsageError(f"unknown model '{name}'; known models: {', '.join(SIT_SIZES)}")
+    """Config of a named size (``"SiT-XL/2"``, ``"USiT-XL/2"``), with any field overridden by keyword."""
+    if name not in SIT_SIZES and name not in USIT_SIZES:
+        raise UsageError(f"unknown model '{name}'; known models: {', '.join([*SIT_SIZES, *USIT_SIZES])}")
     known = {f.name for f in dataclasses.fields(SiTConfig)}
     unknown = sorted(set(overrides) - known)
     if unknown:
         raise UsageError(
             f"unknown SiT option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    if name in USIT_SIZES:
+        return SiTConfig(**{**USIT_SIZES[name], "layout": "u", **overrides})  # type: ignore[arg-type]
     return SiTConfig(**{**SIT_SIZES[name], **overrides})  # type: ignore[arg-type]
 
 
@@ -307,12 +336,17 @@ class SiT(nn.Module):
 
     #: name prefixes of the modules after the last block (not trained by the encoder warm-up)
     OUTPUT_MODULES: tuple[str, ...] = ("final_layer.",)
+    #: the config layouts this class builds (a U-shaped config needs repa_cache.train.usit.USiT)
+    LAYOUTS: tuple[str, ...] = ("flat",)
 
     def __init__(self, config: SiTConfig, projectors: nn.ModuleList | None = None) -> None:
         """``projectors``: one module per teacher mapping hidden tokens (B, T, D) to (B, T, z_dim);
         default REPA's MLP (:func:`build_projector`). A training method may bring its own."""
         super().__init__()
         config.validate()
+        if config.layout not in self.LAYOUTS:
+            raise UsageError(f"{type(self).__name__} cannot be built with layout '{config.layout}' "
+                             f"(it builds {', '.join(self.LAYOUTS)}); this method has no student of that shape")
         self.config = config
         D, P, C = config.hidden_size, config.patch_size, config.in_channels
         self.x_embedder = nn.Conv2d(C, D, kernel_size=P, stride=P)

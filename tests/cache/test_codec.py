@@ -106,7 +106,7 @@ def test_merge_checks_by_hand():
 # -- through the cache ----------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def int8_caches(tiny_cache, demo_images, tmp_path_factory):
-    """A cache precomputed with --feature-codec int8, and the session's float16 cache transcoded."""
+    """A cache precomputed with --feature-codec int8, and the test session's float16 cache transcoded."""
     base = tmp_path_factory.mktemp("codec")
     precompute(tiny_config(demo_images, base / "pre", feature_codec="int8"))
     copy_cache(tiny_cache, base / "trans", feature_codec="int8", quiet=True)

@@ -1,4 +1,4 @@
-"""Hostile and unlucky caches (issue 12, cache side): sizes read from metadata are bounded and
+"""Hostile and unlucky caches: sizes read from metadata are bounded and
 checked against each other, the manifest is required, half-created groups are absent, export and
 copy never touch what they did not write, and --plot takes only types matplotlib writes."""
 

@@ -30,7 +30,7 @@ def test_latents_group_records_the_vae_latent_norm(meta: CacheMeta) -> None:
 
 
 def test_fingerprints_are_those_existing_caches_were_written_with(meta: CacheMeta) -> None:
-    """Hashes computed before the group descriptions moved into stages/ (issue 11)."""
+    """Hashes computed before the group descriptions moved into stages/."""
     assert vae_group(meta, VAESpec(TINY_VAE)).fingerprint_hash == "1dd87cd6e637f378f23617417a24ae1c6ee5a0ee4da9e021881cba6221ed3f59"
     assert vae_group(meta, VAESpec(TINY_VAE), "bf16").fingerprint_hash == "39fa6b9e0a714f3187c251c89bb1eda22b66c2be9c3dc61774e1a1fa9fd4821e"
     assert teacher_group_meta(meta, "tiny", "float16").fingerprint_hash == "4530eb98e649de335db4a1a47db5b907625ad9358a9de22b16005b62e72f83ae"

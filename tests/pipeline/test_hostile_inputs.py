@@ -1,4 +1,4 @@
-"""Hostile and unlucky inputs to ``repa precompute`` (issue 12, input side): a same-size file
+"""Hostile and unlucky inputs to ``repa precompute``: a same-size file
 replacement is refused on resume and on adding a teacher, OUT inside DATA is refused up front, and
 bad option values get one line and exit 2."""
 

@@ -1,4 +1,4 @@
-"""Stage one against unlucky and hostile destinations (issue 12, cache side): a group cut off
+"""Stage one against unlucky and hostile destinations: a group cut off
 between its zarr.json and its attributes, two writers on one OUT, stale locks, foreign files."""
 
 from __future__ import annotations

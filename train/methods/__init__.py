@@ -14,8 +14,9 @@ from repa_cache.train.methods.base import Losses, Method, StepBatch
 from repa_cache.train.methods.irepa import IRepa
 from repa_cache.train.methods.reg import Reg
 from repa_cache.train.methods.repa import Repa
+from repa_cache.train.methods.urepa import URepa
 
-METHODS: dict[str, type[Method]] = {m.name: m for m in (Repa, IRepa, Reg)}
+METHODS: dict[str, type[Method]] = {m.name: m for m in (Repa, IRepa, Reg, URepa)}
 
 __all__ = ["METHODS", "Losses", "Method", "StepBatch", "make_method", "method_from_card"]
 

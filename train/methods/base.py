@@ -37,6 +37,7 @@ from repa_cache.cache.errors import UsageError
 from repa_cache.train.loss import repa_loss
 from repa_cache.train.model import SiT, SiTConfig
 from repa_cache.train.schedule import MAIN_NO_ALIGN, WARMUP
+from repa_cache.train.usit import build_student_model
 from repa_cache.train.transport import Draws, Transport
 
 
@@ -138,8 +139,9 @@ class Method:
     # ---------------------------------------------------------------- the student
 
     def build_student(self, config: SiTConfig) -> SiT:
-        """The student this method trains, with fresh weights from torch's global RNG."""
-        return SiT(config)
+        """The student this method trains, with fresh weights from torch's global RNG: a SiT, or a
+        U-shaped one (:class:`~repa_cache.train.usit.USiT`) when the config's layout is ``"u"``."""
+        return build_student_model(config)
 
     def student_tokens(self, config: SiTConfig) -> int:
         """Tokens of each projector output (and so of each alignment target)."""
@@ -186,9 +188,10 @@ class Method:
         cos: list[Tensor] = []
         total = denoise
         if align:
-            repa, cos = repa_loss(out["zs"], self.targets(batch))
+            repa, cos, more = self.alignment(out["zs"], self.targets(batch))
             total = denoise + coeff * repa
             terms["repa"] = repa
+            terms.update(more)
         for name, weight, value in zip(self.extra_terms, self.extra_weights(), out["denoise_extras"]):
             total = total + weight * value.float()
             terms[name] = value.float()
@@ -198,5 +201,11 @@ class Method:
         """ERW's encoder warm-up: clean inputs at t = 0 through blocks 1..encoder_depth, the
         alignment loss alone, every sample of the batch (see docs/methods.md)."""
         out = fwd(batch.x, draws.t, draws.y_used, *self.extras(batch), encoder_only=True)
-        repa, cos = repa_loss(out[1], self.targets(batch))
-        return Losses(coeff * repa, {"repa": repa}, cos)
+        repa, cos, more = self.alignment(out[1], self.targets(batch))
+        return Losses(coeff * repa, {"repa": repa, **more}, cos)
+
+    def alignment(self, zs: Sequence[Tensor], targets: Sequence[Tensor]) -> tuple[Tensor, list[Tensor], dict[str, Tensor]]:
+        """The alignment loss (weighted by the schedule's coefficient), the mean cosine per teacher,
+        and any named parts of it to log. REPA's: the mean negative cosine per token."""
+        repa, cos = repa_loss(zs, targets)
+        return repa, cos, {}

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from repa_cache.cache.errors import UsageError
 from repa_cache.train.methods.base import Method, MethodOptions, StepBatch
 from repa_cache.train.model import SiT, SiTConfig
+from repa_cache.train.usit import build_student_model
 
 
 @dataclass
@@ -70,7 +71,7 @@ class IRepa(Method):
     def build_student(self, config: SiTConfig) -> SiT:
         k = self.options.kernel_size  # type: ignore[attr-defined]
         projectors = nn.ModuleList(ConvProjector(config.hidden_size, z, k) for z in config.z_dims)
-        model = SiT(config, projectors=projectors)
+        model = build_student_model(config, projectors=projectors)
         for p in projectors:
             assert isinstance(p, ConvProjector)
             nn.init.xavier_uniform_(p.conv.weight.view(p.conv.weight.shape[0], -1))  # as a (Z, D*k*k) linear
