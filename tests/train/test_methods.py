@@ -331,3 +331,26 @@ def test_a_method_the_cache_cannot_feed_is_refused(tiny_cache, tmp_path):
     assert setup.card.method == {"name": "irepa", "options": {"proj_coeff": 0.25, "alpha": 0.6, "eps": 1e-6, "kernel_size": 3}}
     assert dataclasses.asdict(setup.cfg)["proj_coeff"] == 0.25
     assert math.isclose(plan_run(_cfg(tiny_cache, tmp_path / "r")).cfg.proj_coeff, 0.5)
+
+
+@pytest.mark.slow
+def test_phase_changes_under_torchrun(tiny_cache, tmp_path):
+    """Warm-up, main and no-alignment phases under DDP (2 gloo ranks): the wrapper is rebuilt at each
+    change, so no rank waits for gradients of frozen or unused parameters."""
+    import os
+    import subprocess
+    import sys
+
+    run = tmp_path / "ddp"
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    res = subprocess.run(
+        torchrun + ["-m", "repa_cache.cli", "train", "--cache", str(tiny_cache), "--out", str(run), "--model", "SiT-tiny/2",
+                    "--method", "reg", "--warmup-steps", "1", "--align-schedule", "stop:1", "--batch-size", "8", "--max-steps", "3",
+                    "--ckpt-every", "3", "--log-every", "1", "--workers", "0", "--device", "cpu", "-q"],
+        env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300,
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [sorted(k for k in r if k in ("repa", "denoise", "denoise_cls")) for r in rows] == [
+        ["repa"], ["denoise", "denoise_cls", "repa"], ["denoise", "denoise_cls"]]
+    assert load_checkpoint(latest_checkpoint(run)).step == 3
