@@ -154,7 +154,7 @@ def verify(
 def train(
     cache: Annotated[str, typer.Option(help="Committed cache (or its webdataset export) to train from: folder or URL.")],
     out: Annotated[Path, typer.Option(help="Run folder (checkpoints, metrics.jsonl, config.json). Running again resumes.")],
-    model: Annotated[str, typer.Option(help="SiT size: SiT-S/2 ... SiT-XL/2 (patch 2/4/8), or SiT-tiny/2.")] = _field(TrainConfig, "model"),
+    model: Annotated[str, typer.Option(help="SiT size: SiT-S/2 ... SiT-XL/2 (patch 2/4/8), SiT-tiny/2; U-shaped: USiT-B/2, USiT-L/2, USiT-XL/2 (--method urepa).")] = _field(TrainConfig, "model"),
     teacher: Annotated[Optional[list[str]], typer.Option(help="Teacher group(s) to align to (repeatable). Default: the cache's only teacher.")] = None,
     encoder_depth: Annotated[Optional[int], typer.Option(help="Align the output of this block (default: 4 for S/B, 8 for L/XL).")] = _field(TrainConfig, "encoder_depth"),
     method: Annotated[str, typer.Option(help=f"Training method: {', '.join(METHOD_NAMES)}. 'repa methods' lists each with its "

@@ -391,6 +391,10 @@ def export_repa_checkpoint(ours: str | Path, dst: str | Path) -> Path:
         config = SiTConfig(**ckpt.card.model)
     except (TypeError, ValueError) as e:
         raise UsageError(f"{path} has an unusable model config ({str(e).splitlines()[0]})") from None
+    method = ckpt.card.method.get("name")
+    if method != "repa" or config.layout != "flat":
+        raise UsageError(f"{path} is a {config.layout} model trained with --method {method}; REPA's code runs flat SiTs "
+                         "trained with --method repa only")
     want, our_order = _expected(config)
     repa_order = _repa_param_order(our_order)
 

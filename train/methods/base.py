@@ -37,8 +37,8 @@ from repa_cache.cache.errors import UsageError
 from repa_cache.train.loss import repa_loss
 from repa_cache.train.model import SiT, SiTConfig
 from repa_cache.train.schedule import MAIN_NO_ALIGN, WARMUP
-from repa_cache.train.usit import build_student_model
 from repa_cache.train.transport import Draws, Transport
+from repa_cache.train.usit import build_student_model
 
 
 @dataclass
