@@ -22,7 +22,7 @@ import logging
 import math
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from repa_cache.cache.errors import UsageError
 from repa_cache.cache.stats import check_plot_path
@@ -130,25 +130,14 @@ def curves_figure(rows: list[dict[str, float]], title: str) -> Figure:
     _draw(speed_ax, _series(rows, lambda k: k.startswith("img_per_sec")), n)
     speed_ax.set_title("throughput", fontsize=10)
     speed_ax.set_ylabel("images / s")
-    wait = _series(rows, lambda k: k == "data_wait")
-    if wait:
-        right = speed_ax.twinx()
-        xs, ys = wait["data_wait"]
-        right.plot(xs, ys, color="#b03a2e", linestyle="--", linewidth=1.0)
-        right.yaxis.set_major_formatter(PercentFormatter(1.0))
-        right.set_ylim(bottom=0)
-        right.set_ylabel("data wait (share of step time)", color="#b03a2e")
+    wait = _right_axis(speed_ax, rows, "data_wait", "data wait (share of step time)", "#b03a2e", "--", 1.0)
+    if wait is not None:
+        wait.yaxis.set_major_formatter(PercentFormatter(1.0))
 
     _draw(optim_ax, _series(rows, lambda k: k == "grad_norm"), n)
     optim_ax.set_title("optimisation", fontsize=10)
     optim_ax.set_ylabel("gradient norm (before clipping)")
-    lr = _series(rows, lambda k: k == "lr")
-    if lr:
-        right = optim_ax.twinx()
-        xs, ys = lr["lr"]
-        right.plot(xs, ys, color="#555555", linestyle=":", linewidth=1.2)
-        right.set_ylim(bottom=0)
-        right.set_ylabel("learning rate", color="#555555")
+    _right_axis(optim_ax, rows, "lr", "learning rate", "#555555", ":", 1.2)
 
     for ax in (speed_ax, optim_ax):
         ax.set_xlabel("step")
@@ -174,3 +163,16 @@ def plot_run(run: str | Path, out: str | Path | None = None) -> Path:
 
 
 __all__ = ["CURVES_FILE", "METRICS_FILE", "curves_figure", "metrics_path", "plot_run", "read_metrics"]
+
+
+def _right_axis(ax: Any, rows: list[dict[str, float]], key: str, label: str, color: str, style: str, width: float) -> Any:
+    """Plot ``key`` on a second y axis at the right of ``ax`` (from 0); None when no row has it."""
+    series = _series(rows, lambda k: k == key)
+    if not series:
+        return None
+    right = ax.twinx()
+    xs, ys = series[key]
+    right.plot(xs, ys, color=color, linestyle=style, linewidth=width)
+    right.set_ylim(bottom=0)
+    right.set_ylabel(label, color=color)
+    return right
