@@ -190,6 +190,9 @@ def train(
     holdout: Annotated[int, typer.Option(help="Hold the last N valid cache samples out of training (used by --align-every).")] = _field(TrainConfig, "holdout"),
     verify: Annotated[bool, typer.Option(help="Check each shard's checksum the first time a loader worker reads it; a mismatch stops the run "
                                               "naming the shard. --no-verify skips it (see docs/benchmarks.md for its cost).")] = _field(TrainConfig, "verify"),
+    init_from: Annotated[Optional[str], typer.Option(help="Start a new run from this run folder's or checkpoint's weights (fine-tune, "
+                                                          "or continue a run imported with repa import-ckpt); the optimiser and the "
+                                                          "step start fresh. Ignored when --out already holds a checkpoint.")] = _field(TrainConfig, "init_from"),
     dry_run: Annotated[bool, typer.Option(help="Print the resolved config and exit.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or status lines.")] = False,
 ) -> None:
@@ -222,6 +225,7 @@ def train(
         optim=OptimConfig(lr=lr),
         tensorboard=tensorboard,
         wandb=wandb,
+        init_from=init_from,
         sample_every=sample_every,
         align_every=align_every,
         holdout=holdout,

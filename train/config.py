@@ -80,6 +80,7 @@ class TrainConfig:
     proj_coeff: float | None = None  # None: the method's default (0.5 for REPA)
     align_schedule: str = "const"  # const | stop:N | exp-decay:C0,HALF_LIFE (repa_cache.train.schedule)
     warmup_steps: int = 0  # encoder warm-up steps before the main objective (ERW)
+    init_from: str | None = None  # a new run starts from this checkpoint's weights (fine-tuning; ignored on resume)
     batch_size: int = 256  # global, over all ranks
     grad_accum: int = 1  # micro-steps per optimiser step on each rank (same global batch and samples)
     max_steps: int = 400_000
@@ -105,7 +106,7 @@ class TrainConfig:
     # Fields that may change between a run and its resume.
     RESUMABLE_CHANGES = frozenset({"max_steps", "ckpt_every", "log_every", "keep_checkpoints", "num_workers", "device",
                                    "compile", "tensorboard", "quiet", "out", "cache", "align_every", "verify",
-                                   "grad_accum", "wandb", "sample_every"})
+                                   "grad_accum", "wandb", "sample_every", "init_from"})
 
     def to_json(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)

@@ -36,14 +36,23 @@ from repa_cache.cache.format import LATENTS, TEACHER_PREFIX, LatentNorm, sha256_
 from repa_cache.cache.wds import open_meta_any, open_reader
 from repa_cache.stages.devices import check_precision, resolve_device, use_bf16
 from repa_cache.train.alignment import alignment_metrics
-from repa_cache.train.checkpoint import Checkpoint, ModelCard, latest_checkpoint, load_latest_training, save_checkpoint
+from repa_cache.train.checkpoint import (
+    Checkpoint,
+    ModelCard,
+    latest_checkpoint,
+    load_checkpoint,
+    load_latest_training,
+    resolve_checkpoint,
+    save_checkpoint,
+    strip_wrapper_prefixes,
+)
 from repa_cache.train.config import TrainConfig
 from repa_cache.train.data import CacheBatches, DataConfig, make_loader, to_device
 from repa_cache.train.loss import resample_tokens
 from repa_cache.train.methods import Method, make_method
 from repa_cache.train.model import SiTConfig, count_parameters, sit_config
 from repa_cache.train.schedule import MAIN_NO_ALIGN, AlignSchedule, Phases
-from repa_cache.train.step import build_trainer, train_step
+from repa_cache.train.step import Trainer, build_trainer, train_step
 from repa_cache.train.tracking import Trackers
 
 log = logging.getLogger(__name__)
@@ -207,6 +216,34 @@ def plan_run(cfg: TrainConfig) -> RunSetup:
     return RunSetup(cfg, teachers, mcfg, norm, tokens, cache_info, card, method, phases)
 
 
+def init_weights(tr: Trainer, source: str, setup: RunSetup) -> None:
+    """Start a new run from the weights of another checkpoint (fine-tuning, or a run imported from
+    REPA's code; a run folder gives its newest full checkpoint): its model weights (its EMA weights
+    when it holds only those) become the student's,
+    its EMA weights the EMA's; the optimiser, the step and the data order start fresh. The student
+    must have the same shape and method."""
+    src = Path(source)
+    full = latest_checkpoint(src) if src.is_dir() else None  # a run folder: its newest full checkpoint
+    ckpt = load_checkpoint(full if full is not None else resolve_checkpoint(src))
+    try:
+        theirs = dataclasses.asdict(SiTConfig(**ckpt.card.model))
+    except (TypeError, ValueError) as e:
+        raise UsageError(f"--init-from {ckpt.path} has an unusable model config ({str(e).splitlines()[0]})") from None
+    mine = dataclasses.asdict(setup.model_config)
+    diff = [f"{k} {theirs[k]} vs {v}" for k, v in mine.items() if theirs[k] != v]
+    if diff:
+        raise UsageError(f"--init-from {ckpt.path} has another model than this run ({'; '.join(diff)})")
+    if ckpt.card.method.get("name") != setup.method.name:
+        raise UsageError(f"--init-from {ckpt.path} was trained with --method {ckpt.card.method.get('name')}, this run uses "
+                         f"{setup.method.name}")
+    try:
+        tr.model.load_state_dict(strip_wrapper_prefixes(ckpt.model if ckpt.model is not None else ckpt.ema))
+        tr.ema.load_state_dict(strip_wrapper_prefixes(ckpt.ema))
+    except RuntimeError as e:
+        raise UsageError(f"--init-from {ckpt.path}: the weights do not fit ({str(e).splitlines()[0]})") from None
+    print(f"starting from the weights of {ckpt.path} (step {ckpt.step})", file=sys.stderr)
+
+
 def check_resume(ckpt: Checkpoint, cfg: TrainConfig, setup: RunSetup) -> None:
     """Refuse to resume ``ckpt`` under another cache or with a config change that alters the run."""
     path = ckpt.path
@@ -259,6 +296,8 @@ def train(cfg: TrainConfig) -> TrainResult:
         tr.ema.load_state_dict(ckpt.ema)
         tr.opt.load_state_dict(ckpt.optimizer)
         start = resumed = ckpt.step
+    elif cfg.init_from:
+        init_weights(tr, cfg.init_from, setup)
     if di.is_main:
         run.mkdir(parents=True, exist_ok=True)
         config = {"card": setup.card.to_json(), "teacher_tokens": setup.teacher_tokens}
