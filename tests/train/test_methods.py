@@ -30,6 +30,7 @@ from repa_cache.train.methods.reg import RegSiT
 from repa_cache.train.model import sit_config
 from repa_cache.train.schedule import MAIN, MAIN_NO_ALIGN, WARMUP, AlignSchedule, Phases
 from repa_cache.train.step import build_trainer, train_step
+from tests.train.hand import hand_step, kick
 
 CPU = torch.device("cpu")
 
@@ -42,14 +43,6 @@ def _batch(z: int = 6, classes: int = 5, with_cls: bool = False) -> tuple[object
     patch = [3 * torch.randn(4, mcfg.num_tokens, z, generator=g) + 1]
     cls = [torch.randn(4, z, generator=g)] if with_cls else []
     return mcfg, StepBatch(x, y, patch, cls)
-
-
-def _kick(model: torch.nn.Module) -> None:
-    """Move off the zero init so that every output depends on the inputs."""
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=g))
 
 
 def _neg_cos(z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -110,20 +103,10 @@ def test_irepa_conv_projector_is_a_3x3_same_padded_convolution_over_the_token_gr
 def test_irepa_objective_against_a_hand_computation():
     mcfg, batch = _batch()
     method = make_method("irepa")
-    torch.manual_seed(5)
-    model = method.build_student(mcfg)
-    assert isinstance(model.projectors[0], ConvProjector)
-    _kick(model)
-    tr = build_trainer(mcfg, CPU, method=method, transport=TransportConfig(label_dropout=0.0), seed=5)
-    tr.model.load_state_dict(model.state_dict())
-    torch.manual_seed(7)
-    t = torch.rand(4)
-    eps = torch.randn_like(batch.x)
-    x_t = (1 - t.view(-1, 1, 1, 1)) * batch.x + t.view(-1, 1, 1, 1) * eps
-    with torch.no_grad():
-        v_hat, zs = model(x_t, t, batch.y)
+    tr, zs, denoise = hand_step(method, mcfg, batch)
+    assert isinstance(tr.model.projectors[0], ConvProjector)
     target = (batch.patch[0] - 0.6 * batch.patch[0].mean(1, keepdim=True)) / (batch.patch[0].std(1, keepdim=True) + 1e-6)
-    want = float((v_hat.double() - (eps - batch.x).double()).pow(2).mean() + 1.0 * _neg_cos(zs[0], target))
+    want = float(denoise + 1.0 * _neg_cos(zs[0], target))
     torch.manual_seed(7)
     res = train_step(tr, batch, 0)
     assert res.loss.item() == pytest.approx(want, rel=1e-5)
@@ -148,7 +131,7 @@ def test_reg_objective_has_three_terms_against_a_hand_computation():
     mcfg, batch = _batch(with_cls=True)
     method = make_method("reg")
     tr = build_trainer(mcfg, CPU, method=method, transport=TransportConfig(label_dropout=0.5), seed=2)
-    _kick(tr.model)
+    kick(tr.model)
     model = copy.deepcopy(tr.model)
     torch.manual_seed(9)
     # the order of draws: times, latent noise, label dropout, then the CLS token's own noise
@@ -186,7 +169,7 @@ def _euler_joint(model, x, c, y, steps):
 def test_reg_sampling_without_guidance_is_the_unguided_joint_ode():
     mcfg, batch = _batch(with_cls=True)
     model = make_method("reg").build_student(mcfg).eval()
-    _kick(model)
+    kick(model)
     g = torch.Generator().manual_seed(3)
     x1, c1 = torch.randn(4, 4, 8, 8, generator=g), torch.randn(4, 6, generator=g)
     want_x, want_c = _euler_joint(model, x1, c1, batch.y, 5)
@@ -239,7 +222,7 @@ def test_warmup_is_alignment_alone_at_t0_and_trains_only_the_encoder():
     mcfg, batch = _batch()
     tr = build_trainer(mcfg, CPU, optim=OptimConfig(lr=1e-2), phases=Phases(warmup_steps=1),
                        transport=TransportConfig(label_dropout=0.0), seed=0)
-    _kick(tr.model)
+    kick(tr.model)
     model = copy.deepcopy(tr.model)
     seen: list[torch.Tensor] = []
     tr.model.t_embedder.register_forward_hook(lambda _m, args, _o: seen.append(args[0]))

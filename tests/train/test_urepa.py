@@ -16,13 +16,14 @@ from repa_cache.cache.errors import UsageError
 from repa_cache.eval.config import SampleConfig
 from repa_cache.eval.sample import load_model, sample
 from repa_cache.train.checkpoint import latest_checkpoint, load_checkpoint
-from repa_cache.train.config import TrainConfig, TransportConfig
+from repa_cache.train.config import TrainConfig
 from repa_cache.train.loop import train
 from repa_cache.train.methods import StepBatch, make_method
 from repa_cache.train.methods.urepa import manifold_loss
 from repa_cache.train.model import SiTConfig, count_parameters, sit_config
-from repa_cache.train.step import build_trainer, train_step
+from repa_cache.train.step import train_step
 from repa_cache.train.usit import USiT, build_student_model
+from tests.train.hand import hand_step, kick
 
 CPU = torch.device("cpu")
 
@@ -30,14 +31,6 @@ CPU = torch.device("cpu")
 def _config(z: int = 6, classes: int = 5) -> SiTConfig:
     """USiT-tiny/2 on 8x8 latents: a 4x4 token grid, a 2x2 middle stage, blocks 1 | 2-3 | 4."""
     return sit_config("USiT-tiny/2", input_size=8, num_classes=classes, z_dims=(z,), projector_dim=16)
-
-
-def _kick(model: torch.nn.Module) -> None:
-    """Move off the zero init so that every output depends on the inputs."""
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=g))
 
 
 def _inputs(b: int = 3) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -53,7 +46,7 @@ def test_usit_predicts_zero_at_init_and_aligns_middle_tokens_upsampled_to_the_fu
     v, zs = model(x, t, y)
     assert v is not None and v.shape == (3, 4, 8, 8) and torch.equal(v, torch.zeros_like(v))  # adaLN-Zero
     assert len(zs) == 1 and zs[0].shape == (3, 16, 6)  # the teacher's 4x4 grid, not the middle 2x2
-    _kick(model)
+    kick(model)
     with torch.no_grad():
         _, zs = model(x, t, y)
         none, enc = model(x, t, y, encoder_only=True)
@@ -91,7 +84,7 @@ def test_token_merge_takes_each_2x2_cell_and_split_puts_it_back():
 def test_skip_connections_carry_the_first_stage_into_the_last():
     torch.manual_seed(0)
     model = build_student_model(_config())
-    _kick(model)
+    kick(model)
     x, t, y = _inputs()
     D = model.config.hidden_size
     with torch.no_grad():
@@ -165,23 +158,11 @@ def test_urepa_objective_against_a_hand_computation():
     x = torch.randn(4, 4, 8, 8, generator=g)
     y = torch.randint(0, 5, (4,), generator=g)
     batch = StepBatch(x, y, [3 * torch.randn(4, mcfg.num_tokens, 6, generator=g) + 1])
-    method = make_method("urepa")
-    torch.manual_seed(5)
-    model = method.build_student(mcfg)
-    _kick(model)
-    tr = build_trainer(mcfg, CPU, method=method, transport=TransportConfig(label_dropout=0.0), seed=5)
-    tr.model.load_state_dict(model.state_dict())
-    torch.manual_seed(7)
-    t = torch.rand(4)
-    eps = torch.randn_like(batch.x)
-    x_t = (1 - t.view(-1, 1, 1, 1)) * batch.x + t.view(-1, 1, 1, 1) * eps
-    with torch.no_grad():
-        v_hat, zs = model(x_t, t, batch.y)
+    tr, zs, denoise = hand_step(make_method("urepa"), mcfg, batch)
     z, target = zs[0].double(), batch.patch[0].double()
     align = -F.cosine_similarity(z, target, dim=-1).mean()
     zn, yn = F.normalize(z, dim=-1), F.normalize(target, dim=-1)
     manifold = (torch.einsum("itz,jtz->tij", zn, zn) - torch.einsum("itz,jtz->tij", yn, yn)).pow(2).mean()
-    denoise = (v_hat.double() - (eps - batch.x).double()).pow(2).mean()
     want = float(denoise + 0.5 * (align + 3.0 * manifold))
     torch.manual_seed(7)
     res = train_step(tr, batch, 0)
