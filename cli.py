@@ -59,6 +59,11 @@ def precompute(
     teacher_checkpoint: Annotated[
         Optional[list[str]], typer.Option(help="NAME=FILE: load a teacher's weights from a local file (repeatable).")
     ] = None,
+    teacher_layers: Annotated[
+        Optional[list[str]], typer.Option(help="[NAME=]FIRST[-LAST]: also store the hidden tokens entering teacher block FIRST "
+                                               "(1-based; LAST defaults to the last block), for attention alignment "
+                                               "(--method haste; DINOv2-B: 9-12). Without NAME= for every --teacher (repeatable).")
+    ] = None,
     flip: Annotated[bool, typer.Option(help="Also encode the horizontally flipped view.")] = _field(PrecomputeConfig, "flip"),
     shard_size: Annotated[int, typer.Option(help="Samples per shard (the unit of work and of writing), in [1, 65536].")] = _field(PrecomputeConfig, "shard_size"),
     batch_size: Annotated[int, typer.Option(help="Images per encoder forward pass (at least 1).")] = _field(PrecomputeConfig, "batch_size"),
@@ -85,6 +90,7 @@ def precompute(
         vae_revision=vae_revision,
         teachers=tuple(teacher) if teacher else _field(PrecomputeConfig, "teachers"),
         teacher_checkpoints=_pairs(teacher_checkpoint or [], "--teacher-checkpoint"),
+        teacher_layers={k: v for item in teacher_layers or [] for k, v in [item.split("=", 1) if "=" in item else ("*", item)]},
         flip=flip,
         shard_size=shard_size,
         batch_size=batch_size,
@@ -264,6 +270,8 @@ def sample(
     class_id: Annotated[Optional[list[int]], typer.Option("--class", help="Sample only these class ids (repeatable). Default: any.")] = None,
     cls_cfg: Annotated[Optional[float], typer.Option(help="REG models: guidance scale of the jointly denoised CLS token "
                                                          "(default: --cfg; REG's evaluation: 2.3 with --cfg 2.3, 0,0.85).")] = _field(S, "cls_cfg_scale"),
+    bank: Annotated[Optional[str], typer.Option(help="GMem models (required): the memory bank each sample's condition is drawn from, by "
+                                                     "its seed: a cache with the run's first teacher, or a .npy from repa gmem-bank.")] = _field(S, "bank"),
     seed: Annotated[int, typer.Option(help="Sample i uses seed (seed, i): results do not depend on batch size or ranks.")] = _field(S, "seed"),
     batch_size: Annotated[int, typer.Option(help="Samples per forward pass.")] = _field(S, "batch_size"),
     vae: Annotated[Optional[str], typer.Option(help="Local folder holding the VAE the checkpoint names (same weights).")] = _field(S, "vae"),
@@ -278,10 +286,23 @@ def sample(
 
     job = SampleConfig(
         num=num, cfg_scale=cfg, guidance_interval=parse_guidance_interval(guidance_interval), sampler=sampler, steps=steps,
-        heun=heun, classes=tuple(class_id or ()), seed=seed, cls_cfg_scale=cls_cfg, batch_size=batch_size, vae=vae, device=device,
+        heun=heun, classes=tuple(class_id or ()), seed=seed, cls_cfg_scale=cls_cfg, bank=bank, batch_size=batch_size, vae=vae, device=device,
         precision=precision, grid=grid, quiet=quiet,
     )
     print(run(ckpt, out, job).describe())
+
+
+@app.command("gmem-bank")
+def gmem_bank(
+    cache: Annotated[str, typer.Argument(help="Committed cache (folder or URL) holding the teacher's CLS tokens.")],
+    out: Annotated[Path, typer.Argument(help="The .npy to write: float32 (entries, dim), entry = valid sample x view.")],
+    teacher: Annotated[Optional[str], typer.Option(help="Teacher whose CLS tokens make the bank. Default: the cache's only one.")] = None,
+) -> None:
+    """Write a GMem memory bank: the L2-normalised CLS tokens of every sample and view of a cache (for repa sample --bank)."""
+    from repa_cache.train.methods.gmem import export_bank
+
+    path, entries, dim = export_bank(cache, out, teacher)
+    print(f"wrote {path}: {entries} entries of dimension {dim}")
 
 
 @app.command("evaluate")

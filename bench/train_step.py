@@ -133,9 +133,10 @@ def source_files(keys: list[str], images: Path, crops: Path | None) -> list[str]
 def count_step_flops(tr: Trainer, batch: StepBatch) -> int:
     """FLOPs of forward + backward of one training step (eager model, attention through the math
     backend so that its matmuls are counted on every device; optimizer/EMA not counted)."""
+    draws = tr.method.draw(tr.transport, batch, tr.phase)
     with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as fc:
         with autocast(tr.device, tr.precision):
-            out = tr.method.losses(tr.model, tr.transport, batch, tr.phases.coeff(0, tr.proj_coeff), tr.phase)
+            out = tr.method.losses(tr.model, tr.transport, batch, tr.phases.coeff(0, tr.proj_coeff), tr.phase, draws)
         out.total.backward()
     tr.model.zero_grad(set_to_none=True)
     return int(fc.get_total_flops())

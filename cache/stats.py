@@ -222,6 +222,10 @@ def format_stats(s: dict[str, Any]) -> str:
         if "feature_stats" in g:
             fs = g["feature_stats"]
             lines.append(f"  tokens       {m.get('num_tokens')} x {m.get('dim')} (grid {m.get('grid')}, input {m.get('input_size')} px)")
+            if isinstance(m.get("hidden"), dict):
+                h = m["hidden"]
+                lines.append(f"  hidden       {h.get('num_tokens')} x {m.get('dim')} entering block {h.get('first_block')} "
+                             f"(attention of blocks {h.get('first_block')}-{h.get('last_block')} of {h.get('depth')})")
             lines.append(
                 f"  patch norm   mean {fs['patch_norm_mean']} std {fs['patch_norm_std']} "
                 f"min {fs['patch_norm_min']} max {fs['patch_norm_max']}"

@@ -26,6 +26,9 @@ class SampleConfig:
         classes: class ids to cycle through; empty: a random class per sample from its seed.
         cls_cfg_scale: guidance scale of the CLS token a REG model denoises with the latent
             (None: ``cfg_scale``); models without extra state ignore it.
+        bank: the memory bank a GMem model samples from (required for it, refused for others): a
+            cache holding the CLS tokens of the run's first teacher, or a ``.npy`` written by
+            ``repa gmem-bank``. Sample ``i`` is conditioned on the entry drawn from ``(seed, i)``.
         seed: job seed; sample ``i`` uses ``(seed, i)``.
         batch_size: samples per forward pass on each rank.
         vae: a local folder holding the checkpoint's VAE (it must have the same weights); default:
@@ -46,6 +49,7 @@ class SampleConfig:
     classes: tuple[int, ...] = ()
     seed: int = 0
     cls_cfg_scale: float | None = None
+    bank: str | None = None
     batch_size: int = 64
     vae: str | None = None
     device: str = "auto"

@@ -11,7 +11,8 @@ with :mod:`repa_cache.eval.samplers`, decodes with that VAE and writes::
     OUT/grid.png            the first samples in a grid
 
 Sample ``i`` is made by rank ``i % world`` from the seed ``(seed, i)`` (noise, SDE increments and
-its random class), so the images do not depend on the world size or the batch size. Rerunning
+its random class, or for a GMem model its memory-bank entry, ``--bank``), so the images do not
+depend on the world size or the batch size. Rerunning
 the command resumes: PNGs already present are skipped, and the npz is assembled from the PNGs
 once all of them exist. Under torchrun the ranks share the work and rank 0 assembles.
 """
@@ -38,14 +39,15 @@ from PIL import Image
 from torch import Tensor
 
 from repa_cache.cache.errors import RepaError, UsageError
-from repa_cache.cache.format import LatentNorm
+from repa_cache.cache.format import LatentNorm, teacher_group
 from repa_cache.cache.progress import Progress
 from repa_cache.cache.storage import atomic_file
 from repa_cache.eval.config import SampleConfig
-from repa_cache.eval.samplers import SamplerConfig, sample_joint, sample_labels
+from repa_cache.eval.samplers import SamplerConfig, bank_choices, sample_joint, sample_labels
 from repa_cache.stages.devices import check_precision, resolve_device
 from repa_cache.train.checkpoint import ModelCard, load_checkpoint, resolve_checkpoint, strip_wrapper_prefixes
 from repa_cache.train.methods import Method, method_from_card
+from repa_cache.train.methods.gmem import MemoryBank, open_bank
 from repa_cache.train.model import SiT, SiTConfig
 from repa_cache.train.noise import SampleNoise
 
@@ -57,7 +59,7 @@ GRID_NAME = "grid.png"
 JOB_FILE = "sample.json"
 #: Settings that make the images what they are; a resume must keep them.
 IDENTITY_FIELDS = ("checkpoint", "sampler", "steps", "heun", "cfg_scale", "guidance_interval", "classes",
-                   "seed", "last_t", "cls_cfg_scale")
+                   "seed", "last_t", "cls_cfg_scale", "bank")
 
 
 def local_rank() -> int:
@@ -314,10 +316,12 @@ class _Job:
     seed: int
     last_t: float
     cls_cfg_scale: float | None = None  # guidance of a jointly denoised CLS token (REG); None: cfg_scale
+    bank: str | None = None  # the memory bank of a GMem model (a cache or a .npy)
     # Read from the checkpoint (fixed by it, so not part of the identity):
     path: str = "linear"
     num_classes: int = 0
     step: int | None = None
+    conditioning: str = "class"  # "class" (labels, in the npz's arr_1) or "bank" (GMem: no labels)
 
     def identity(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in IDENTITY_FIELDS}
@@ -370,6 +374,22 @@ def _check(cfg: SampleConfig) -> SamplerConfig:
                          guidance_interval=cfg.guidance_interval)
 
 
+def open_sampling_bank(card: ModelCard, method: Method, config: SiTConfig, source: str | Path | None) -> MemoryBank | None:
+    """The memory bank a model samples its conditions from (GMem: the CLS tokens of the card's first
+    teacher), or None for a class-conditioned model. One-line UsageErrors: a GMem model without a
+    bank, a bank for a class-conditioned model, or a bank that does not fit the model."""
+    if not method.samples_from_bank():
+        if source is not None:
+            raise UsageError(f"--bank applies to models trained with --method gmem; this one was trained with --method {method.name}")
+        return None
+    if source is None:
+        raise UsageError(f"this model (--method {method.name}) is conditioned on memory-bank entries, not classes: pass --bank "
+                         "CACHE (a cache with its teacher's CLS tokens) or --bank FILE.npy (from repa gmem-bank)")
+    teacher = card.teachers[0]
+    weights = (card.cache.get("weights") or {}).get(teacher_group(teacher))
+    return open_bank(source, teacher, config.z_dims[0], weights)
+
+
 def sample(ckpt: str | Path, out: str | Path, cfg: SampleConfig | None = None) -> SampleResult:
     """Sample ``cfg.num`` images from a checkpoint into ``out`` (resumable, torchrun-aware).
 
@@ -393,8 +413,9 @@ def sample(ckpt: str | Path, out: str | Path, cfg: SampleConfig | None = None) -
     rank, world = _dist_info()
     device = resolve_device(cfg.device, local_rank())
 
+    bank_id = None if cfg.bank is None else (cfg.bank if "://" in cfg.bank else str(Path(cfg.bank).resolve()))
     job = _Job(str(ckpt_path), cfg.num, scfg.sampler, scfg.steps, scfg.heun, scfg.cfg_scale,
-               list(scfg.guidance_interval), list(cfg.classes), cfg.seed, scfg.last_t, cfg.cls_cfg_scale)
+               list(scfg.guidance_interval), list(cfg.classes), cfg.seed, scfg.last_t, cfg.cls_cfg_scale, bank_id)
     old = _previous_job(out, job)
     images = out / IMAGES_DIR
     present = {p.name for p in images.iterdir()} if images.is_dir() else set()
@@ -402,14 +423,20 @@ def sample(ckpt: str | Path, out: str | Path, cfg: SampleConfig | None = None) -
     todo = [i for i in mine if png_name(i) not in present]
 
     loaded: LoadedModel | None = None
+    bank: MemoryBank | None = None
     if todo or old is None:
         loaded = load_model(ckpt_path, device)
         job.path, job.num_classes, job.step = loaded.card.path, loaded.config.num_classes, loaded.step
+        bank = open_sampling_bank(loaded.card, loaded.method, loaded.config, cfg.bank)
+        job.conditioning = "class" if bank is None else "bank"
+        if bank is not None and job.classes:
+            raise UsageError("--class does not apply to a --method gmem model: each sample's condition is a --bank entry")
         bad = [c for c in job.classes if c >= job.num_classes]
         if bad:
             raise UsageError(f"--class {bad[0]} is not a class of this model (it has {job.num_classes})")
     else:
         job.path, job.num_classes, job.step = old["path"], old["num_classes"], old.get("step")
+        job.conditioning = old.get("conditioning", "class")
     if rank == 0:
         images.mkdir(parents=True, exist_ok=True)
         with atomic_file(out / JOB_FILE) as f:
@@ -421,12 +448,13 @@ def sample(ckpt: str | Path, out: str | Path, cfg: SampleConfig | None = None) -
         images.mkdir(parents=True, exist_ok=True)
         decoder = load_decoder(loaded.card, device, cfg.vae)
         written = _sample_indices(loaded, decoder, dataclasses.replace(scfg, path=job.path), job, todo, images,
-                                  cfg.batch_size, device, cfg.precision, cfg.quiet or rank != 0)
+                                  cfg.batch_size, device, cfg.precision, cfg.quiet or rank != 0, bank)
     if world > 1:
         dist.barrier()
     npz = grid_path = None
     if rank == 0:
-        labels = sample_labels(job.seed, range(cfg.num), job.num_classes, job.classes).numpy()
+        labels = (sample_labels(job.seed, range(cfg.num), job.num_classes, job.classes).numpy()
+                  if job.conditioning == "class" else None)  # a bank-conditioned sample has no class
         npz = _assemble_if_stale(images, cfg.num, out / NPZ_NAME, labels)
         if cfg.grid:
             tiles = np.stack([np.asarray(Image.open(images / png_name(i)).convert("RGB"))
@@ -437,7 +465,7 @@ def sample(ckpt: str | Path, out: str | Path, cfg: SampleConfig | None = None) -
                         time.perf_counter() - t0, rank, world)
 
 
-def _assemble_if_stale(images: Path, num: int, npz: Path, labels: np.ndarray) -> Path:
+def _assemble_if_stale(images: Path, num: int, npz: Path, labels: np.ndarray | None) -> Path:
     """Rebuild the npz unless it already holds ``num`` samples and is newer than every PNG."""
     if npz.is_file():
         try:
@@ -452,13 +480,15 @@ def _assemble_if_stale(images: Path, num: int, npz: Path, labels: np.ndarray) ->
 
 def sample_batch(model: torch.nn.Module, method: Method, config: SiTConfig, scfg: SamplerConfig, seed: int,
                  indices: list[int], classes: tuple[int, ...] | list[int] = (), cls_cfg_scale: float | None = None,
-                 device: torch.device | str = "cpu", precision: str = "fp32") -> Tensor:
+                 device: torch.device | str = "cpu", precision: str = "fp32", bank: MemoryBank | None = None) -> Tensor:
     """Model latents (B, C, h, w) of samples ``indices`` of a job seeded ``seed``.
 
     Each sample's stream gives its initial latent noise first, then the noise of each extra state
     component the method denoises (REG's CLS token), then the SDE increments; its class comes from
-    ``classes`` or its seed. Guidance: ``scfg.cfg_scale`` on the latent, ``cls_cfg_scale`` (default
-    the same) on the extra components."""
+    ``classes`` or its seed, or for a method that samples from a memory bank (GMem) its condition is
+    the ``bank`` entry its seed draws (:func:`bank_choices`). Guidance: ``scfg.cfg_scale`` on the
+    latent, ``cls_cfg_scale`` (default the same) on the extra components; the unconditional branch
+    gets the method's null condition."""
     shape = (config.in_channels, config.input_size, config.input_size)
     extra_shapes = method.extra_shapes(config)
     cls_scale = cls_cfg_scale if cls_cfg_scale is not None else scfg.cfg_scale
@@ -466,8 +496,14 @@ def sample_batch(model: torch.nn.Module, method: Method, config: SiTConfig, scfg
     noise = SampleNoise(seed, indices, device)
     x1 = noise.randn(shape)  # (B, C, h, w) initial noise, first draw of each sample's stream
     extras = [noise.randn(s) for s in extra_shapes]  # then the noise of each extra component
-    y = sample_labels(seed, indices, config.num_classes, classes).to(device)
-    return sample_joint(model, [x1, *extras], y, scfg, config.num_classes, scales, noise, precision)[0]
+    if method.samples_from_bank():
+        if bank is None:
+            raise UsageError(f"a --method {method.name} model samples from a memory bank: pass --bank")
+        y = bank.entries(bank_choices(seed, indices, bank.size)).to(device)  # (B, Z)
+    else:
+        y = sample_labels(seed, indices, config.num_classes, classes).to(device)  # (B,)
+    null = method.null_condition(y, config.num_classes)
+    return sample_joint(model, [x1, *extras], y, scfg, config.num_classes, scales, noise, precision, null)[0]
 
 
 def _sample_indices(
@@ -481,6 +517,7 @@ def _sample_indices(
     device: torch.device,
     precision: str,
     quiet: bool,
+    bank: MemoryBank | None = None,
 ) -> int:
     """Sample, decode and write the PNGs of ``todo`` in batches; returns how many were written."""
     bar = Progress(len(todo), "sample", "img", quiet=quiet)
@@ -488,7 +525,7 @@ def _sample_indices(
     for start in range(0, len(todo), batch_size):
         idx = todo[start:start + batch_size]
         z = sample_batch(loaded.model, loaded.method, loaded.config, scfg, job.seed, idx, job.classes, job.cls_cfg_scale,
-                         device, precision)
+                         device, precision, bank)
         pix = decoder(z, batch_size)  # (B, H, W, 3) uint8
         for i, img in zip(idx, pix):
             write_png(images / png_name(i), img)
@@ -505,23 +542,27 @@ TRAINING_GRID = SamplerConfig(sampler="ode", steps=50, heun=False, cfg_scale=4.0
 class TrainingGrid:
     """The grid ``repa train --sample-every N`` writes to ``RUN/samples/step-XXXXXXX.png``: the EMA
     weights, the same noise and classes every time (samples 0..num-1 of the run's seed), so grids
-    of the same step are identical across a resume and successive grids show the same samples."""
+    of the same step are identical across a resume and successive grids show the same samples. A
+    GMem run draws its conditions from the training cache's bank (the run's first teacher)."""
 
     def __init__(self, card: ModelCard, method: Method, config: SiTConfig, seed: int, device: torch.device,
                  precision: str, num: int = 16) -> None:
         self.card, self.method, self.config, self.seed = card, method, config, seed
         self.device, self.precision, self.num = device, precision, num
         self.decoder: LatentDecoder | None = None  # loaded at the first grid
+        self.bank: MemoryBank | None = None  # GMem: the training cache's bank, opened at the first grid
 
     def write(self, ema: torch.nn.Module, run: Path, step: int) -> Path:
         if self.decoder is None:
             self.decoder = load_decoder(self.card, self.device)
+            if self.method.samples_from_bank():
+                self.bank = open_sampling_bank(self.card, self.method, self.config, self.card.train.get("cache"))
         scfg = dataclasses.replace(TRAINING_GRID, path=self.card.path)
         was_training = ema.training
         ema.eval()
         try:
             z = sample_batch(ema, self.method, self.config, scfg, self.seed, list(range(self.num)), device=self.device,
-                             precision=self.precision)
+                             precision=self.precision, bank=self.bank)
         finally:
             ema.train(was_training)
         path = run / "samples" / f"step-{step:07d}.png"

@@ -12,7 +12,9 @@ the model predicts ``v = dx_t/dt``. Sampling integrates from t=1 (pure noise) to
   inside the guidance interval; twice per step for Heun).
 * **Classifier-free guidance**: ``v = v_uncond + scale * (v_cond - v_uncond)`` on the drift, only
   at steps whose start time ``t`` lies in ``[low, high]``; elsewhere the conditional model alone
-  runs (no doubled batch). The unconditional label is the null class ``num_classes``.
+  runs (no doubled batch). The unconditional label is the null class ``num_classes``, or the
+  condition the method gives (:meth:`~repa_cache.train.methods.base.Method.null_condition`: GMem's
+  zero vector), passed as ``null_y``.
 
 All randomness (initial noise and SDE increments) comes from
 :class:`~repa_cache.train.noise.SampleNoise`: one generator per sample, seeded from
@@ -143,6 +145,14 @@ def sample_labels(seed: int, indices: Sequence[int], num_classes: int, classes: 
     return torch.tensor(labels, dtype=torch.long)
 
 
+def bank_choices(seed: int, indices: Sequence[int], size: int) -> list[int]:
+    """Memory-bank entry of each sample (GMem): uniform over ``size`` entries from ``(seed, i)``, a
+    stream of its own, so it depends neither on the batch nor on the other samples."""
+    if size < 1:
+        raise UsageError("the memory bank is empty")
+    return [int(np.random.default_rng(sample_seed(seed, i, stream=2)).integers(size)) for i in indices]
+
+
 # --------------------------------------------------------------------------------------------
 # integration
 
@@ -165,14 +175,18 @@ class _Drift:
 
     The state is a list of components: the latent, then any extra state the model denoises
     jointly (REG's CLS token), each with its own guidance scale. The model is called as
-    ``model(x, t, y, *extras) -> (v, zs, *extra_v)``.
+    ``model(x, t, y, *extras) -> (v, zs, *extra_v)``; the guided batch stacks ``y`` and its
+    unconditional counterpart ``null_y`` (default: the null class).
     """
 
     def __init__(self, model: VelocityModel, y: Tensor, null_class: int, cfg: SamplerConfig,
-                 precision: str, scales: Sequence[float]) -> None:
+                 precision: str, scales: Sequence[float], null_y: Tensor | None = None) -> None:
         self.model, self.cfg, self.precision = model, cfg, precision
         self.y = y
-        self.y_pair = torch.cat([y, torch.full_like(y, null_class)])  # (2B,)
+        null = null_y if null_y is not None else torch.full_like(y, null_class)
+        if null.shape != y.shape:
+            raise ValueError(f"null condition of shape {tuple(null.shape)} for conditions of shape {tuple(y.shape)}")
+        self.y_pair = torch.cat([y, null])  # (2B,) labels or (2B, Z) conditions
         self.scales = list(scales)
         self.evaluations = 0
 
@@ -206,22 +220,24 @@ def sample_latents(
     null_class: int,
     step_noise: SampleNoise | None = None,
     precision: str = "fp32",
+    null_y: Tensor | None = None,
 ) -> Tensor:
     """Integrate a batch from noise (t=1) to data (t=0).
 
     Args:
         model: ``model(x, t, y) -> (v, ...)``; called with float32 inputs.
         noise: initial noise (B, C, H, W) on the model's device.
-        y: class labels (B,) long on the same device.
+        y: class labels (B,) long on the same device (GMem: (B, Z) condition vectors).
         config: the sampler settings.
         null_class: label of the unconditional model (the SiT's ``num_classes``).
         step_noise: source of the SDE increments (required for ``"sde"``), one stream per sample.
         precision: ``"fp32"``, ``"bf16"`` (autocast) or ``"auto"`` (bf16 on CUDA).
+        null_y: the unconditional input of guidance, shaped like y; default: the null class.
 
     Returns:
         float32 latents (B, C, H, W) at t=0.
     """
-    return sample_joint(model, [noise], y, config, null_class, [config.cfg_scale], step_noise, precision)[0]
+    return sample_joint(model, [noise], y, config, null_class, [config.cfg_scale], step_noise, precision, null_y)[0]
 
 
 @torch.no_grad()
@@ -234,17 +250,19 @@ def sample_joint(
     scales: Sequence[float],
     step_noise: SampleNoise | None = None,
     precision: str = "fp32",
+    null_y: Tensor | None = None,
 ) -> list[Tensor]:
     """Integrate a joint state (the latent and extra components, e.g. REG's CLS token) from noise
     (t=1) to data (t=0); ``scales`` is the guidance scale of each component (the latent's first).
-    Guidance applies to every component at the same steps (the guidance interval). SDE increments
-    are drawn per step for each component in order, so a latent-only state draws exactly what
+    Guidance applies to every component at the same steps (the guidance interval); its
+    unconditional branch gets ``null_y`` (default: the null class). SDE increments are drawn per
+    step for each component in order, so a latent-only state draws exactly what
     :func:`sample_latents` always drew. Returns float32 components at t=0."""
     if any(n.shape[0] != y.shape[0] for n in noises):
         raise ValueError(f"{[n.shape[0] for n in noises]} noise samples but {y.shape[0]} labels")
     if len(scales) != len(noises):
         raise ValueError(f"{len(scales)} guidance scales for {len(noises)} state components")
-    drift = _Drift(model, y, null_class, config, precision, scales)
+    drift = _Drift(model, y, null_class, config, precision, scales, null_y)
     xs = [n.to(torch.float64) for n in noises]
     times = config.time_grid().tolist()
     if config.sampler == "ode":

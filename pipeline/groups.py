@@ -55,20 +55,28 @@ def vae_group(meta: CacheMeta, spec: VAESpec, precision: str = "fp32") -> GroupM
     return GroupMeta(LATENTS, "latents", model, arrays, fingerprint)
 
 
-def teacher_group_meta(meta: CacheMeta, name: str, dtype: str, checkpoint: str | None = None, precision: str = "fp32") -> GroupMeta:
-    """A teacher's group: final-norm patch tokens and CLS, per view, computed in ``precision``."""
+def teacher_group_meta(meta: CacheMeta, name: str, dtype: str, checkpoint: str | None = None, precision: str = "fp32",
+                       layers: tuple[int, int | None] | None = None) -> GroupMeta:
+    """A teacher's group: final-norm patch tokens and CLS, per view, computed in ``precision``;
+    with ``layers`` (``--teacher-layers FIRST[-LAST]``, 1-based blocks) also the hidden tokens
+    entering block FIRST, which a trainer runs through blocks FIRST..LAST (HASTE). A group without
+    hidden tokens has exactly the metadata and fingerprint it always had."""
     check_precision(precision, allowed=STAGE_ONE_PRECISIONS)
     if dtype not in FEATURE_DTYPES:
         raise UsageError(f"--feature-dtype must be one of {', '.join(FEATURE_DTYPES)}, not '{dtype}'")
-    model = teacher_metadata(get_teacher(name), meta.resolution, checkpoint, precision)
-    arrays = (
+    model = teacher_metadata(get_teacher(name), meta.resolution, checkpoint, precision, layers)
+    arrays: tuple[ArraySpec, ...] = (
         ArraySpec("patch", (model["num_tokens"], model["dim"]), dtype, DEFAULT_CODEC),
         ArraySpec("cls", (model["dim"],), dtype, DEFAULT_CODEC),
     )
+    keys: tuple[str, ...] = ("name", "timm_id", "mean", "std", "input_size", "interpolation", "antialias", "precision")
+    if "hidden" in model:
+        arrays += (ArraySpec("hidden", (model["hidden"]["num_tokens"], model["dim"]), dtype, DEFAULT_CODEC),)
+        keys += ("hidden",)
     fingerprint = {
         "base": meta.base_fingerprint,
         "group": teacher_group(name),
-        "model": {k: model[k] for k in ("name", "timm_id", "mean", "std", "input_size", "interpolation", "antialias", "precision")},
+        "model": {k: model[k] for k in keys},
         "arrays": [a.to_json() for a in arrays],
         "format_version": FORMAT_VERSION,
     }

@@ -35,6 +35,8 @@ class PrecomputeConfig:
     vae_revision: str | None = None
     teachers: tuple[str, ...] = ("dinov2-vit-b",)
     teacher_checkpoints: dict[str, str] = field(default_factory=dict)
+    # teacher -> "FIRST[-LAST]": also store the hidden tokens entering block FIRST (HASTE; stages.teachers)
+    teacher_layers: dict[str, str] = field(default_factory=dict)
     flip: bool = True
     shard_size: int = 256
     batch_size: int = 64

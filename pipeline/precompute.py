@@ -32,7 +32,7 @@ from repa_cache.pipeline.plan import PrecomputeConfig, check_config, make_plan, 
 from repa_cache.pipeline.source import list_source
 from repa_cache.pipeline.worker import run_shard_task, shard_tasks
 from repa_cache.stages.devices import check_precision
-from repa_cache.stages.teachers import get_teacher
+from repa_cache.stages.teachers import get_teacher, hidden_metadata, parse_layers
 from repa_cache.stages.vae import DEFAULT_VAE, VAESpec
 
 log = logging.getLogger(__name__)
@@ -69,6 +69,7 @@ def precompute(cfg: PrecomputeConfig) -> PrecomputeResult:
         check_precision(cfg.precision, allowed=STAGE_ONE_PRECISIONS)
     if len(set(cfg.teachers)) != len(cfg.teachers):
         raise UsageError("a teacher is named twice")
+    _check_layers(cfg)
     out = store_path(cfg.out)
     _check_out_path(out)  # before anything is written there
     listing = list_source(cfg.data)
@@ -94,13 +95,16 @@ def _precompute_locked(cfg: PrecomputeConfig, out: StorePath, listing: Any, meta
 
     present = list_groups(out) if existing else []
 
+    layers = _teacher_layers(cfg, out, present)
+
     def precision(group: str) -> str:  # as the VAE: the group's own when none is asked for
         if cfg.precision is not None:
             return cfg.precision
         return group_meta(out, group).model.get("precision", "fp32") if group in present else "fp32"
 
     wanted: list[GroupMeta] = [vae_group(meta, _vae_spec(cfg, out if existing else None), precision("latents"))]
-    wanted += [_stored_as(teacher_group_meta(meta, t, cfg.feature_dtype, cfg.teacher_checkpoints.get(t), precision(teacher_group(t))),
+    wanted += [_stored_as(teacher_group_meta(meta, t, cfg.feature_dtype, cfg.teacher_checkpoints.get(t), precision(teacher_group(t)),
+                                             layers[t]),
                           cfg.feature_codec)
                for t in cfg.teachers]
 
@@ -112,7 +116,7 @@ def _precompute_locked(cfg: PrecomputeConfig, out: StorePath, listing: Any, meta
             old_g = group_meta(out, g.group)
             diff = fingerprint_diff(old_g.fingerprint, g.fingerprint)
             if diff:
-                raise FingerprintMismatch(f"group '{g.group}' of {out} was made with other settings: {'; '.join(diff)}")
+                raise FingerprintMismatch(_group_mismatch(out, old_g, g, diff))
             if commit_record(out, g.group) is not None:
                 result.groups[g.group] = "already committed"
                 continue
@@ -137,6 +141,45 @@ def _precompute_locked(cfg: PrecomputeConfig, out: StorePath, listing: Any, meta
             result.skipped = commit["counts"]["skipped"]
     result.seconds = time.perf_counter() - t0
     return result
+
+
+def _teacher_layers(cfg: PrecomputeConfig, out_path: StorePath, present: list[str]) -> dict[str, tuple[int, int | None] | None]:
+    """The hidden tokens of each teacher of the command: ``--teacher-layers NAME=FIRST[-LAST]``, or
+    ``FIRST[-LAST]`` for every teacher; a teacher it does not name keeps what its group already
+    holds (as the precision does), and a new one gets none (None)."""
+    out: dict[str, tuple[int, int | None] | None] = {}
+    for t in cfg.teachers:
+        held = group_meta(out_path, teacher_group(t)).model.get("hidden") if teacher_group(t) in present else None
+        out[t] = (int(held["first_block"]), int(held["last_block"])) if held else None
+    for name, text in cfg.teacher_layers.items():
+        if name == "*":
+            out = {t: parse_layers(text) for t in cfg.teachers}
+    for name, text in cfg.teacher_layers.items():
+        if name != "*":
+            out[name] = parse_layers(text)
+    return out
+
+
+def _check_layers(cfg: PrecomputeConfig) -> None:
+    """Refuse a bad ``--teacher-layers`` before anything is written: its syntax, the teachers it
+    names, and blocks the teacher has (its attention must be readable)."""
+    for name, text in cfg.teacher_layers.items():
+        if name != "*" and name not in cfg.teachers:
+            raise UsageError(f"--teacher-layers names teacher '{name}', which this command does not encode "
+                             f"(--teacher: {', '.join(cfg.teachers)})")
+        for t in cfg.teachers if name == "*" else (name,):
+            hidden_metadata(get_teacher(t), cfg.resolution, parse_layers(text))
+
+
+def _group_mismatch(out: StorePath, old: GroupMeta, new: GroupMeta, diff: list[str]) -> str:
+    """One line for a group that exists with other settings; other hidden tokens say what to do."""
+    had, wants = old.model.get("hidden"), new.model.get("hidden")
+    if had != wants:
+        def blocks(h: Any) -> str:
+            return f"hidden tokens for blocks {h['first_block']}-{h['last_block']}" if h else "no hidden tokens"
+        return (f"group '{new.group}' of {out} holds {blocks(had)}, and this command asks for {blocks(wants)} "
+                "(--teacher-layers); a group's arrays are fixed once written: precompute into a new cache")
+    return f"group '{new.group}' of {out} was made with other settings: {'; '.join(diff)}"
 
 
 def _stored_as(gmeta: GroupMeta, codec: str) -> GroupMeta:

@@ -88,8 +88,13 @@ def _encode(gmeta: GroupMeta, model: torch.nn.Module, images: torch.Tensor, reso
             mean, std = vae_mod.encode_images(model, images)  # (B, C, h, w) each
             return {"mean": mean.float().cpu().numpy(), "std": std.float().cpu().numpy()}
         spec = teachers_mod.get_teacher(gmeta.model["name"])
-        patch, cls = teachers_mod.encode_images(model, spec, images, resolution)  # (B, T, D), (B, D)
-        return {"patch": patch.float().cpu().numpy(), "cls": cls.float().cpu().numpy()}
+        hidden = gmeta.model.get("hidden")
+        if hidden is None:
+            patch, cls = teachers_mod.encode_images(model, spec, images, resolution)  # (B, T, D), (B, D)
+            return {"patch": patch.float().cpu().numpy(), "cls": cls.float().cpu().numpy()}
+        patch, cls, h = teachers_mod.encode_images_hidden(model, spec, images, resolution, int(hidden["first_block"]))
+        return {"patch": patch.float().cpu().numpy(), "cls": cls.float().cpu().numpy(),
+                "hidden": h.cpu().numpy()}  # (B, P + T, D): the tokens entering block first_block
 
 
 def run_shard_task(task: ShardTask) -> dict[str, Any]:

@@ -10,13 +10,20 @@ I-JEPA) stores its own pooled output (attention pool, average) in the CLS slot.
 Besides the presets, ``timm:MODEL_ID`` names any timm ViT: its mean / std, input size and
 interpolation come from the model's pretrained config (timm's ``resolve_data_config``), its input
 side scales with the resolution as DINOv2's does in REPA (the pretrained side at 256 px).
+
+Methods that align attention (HASTE) need more than the final tokens: with ``--teacher-layers A-B``
+a group also stores the hidden tokens entering block A (CLS and register tokens first, then the
+patch tokens), and the trainer runs blocks A..B of the same teacher on them
+(:class:`TeacherTail`) to get each block's attention logits, instead of storing the maps.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -24,7 +31,8 @@ from typing import Any, cast
 import timm
 import torch
 import torch.nn.functional as F
-from timm.models.vision_transformer import VisionTransformer
+from timm.models.vision_transformer import Attention, Block, VisionTransformer
+from torch import Tensor, nn
 
 from repa_cache.cache.errors import UsageError
 
@@ -468,10 +476,15 @@ def encode_images(
 def _geometry(spec: TeacherSpec, resolution: int) -> tuple[int, int, bool]:
     """(embedding dim, prefix tokens, has a CLS token) of a teacher without loading its weights:
     a real model is built on the ``meta`` device (no memory), a tiny one for real."""
-    size = teacher_input_size(spec, resolution)
-    model = _build_tiny_teacher(spec.name, size) if spec.tiny else _meta_model(spec.timm_id, img_size=size)
+    model = _shape_model(spec, resolution)
     info = cast(Any, model)
     return int(info.num_features), int(info.num_prefix_tokens), _has_class_token(model)
+
+
+def _shape_model(spec: TeacherSpec, resolution: int) -> torch.nn.Module:
+    """The teacher's architecture without its weights (meta device; the tiny one for real)."""
+    size = teacher_input_size(spec, resolution)
+    return _build_tiny_teacher(spec.name, size) if spec.tiny else _meta_model(spec.timm_id, img_size=size)
 
 
 def teacher_geometry(spec: TeacherSpec, resolution: int) -> tuple[int, int]:
@@ -481,13 +494,16 @@ def teacher_geometry(spec: TeacherSpec, resolution: int) -> tuple[int, int]:
     return dim, prefix
 
 
-def teacher_metadata(spec: TeacherSpec, resolution: int, checkpoint: str | None = None, precision: str = "fp32") -> dict[str, Any]:
+def teacher_metadata(spec: TeacherSpec, resolution: int, checkpoint: str | None = None, precision: str = "fp32",
+                     layers: tuple[int, int | None] | None = None) -> dict[str, Any]:
     """Describe a teacher for the cache metadata (JSON-friendly), without loading its weights:
     which model (timm id, local ``checkpoint`` if any), its preprocessing, its token geometry at
     ``resolution`` and the ``precision`` it runs in. The hash of the weights a worker actually
-    loads is in every shard record instead."""
+    loads is in every shard record instead. With ``layers`` (first, last block, 1-based) the group
+    also stores the hidden tokens entering block ``first`` (:func:`hidden_metadata`)."""
     dim, prefix, has_cls = _geometry(spec, resolution)
     grid = token_grid(spec, resolution)
+    extra = {"hidden": hidden_metadata(spec, resolution, layers)} if layers is not None else {}
     return {
         "name": spec.name,
         "timm_id": spec.timm_id,
@@ -506,4 +522,123 @@ def teacher_metadata(spec: TeacherSpec, resolution: int, checkpoint: str | None 
         "token_rule": TOKEN_RULE if has_cls else POOLED_TOKEN_RULE,
         "description": spec.description,
         "precision": precision,
+    } | extra
+
+
+# ------------------------------------------------------------------------------------------------
+# hidden tokens and attention logits (--teacher-layers; HASTE)
+
+HIDDEN_RULE = "tokens entering block first_block (1-based): prefix (CLS, registers) then patch tokens, before norm1"
+
+
+def parse_layers(text: str) -> tuple[int, int | None]:
+    """``"9"`` or ``"9-12"`` -> (first, last or None), 1-based blocks.
+
+    Raises:
+        UsageError: not one block number or a ``FIRST-LAST`` range of them.
+    """
+    m = re.fullmatch(r"\s*(\d{1,4})\s*(?:-\s*(\d{1,4})\s*)?", text)
+    if not m:
+        raise UsageError(f"--teacher-layers takes FIRST or FIRST-LAST (1-based block numbers, e.g. 9-12), not '{text}'")
+    return int(m.group(1)), int(m.group(2)) if m.group(2) else None
+
+
+def _check_readable(spec: TeacherSpec, model: torch.nn.Module) -> int:
+    """The teacher's depth; UsageError when its attention logits cannot be read from its blocks."""
+    blocks = getattr(model, "blocks", None)
+    if not (isinstance(model, VisionTransformer) and isinstance(blocks, nn.Sequential)
+            and all(type(b) is Block and type(b.attn) is Attention for b in blocks)):
+        raise UsageError(f"teacher '{spec.name}' ({type(model).__name__}) has blocks whose attention logits cannot be read "
+                         "here; --teacher-layers supports timm VisionTransformer teachers (DINOv2, CLIP, MAE, SigLIP, DINO)")
+    return len(blocks)
+
+
+def hidden_metadata(spec: TeacherSpec, resolution: int, layers: tuple[int, int | None]) -> dict[str, Any]:
+    """What a group with hidden tokens records: the blocks a trainer runs on them (``first_block``
+    to ``last_block``, 1-based, inclusive; by default to the teacher's last block), the teacher's
+    depth and heads, and the stored token count (prefix + patch tokens).
+
+    Raises:
+        UsageError: blocks outside the teacher, or a teacher whose attention cannot be read.
+    """
+    model = _shape_model(spec, resolution)
+    depth = _check_readable(spec, model)
+    first, last = layers[0], layers[1] if layers[1] is not None else depth
+    if not 1 <= first <= last <= depth:
+        raise UsageError(f"--teacher-layers {first}-{last} is outside teacher '{spec.name}''s blocks 1..{depth}")
+    info = cast(Any, model)
+    attn = cast(Attention, info.blocks[0].attn)
+    return {
+        "first_block": first,
+        "last_block": last,
+        "depth": depth,
+        "heads": int(attn.num_heads),
+        "num_tokens": int(info.num_prefix_tokens) + token_grid(spec, resolution) ** 2,
+        "rule": HIDDEN_RULE,
     }
+
+
+@contextlib.contextmanager
+def _block_input(model: torch.nn.Module, block: int) -> Iterator[list[Tensor]]:
+    """Collect the input of ``model.blocks[block - 1]`` (1-based) while the context is open."""
+    seen: list[Tensor] = []
+    blocks = cast(nn.Sequential, cast(Any, model).blocks)
+    handle = blocks[block - 1].register_forward_pre_hook(lambda _module, args: seen.append(args[0]))
+    try:
+        yield seen
+    finally:
+        handle.remove()
+
+
+def encode_images_hidden(model: torch.nn.Module, spec: TeacherSpec, images: torch.Tensor, resolution: int,
+                         first_block: int) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`encode_images` plus the hidden tokens entering block ``first_block`` (1-based) of the
+    same forward pass: ``(patch, cls, hidden)``, hidden float32 (B, P + T, D) with the prefix
+    tokens (CLS, registers) first."""
+    with _block_input(model, first_block) as seen:
+        patch, cls = encode_images(model, spec, images, resolution)
+    return patch, cls, seen[0].float()
+
+
+def attention_logits(block: torch.nn.Module, h: Tensor) -> Tensor:
+    """Pre-softmax attention logits ``q k^T / sqrt(d)`` of a timm ViT block on its input tokens
+    h (B, N, D): (B, heads, N, N), with the block's own q/k norms."""
+    blk = cast(Block, block)
+    attn = cast(Attention, blk.attn)
+    B, N, _ = h.shape
+    qkv = attn.qkv(blk.norm1(h)).reshape(B, N, 3, attn.num_heads, attn.head_dim)  # (B, N, 3, H, K)
+    q, k, _v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, H, N, K)
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    return (q * attn.scale) @ k.transpose(-2, -1)  # (B, H, N, N)
+
+
+class TeacherTail(nn.Module):
+    """Blocks ``first..last`` (1-based) of a loaded teacher, run on its cached hidden tokens.
+
+    ``forward(hidden)`` gives each block's patch-to-patch attention logits (the CLS and register
+    rows and columns removed), (B, heads, T, T) each, without gradients. The blocks are the
+    teacher's own modules (frozen); nothing after block ``last`` runs.
+    """
+
+    def __init__(self, model: torch.nn.Module, first: int, last: int) -> None:
+        super().__init__()
+        info = cast(Any, model)
+        depth = len(info.blocks)
+        if not 1 <= first <= last <= depth:
+            raise UsageError(f"teacher blocks {first}-{last} are outside the teacher's blocks 1..{depth}")
+        self.blocks = nn.ModuleList(info.blocks[first - 1:last])
+        self.prefix = int(info.num_prefix_tokens)
+        self.first, self.last = first, last
+        self.requires_grad_(False)
+        self.eval()
+
+    @torch.no_grad()
+    def forward(self, hidden: Tensor) -> list[Tensor]:
+        """hidden (B, P + T, D) -> one (B, heads, T, T) logits tensor per block."""
+        h = hidden.to(next(self.parameters()).dtype)
+        out = []
+        for i, block in enumerate(self.blocks):
+            out.append(attention_logits(block, h)[:, :, self.prefix:, self.prefix:])  # (B, heads, T, T)
+            if i + 1 < len(self.blocks):
+                h = block(h)  # (B, P + T, D)
+        return out

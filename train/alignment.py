@@ -207,7 +207,7 @@ def alignment_metrics(
             extras = [alpha.view(-1, 1) * e + sigma.view(-1, 1) * noise.randn(tuple(e.shape[1:])).float() for e in method.extras(batch)]
             captured.clear()
             with autocast(device, precision):
-                zs = model(x_t, tt, y, *extras)[1]
+                zs = model(x_t, tt, method.condition(batch), *extras)[1]  # the class, or GMem's condition
             hidden.append(captured[-1].float().mean(dim=1).cpu())  # (B, T, D) -> (B, D) pooled hidden state
             for j, (aim, feats) in enumerate(zip(method.targets(batch), batch.patch)):
                 z = zs[j].float()  # (B, T, Z), aligned to the method's target ``aim`` of the same shape

@@ -18,7 +18,7 @@ from repa_cache.cache.errors import UsageError
 
 PATHS: tuple[str, ...] = ("linear", "cosine")
 #: the training methods (repa_cache.train.methods.METHODS, named here so that --help needs no torch)
-METHOD_NAMES: tuple[str, ...] = ("repa", "irepa", "reg", "urepa")
+METHOD_NAMES: tuple[str, ...] = ("repa", "irepa", "reg", "urepa", "gmem", "haste")
 TIME_SAMPLINGS: tuple[str, ...] = ("uniform", "lognormal")
 
 

@@ -160,11 +160,11 @@ class CacheBatches(Dataset):
             "step": torch.tensor(step),
         }
         for t, g in zip(self.cfg.teachers, self.groups[1:]):
-            for name, key in (("patch", "feat"), ("cls", "cls")):
+            for name, key in (("patch", "feat"), ("cls", "cls"), ("hidden", "hidden")):
                 if f"{g}/{name}" in data:
                     out[f"{key}/{t}"] = torch.from_numpy(data[f"{g}/{name}"])  # (B, T, D) / (B, D), float16 or int8
                 if f"{g}/{scale_name(name)}" in data:
-                    out[f"{key}_scale/{t}"] = torch.from_numpy(data[f"{g}/{scale_name(name)}"])  # (B, T, 1) / (B, 1)
+                    out[f"{key}_scale/{t}"] = torch.from_numpy(data[f"{g}/{scale_name(name)}"])  # (B, T, 1) / (B, 1) / (B, P + T, 1)
         return out
 
 
@@ -198,7 +198,7 @@ def make_loader(ds: CacheBatches, start_step: int, stop_step: int, pin_memory: b
 def to_device(batch: dict[str, torch.Tensor], norm: LatentNorm, teachers: tuple[str, ...], device: torch.device,
               codecs: dict[str, dict[str, Any] | None] | None = None) -> StepBatch:
     """The step's inputs on the device: x is a fresh posterior sample in the model's space; the
-    teacher tokens the batch holds (patch tokens, CLS tokens) in float32, in teacher order,
+    teacher tokens the batch holds (patch tokens, CLS tokens, hidden tokens) in float32, in teacher order,
     dequantised on the device with each teacher's codec (``CacheBatches.codecs``; None: floats)."""
     mean = batch["mean"].to(device, non_blocking=True)
     std = batch["std"].to(device, non_blocking=True)
@@ -219,4 +219,4 @@ def to_device(batch: dict[str, torch.Tensor], norm: LatentNorm, teachers: tuple[
             out.append(dequantize(q, scale.to(device, non_blocking=True) if scale is not None else q, codec))
         return out
 
-    return StepBatch(x, y, tokens("feat"), tokens("cls"))  # (B, T, D) / (B, D) float32 each
+    return StepBatch(x, y, tokens("feat"), tokens("cls"), tokens("hidden"))  # (B, T, D) / (B, D) / (B, P + T, D) float32 each

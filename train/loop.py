@@ -50,6 +50,7 @@ from repa_cache.train.config import TrainConfig
 from repa_cache.train.data import CacheBatches, DataConfig, make_loader, to_device
 from repa_cache.train.loss import resample_tokens
 from repa_cache.train.methods import Method, make_method
+from repa_cache.train.methods.base import CacheContext
 from repa_cache.train.model import SiTConfig, count_parameters, sit_config
 from repa_cache.train.schedule import MAIN_NO_ALIGN, AlignSchedule, Phases
 from repa_cache.train.step import Trainer, build_trainer, train_step
@@ -175,6 +176,9 @@ def plan_run(cfg: TrainConfig) -> RunSetup:
     check_precision(cfg.precision)
     reader = open_reader(root, groups=[LATENTS] + [teacher_group(t) for t in teachers])  # refuses uncommitted/damaged
     method.check_cache({t: reader.array_names(teacher_group(t)) for t in teachers})
+    method.bind(CacheContext(teachers, {t: dict(reader.group(teacher_group(t)).meta.model) for t in teachers},
+                             {t: str(reader.group(teacher_group(t)).commit.get("weights_sha256")) for t in teachers},
+                             int(meta.resolution)))
     latents = reader.group(LATENTS)
     lat = latents.meta.model
     dims = tuple(int(reader.group(t).meta.model["dim"]) for t in teachers)

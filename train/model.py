@@ -260,6 +260,17 @@ class Attention(nn.Module):
         out = out.transpose(1, 2).reshape(B, T, D)  # (B, T, D)
         return self.proj(out)
 
+    def forward_with_logits(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """:meth:`forward` written out, also returning the pre-softmax logits ``q k^T / sqrt(K)``
+        (B, N, T, T) of every head (for attention alignment; the softmax is taken in fp32)."""
+        B, T, D = x.shape
+        qkv = self.qkv(x).reshape(B, T, 3, self.num_heads, self.head_dim)  # (B, T, 3, N, K)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, N, T, K)
+        logits = (self.q_norm(q) * self.head_dim**-0.5) @ self.k_norm(k).transpose(-2, -1)  # (B, N, T, T)
+        out = logits.float().softmax(dim=-1).to(v.dtype) @ v  # (B, N, T, K)
+        out = out.transpose(1, 2).reshape(B, T, D)  # (B, T, D)
+        return self.proj(out), logits
+
 
 class MLP(nn.Module):
     """Two linears with a tanh-approximated GELU, as in DiT."""
@@ -290,6 +301,14 @@ class SiTBlock(nn.Module):
         x = x + gate_a.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_a, scale_a))
         x = x + gate_m.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_m, scale_m))
         return x
+
+    def forward_with_logits(self, x: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
+        """:meth:`forward` plus the attention logits (B, N, T, T) (:meth:`Attention.forward_with_logits`)."""
+        shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = self.adaLN_modulation(c).chunk(6, dim=1)
+        a, logits = self.attn.forward_with_logits(modulate(self.norm1(x), shift_a, scale_a))
+        x = x + gate_a.unsqueeze(1) * a
+        x = x + gate_m.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_m, scale_m))
+        return x, logits
 
 
 class FinalLayer(nn.Module):

@@ -50,7 +50,7 @@ def _neg_cos(z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 def test_the_registry_names_every_method_and_the_cli_list_matches():
-    assert tuple(METHODS) == METHOD_NAMES == ("repa", "irepa", "reg", "urepa")
+    assert tuple(METHODS) == METHOD_NAMES == ("repa", "irepa", "reg", "urepa", "gmem", "haste")
     assert make_method("irepa").proj_coeff == 1.0 and make_method("reg").proj_coeff == 0.5
     m = method_from_card({"name": "reg", "options": {"proj_coeff": 0.25, "cls_coeff": 0.1}})
     assert m.card() == {"name": "reg", "options": {"proj_coeff": 0.25, "cls_coeff": 0.1}}
@@ -59,7 +59,7 @@ def test_the_registry_names_every_method_and_the_cli_list_matches():
 
 
 @pytest.mark.parametrize("name, options, message", [
-    ("dino", {}, "unknown method 'dino'; known methods: repa, irepa, reg, urepa"),
+    ("dino", {}, "unknown method 'dino'; known methods: repa, irepa, reg, urepa, gmem, haste"),
     ("reg", {"alpha": "1"}, "method 'reg' has no option alpha; its options: cls_coeff, proj_coeff"),
     ("irepa", {"kernel_size": "2"}, "irepa kernel_size must be a positive odd number, got 2"),
     ("irepa", {"kernel_size": "x"}, "method 'irepa': option kernel_size takes a int, got 'x'"),

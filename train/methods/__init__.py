@@ -11,12 +11,14 @@ from typing import Any
 
 from repa_cache.cache.errors import UsageError
 from repa_cache.train.methods.base import Losses, Method, StepBatch
+from repa_cache.train.methods.gmem import Gmem
+from repa_cache.train.methods.haste import Haste
 from repa_cache.train.methods.irepa import IRepa
 from repa_cache.train.methods.reg import Reg
 from repa_cache.train.methods.repa import Repa
 from repa_cache.train.methods.urepa import URepa
 
-METHODS: dict[str, type[Method]] = {m.name: m for m in (Repa, IRepa, Reg, URepa)}
+METHODS: dict[str, type[Method]] = {m.name: m for m in (Repa, IRepa, Reg, URepa, Gmem, Haste)}
 
 __all__ = ["METHODS", "Losses", "Method", "StepBatch", "make_method", "method_from_card"]
 

@@ -50,16 +50,38 @@ class StepBatch:
         y: class labels (B,).
         patch: one (B, T, Z) patch-token tensor per teacher; empty when the step reads none.
         cls: one (B, Z) CLS token per teacher; empty unless the method reads CLS tokens.
+        hidden: one (B, P + T, Z) tensor of hidden tokens per teacher (``--teacher-layers``: what
+            enters the teacher's first aligned block); empty unless the method reads them.
     """
 
     x: Tensor
     y: Tensor
     patch: list[Tensor] = dataclasses.field(default_factory=list)
     cls: list[Tensor] = dataclasses.field(default_factory=list)
+    hidden: list[Tensor] = dataclasses.field(default_factory=list)
 
     def slice(self, rows: slice) -> StepBatch:
         """Rows ``rows`` of every tensor (a gradient-accumulation micro-batch)."""
-        return StepBatch(self.x[rows], self.y[rows], [p[rows] for p in self.patch], [c[rows] for c in self.cls])
+        return StepBatch(self.x[rows], self.y[rows], [p[rows] for p in self.patch], [c[rows] for c in self.cls],
+                         [h[rows] for h in self.hidden])
+
+
+@dataclass(frozen=True)
+class CacheContext:
+    """What a method may read about the cache of a run besides the batches (:meth:`Method.bind`).
+
+    Attributes:
+        teachers: the run's teachers, in order.
+        models: each teacher group's model record (the cache metadata: timm id, geometry, and
+            ``hidden`` for a group with ``--teacher-layers``).
+        weights: the sha256 of the weights that wrote each teacher's group.
+        resolution: the cache's crop size in pixels.
+    """
+
+    teachers: tuple[str, ...]
+    models: dict[str, dict[str, Any]]
+    weights: dict[str, str]
+    resolution: int
 
 
 @dataclass
@@ -136,6 +158,10 @@ class Method:
                 raise UsageError(f"--method {self.name} reads the {' and '.join(missing)} tokens of teacher "
                                  f"'{teacher}', which the cache does not hold")
 
+    def bind(self, cache: CacheContext) -> None:
+        """Read what the method needs from the run's cache (after :meth:`check_cache`, before the
+        student is built); most methods need nothing. Raises UsageError for a cache it cannot use."""
+
     # ---------------------------------------------------------------- the student
 
     def build_student(self, config: SiTConfig) -> SiT:
@@ -209,3 +235,19 @@ class Method:
         and any named parts of it to log. REPA's: the mean negative cosine per token."""
         repa, cos = repa_loss(zs, targets)
         return repa, cos, {}
+
+    # ---------------------------------------------------------------- conditioning and sampling
+
+    def condition(self, batch: StepBatch) -> Tensor:
+        """What the student is conditioned on, before any dropout: the class labels (B,) (GMem: a
+        (B, Z) vector). The model's third argument takes it (``model(x, t, condition)``)."""
+        return batch.y
+
+    def null_condition(self, y: Tensor, null_class: int) -> Tensor:
+        """The unconditional input of classifier-free guidance for conditions ``y``: the null class."""
+        return torch.full_like(y, null_class)
+
+    def samples_from_bank(self) -> bool:
+        """Whether sampling conditions each sample on a memory-bank entry (``repa sample --bank``)
+        instead of a class label."""
+        return False
