@@ -201,6 +201,10 @@ def test_bank_export_round_trip_and_the_cli(tiny_cache, tmp_path, run_cli):
     assert np.array_equal(np.load(tmp_path / "cli.npy"), arr)
     code, out, err = run_cli(["gmem-bank", str(tiny_cache), str(tmp_path / "x.npy"), "--teacher", "dino"])
     assert code == 2 and len(err.strip().splitlines()) == 1 and "dino" in err
+    mine = tmp_path / "mine.npy"
+    mine.write_bytes(b"a file of the user's")
+    code, out, err = run_cli(["gmem-bank", str(tiny_cache), str(mine), "--teacher", "tiny"])
+    assert code == 2 and f"{mine} already exists" in err and mine.read_bytes() == b"a file of the user's"
     with pytest.raises(UsageError) as e:
         open_bank(tiny_cache, "tiny", dim + 1)
     assert str(e.value) == f"--bank {tiny_cache} holds {dim}-dimensional tokens, the model is conditioned on {dim + 1}"

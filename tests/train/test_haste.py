@@ -209,3 +209,24 @@ def test_haste_trains_resumes_exactly_and_samples(hidden_cache, tmp_path):
     assert a.card.method["name"] == "haste" and "attn" in full.last_metrics
     res = sample(tmp_path / "a", tmp_path / "s", SampleConfig(num=2, steps=2, sampler="ode", device="cpu", grid=0, quiet=True))
     assert res.written == 2
+
+
+def test_an_int8_cache_feeds_the_teacher_tail_within_the_codec_error(hidden_cache, tmp_path):
+    from repa_cache.cache.copy import copy_cache
+    from repa_cache.cache.format import LatentNorm
+    from repa_cache.train.data import CacheBatches, DataConfig, to_device
+
+    copy_cache(hidden_cache, tmp_path / "q", feature_codec="int8", quiet=True)
+    batches = {}
+    for name, root in (("f32", hidden_cache), ("int8", tmp_path / "q")):
+        ds = CacheBatches(DataConfig(str(root), ("tiny",), 8, teacher_fields=((0, ("patch", "hidden")),), num_workers=0))
+        norm = LatentNorm.of_latents(CacheReader(root).group("latents").meta.model)
+        torch.manual_seed(0)
+        batches[name] = to_device(ds[0], norm, ("tiny",), torch.device("cpu"), ds.codecs)
+    exact, quantised = batches["f32"].hidden[0], batches["int8"].hidden[0]
+    assert exact.shape == quantised.shape == (8, 257, 32)
+    assert F.cosine_similarity(exact, quantised, dim=-1).min() > 0.9999  # per token, as the codec promises
+    tail = TeacherTail(load_teacher(get_teacher("tiny"), 256), 2, 2)
+    (a,), (b,) = tail(exact), tail(quantised)
+    p, q = a.softmax(-1), b.softmax(-1)
+    assert (p - q).abs().sum(-1).max() < 1e-3  # L1 distance of every attention row (measured 1.5e-4)

@@ -21,6 +21,7 @@ rank; guidance's unconditional branch uses the null condition.
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -280,13 +281,17 @@ def export_bank(cache: str | Path, out: str | Path, teacher: str | None = None, 
             have = ", ".join(g[len(TEACHER_PREFIX):] for g in groups) or "none"
             raise UsageError(f"the cache has teachers: {have}; choose with --teacher")
         teacher = groups[0][len(TEACHER_PREFIX):]
-    bank = CacheBank(cache, teacher)
     if out.suffix != ".npy":
         raise UsageError(f"the bank file must end in .npy, got {out}")
+    if out.exists() or out.is_symlink():
+        raise UsageError(f"{out} already exists; remove it or choose another path")
+    bank = CacheBank(cache, teacher)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(bank.size, bank.dim))
+    fd, name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)  # ours alone
+    os.close(fd)
+    tmp = Path(name)
     try:
+        arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(bank.size, bank.dim))
         n = int(bank.valid.size)
         for start in range(0, n, block):
             stop = min(n, start + block)
