@@ -11,7 +11,9 @@ data loading), so the difference is the method alone:
 * ``tail``: the teacher's blocks alone (forward, no gradient), the part HASTE adds outside the student.
 
 Each step is the trainer's own (``train.step.train_step``), timed with a device sync at its end;
-the first ``--warmup`` steps are not timed. Also printed: the hidden tokens' bytes per view in
+the two methods' steps alternate, and the first ``--warmup`` of each are not timed. ``--flops``
+counts the FLOPs of each step (forward and backward) and of the teacher blocks, which do not
+depend on the machine's load. Also printed: the hidden tokens' bytes per view in
 float16 (what the cache stores instead of the attention maps).
 
 Examples::
@@ -31,6 +33,8 @@ from typing import Any
 
 import timm
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
 
 from repa_cache.stages.devices import resolve_device
 from repa_cache.stages.hashing import state_dict_sha256
@@ -55,16 +59,15 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _time(fn: Any, device: torch.device, warmup: int, steps: int) -> list[float]:
-    out = []
-    for i in range(warmup + steps):
-        _sync(device)
-        t0 = time.perf_counter()
-        fn(i)
-        _sync(device)
-        if i >= warmup:
-            out.append(time.perf_counter() - t0)
-    return out
+def step_flops(tr: Any, batch: StepBatch) -> int:
+    """FLOPs of one step's forward and backward (attention through the math backend, so that
+    every matmul is counted on every device; optimizer and EMA not counted)."""
+    draws = tr.method.draw(tr.transport, batch, tr.phase)
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as fc:
+        out = tr.method.losses(tr.model, tr.transport, batch, tr.phases.coeff(0, tr.proj_coeff), tr.phase, draws)
+        out.total.backward()
+    tr.model.zero_grad(set_to_none=True)
+    return int(fc.get_total_flops())
 
 
 def main() -> None:
@@ -78,6 +81,8 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--precision", default="auto")
+    ap.add_argument("--flops-only", action="store_true", help="count FLOPs per image only (no timing), one trainer at a time")
+    ap.add_argument("--flops", action="store_true", help="also count the FLOPs per image of each step and of the teacher blocks")
     args = ap.parse_args()
 
     device = resolve_device(args.device)
@@ -96,30 +101,6 @@ def main() -> None:
     probe = make_method("haste")
     probe.bind(context)
     blocks, heads = probe.student_blocks(mcfg)  # type: ignore[attr-defined]
-    results: dict[str, Any] = {}
-    for name in ("repa", "haste"):
-        method = make_method(name)
-        method.bind(context)
-        if name == "haste":
-            method.attach_teacher(teacher)  # type: ignore[attr-defined]
-        tr = build_trainer(mcfg, device, method=method, precision=args.precision)
-
-        def step(i: int, tr: Any = tr) -> None:
-            torch.manual_seed(i)
-            train_step(tr, batch, i).loss.item()
-
-        times = _time(step, device, args.warmup, args.steps)
-        results[name] = {"step_s": statistics.median(times), "img_per_s": B / statistics.median(times)}
-        if name == "haste":
-            tail = method._tail  # type: ignore[attr-defined]
-            assert tail is not None
-
-            def run_tail(i: int, tail: Any = tail) -> None:
-                tail(batch.hidden[0])
-
-            results["tail"] = {"step_s": statistics.median(_time(run_tail, device, args.warmup, args.steps))}
-        del tr
-    results["haste_over_repa"] = results["haste"]["step_s"] / results["repa"]["step_s"]
     info = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch_threads": torch.get_num_threads(),
@@ -129,6 +110,55 @@ def main() -> None:
         "attention_maps_mib_per_view_float16": (record["hidden"]["last_block"] - record["hidden"]["first_block"] + 1)
         * record["hidden"]["heads"] * (T + record["num_prefix_tokens"]) ** 2 * 2 / 2**20,
     }
+
+    def trainer(name: str) -> Any:
+        method = make_method(name)
+        method.bind(context)
+        if name == "haste":
+            method.attach_teacher(teacher)  # type: ignore[attr-defined]
+        return build_trainer(mcfg, device, method=method, precision=args.precision)
+
+    if args.flops_only:  # one trainer at a time: SiT-XL/2's two trainers do not fit a small machine's memory
+        flops = {}
+        for name in ("repa", "haste"):
+            tr = trainer(name)
+            flops[name] = {"gflop_per_img": step_flops(tr, batch) / B / 1e9}
+            del tr
+        flops["haste_over_repa_flops"] = flops["haste"]["gflop_per_img"] / flops["repa"]["gflop_per_img"]
+        print(json.dumps({"info": info, "results": flops}, indent=1))
+        return
+    trainers = {name: trainer(name) for name in ("repa", "haste")}
+    tail = trainers["haste"].method._tail  # type: ignore[attr-defined]
+    assert tail is not None
+
+    def run(name: str, i: int) -> None:
+        if name == "tail":
+            tail(batch.hidden[0])
+            return
+        torch.manual_seed(i)
+        train_step(trainers[name], batch, i).loss.item()
+
+    # the steps alternate, so that a change of load on a shared machine hits both methods alike
+    times: dict[str, list[float]] = {"repa": [], "haste": [], "tail": []}
+    for i in range(args.warmup + args.steps):
+        for name in times:
+            _sync(device)
+            t0 = time.perf_counter()
+            run(name, i)
+            _sync(device)
+            if i >= args.warmup:
+                times[name].append(time.perf_counter() - t0)
+    results: dict[str, Any] = {name: {"step_s": statistics.median(ts)} for name, ts in times.items()}
+    for name in ("repa", "haste"):
+        results[name]["img_per_s"] = B / results[name]["step_s"]
+    if args.flops:
+        for name, tr in trainers.items():
+            results[name]["gflop_per_img"] = step_flops(tr, batch) / B / 1e9
+        with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as fc:
+            tail(batch.hidden[0])
+        results["tail"]["gflop_per_img"] = fc.get_total_flops() / B / 1e9
+        results["haste_over_repa_flops"] = results["haste"]["gflop_per_img"] / results["repa"]["gflop_per_img"]
+    results["haste_over_repa"] = results["haste"]["step_s"] / results["repa"]["step_s"]
     print(json.dumps({"info": info, "results": results}, indent=1))
 
 
