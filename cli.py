@@ -238,7 +238,9 @@ def train(
         verify=verify,
         quiet=quiet,
     )
-    print(describe_run(cfg, dry_run=dry_run))
+    summary = describe_run(cfg, dry_run=dry_run)
+    if summary:
+        print(summary)
 
 
 @app.command()

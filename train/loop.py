@@ -513,6 +513,8 @@ def describe_run(cfg: TrainConfig, dry_run: bool = False) -> str:
         }
         return json.dumps(resolved, indent=1, default=str)
     res = train(cfg)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return ""  # under torchrun rank 0 speaks for the run
     m = res.last_metrics
     resumed = f" (resumed from step {res.resumed_from})" if res.resumed_from is not None else ""
     terms = ", ".join(f"{k} {v:.4f}" for k, v in _terms(m).items())

@@ -151,6 +151,11 @@ def test_haste_refuses_what_it_cannot_align(hidden_cache, tiny_cache, tmp_path):
     setup = plan_run(_cfg(hidden_cache, tmp_path / "r", teachers=("tiny-reg",), encoder_depth=1))
     with pytest.raises(UsageError, match="2 teacher blocks \\(1-2\\) with student blocks ending at 1"):
         setup.method.build_student(setup.model_config)
+    record = teacher_metadata(get_teacher("tiny"), 256, layers=(2, 2))
+    for bad in ({}, {"first_block": 2, "last_block": 1, "heads": 2, "depth": 2}, {**record["hidden"], "heads": "2"},
+                {**record["hidden"], "last_block": 10**12}):
+        with pytest.raises(UsageError, match="has an unreadable record of its hidden tokens"):
+            make_method("haste").bind(CacheContext(("tiny",), {"tiny": {**record, "hidden": bad}}, {"tiny": ""}, 256))
     method = _bound_method()
     method._cache.weights["tiny"] = "0" * 64  # as if another teacher file wrote the cache
     with pytest.raises(UsageError, match="are not those that wrote the cache"):

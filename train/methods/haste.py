@@ -132,6 +132,15 @@ class Haste(Method):
         super().check_cache(arrays)
 
     def bind(self, cache: CacheContext) -> None:
+        """Keep the cache's record of the teacher's hidden tokens; refuse one that is not a sane
+        block range (the record comes from a file)."""
+        teacher = cache.teachers[0]
+        h = cache.models[teacher].get("hidden")
+        fields = ("first_block", "last_block", "heads", "depth")
+        if not (isinstance(h, dict) and all(type(h.get(k)) is int and 1 <= h[k] <= 1024 for k in fields)
+                and h["first_block"] <= h["last_block"] <= h["depth"]):
+            raise UsageError(f"teacher group '{teacher}' has an unreadable record of its hidden tokens ({h!r:.120}); "
+                             "precompute it again with --teacher-layers")
         self._cache = cache
 
     @property
