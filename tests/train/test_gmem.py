@@ -294,3 +294,9 @@ def test_a_gmem_run_resumes_exactly_and_samples_from_a_bank(tiny_cache, tmp_path
     with np.load(tmp_path / "s" / "samples.npz") as f:
         assert f["arr_0"].shape[0] == 3 and "arr_1" not in f.files  # bank conditions have no class
     assert json.loads((tmp_path / "s" / "sample.json").read_text())["bank"] == str(tiny_cache.resolve())
+    # the alignment metrics condition the student on each sample's own CLS token
+    code, out, err = run_cli(["align", "--ckpt", str(tmp_path / "a"), "--cache", str(tiny_cache), "--num", "12", "--k", "3",
+                              "--device", "cpu"])
+    assert code == 0, err
+    cos = json.loads(out)["teachers"]["tiny"]["cos"]
+    assert math.isfinite(cos) and -1.0 <= cos <= 1.0
