@@ -435,6 +435,8 @@ def cache_copy(
     src: Annotated[str, typer.Argument(help="Committed cache: folder or URL (s3://bucket/prefix).")],
     dst: Annotated[str, typer.Argument(help="Destination folder or URL: new, empty, an interrupted copy, or the same cache.")],
     teacher: Annotated[Optional[list[str]], typer.Option(help="Copy only these teachers (repeatable; latents always). Default: every committed group.")] = None,
+    latents_only: Annotated[bool, typer.Option("--latents-only", help="Copy the latents alone (then precompute teachers into the copy, "
+                                                                     "e.g. again with --teacher-layers).")] = False,
     jobs: Annotated[int, typer.Option(help="Shards copied concurrently.")] = DEFAULT_JOBS,
     feature_codec: Annotated[Optional[str], typer.Option(help="Store the teacher tokens in this codec (float16 or int8): decode and encode again. Default: copy as stored.")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
@@ -442,7 +444,10 @@ def cache_copy(
     """Copy a committed cache, checking every shard against its checksum; running it again finishes an interrupted copy."""
     from repa_cache.cache.copy import copy_cache, describe_copy
 
-    print(describe_copy(copy_cache(src, dst, groups=teacher, jobs=jobs, quiet=quiet, feature_codec=feature_codec)))
+    if latents_only and teacher:
+        raise UsageError("--latents-only copies no teacher; leave out --teacher")
+    groups = [] if latents_only else teacher
+    print(describe_copy(copy_cache(src, dst, groups=groups, jobs=jobs, quiet=quiet, feature_codec=feature_codec)))
 
 
 def main() -> None:

@@ -178,7 +178,8 @@ def _group_mismatch(out: StorePath, old: GroupMeta, new: GroupMeta, diff: list[s
         def blocks(h: Any) -> str:
             return f"hidden tokens for blocks {h['first_block']}-{h['last_block']}" if h else "no hidden tokens"
         return (f"group '{new.group}' of {out} holds {blocks(had)}, and this command asks for {blocks(wants)} "
-                "(--teacher-layers); a group's arrays are fixed once written: precompute into a new cache")
+                "(--teacher-layers); a group's arrays are fixed once written: copy the latents to a new cache "
+                f"(repa cache copy {out} NEW --latents-only) and precompute the teacher there")
     return f"group '{new.group}' of {out} was made with other settings: {'; '.join(diff)}"
 
 

@@ -176,8 +176,25 @@ def test_teacher_layers_are_checked_before_anything_is_written(demo_images, hidd
     again = precompute(tiny_config(demo_images, hidden_cache, teachers=("tiny", "tiny-reg"), feature_dtype="float32"))
     assert set(again.groups.values()) == {"already committed"}
     with pytest.raises(FingerprintMismatch, match="holds hidden tokens for blocks 2-2, and this command asks for "
-                                                  "hidden tokens for blocks 1-2"):
+                                                  "hidden tokens for blocks 1-2.*--latents-only"):
         precompute(tiny_config(demo_images, hidden_cache, teachers=("tiny",), feature_dtype="float32", teacher_layers={"*": "1"}))
+
+
+def test_hidden_tokens_for_a_cache_made_without_them_keep_its_latents(demo_images, tiny_cache, tmp_path, run_cli):
+    with pytest.raises(FingerprintMismatch, match="holds no hidden tokens, and this command asks for hidden tokens for blocks 2-2"):
+        precompute(tiny_config(demo_images, tiny_cache, teacher_layers={"*": "2"}))
+    new = tmp_path / "new"
+    code, out, err = run_cli(["cache", "copy", str(tiny_cache), str(new), "--latents-only", "-q"])
+    assert code == 0, err
+    res = precompute(tiny_config(demo_images, new, teacher_layers={"*": "2"}))
+    assert res.groups == {"latents": "already committed", "teachers/tiny": "written"}
+    old_r, new_r = CacheReader(tiny_cache), CacheReader(new)
+    idx = old_r.valid_indices()
+    a, b = old_r.read(idx, fields=["latents/mean", "teachers/tiny/patch"]), new_r.read(idx, fields=["latents/mean", "teachers/tiny/patch"])
+    assert np.array_equal(a["latents/mean"], b["latents/mean"]) and np.array_equal(a["teachers/tiny/patch"], b["teachers/tiny/patch"])
+    assert new_r.array_names("teachers/tiny") == ["patch", "cls", "hidden"]
+    code, _, err = run_cli(["cache", "copy", str(tiny_cache), str(tmp_path / "x"), "--latents-only", "--teacher", "tiny"])
+    assert code == 2 and "--latents-only copies no teacher" in err
 
 
 def test_after_the_stop_no_hidden_token_is_read_and_no_teacher_block_runs(hidden_cache, tmp_path, monkeypatch):
