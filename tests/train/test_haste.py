@@ -185,7 +185,7 @@ def test_hidden_tokens_for_a_cache_made_without_them_keep_its_latents(demo_image
         precompute(tiny_config(demo_images, tiny_cache, teacher_layers={"*": "2"}))
     new = tmp_path / "new"
     code, out, err = run_cli(["cache", "copy", str(tiny_cache), str(new), "--latents-only", "-q"])
-    assert code == 0, err
+    assert code == 0 and "latents: copied" in out and "teachers/" not in out, err
     res = precompute(tiny_config(demo_images, new, teacher_layers={"*": "2"}))
     assert res.groups == {"latents": "already committed", "teachers/tiny": "written"}
     old_r, new_r = CacheReader(tiny_cache), CacheReader(new)
