@@ -1,6 +1,6 @@
 """How long commands report progress, and the one way sizes are written.
 
-On a terminal, :class:`Progress` is a tqdm bar. Elsewhere (a log file, a batch scheduler capturing
+On a terminal, :class:`Progress` is a tqdm bar (the one place the package uses tqdm). Elsewhere (a log file, a batch scheduler capturing
 stderr) a bar's carriage returns make an unreadable log, so it writes one status line instead, at
 most every ``every_s`` seconds and at each tenth of the work, and a last one when the work is
 done::
@@ -112,6 +112,14 @@ class Progress:
 
     def _write(self, line: str) -> None:
         print(line, file=self.stream, flush=True)
+
+    def write(self, line: str, stream: TextIO | None = None) -> None:
+        """Print a line of the command's own output (default: stdout) without breaking the bar."""
+        out = stream if stream is not None else sys.stdout
+        if self._bar is not None:
+            self._bar.write(line, file=out)
+        else:
+            print(line, file=out, flush=True)
 
     def close(self, finished: bool = True) -> None:
         """End the bar, or write the last status line (only when ``finished`` and there was work)."""

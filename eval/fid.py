@@ -28,7 +28,6 @@ import hashlib
 import logging
 import os
 import re
-import sys
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,9 +36,9 @@ from typing import Any, Protocol, cast
 import numpy as np
 import torch
 from PIL import Image
-from tqdm import tqdm
 
 from repa_cache.cache.errors import UsageError
+from repa_cache.cache.progress import Progress
 from repa_cache.cache.storage import atomic_file
 from repa_cache.eval.config import FidConfig
 from repa_cache.eval.sample import IMAGES_DIR, iter_npz_batches, npz_array_info
@@ -302,8 +301,7 @@ def extract(source: str | Path, extractor: FeatureExtractor, batch_size: int = 5
     all_logits: list[np.ndarray] = []
     n_kept = 0
     total = count_images(source)
-    bar = tqdm(total=total, unit="img", desc=f"features {extractor.name}",
-               disable=quiet or not sys.stderr.isatty())
+    bar = Progress(total, f"features {extractor.name}", "img", quiet=quiet)
     for batch in iter_images(source, batch_size):
         images = torch.from_numpy(np.ascontiguousarray(batch)).permute(0, 3, 1, 2)  # (B, 3, H, W)
         with torch.no_grad():

@@ -29,10 +29,10 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from tqdm import tqdm
 
 from repa_cache.cache.errors import CacheError, RepaError, UsageError
 from repa_cache.cache.format import LATENTS, TEACHER_PREFIX, LatentNorm, sha256_json, teacher_group
+from repa_cache.cache.progress import Progress
 from repa_cache.cache.wds import open_meta_any, open_reader
 from repa_cache.stages.devices import check_precision, resolve_device, use_bf16
 from repa_cache.train.alignment import alignment_metrics
@@ -330,7 +330,7 @@ def train(cfg: TrainConfig) -> TrainResult:
 
         grid = TrainingGrid(setup.card, setup.method, setup.model_config, cfg.seed, device,
                             "bf16" if use_bf16(cfg.precision, device) else "fp32")
-    bar = tqdm(total=cfg.max_steps, initial=start, unit="step", disable=cfg.quiet or not di.is_main or not sys.stderr.isatty())
+    bar = Progress(cfg.max_steps, "train", "step", quiet=cfg.quiet or not di.is_main, initial=start)
 
     step = start
     last: dict[str, float] = {}
@@ -393,7 +393,7 @@ def train(cfg: TrainConfig) -> TrainResult:
                 dist.barrier()
         t_wait0 = time.perf_counter()
     non_finite.check(di, run)
-    bar.close()
+    bar.close(finished=step > start)
     if trackers is not None:
         trackers.close()
     return TrainResult(run, step, last, resumed)

@@ -94,6 +94,28 @@ def test_terminal_gets_a_bar_not_lines():
     assert "verify" in text and "4/4" in text and "elapsed" not in text
 
 
+def test_own_output_goes_to_its_stream_beside_the_bar_or_the_lines():
+    for stream in (_Tty(), io.StringIO()):
+        own = io.StringIO()
+        with Progress(3, "train", "step", stream=stream) as bar:
+            bar.update(2)
+            bar.write("step 2/3 loss 1.0", own)
+        assert own.getvalue() == "step 2/3 loss 1.0\n" and "loss" not in stream.getvalue()
+
+
+def test_training_reports_progress_lines_on_stderr_and_its_status_on_stdout(tiny_cache, tmp_path, capsys):
+    from repa_cache.train.config import TrainConfig
+    from repa_cache.train.loop import train
+
+    train(TrainConfig(cache=str(tiny_cache), out=str(tmp_path / "r"), model="SiT-tiny/2", batch_size=8, max_steps=2,
+                      ckpt_every=2, log_every=1, num_workers=0, device="cpu"))
+    out, err = capsys.readouterr()
+    assert [ln.split(" loss")[0] for ln in out.splitlines()] == ["step 1/2", "step 2/2"]
+    lines = [ln for ln in err.splitlines() if ln.startswith("train: ")]
+    assert re.match(r"train: 1/2 step \(50%\), [\d.]+ step/s, elapsed \d+:\d\d, ETA ", lines[0])
+    assert re.match(r"train: 2/2 step \(100%\), [\d.]+ step/s, elapsed \d+:\d\d$", lines[-1])
+
+
 def test_verify_and_copy_status_lines_and_quiet(tiny_cache, tmp_path, run_cli):
     code, out, err = run_cli(["verify", str(tiny_cache)])
     assert code == 0 and out.startswith("ok: 6 shards")
