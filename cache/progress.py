@@ -1,9 +1,9 @@
 """How long commands report progress, and the one way sizes are written.
 
-On a terminal, :class:`Progress` is a tqdm bar (the one place the package uses tqdm). Elsewhere (a log file, a batch scheduler capturing
-stderr) a bar's carriage returns make an unreadable log, so it writes one status line instead, at
-most every ``every_s`` seconds and at each tenth of the work, and a last one when the work is
-done::
+Every command reports through :class:`Progress` (the one place the package uses tqdm). On a
+terminal it is a tqdm bar. Elsewhere (a log file, a batch scheduler capturing stderr) a bar's
+carriage returns make an unreadable log, so it writes one status line instead, at most every
+``every_s`` seconds and at each tenth of the work, and a last one when the work is done::
 
     precompute: 1200/5000 img (24%), 37.5 img/s, elapsed 0:32, ETA 1:41
 
