@@ -166,7 +166,8 @@ def alignment_metrics(
         raise UsageError(f"{len(teachers)} teachers named for a model with {len(model.projectors)} projectors")
     method = method if method is not None else make_method("repa")
     groups = [LATENTS] + [teacher_group(n) for n in teachers]
-    fields = [f"{LATENTS}/mean"] + [f"{g}/{f}" for g in groups[1:] for f in method.teacher_fields(True)]
+    used = [f for f in method.teacher_fields(True) if f in ("patch", "cls")]  # not HASTE's hidden tokens: no teacher runs here
+    fields = [f"{LATENTS}/mean"] + [f"{g}/{f}" for g in groups[1:] for f in used]
     reader = cache if isinstance(cache, ReaderBase) else open_reader(cache, groups=groups)
     indices = reader.valid_indices()[-num:]
     if len(indices) < num:
