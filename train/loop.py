@@ -191,6 +191,7 @@ def plan_run(cfg: TrainConfig) -> RunSetup:
     if cfg.encoder_depth is not None:
         overrides["encoder_depth"] = cfg.encoder_depth
     mcfg = sit_config(cfg.model, **overrides)
+    method.check_student(mcfg)  # the shape this method can train, before anything is built
     tokens = {t: int(reader.group(t).meta.model["num_tokens"]) for t in teachers}
     for t, n in tokens.items():
         if n != mcfg.num_tokens and not cfg.resample_teacher:

@@ -145,12 +145,12 @@ def test_haste_refuses_what_it_cannot_align(hidden_cache, tiny_cache, tmp_path):
         plan_run(_cfg(tiny_cache, tmp_path / "r"))
     with pytest.raises(UsageError, match="aligns the attention of one teacher"):
         plan_run(_cfg(hidden_cache, tmp_path / "r", teachers=("tiny", "tiny-reg")))
-    setup = plan_run(_cfg(hidden_cache, tmp_path / "r", method_options={"heads": "3"}))
-    with pytest.raises(UsageError, match="aligns 3 heads per block, but the teacher has 2"):
-        setup.method.build_student(setup.model_config)
-    setup = plan_run(_cfg(hidden_cache, tmp_path / "r", teachers=("tiny-reg",), encoder_depth=1))
+    with pytest.raises(UsageError, match="aligns 3 heads per block, but the teacher has 2"):  # when the run is planned
+        plan_run(_cfg(hidden_cache, tmp_path / "r", method_options={"heads": "3"}))
     with pytest.raises(UsageError, match="2 teacher blocks \\(1-2\\) with student blocks ending at 1"):
-        setup.method.build_student(setup.model_config)
+        plan_run(_cfg(hidden_cache, tmp_path / "r", teachers=("tiny-reg",), encoder_depth=1))
+    with pytest.raises(UsageError, match="trains a flat SiT"):
+        plan_run(_cfg(hidden_cache, tmp_path / "r", model="USiT-tiny/2"))
     record = teacher_metadata(get_teacher("tiny"), 256, layers=(2, 2))
     for bad in ({}, {"first_block": 2, "last_block": 1, "heads": 2, "depth": 2}, {**record["hidden"], "heads": "2"},
                 {**record["hidden"], "last_block": 10**12}):

@@ -164,9 +164,14 @@ class Method:
 
     # ---------------------------------------------------------------- the student
 
+    def check_student(self, config: SiTConfig) -> None:
+        """Refuse, in one line, a student shape this method cannot train (checked when the run is
+        planned, before any model is built); :meth:`build_student` does the same checks."""
+
     def build_student(self, config: SiTConfig) -> SiT:
         """The student this method trains, with fresh weights from torch's global RNG: a SiT, or a
         U-shaped one (:class:`~repa_cache.train.usit.USiT`) when the config's layout is ``"u"``."""
+        self.check_student(config)
         return build_student_model(config)
 
     def student_tokens(self, config: SiTConfig) -> int:

@@ -174,10 +174,15 @@ class Haste(Method):
                              f"patch tokens, the student {config.num_tokens}; pick a model with the teacher's grid")
         return tuple(range(first, last + 1)), heads
 
-    def build_student(self, config: SiTConfig) -> SiT:
-        """A :class:`HasteSiT`; without a bound cache (sampling) one with no aligned blocks."""
+    def check_student(self, config: SiTConfig) -> None:
         if config.layout != "flat":
             raise UsageError("--method haste trains a flat SiT (SiT-*), not a U-shaped one")
+        if self._cache is not None:
+            self.student_blocks(config)
+
+    def build_student(self, config: SiTConfig) -> SiT:
+        """A :class:`HasteSiT`; without a bound cache (sampling) one with no aligned blocks."""
+        self.check_student(config)
         if self._cache is None:
             return HasteSiT(config)
         blocks, heads = self.student_blocks(config)

@@ -28,8 +28,7 @@ from torch import Tensor
 from repa_cache.cache.errors import UsageError
 from repa_cache.train.loss import repa_loss
 from repa_cache.train.methods.base import Method, MethodOptions
-from repa_cache.train.model import SiT, SiTConfig
-from repa_cache.train.usit import build_student_model
+from repa_cache.train.model import SiTConfig
 
 
 @dataclass
@@ -69,10 +68,9 @@ class URepa(Method):
     source = "arXiv 2503.18414 (U-REPA: Aligning Diffusion U-Nets to ViTs)"
     Options = URepaOptions
 
-    def build_student(self, config: SiTConfig) -> SiT:
+    def check_student(self, config: SiTConfig) -> None:
         if config.layout != "u":
             raise UsageError("--method urepa needs a U-shaped model (USiT-B/2, USiT-L/2, USiT-XL/2, USiT-tiny/2)")
-        return build_student_model(config)
 
     def alignment(self, zs: Sequence[Tensor], targets: Sequence[Tensor]) -> tuple[Tensor, list[Tensor], dict[str, Tensor]]:
         """REPA's cosine loss plus ``manifold_weight`` times the manifold loss (mean over teachers);
