@@ -324,3 +324,20 @@ def describe_storage_error(e: BaseException) -> str:
 
 
 __all__ = ["StorePath", "atomic_file", "describe_storage_error", "is_storage_error", "is_url", "store_path"]
+
+
+def read_npy_header(f: Any) -> tuple[tuple[int, ...], bool, Any]:
+    """``(shape, fortran_order, dtype)`` from the header of a ``.npy`` stream positioned at its
+    start, leaving it at the first data byte; reads no data and runs no pickle.
+
+    Raises:
+        ValueError: not a ``.npy`` header of version 1.0 or 2.0.
+    """
+    import numpy as np
+
+    version = np.lib.format.read_magic(f)
+    if version == (1, 0):
+        return np.lib.format.read_array_header_1_0(f)
+    if version == (2, 0):
+        return np.lib.format.read_array_header_2_0(f)
+    raise ValueError(f"unsupported .npy format version {version}")

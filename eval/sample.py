@@ -41,7 +41,7 @@ from torch import Tensor
 from repa_cache.cache.errors import RepaError, UsageError
 from repa_cache.cache.format import LatentNorm, teacher_group
 from repa_cache.cache.progress import Progress
-from repa_cache.cache.storage import atomic_file
+from repa_cache.cache.storage import atomic_file, read_npy_header
 from repa_cache.eval.config import SampleConfig
 from repa_cache.eval.samplers import SamplerConfig, bank_choices, sample_joint, sample_labels
 from repa_cache.stages.devices import check_precision, resolve_device
@@ -241,23 +241,14 @@ def make_grid(images: np.ndarray, pad: int = 2) -> np.ndarray:
 def npz_array_info(path: Path, key: str = "arr_0") -> tuple[tuple[int, ...], np.dtype]:
     """Shape and dtype of one array of an npz, read from its header only."""
     with zipfile.ZipFile(path) as zf, zf.open(f"{key}.npy") as f:
-        shape, _, dtype = _npy_header(f)
+        shape, _, dtype = read_npy_header(f)
     return shape, dtype
-
-
-def _npy_header(f: Any) -> tuple[tuple[int, ...], bool, np.dtype]:
-    version = np.lib.format.read_magic(f)
-    if version == (1, 0):
-        return np.lib.format.read_array_header_1_0(f)
-    if version == (2, 0):
-        return np.lib.format.read_array_header_2_0(f)
-    raise ValueError(f"unsupported .npy format version {version}")
 
 
 def iter_npz_batches(path: Path, batch_size: int, key: str = "arr_0") -> Iterator[np.ndarray]:
     """Rows of one npz array in batches, streamed from the zip member (never all in memory)."""
     with zipfile.ZipFile(path) as zf, zf.open(f"{key}.npy") as f:
-        shape, fortran, dtype = _npy_header(f)
+        shape, fortran, dtype = read_npy_header(f)
         if fortran or dtype.hasobject:
             data = np.load(path)[key]
             for start in range(0, len(data), batch_size):

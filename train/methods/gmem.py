@@ -25,7 +25,6 @@ import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -35,6 +34,7 @@ from torch import Tensor, nn
 from repa_cache.cache.codec import dequantize, scale_name
 from repa_cache.cache.errors import RepaError, UsageError
 from repa_cache.cache.format import TEACHER_PREFIX, teacher_group
+from repa_cache.cache.storage import read_npy_header
 from repa_cache.train.methods.base import Method, MethodOptions, StepBatch
 from repa_cache.train.model import SiT, SiTConfig
 from repa_cache.train.schedule import WARMUP
@@ -202,15 +202,6 @@ class CacheBank(MemoryBank):
         return normalize_cls(cls.reshape(-1, cls.shape[-1]))  # (n * V, Z), entry k = position * V + view
 
 
-def _npy_header(f: Any) -> tuple[tuple[int, ...], bool, np.dtype]:
-    version = np.lib.format.read_magic(f)
-    if version == (1, 0):
-        return np.lib.format.read_array_header_1_0(f)
-    if version == (2, 0):
-        return np.lib.format.read_array_header_2_0(f)
-    raise ValueError(f"unsupported .npy version {version}")
-
-
 class NpyBank(MemoryBank):
     """A bank file: a float (N, Z) ``.npy`` array, memory-mapped. The header is checked against the
     file's size before any data is read; pickled objects are never loaded."""
@@ -221,7 +212,7 @@ class NpyBank(MemoryBank):
         bad = f"--bank {path} is not a bank (a float32 (N, Z) .npy from repa gmem-bank)"
         try:
             with open(path, "rb") as f:
-                shape, _fortran, dtype = _npy_header(f)
+                shape, _fortran, dtype = read_npy_header(f)
                 offset = f.tell()
             size = path.stat().st_size
         except OSError as e:
