@@ -565,7 +565,7 @@ def hidden_metadata(spec: TeacherSpec, resolution: int, layers: tuple[int, int |
     depth = _check_readable(spec, model)
     first, last = layers[0], layers[1] if layers[1] is not None else depth
     if not 1 <= first <= last <= depth:
-        raise UsageError(f"--teacher-layers {first}-{last} is outside teacher '{spec.name}''s blocks 1..{depth}")
+        raise UsageError(f"--teacher-layers {first}-{last} is outside the blocks 1..{depth} of teacher '{spec.name}'")
     info = cast(Any, model)
     attn = cast(Attention, info.blocks[0].attn)
     return {

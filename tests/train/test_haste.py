@@ -164,7 +164,7 @@ def test_haste_refuses_what_it_cannot_align(hidden_cache, tiny_cache, tmp_path):
 
 def test_teacher_layers_are_checked_before_anything_is_written(demo_images, hidden_cache, tmp_path, run_cli):
     out = tmp_path / "c"
-    for layers, message in (({"*": "x"}, "takes FIRST or FIRST-LAST"), ({"*": "3"}, "3-2 is outside teacher 'tiny''s blocks 1..2"),
+    for layers, message in (({"*": "x"}, "takes FIRST or FIRST-LAST"), ({"*": "3"}, "3-2 is outside the blocks 1..2 of teacher 'tiny'"),
                             ({"*": "2-1"}, "2-1 is outside"), ({"clip-vit-l": "9"}, "names teacher 'clip-vit-l'")):
         with pytest.raises(UsageError, match=message):
             precompute(tiny_config(demo_images, out, teacher_layers=layers))

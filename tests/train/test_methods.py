@@ -62,7 +62,7 @@ def test_the_registry_names_every_method_and_the_cli_list_matches():
     ("dino", {}, "unknown method 'dino'; known methods: repa, irepa, reg, urepa, gmem, haste"),
     ("reg", {"alpha": "1"}, "method 'reg' has no option alpha; its options: cls_coeff, proj_coeff"),
     ("irepa", {"kernel_size": "2"}, "irepa kernel_size must be a positive odd number, got 2"),
-    ("irepa", {"kernel_size": "x"}, "method 'irepa': option kernel_size takes a int, got 'x'"),
+    ("irepa", {"kernel_size": "x"}, "method 'irepa': option kernel_size takes an integer, got 'x'"),
     ("repa", {"proj_coeff": "nan"}, "proj_coeff must be a finite number >= 0, got nan"),
 ])
 def test_bad_method_settings_are_one_line_usage_errors(name, options, message):

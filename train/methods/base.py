@@ -94,6 +94,10 @@ class Losses:
     cos: list[Tensor]
 
 
+#: how an option's type reads in a message
+_WORDS: dict[type, str] = {int: "an integer", float: "a number", str: "a string"}
+
+
 @dataclass
 class MethodOptions:
     """Options every method has; a method's own options subclass this."""
@@ -128,7 +132,7 @@ class Method:
             try:
                 typed[key] = kind(value) if not isinstance(value, kind) else value
             except (TypeError, ValueError):
-                raise UsageError(f"method '{self.name}': option {key} takes a {kind.__name__}, got {value!r}") from None
+                raise UsageError(f"method '{self.name}': option {key} takes {_WORDS.get(kind, kind.__name__)}, got {value!r}") from None
         self.options = self.Options(**typed)
         self.options.validate()
 
