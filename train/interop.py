@@ -39,6 +39,7 @@ from repa_cache.train.checkpoint import (
     save_state_dicts,
     strip_wrapper_prefixes,
 )
+from repa_cache.train.methods import METHODS, method_from_card
 from repa_cache.train.model import SIT_SIZES, SiT, SiTConfig
 
 log = logging.getLogger(__name__)
@@ -391,10 +392,11 @@ def export_repa_checkpoint(ours: str | Path, dst: str | Path) -> Path:
         config = SiTConfig(**ckpt.card.model)
     except (TypeError, ValueError) as e:
         raise UsageError(f"{path} has an unusable model config ({str(e).splitlines()[0]})") from None
-    method = ckpt.card.method.get("name")
-    if method != "repa" or config.layout != "flat":
-        raise UsageError(f"{path} is a {config.layout} model trained with --method {method}; REPA's code runs flat SiTs "
-                         "trained with --method repa only")
+    method = method_from_card(ckpt.card.method)
+    if not method.repa_weights or config.layout != "flat":
+        able = ", ".join(name for name, m in METHODS.items() if m.repa_weights)
+        raise UsageError(f"{path} is a {config.layout} model trained with --method {method.name}; REPA's code runs flat SiTs "
+                         f"trained with --method {able}")
     want, our_order = _expected(config)
     repa_order = _repa_param_order(our_order)
 

@@ -253,6 +253,26 @@ def test_export_of_a_trained_checkpoint_loads_into_repas_module(tmp_path: Path) 
     assert back["steps"] == 5 and back["args"].path_type == "cosine" and back["args"].model is None
 
 
+def test_export_takes_methods_whose_student_is_repas_and_refuses_others(tmp_path: Path) -> None:
+    cfg = SiTConfig(input_size=LATENT, patch_size=PATCH, hidden_size=WIDTH, depth=DEPTH, num_heads=HEADS,
+                    num_classes=CLASSES, encoder_depth=ENC_DEPTH, projector_dim=PROJ_DIM, z_dims=Z_DIMS)
+    torch.manual_seed(3)
+    model = SiT(cfg)
+    for name in ("haste", "reg"):
+        card = ModelCard(model=dataclasses.asdict(cfg), teachers=("t1", "t2"), latent_norm={"scale": [0.18215], "shift": [0.0]},
+                         vae={"id": "tiny"}, class_names=("a", "b", "c", "d"), method={"name": name, "options": {}})
+        save_checkpoint(tmp_path / name, 2, model, model, torch.optim.AdamW(model.parameters()), card)
+    back = _load(export_repa_checkpoint(tmp_path / "haste", tmp_path / "haste.pt"))  # HASTE's student is REPA's SiT
+    repa_model = RepaSiT()
+    repa_model.load_state_dict(back["ema"])
+    assert torch.equal(repa_model.x_embedder.proj.weight, model.x_embedder.weight)
+    with pytest.raises(UsageError) as e:
+        export_repa_checkpoint(tmp_path / "reg", tmp_path / "reg.pt")
+    assert str(e.value).endswith("is a flat model trained with --method reg; REPA's code runs flat SiTs trained with "
+                                 "--method repa, haste")
+    assert not (tmp_path / "reg.pt").exists()
+
+
 def _imported_card_run(tmp_path: Path) -> Path:
     """A one-file run imported from a bare REPA EMA checkpoint (only ``ema``, like a release)."""
     torch.manual_seed(2)

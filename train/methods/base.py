@@ -118,6 +118,8 @@ class Method:
     Options: ClassVar[type[MethodOptions]] = MethodOptions
     #: name of the log term of each extra state component (see :meth:`extras`)
     extra_terms: ClassVar[tuple[str, ...]] = ()
+    #: the student's weights are a REPA SiT's, key for key (``repa export-ckpt`` may write them)
+    repa_weights: ClassVar[bool] = False
 
     def __init__(self, options: dict[str, Any] | None = None) -> None:
         known = {f.name: f for f in dataclasses.fields(self.Options)}

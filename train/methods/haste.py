@@ -110,6 +110,7 @@ class Haste(Method):
                "at encoder_depth), 0.5 REPA + 0.5 attention; stop both with --align-schedule stop:N")
     source = "arXiv 2505.16792; github.com/NUS-HPC-AI-Lab/HASTE (loss.py, train.py, modify_dinov2/layers/attention.py)"
     Options = HasteOptions
+    repa_weights = True  # the attention term adds no parameter
 
     def __init__(self, options: dict[str, Any] | None = None) -> None:
         super().__init__(options)

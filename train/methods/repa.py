@@ -14,3 +14,4 @@ class Repa(Method):
     name = "repa"
     summary = "REPA: MLP projector after block encoder_depth, cosine to the teacher's patch tokens (proj_coeff 0.5)"
     source = "arXiv 2410.06940; github.com/sihyun-yu/REPA (loss.py, models/sit.py)"
+    repa_weights = True
