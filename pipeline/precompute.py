@@ -150,7 +150,8 @@ def _teacher_layers(cfg: PrecomputeConfig, out_path: StorePath, present: list[st
     out: dict[str, tuple[int, int | None] | None] = {}
     for t in cfg.teachers:
         held = group_meta(out_path, teacher_group(t)).model.get("hidden") if teacher_group(t) in present else None
-        out[t] = (int(held["first_block"]), int(held["last_block"])) if held else None
+        first, last = (held.get("first_block"), held.get("last_block")) if isinstance(held, dict) else (None, None)
+        out[t] = (first, last) if isinstance(first, int) and isinstance(last, int) else None
     for name, text in cfg.teacher_layers.items():
         if name == "*":
             out = {t: parse_layers(text) for t in cfg.teachers}
