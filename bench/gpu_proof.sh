@@ -15,7 +15,7 @@
 #
 # Steps, in this order (most important first, so that a run cut short by its budget keeps them):
 #   env, install, cuda_tests, train_b2, train_xl2, encode_fp32, encode_bf16, loader, train_b2_compile,
-#   train_xl2_compile. Each runs under `timeout` with its own budget, cut to what is left of the
+#   train_xl2_compile, haste_xl2. Each runs under `timeout` with its own budget, cut to what is left of the
 #   whole; a step that fails or times out is recorded (exit status, seconds) and the next one runs.
 #   Every run writes gpu_proof.json: device, versions, each step's exit status and time, the CUDA
 #   tests' outcomes, every benchmark's JSON, and a summary of the headline figures against the
@@ -105,7 +105,8 @@ if [ "$MODE" = gpu ]; then
   TEST_OPTS=()
   "$PY" -c "import xdist" 2>/dev/null && TEST_OPTS=(-n 4)
   BUDGETS=(env=40 install=60 cuda_tests=150 train_b2=60 train_xl2=75 encode_fp32=35 encode_bf16=30 loader=40 \
-           train_b2_compile=80 train_xl2_compile=120)
+           train_b2_compile=80 train_xl2_compile=120 haste_xl2=60)
+  HASTE_OPTS=(--device cuda --model "$XL2" --teacher "$TEACHER" --layers 9-12 --batch-size 64 --steps 6 --warmup 2 --flops)
 else
   B2=SiT-tiny/2; XL2=SiT-S/2; TEACHER=tiny
   TS_OPTS=(--device cpu --teacher "$TEACHER" --steps 2 --warmup 1 --num-workers 2)
@@ -115,7 +116,8 @@ else
   TEST_OPTS=()
   export REPA_CUDA_TESTS_ON_CPU=1
   BUDGETS=(env=60 install=60 cuda_tests=1200 train_b2=240 train_xl2=300 encode_fp32=180 encode_bf16=180 loader=120 \
-           train_b2_compile=400 train_xl2_compile=600)
+           train_b2_compile=400 train_xl2_compile=600 haste_xl2=120)
+  HASTE_OPTS=(--device cpu --model SiT-tiny/2 --teacher "$TEACHER" --layers 2 --batch-size 4 --steps 2 --warmup 1 --flops)
 fi
 budget() { local kv; for kv in "${BUDGETS[@]}"; do [ "${kv%%=*}" = "$1" ] && { echo "${kv#*=}"; return; }; done; echo 60; }
 
@@ -224,6 +226,9 @@ step train_b2_compile "$(budget train_b2_compile)" "$PY" bench/train_step.py "${
 step train_xl2_compile "$(budget train_xl2_compile)" "$PY" bench/train_step.py "${TS_OPTS[@]}" --model "$XL2" --batch-size "$BATCH_XL2" \
   --compile "${reuse[@]}" --workdir "$WORK/ts-xl2c" --json "$WORK/train_xl2_compile.json"
 
+# what HASTE's attention alignment adds to a step (teacher blocks 9-12 on cached hidden tokens)
+step haste_xl2 "$(budget haste_xl2)" --stdout "$WORK/haste_xl2.json" "$PY" bench/haste_cost.py "${HASTE_OPTS[@]}"
+
 # ------------------------------------------------------------------------------------------------
 # one JSON with everything, one log, and the headline figures on stdout
 for f in "$WORK"/logs/*.log; do
@@ -279,6 +284,7 @@ env = load("env.json") or {}
 train = {name: load(f"{name}.json") for name in ("train_b2", "train_xl2", "train_b2_compile", "train_xl2_compile")}
 encode = {p: load(f"encode_{p}.json") for p in ("fp32", "bf16")}
 loader = load("loader.json")
+haste = load("haste_xl2.json")
 
 
 def train_summary(res):
@@ -309,6 +315,12 @@ if loader and "results" in loader:
     rows = [r for r in loader["results"] if "samples_per_s" in r]
     summary["loader"] = [{"workers": r["workers"], "block": r["block"], "state": r["state"], "samples_per_s": round(r["samples_per_s"], 1),
                           "samples_per_s_per_worker": round(r["samples_per_s"] / max(1, r["workers"]), 1)} for r in rows]
+
+if haste and "results" in haste:
+    r = haste["results"]
+    summary["haste_xl2"] = {"repa_img_per_s": round(r["repa"]["img_per_s"], 2), "haste_img_per_s": round(r["haste"]["img_per_s"], 2),
+                            "haste_over_repa_time": round(r["haste_over_repa"], 3),
+                            "haste_over_repa_flops": round(r.get("haste_over_repa_flops", float("nan")), 3)}
 
 
 def check(value, target):
@@ -347,6 +359,7 @@ doc = {
     "train_step": train,
     "encode": encode,
     "loader": loader,
+    "haste": haste,
 }
 out.write_text(json.dumps(doc, indent=1, default=str))
 print(f"\n{mode} on {doc['device']}: {doc['wall_s']}s (budget {budget}s)")
