@@ -72,6 +72,23 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def count_step_flops(tr: Any, batch: Any) -> int:
+    """FLOPs of forward + backward of one training step ``tr`` (a ``train.step.Trainer``) on ``batch`` (eager model, attention through the math
+    backend so that its matmuls are counted on every device; optimizer/EMA not counted)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from repa_cache.stages.devices import autocast
+
+    draws = tr.method.draw(tr.transport, batch, tr.phase)
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as fc:
+        with autocast(tr.device, tr.precision):
+            out = tr.method.losses(tr.model, tr.transport, batch, tr.phases.coeff(0, tr.proj_coeff), tr.phase, draws)
+        out.total.backward()
+    tr.model.zero_grad(set_to_none=True)
+    return int(fc.get_total_flops())
+
+
 def reset_peak_memory(device: torch.device) -> None:
     """Start a new peak-memory window: CUDA allocator peak, or the process's peak RSS on Linux."""
     if device.type == "cuda":

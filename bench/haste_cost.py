@@ -31,43 +31,18 @@ import statistics
 import time
 from typing import Any
 
-import timm
 import torch
+from common import count_step_flops, sync  # type: ignore[import-not-found]  # run as python bench/haste_cost.py
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from repa_cache.stages.devices import resolve_device
 from repa_cache.stages.hashing import state_dict_sha256
-from repa_cache.stages.teachers import get_teacher, load_teacher, parse_layers, teacher_input_size, teacher_metadata
+from repa_cache.stages.teachers import get_teacher, load_teacher, parse_layers, teacher_metadata
 from repa_cache.train.methods import StepBatch, make_method
 from repa_cache.train.methods.base import CacheContext
 from repa_cache.train.model import sit_config
 from repa_cache.train.step import build_trainer, train_step
-
-
-def _teacher(name: str, resolution: int, device: torch.device) -> torch.nn.Module:
-    """The teacher with random weights: the tiny one from its seed, a real one from its timm config."""
-    spec = get_teacher(name)
-    if spec.tiny:
-        return load_teacher(spec, resolution, device=device)
-    model = timm.create_model(spec.timm_id, pretrained=False, num_classes=0, img_size=teacher_input_size(spec, resolution))
-    return model.to(device).eval().requires_grad_(False)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def step_flops(tr: Any, batch: StepBatch) -> int:
-    """FLOPs of one step's forward and backward (attention through the math backend, so that
-    every matmul is counted on every device; optimizer and EMA not counted)."""
-    draws = tr.method.draw(tr.transport, batch, tr.phase)
-    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as fc:
-        out = tr.method.losses(tr.model, tr.transport, batch, tr.phases.coeff(0, tr.proj_coeff), tr.phase, draws)
-        out.total.backward()
-    tr.model.zero_grad(set_to_none=True)
-    return int(fc.get_total_flops())
 
 
 def main() -> None:
@@ -88,7 +63,7 @@ def main() -> None:
     device = resolve_device(args.device)
     spec = get_teacher(args.teacher)
     record = teacher_metadata(spec, args.resolution, layers=parse_layers(args.layers))
-    teacher = _teacher(args.teacher, args.resolution, device)
+    teacher = load_teacher(spec, args.resolution, device=device, pretrained=False)  # random weights, real shapes
     context = CacheContext((args.teacher,), {args.teacher: record}, {args.teacher: state_dict_sha256(teacher)}, args.resolution)
     mcfg = sit_config(args.model, z_dims=(record["dim"],), num_classes=1000, input_size=args.resolution // 8)
     B, T, P = args.batch_size, record["num_tokens"], record["hidden"]["num_tokens"]
@@ -122,7 +97,7 @@ def main() -> None:
         flops = {}
         for name in ("repa", "haste"):
             tr = trainer(name)
-            flops[name] = {"gflop_per_img": step_flops(tr, batch) / B / 1e9}
+            flops[name] = {"gflop_per_img": count_step_flops(tr, batch) / B / 1e9}
             del tr
         flops["haste_over_repa_flops"] = flops["haste"]["gflop_per_img"] / flops["repa"]["gflop_per_img"]
         print(json.dumps({"info": info, "results": flops}, indent=1))
@@ -142,10 +117,10 @@ def main() -> None:
     times: dict[str, list[float]] = {"repa": [], "haste": [], "tail": []}
     for i in range(args.warmup + args.steps):
         for name in times:
-            _sync(device)
+            sync(device)
             t0 = time.perf_counter()
             run(name, i)
-            _sync(device)
+            sync(device)
             if i >= args.warmup:
                 times[name].append(time.perf_counter() - t0)
     results: dict[str, Any] = {name: {"step_s": statistics.median(ts)} for name, ts in times.items()}
@@ -153,7 +128,7 @@ def main() -> None:
         results[name]["img_per_s"] = B / results[name]["step_s"]
     if args.flops:
         for name, tr in trainers.items():
-            results[name]["gflop_per_img"] = step_flops(tr, batch) / B / 1e9
+            results[name]["gflop_per_img"] = count_step_flops(tr, batch) / B / 1e9
         with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as fc:
             tail(batch.hidden[0])
         results["tail"]["gflop_per_img"] = fc.get_total_flops() / B / 1e9

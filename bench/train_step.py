@@ -51,6 +51,7 @@ import numpy as np
 import torch
 from common import (  # type: ignore[import-not-found]  # run as python bench/train_step.py
     cache_teachers,
+    count_step_flops,
     env_info,
     image_keys,
     make_crops,
@@ -128,18 +129,6 @@ def source_files(keys: list[str], images: Path, crops: Path | None) -> list[str]
 
 # --------------------------------------------------------------------------------------------
 # the step (mirrors train/loop.py)
-
-
-def count_step_flops(tr: Trainer, batch: StepBatch) -> int:
-    """FLOPs of forward + backward of one training step (eager model, attention through the math
-    backend so that its matmuls are counted on every device; optimizer/EMA not counted)."""
-    draws = tr.method.draw(tr.transport, batch, tr.phase)
-    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as fc:
-        with autocast(tr.device, tr.precision):
-            out = tr.method.losses(tr.model, tr.transport, batch, tr.phases.coeff(0, tr.proj_coeff), tr.phase, draws)
-        out.total.backward()
-    tr.model.zero_grad(set_to_none=True)
-    return int(fc.get_total_flops())
 
 
 def synthetic_batch(setup: Any, B: int, device: torch.device, seed: int = 1) -> StepBatch:
