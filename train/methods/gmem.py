@@ -185,20 +185,20 @@ class CacheBank(MemoryBank):
         """The teacher's weights hash recorded by the cache."""
         return self.reader.group(self.group).commit.get("weights_sha256")
 
+    def _cls(self, data: dict[str, np.ndarray]) -> Tensor:
+        """The CLS tokens of a raw read (as stored), dequantised to float32 as the trainer does."""
+        q = torch.from_numpy(data[f"{self.group}/cls"])  # (..., Z) as stored
+        scale = data.get(f"{self.group}/{scale_name('cls')}")
+        return dequantize(q, torch.from_numpy(scale) if scale is not None else q, self.codec)
+
     def _rows(self, ks: np.ndarray) -> np.ndarray:
         idx, view = self.valid[ks // self.views], ks % self.views
         data = self.reader.read_views(idx, view, fields=[f"{self.group}/cls"], raw=True)
-        q = torch.from_numpy(data[f"{self.group}/cls"])  # (n, Z) as stored
-        scale = data.get(f"{self.group}/{scale_name('cls')}")
-        cls = dequantize(q, torch.from_numpy(scale) if scale is not None else q, self.codec)  # (n, Z) float32, as training
-        return cls.numpy()
+        return self._cls(data).numpy()  # (n, Z)
 
     def block(self, start: int, stop: int) -> Tensor:
         """Normalised entries of valid samples ``[start, stop)`` (positions in the valid order), all views."""
-        data = self.reader.read(self.valid[start:stop], fields=[f"{self.group}/cls"], raw=True)
-        q = torch.from_numpy(data[f"{self.group}/cls"])  # (n, V, Z)
-        scale = data.get(f"{self.group}/{scale_name('cls')}")
-        cls = dequantize(q, torch.from_numpy(scale) if scale is not None else q, self.codec)
+        cls = self._cls(self.reader.read(self.valid[start:stop], fields=[f"{self.group}/cls"], raw=True))  # (n, V, Z)
         return normalize_cls(cls.reshape(-1, cls.shape[-1]))  # (n * V, Z), entry k = position * V + view
 
 
