@@ -33,16 +33,15 @@ from repa_cache.cache.format import (
     PLAN_FILE,
     TEACHER_PREFIX,
     GroupMeta,
-    ShardRecord,
     commit_path,
     fingerprint_diff,
     record_path,
     with_feature_codec,
 )
-from repa_cache.cache.layout import load_records, open_zarr, shard_key, zarr_array
+from repa_cache.cache.layout import open_zarr, read_record, record_shards, shard_key, zarr_array
 from repa_cache.cache.lock import LOCK_FILE, is_our_lock, writer_lock
 from repa_cache.cache.progress import Progress, format_bytes
-from repa_cache.cache.reader import CacheReader, ReaderBase, commit_record, group_meta, list_groups, open_meta
+from repa_cache.cache.reader import CacheReader, ReaderBase, commit_record, group_meta, list_groups, open_meta, parse_record
 from repa_cache.cache.storage import StorePath, store_path
 
 DEFAULT_JOBS = 8
@@ -199,13 +198,17 @@ def _copy_group(src: StorePath, dst: StorePath, meta: Any, group: str, jobs: int
 
     arrays = open_zarr(src / group)
     keys = {spec.name: [shard_key(zarr_array(arrays, spec.name), s) for s in range(meta.num_shards)] for spec in gmeta.arrays}
-    src_records = load_records(src, meta, group)
-    dst_records = load_records(dst, meta, group)
-    todo = [s for s in range(meta.num_shards) if dst_records.get(s) != src_records[s]]
-    result.shards_skipped += meta.num_shards - len(todo)
+    have = record_shards(dst, meta, group)
 
-    def copy_shard(shard: int) -> int:
-        rec: ShardRecord = src_records[shard]
+    def copy_shard(shard: int) -> int | None:
+        """Copy one shard's objects, then its record; None when the destination has it already."""
+        raw_rec = record_path(src, group, shard).read_bytes()
+        rec = parse_record(group, shard, raw_rec)
+        if rec is None:
+            raise CacheError(f"group '{group}' of {src}: shard {shard} has an unreadable record; it was not copied "
+                             "(run `repa verify` on the source)")
+        if shard in have and parse_record(group, shard, record_path(dst, group, shard).read_bytes()) == rec:
+            return None
         nbytes = 0
         for name, shard_keys in keys.items():
             target = dst / group / shard_keys[shard]
@@ -218,13 +221,16 @@ def _copy_group(src: StorePath, dst: StorePath, meta: Any, group: str, jobs: int
                                  "it was not copied (run `repa verify` on the source)")
             target.write_bytes(raw)
             nbytes += len(raw)
-        record_path(dst, group, shard).write_json(rec.to_json())  # after its data, as the writer does
+        record_path(dst, group, shard).write_bytes(raw_rec)  # after its data, as the writer does; byte for byte
         return nbytes
 
-    with Progress(len(todo), f"copy {group}", "shards", quiet=quiet) as bar, ThreadPoolExecutor(max_workers=jobs) as pool:
-        for nbytes in pool.map(copy_shard, todo):
-            result.bytes_copied += nbytes
-            result.shards_copied += 1
+    with Progress(meta.num_shards, f"copy {group}", "shards", quiet=quiet) as bar, ThreadPoolExecutor(max_workers=jobs) as pool:
+        for nbytes in pool.map(copy_shard, range(meta.num_shards)):
+            if nbytes is None:
+                result.shards_skipped += 1
+            else:
+                result.bytes_copied += nbytes
+                result.shards_copied += 1
             bar.update(1)
 
 
@@ -251,19 +257,15 @@ def _transcode_group(src: StorePath, dst: StorePath, meta: Any, target: GroupMet
     create_group(dst, meta, target)
     reader = CacheReader(src, groups=[group], verify_checksums=True)
     floats = [a for a in target.arrays if a.name not in {scale_name(n) for n in (target.feature_codec or {}).get("arrays", [])}]
-    src_records = load_records(src, meta, group)
-    dst_records = load_records(dst, meta, group)
+    have = record_shards(dst, meta, group)
 
-    def done(shard: int) -> bool:
-        rec, have = src_records[shard], dst_records.get(shard)
-        return have is not None and (have.fingerprint_hash, have.weights_sha256, have.outcomes) == (
-            target.fingerprint_hash, rec.weights_sha256, rec.outcomes)
-
-    todo = [s for s in range(meta.num_shards) if not done(s)]
-    result.shards_skipped += meta.num_shards - len(todo)
-
-    def transcode_shard(shard: int) -> int:
-        rec = src_records[shard]
+    def transcode_shard(shard: int) -> int | None:
+        """Write one shard in the target codec; None when the destination has it already."""
+        rec = read_record(src, group, shard)
+        if shard in have:
+            done = read_record(dst, group, shard)
+            if (done.fingerprint_hash, done.weights_sha256, done.outcomes) == (target.fingerprint_hash, rec.weights_sha256, rec.outcomes):
+                return None
         start, stop = meta.shard_range(shard)
         got = reader.read_block(start, stop, fields=[f"{group}/{a.name}" for a in floats])  # decoded, float32 or float16
         rows = got["index"] - start
@@ -274,10 +276,13 @@ def _transcode_group(src: StorePath, dst: StorePath, meta: Any, target: GroupMet
         written = write_shard(dst, meta, target, shard, data, rec.outcomes, rec.weights_sha256, rec.input_sha256)
         return sum(written.stored_bytes.values())
 
-    with Progress(len(todo), f"transcode {group}", "shards", quiet=quiet) as bar, ThreadPoolExecutor(max_workers=jobs) as pool:
-        for nbytes in pool.map(transcode_shard, todo):
-            result.bytes_copied += nbytes
-            result.shards_copied += 1
+    with Progress(meta.num_shards, f"transcode {group}", "shards", quiet=quiet) as bar, ThreadPoolExecutor(max_workers=jobs) as pool:
+        for nbytes in pool.map(transcode_shard, range(meta.num_shards)):
+            if nbytes is None:
+                result.shards_skipped += 1
+            else:
+                result.bytes_copied += nbytes
+                result.shards_copied += 1
             bar.update(1)
 
 

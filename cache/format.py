@@ -32,7 +32,11 @@ import numpy as np
 from repa_cache.cache.codec import FEATURE_CODECS, FLOAT16, INT8, codec_problem, int8_spec, scale_name, scale_shape
 from repa_cache.cache.storage import StorePath, store_path
 
-FORMAT_VERSION = 1
+#: The format this code writes. v2: every inner chunk and shard index carries a crc32c, and shard
+#: records bind each shard object's chunk checksums (cache.chunks); a cache that holds any group
+#: written by v2 code (an int8 one included) says v2, so that readers of v1 refuse it. Readers read
+#: v1 and v2; a v1 group is checked with its whole-shard sha256 checksums.
+FORMAT_VERSION = 2
 CODE_VERSION = "0.1.0"
 
 ROOT_ATTR = "repa_cache"
@@ -334,6 +338,9 @@ class ShardRecord:
 
     ``outcomes`` lists, for each sample of the shard in cache order, ``[status, reason, width,
     height]``; ``checksums`` maps array name to the sha256 of the stored zarr shard object.
+    ``chunks`` (arrays written by format v2) maps array name to its :class:`cache.chunks.ChunkTable`
+    as JSON: the crc32c of the shard object's index and of each inner chunk, which readers compare
+    with what they fetch (absent for an array whose shard has no object, and in v1 records).
     ``codec_check`` (quantised groups only) summarises the cosine of every stored token to the
     floats it was encoded from. ``input_sha256`` lists, in the same order, the sha256 of each input's encoded bytes as read for
     this shard (empty in records written before it existed): a task that encodes the shard for
@@ -352,11 +359,13 @@ class ShardRecord:
     outcomes: list[list[Any]] = field(default_factory=list)
     input_sha256: list[str] = field(default_factory=list)
     codec_check: dict[str, Any] = field(default_factory=dict)  # quantised groups: cache.codec.cosine_check
+    chunks: dict[str, dict[str, str]] = field(default_factory=dict)  # format v2: array -> ChunkTable.to_json()
 
     def to_json(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
-        if not self.codec_check:  # records of float groups stay as they always were
-            del d["codec_check"]
+        for optional in ("codec_check", "chunks"):  # absent where unused, as in records written before them
+            if not d[optional]:
+                del d[optional]
         return d
 
     @classmethod
@@ -372,10 +381,16 @@ def commit_path(root: StorePath, group: str) -> StorePath:
     return root / COMMITS_DIR / f"{group}.json"
 
 
+#: Fingerprint fields that say which code wrote a cache rather than how its data was made: a v1
+#: cache takes new groups and resumes under v2 code (each group is read the way it was written).
+NOT_SETTINGS = frozenset({"format_version"})
+
+
 def fingerprint_diff(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
-    """Human-readable list of the fields that differ between two fingerprint dicts."""
+    """Human-readable list of the settings that differ between two fingerprint dicts (the fields
+    of :data:`NOT_SETTINGS` are not compared, at any depth)."""
     out: list[str] = []
-    for key in sorted(set(old) | set(new)):
+    for key in sorted((set(old) | set(new)) - NOT_SETTINGS):
         a, b = old.get(key, "<absent>"), new.get(key, "<absent>")
         name = f"{prefix}{key}"
         if isinstance(a, dict) and isinstance(b, dict):

@@ -46,6 +46,18 @@ def read_shard_bytes(array: zarr.Array, shard: int) -> bytes | None:
     return None if buf is None else buf.to_bytes()
 
 
+def record_shards(root: StorePath | Path, meta: CacheMeta, group: str) -> set[int]:
+    """The shards of a group that have a record (one listing of names; no record is read)."""
+    root = store_path(root)
+    names = {p.name for p in record_path(root, group, 0).parent.iterdir()}
+    return {s for s in range(meta.num_shards) if record_path(root, group, s).name in names}
+
+
+def read_record(root: StorePath | Path, group: str, shard: int) -> ShardRecord:
+    """One shard record (FileNotFoundError when it does not exist)."""
+    return ShardRecord.from_json(record_path(store_path(root), group, shard).read_json())
+
+
 def load_records(root: StorePath | Path, meta: CacheMeta, group: str) -> dict[int, ShardRecord]:
     """All shard records present for a group, by shard number (one listing, then concurrent reads)."""
     root = store_path(root)
@@ -57,4 +69,4 @@ def load_records(root: StorePath | Path, meta: CacheMeta, group: str) -> dict[in
     return {s: ShardRecord.from_json(json.loads(raw[p])) for s, p in paths.items() if p in raw}
 
 
-__all__ = ["load_records", "open_zarr", "read_shard_bytes", "shard_key"]
+__all__ = ["load_records", "open_zarr", "read_record", "read_shard_bytes", "record_shards", "shard_key"]

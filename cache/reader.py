@@ -8,13 +8,21 @@ can read one cache at once, also while another process adds a group. A reader:
 * reads only the groups it was asked for;
 * never hands out fill values: rows of skipped inputs are refused by index, and any non-finite
   value in a row the manifest calls valid (a lost chunk reads back as NaN) raises, naming the
-  shard; with ``verify_checksums=True`` each shard's stored bytes are also hashed on first touch.
+  shard;
+* with ``verify_checksums=True`` checks what it reads against the shard records: in a group
+  written by format v2 every chunk it fetches, as it fetches it (:mod:`cache.chunks`: the work
+  follows the bytes read), in a v1 group each shard's whole stored bytes on first touch.
+
+What a reader holds grows with the cache only by its label and validity arrays (9 bytes per
+sample) and, as shards are read, their records' chunk checksums: no shard record is read before
+its shard is, and the manifest's keys and reasons stay on disk until asked for.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -26,9 +34,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow.compute as pc
 import zarr
 from zarr.core.sync import sync as zarr_sync  # runs a coroutine on zarr's own event loop
 
+from repa_cache.cache.chunks import CheckedStore, ChunkLayout, ChunkTable, chunk_layout
 from repa_cache.cache.codec import MISSING_INT8, decode_numpy, scale_name, stored_arrays
 from repa_cache.cache.errors import CacheError, one_line
 from repa_cache.cache.format import (
@@ -47,8 +57,9 @@ from repa_cache.cache.format import (
     group_problem,
     meta_problem,
     read_json,
+    record_path,
 )
-from repa_cache.cache.layout import load_records, open_zarr, read_shard_bytes, shard_key, zarr_array
+from repa_cache.cache.layout import open_zarr, read_shard_bytes, record_shards, shard_key, zarr_array
 from repa_cache.cache.storage import StorePath, is_storage_error, store_path
 
 log = logging.getLogger(__name__)
@@ -213,10 +224,19 @@ def commit_record(root: StorePath | Path, group: str) -> dict[str, Any] | None:
 
 @dataclass(frozen=True)
 class GroupInfo:
+    """An opened group: its metadata, commit record and arrays; ``layouts`` holds each array's
+    :class:`cache.chunks.ChunkLayout`, or None for an array written before format v2 (no chunk
+    checksums: checked with whole-shard sha256)."""
+
     meta: GroupMeta
     commit: dict[str, Any]
     arrays: dict[str, zarr.Array]
-    records: dict[int, ShardRecord]
+    layouts: dict[str, ChunkLayout | None]
+
+    @property
+    def chunk_checked(self) -> bool:
+        """True when every array carries chunk checksums (the group was written by format v2)."""
+        return all(layout is not None for layout in self.layouts.values())
 
 
 class ReaderBase:
@@ -231,7 +251,7 @@ class ReaderBase:
     meta: CacheMeta
     groups: dict[str, Any]
     labels: np.ndarray  # (N,) int64, by cache index
-    keys: list[str]  # source key by cache index
+    keys: Sequence[str]  # source key by cache index
     status: np.ndarray  # (N,) "ok" | "converted" | "skipped"
     valid: np.ndarray  # (N,) bool: status != "skipped"
 
@@ -398,18 +418,30 @@ class CacheReader(ReaderBase):
         else:
             wanted = [self.resolve_group(g) for g in groups]
         self.verify_checksums = verify_checksums
-        self._verified: set[tuple[str, int]] = set()
+        self._verified: set[tuple[str, int]] = set()  # v1 groups: shards hashed whole by this process
+        self._records: dict[tuple[str, int], ShardRecord] = {}  # v1 groups: what their checks need
+        self._tables: dict[tuple[str, int], dict[str, ChunkTable | None]] = {}  # v2 groups: by array
         self._lock = threading.Lock()
         self._pid = os.getpid()
         self.groups: dict[str, GroupInfo] = {g: self._open_group(g, present) for g in wanted}
-        manifest = read_manifest(self.root, self.meta)
+        manifest = read_manifest(self.root, self.meta, columns=["label", "status"])
         self.labels: np.ndarray = manifest.column("label").to_numpy().astype(np.int64)
-        self.keys: list[str] = manifest.column("key").to_pylist()
-        self.status: np.ndarray = np.asarray(manifest.column("status").to_pylist())
-        self.valid: np.ndarray = self.status != "skipped"
+        self.valid: np.ndarray = pc.not_equal(manifest.column("status"), "skipped").to_numpy(zero_copy_only=False)
+
+    @functools.cached_property
+    def keys(self) -> Sequence[str]:  # type: ignore[override]
+        """Source key by cache index (read from the manifest when first asked for)."""
+        return read_manifest(self.root, self.meta, columns=["key"]).column("key").to_pylist()
+
+    @functools.cached_property
+    def status(self) -> np.ndarray:  # type: ignore[override]
+        """Outcome by cache index (read from the manifest when first asked for)."""
+        return np.asarray(read_manifest(self.root, self.meta, columns=["status"]).column("status").to_pylist())
 
     # -- opening -------------------------------------------------------------------------------
     def _open_group(self, group: str, present: list[str]) -> GroupInfo:
+        """Open a committed group, checking that every shard has a record and its stored objects
+        (two listings of names; no record is read)."""
         if group not in present:
             have = ", ".join(present) or "none"
             raise CacheError(f"{self.root} has no group '{group}' (groups present: {have})")
@@ -420,16 +452,32 @@ class CacheReader(ReaderBase):
         if commit["fingerprint_hash"] != gmeta.fingerprint_hash:
             raise CacheError(f"group '{group}' of {self.root}: commit record does not match its metadata")
         arrays = group_arrays(self.root, self.meta, group, gmeta)
-        records = load_records(self.root, self.meta, group)
+        have_records = record_shards(self.root, self.meta, group)
         stored = (self.root / group).find()  # one listing instead of a lookup per shard object
         for shard in range(self.meta.num_shards):
-            rec = records.get(shard)
-            if rec is None:
+            if shard not in have_records:
                 raise CacheError(f"group '{group}' of {self.root}: shard {shard} has no record (damaged cache)")
-            for name, arr in arrays.items():
-                if rec.checksums[name] != "absent" and shard_key(arr, shard) not in stored:
+        # A shard object the commit counted on may still be missing: its record says whether it
+        # should exist, and that is read when the shard is; objects present cost no record read.
+        for name, arr in arrays.items():
+            missing = [s for s in range(self.meta.num_shards) if shard_key(arr, s) not in stored]
+            for shard in missing:
+                if self._record(group, shard).checksums.get(name) != "absent":
                     raise CacheError(f"group '{group}' of {self.root}: shard {shard} of '{name}' is missing")
-        return GroupInfo(gmeta, commit, arrays, records)
+        layouts = {name: chunk_layout(arr) for name, arr in arrays.items()}
+        info = GroupInfo(gmeta, commit, arrays, layouts)
+        return dataclasses.replace(info, arrays=self._open_arrays(group, info))
+
+    def _open_arrays(self, group: str, info: GroupInfo) -> dict[str, zarr.Array]:
+        """The group's arrays as this reader reads them: through a :class:`cache.chunks.CheckedStore`
+        when it verifies a group written by format v2."""
+        store = (self.root / group).zarr_store(read_only=True)
+        if self.verify_checksums and info.chunk_checked:
+            layouts = {name: layout for name, layout in info.layouts.items() if layout is not None}
+            store = CheckedStore(store, layouts, functools.partial(self._table, group), self.meta.shard_size,
+                                 f"group '{group}' of {self.root}")
+        grp = zarr.open_group(store=store, mode="r")
+        return {name: zarr_array(grp, name) for name in info.arrays}
 
     def group(self, name: str) -> GroupInfo:
         return self.groups[self.resolve_group(name)]
@@ -443,8 +491,7 @@ class CacheReader(ReaderBase):
         if self._pid == os.getpid():
             return
         for g, info in self.groups.items():
-            grp = open_zarr(self.root / g)
-            self.groups[g] = dataclasses.replace(info, arrays={name: zarr_array(grp, name) for name in info.arrays})
+            self.groups[g] = dataclasses.replace(info, arrays=self._open_arrays(g, info))
         self._pid = os.getpid()
 
     # -- reading -------------------------------------------------------------------------------
@@ -531,31 +578,101 @@ class CacheReader(ReaderBase):
             out.append(rows)
         return out
 
+    # -- checks against the shard records ------------------------------------------------------
     def _check_shards_of(self, wanted: list[tuple[str, str]], idx: np.ndarray) -> None:
-        shards = {self.meta.shard_of(int(i)) for i in np.unique(idx)}
-        for g in dict.fromkeys(g for g, _ in wanted):
-            self._check_shards(g, shards)
-
-    def _check_shards(self, group: str, shards: set[int]) -> None:
+        """Before a read: the records of the shards it touches (read concurrently, once per process),
+        and for a v1 group each of those shards hashed whole on first touch."""
         if not self.verify_checksums:
             return
-        for shard in sorted(shards):
-            if (group, shard) in self._verified:
-                continue
-            problem = check_shard(self.groups[group], shard)
+        shards = {self.meta.shard_of(int(i)) for i in np.unique(idx)}
+        for g in dict.fromkeys(g for g, _ in wanted):
+            if self.groups[g].chunk_checked:
+                self._load_records(g, [s for s in shards if (g, s) not in self._tables])
+            else:
+                self._check_shards(g, shards)
+
+    def _check_shards(self, group: str, shards: set[int]) -> None:
+        """Hash every not yet verified shard of a v1 group whole against its record."""
+        todo = sorted(s for s in shards if (group, s) not in self._verified)
+        self._load_records(group, [s for s in todo if (group, s) not in self._records])
+        for shard in todo:
+            problem = check_shard(self.groups[group].arrays, self._records[(group, shard)])  # v1: no chunk layouts
             if problem:
                 raise CacheError(f"group '{group}' of {self.root}: shard {shard} {problem}")
             with self._lock:
                 self._verified.add((group, shard))
+
+    def _load_records(self, group: str, shards: Iterable[int]) -> None:
+        """Read the records of ``shards`` (concurrently where the storage allows) and keep what the
+        checks need: the chunk checksums of a v2 group, the whole-object checksums of a v1 group."""
+        paths = {s: record_path(self.root, group, s) for s in shards}
+        if not paths:
+            return
+        raw = self.root.read_many(paths.values())
+        info = self.groups.get(group)
+        for shard, path in paths.items():
+            if path not in raw:
+                raise CacheError(f"group '{group}' of {self.root}: shard {shard} has no record (damaged cache)")
+            rec = self._parse_record(group, shard, raw[path])
+            with self._lock:
+                if info is not None and info.chunk_checked:
+                    self._tables[(group, shard)] = self._chunk_tables(group, shard, rec, info)
+                else:  # what check_shard reads; the outcomes and input hashes stay on disk
+                    self._records[(group, shard)] = dataclasses.replace(rec, outcomes=[], input_sha256=[], chunks={})
+
+    def _parse_record(self, group: str, shard: int, raw: bytes) -> ShardRecord:
+        rec = parse_record(group, shard, raw)
+        if rec is None:
+            raise CacheError(f"group '{group}' of {self.root}: shard {shard} has an unreadable or foreign record (damaged cache)")
+        return rec
+
+    def _chunk_tables(self, group: str, shard: int, rec: ShardRecord, info: GroupInfo) -> dict[str, ChunkTable | None]:
+        """A v2 record's chunk table of each array (None: the record says the shard has no object)."""
+        tables: dict[str, ChunkTable | None] = {}
+        for name, layout in info.layouts.items():
+            assert layout is not None
+            if rec.checksums.get(name) == "absent":
+                tables[name] = None
+                continue
+            try:
+                tables[name] = ChunkTable.from_json(rec.chunks.get(name), layout)
+            except ValueError as e:
+                raise CacheError(f"group '{group}' of {self.root}: shard {shard} has a record without usable chunk checksums "
+                                 f"for '{name}' ({e}; damaged cache)") from None
+        return tables
+
+    def _record(self, group: str, shard: int) -> ShardRecord:
+        """The record of one shard, as a v1 check keeps it (read when first asked for)."""
+        if (group, shard) not in self._records:
+            path = record_path(self.root, group, shard)
+            try:
+                raw = path.read_bytes()
+            except FileNotFoundError:
+                raise CacheError(f"group '{group}' of {self.root}: shard {shard} has no record (damaged cache)") from None
+            rec = self._parse_record(group, shard, raw)
+            with self._lock:
+                self._records[(group, shard)] = dataclasses.replace(rec, outcomes=[], input_sha256=[], chunks={})
+        return self._records[(group, shard)]
+
+    def _table(self, group: str, name: str, shard: int) -> ChunkTable | None:
+        """The recorded chunk table of one shard object (:class:`cache.chunks.CheckedStore` asks)."""
+        tables = self._tables.get((group, shard))
+        if tables is None:  # reads are preceded by _check_shards_of; this covers any other path
+            self._load_records(group, [shard])
+            tables = self._tables[(group, shard)]
+        return tables[name]
 
     def _raise_unreadable(self, group: str, name: str, idx: np.ndarray, error: BaseException) -> None:
         """A read that failed: a CacheError naming the damaged shard (a storage failure surfaces as
         itself while the shard is checked)."""
         if not isinstance(error, Exception):  # KeyboardInterrupt and the like
             raise error
+        if isinstance(error, CacheError):  # a check against the records, which names the shard already
+            raise error
         shards = sorted({self.meta.shard_of(int(i)) for i in idx})
-        for shard in shards:  # name the shard that is at fault
-            problem = check_shard(self.groups[group], shard)
+        for shard in shards:  # name the shard that is at fault (an error path: hashing it whole is fine)
+            rec = self._parse_record(group, shard, record_path(self.root, group, shard).read_bytes())
+            problem = check_shard(self.groups[group].arrays, rec, self.groups[group].layouts)
             if problem:
                 raise CacheError(f"group '{group}' of {self.root}: shard {shard} {problem}") from error
         raise CacheError(f"group '{group}' of {self.root}: shards {shards} of '{name}' do not decode: {error}") from error
@@ -574,13 +691,26 @@ class CacheReader(ReaderBase):
             )
 
 
-def check_shard(info: GroupInfo, shard: int) -> str | None:
-    """None when a shard's stored objects hash to its record, else what is wrong."""
-    rec = info.records.get(shard)
+def parse_record(group: str, shard: int, raw: bytes) -> ShardRecord | None:
+    """The record of ``shard`` of ``group`` from a file's bytes, or None when they are not one (not
+    JSON, other fields, another shard's record)."""
+    try:
+        rec = ShardRecord.from_json(json.loads(raw))
+    except (TypeError, ValueError, AttributeError):
+        return None
+    fields_ok = isinstance(rec.checksums, dict) and isinstance(rec.stored_bytes, dict) and isinstance(rec.chunks, dict)
+    return rec if fields_ok and (rec.group, rec.shard) == (group, shard) else None
+
+
+def check_shard(arrays: dict[str, zarr.Array], rec: ShardRecord | None,
+                layouts: dict[str, ChunkLayout | None] | None = None) -> str | None:
+    """None when a shard's stored objects hash (sha256, whole) to its record and, for arrays with a
+    chunk layout in ``layouts`` (format v2), carry the chunk checksums it lists; else what is wrong.
+    ``arrays`` read their store as stored (a :class:`cache.chunks.CheckedStore` also checks)."""
     if rec is None:
         return "has no record"
-    for name, arr in info.arrays.items():
-        raw = read_shard_bytes(arr, shard)
+    for name, arr in arrays.items():
+        raw = read_shard_bytes(arr, rec.shard)
         want = rec.checksums.get(name)
         if raw is None:
             if want != "absent":
@@ -589,5 +719,16 @@ def check_shard(info: GroupInfo, shard: int) -> str | None:
         if want == "absent":
             return f"of '{name}' holds data where none was written"
         if hashlib.sha256(raw).hexdigest() != want:
-            return f"of '{name}' fails its checksum ({len(raw)} bytes stored, {rec.stored_bytes[name]} written)"
+            written = rec.stored_bytes.get(name)
+            if len(raw) != written:
+                return f"of '{name}' fails its checksum: {len(raw)} bytes stored where {written} were written (truncated or replaced)"
+            return f"of '{name}' fails its checksum: its {len(raw)} bytes differ from those written (damaged bytes)"
+        layout = (layouts or {}).get(name)
+        if layout is not None:
+            try:
+                listed = ChunkTable.from_json(rec.chunks.get(name), layout)
+            except ValueError as e:
+                return f"has a record without usable chunk checksums for '{name}' ({e})"
+            if ChunkTable.of_object(raw, layout) != listed:
+                return f"has a record whose chunk checksums for '{name}' differ from the stored object's (damaged record)"
     return None

@@ -1,8 +1,12 @@
 """``repa verify``: check every shard of every group against its record.
 
 For each group: the commit record exists; every shard has a record; every stored shard object
-exists and hashes to the record's checksum; it decodes to the expected shape; and the rows of
-inputs that were not skipped hold finite values (a lost chunk reads back as NaN fill).
+exists and hashes to the record's checksum (and, written by format v2, carries the chunk checksums
+the record lists); it decodes to the expected shape (zarr checks each chunk's crc32c); and the rows
+of inputs that were not skipped hold finite values (a lost chunk reads back as NaN fill).
+
+Records are read a batch at a time (concurrently on an object store), so memory does not grow with
+the number of shards.
 """
 
 from __future__ import annotations
@@ -12,14 +16,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pyarrow.compute as pc
+import zarr
 
+from repa_cache.cache.chunks import chunk_layout
 from repa_cache.cache.codec import MISSING_INT8
 from repa_cache.cache.errors import CacheError
-from repa_cache.cache.format import MANIFEST_FILE, CacheMeta
-from repa_cache.cache.layout import load_records
+from repa_cache.cache.format import MANIFEST_FILE, CacheMeta, GroupMeta, ShardRecord, record_path
+from repa_cache.cache.layout import record_shards
 from repa_cache.cache.progress import Progress
 from repa_cache.cache.reader import (
-    GroupInfo,
     check_plan,
     check_shard,
     commit_record,
@@ -27,11 +33,14 @@ from repa_cache.cache.reader import (
     group_meta,
     list_groups,
     open_meta,
+    parse_record,
     read_manifest,
 )
 from repa_cache.cache.storage import StorePath
 
 log = logging.getLogger(__name__)
+
+RECORD_BATCH = 64  # shard records read together
 
 
 @dataclass
@@ -75,8 +84,8 @@ def verify_cache(path: str | Path, quiet: bool = False) -> VerifyReport:
     committed = {g for g in groups if commit_record(root, g) is not None}
     valid = None
     if committed or (root / MANIFEST_FILE).exists():
-        status = np.asarray(read_manifest(root, meta, columns=["status"]).column("status").to_pylist())
-        valid = status != "skipped"
+        status = read_manifest(root, meta, columns=["status"]).column("status")
+        valid = pc.not_equal(status, "skipped").to_numpy(zero_copy_only=False)
     total = len(groups) * meta.num_shards
     bar = Progress(total, "verify", "shards", quiet=quiet)
     for group in groups:
@@ -89,42 +98,48 @@ def verify_cache(path: str | Path, quiet: bool = False) -> VerifyReport:
             report.problems.append(Problem(group, None, str(e)))
             bar.update(meta.num_shards)
             continue
-        records = load_records(root, meta, group)
-        info = GroupInfo(gmeta, {}, arrays, records)
-        for shard in range(meta.num_shards):
-            bar.update(1)
-            report.shards_checked += 1
-            if shard not in records:
-                report.problems.append(Problem(group, shard, "has no record (never finished)"))
-                continue
-            problem = _record_problem(info, meta, shard) or check_shard(info, shard) or _check_contents(info, meta, shard, valid)
-            if problem:
-                report.problems.append(Problem(group, shard, problem))
+        have = record_shards(root, meta, group)
+        layouts = {name: chunk_layout(arr) for name, arr in arrays.items()}
+        for first in range(0, meta.num_shards, RECORD_BATCH):
+            batch = range(first, min(first + RECORD_BATCH, meta.num_shards))
+            raw = root.read_many(record_path(root, group, s) for s in batch if s in have)
+            for shard in batch:
+                bar.update(1)
+                report.shards_checked += 1
+                data = raw.get(record_path(root, group, shard))
+                if data is None:
+                    report.problems.append(Problem(group, shard, "has no record (never finished)"))
+                    continue
+                rec = parse_record(group, shard, data)
+                problem = "has an unreadable or foreign record" if rec is None else (
+                    _record_problem(rec, arrays, meta, shard) or check_shard(arrays, rec, layouts)
+                    or _check_contents(gmeta, arrays, rec, meta, valid))
+                if problem:
+                    report.problems.append(Problem(group, shard, problem))
     bar.close()
     return report
 
 
-def _record_problem(info: GroupInfo, meta: CacheMeta, shard: int) -> str | None:
+def _record_problem(rec: ShardRecord, arrays: dict[str, zarr.Array], meta: CacheMeta, shard: int) -> str | None:
     """A record that does not describe this shard (its range, count, outcomes, arrays)."""
-    rec = info.records[shard]
     start, stop = meta.shard_range(shard)
     if (rec.start, rec.stop, rec.count) != (start, stop, stop - start) or len(rec.outcomes) != stop - start:
         return f"has a record for [{rec.start}, {rec.stop}) with {len(rec.outcomes)} outcomes, expected [{start}, {stop})"
-    if set(rec.checksums) != set(info.arrays):
-        return f"has a record for arrays {sorted(rec.checksums)}, expected {sorted(info.arrays)}"
+    if set(rec.checksums) != set(arrays):
+        return f"has a record for arrays {sorted(rec.checksums)}, expected {sorted(arrays)}"
     return None
 
 
-def _check_contents(info: GroupInfo, meta: CacheMeta, shard: int, valid: np.ndarray | None) -> str | None:
-    start, stop = meta.shard_range(shard)
-    rec = info.records[shard]
+def _check_contents(gmeta: GroupMeta, arrays: dict[str, zarr.Array], rec: ShardRecord, meta: CacheMeta,
+                    valid: np.ndarray | None) -> str | None:
+    start, stop = meta.shard_range(rec.shard)
     keep = np.array([o[0] != "skipped" for o in rec.outcomes], dtype=bool) if valid is None else valid[start:stop]
-    for name, arr in info.arrays.items():
+    for name, arr in arrays.items():
         try:
             block = np.asarray(arr[start:stop])
         except Exception as e:  # noqa: BLE001 - undecodable data is exactly what verify reports
             return f"of '{name}' does not decode: {e}"
-        spec = info.meta.array(name)
+        spec = gmeta.array(name)
         want = (stop - start, len(meta.views), *spec.sample_shape)
         if block.shape != want:
             return f"of '{name}' has shape {block.shape}, expected {want}"

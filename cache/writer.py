@@ -22,12 +22,14 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import zarr
-from zarr.codecs import BloscCodec
+from zarr.codecs import BloscCodec, Crc32cCodec
 from zarr.core.sync import sync
 
+from repa_cache.cache.chunks import ChunkTable, chunk_layout
 from repa_cache.cache.codec import MISSING_INT8, cosine_check, decode_numpy, encode_int8, merge_checks, scale_name, token_cosine
 from repa_cache.cache.errors import CacheError
 from repa_cache.cache.format import (
+    FORMAT_VERSION,
     GROUP_ATTR,
     MANIFEST_FILE,
     PLAN_FILE,
@@ -54,6 +56,12 @@ def make_codec(codec: dict[str, Any]) -> BloscCodec:
     return BloscCodec(cname=codec["cname"], clevel=codec["clevel"], shuffle=codec["shuffle"])
 
 
+def chunk_codecs(codec: dict[str, Any]) -> tuple[Any, ...]:
+    """What each inner chunk goes through after serialisation: the array's compressor, then a
+    crc32c of the compressed bytes, which zarr checks whenever it decodes the chunk (format v2)."""
+    return (make_codec(codec), Crc32cCodec())
+
+
 def create_cache(root: StorePath | Path, meta: CacheMeta, plan: pa.Table) -> None:
     """Create an empty cache: root group with its metadata, and the plan table."""
     root = store_path(root)
@@ -62,8 +70,20 @@ def create_cache(root: StorePath | Path, meta: CacheMeta, plan: pa.Table) -> Non
     (root / PLAN_FILE).write_parquet(plan)
 
 
+def require_format(root: StorePath, version: int = FORMAT_VERSION) -> None:
+    """Raise the cache's format version to ``version`` (readers of older formats then refuse it);
+    nothing else of the root metadata changes."""
+    zroot = open_zarr(root, mode="r+")
+    meta: dict[str, Any] = dict(zroot.attrs.asdict()[ROOT_ATTR])  # type: ignore[arg-type]  # checked by cache.reader.open_meta
+    if meta["format_version"] < version:
+        zroot.attrs[ROOT_ATTR] = meta | {"format_version": version}
+
+
 def create_group(root: StorePath | Path, meta: CacheMeta, gmeta: GroupMeta) -> None:
     """Create a group and its (empty) arrays. Safe to call again with identical metadata.
+
+    Its arrays store every inner chunk with a crc32c after compression (format v2), and a cache of
+    an older format that gets such a group says v2 from then on (:func:`require_format`).
 
     The group's attributes (its :class:`GroupMeta`) are written last, in one atomic write of its
     ``zarr.json``: until then readers and a rerun treat the group as absent
@@ -71,6 +91,7 @@ def create_group(root: StorePath | Path, meta: CacheMeta, gmeta: GroupMeta) -> N
     that the next run creates again from scratch (its arrays rewritten, never merged).
     """
     root = store_path(root)
+    require_format(root)
     store_root = open_zarr(root, mode="r+")
     grp = store_root.require_group(gmeta.group)
     complete = GROUP_ATTR in grp.attrs.asdict()
@@ -84,7 +105,7 @@ def create_group(root: StorePath | Path, meta: CacheMeta, gmeta: GroupMeta) -> N
             shards=(meta.shard_size, *shape[1:]),
             chunks=(1, 1, *shape[2:]),  # one sample, one view: a reader decodes only the view it uses
             dtype=spec.dtype,
-            compressors=make_codec(spec.codec),
+            compressors=chunk_codecs(spec.codec),
             fill_value=MISSING_INT8 if spec.dtype == "int8" else np.nan,  # int8: a value the codec never writes
             dimension_names=("sample", "view", *[f"d{i}" for i in range(len(spec.sample_shape))]),
             overwrite=True,  # a half-created group (killed before its attributes) holds no data of ours yet
@@ -117,6 +138,7 @@ def write_shard(
     grp = open_zarr(root / gmeta.group, mode="r+")
     checksums: dict[str, str] = {}
     stored: dict[str, int] = {}
+    tables: dict[str, dict[str, str]] = {}
     for spec in gmeta.arrays:
         arr = zarr_array(grp, spec.name)
         block = data[spec.name]
@@ -134,6 +156,9 @@ def write_shard(
             checksums[spec.name], stored[spec.name] = "absent", 0
         else:
             checksums[spec.name], stored[spec.name] = hashlib.sha256(raw).hexdigest(), len(raw)
+            layout = chunk_layout(arr)
+            if layout is not None:  # arrays created before v2 (a resumed v1 group) have no chunk checksums
+                tables[spec.name] = ChunkTable.of_object(raw, layout).to_json()
     record = ShardRecord(
         group=gmeta.group,
         shard=shard,
@@ -147,6 +172,7 @@ def write_shard(
         outcomes=outcomes,
         input_sha256=list(input_sha256 or []),
         codec_check=codec_check,
+        chunks=tables,
     )
     write_json_atomic(record_path(root, gmeta.group, shard), record.to_json())
     return record

@@ -26,6 +26,7 @@ from repa_cache.cache.layout import shard_key
 from repa_cache.cache.reader import CacheReader
 from repa_cache.cache.verify import VerifyReport, verify_cache
 from repa_cache.cache.writer import DEFAULT_CODEC, commit_group, create_cache, create_group, write_shard
+from tests.cache.shards import chunk_span
 
 N, SHARD, VIEWS = 10, 4, ("orig", "hflip")
 SKIPPED = {5}  # cache index of an input that failed to decode
@@ -162,18 +163,22 @@ def _damaged(report: VerifyReport) -> list[tuple[str, int]]:
 
 
 def test_bit_flip_detected_by_verify_and_checked_reader(cache):
-    root, _ = cache
+    root, truth = cache
     f = _shard_file(root, "teachers/t", "patch", 1)
+    start, stop = chunk_span(f, position=1)  # sample 4, view 1
     raw = bytearray(f.read_bytes())
-    raw[len(raw) // 2] ^= 0x01
+    raw[(start + stop) // 2] ^= 0x01
     f.write_bytes(bytes(raw))
     report = verify_cache(root, quiet=True)
     assert _damaged(report) == [("teachers/t", 1)]
     assert "fails its checksum" in str(report.problems[0])
-    r = CacheReader(root, verify_checksums=True)
-    r.read([0, 1])  # shard 0 is fine
-    with pytest.raises(CacheError, match="shard 1 of 'patch' fails its checksum"):
-        r.read([4])
+    for verify in (True, False):  # each chunk checks its own crc32c when decoded, whatever the reader's setting
+        r = CacheReader(root, verify_checksums=verify)
+        r.read([0, 1])  # shard 0 is fine
+        same_shard = r.read_views([4], [0])  # the other view of the damaged sample is another chunk: intact
+        np.testing.assert_array_equal(same_shard["teachers/t/patch"], truth["teachers/t"]["patch"][[4], 0])
+        with pytest.raises(CacheError, match="shard 1 of 'patch' fails its checksum"):
+            r.read([4])
 
 
 def test_truncated_chunk_detected_and_never_read_as_fill(cache):
