@@ -168,8 +168,7 @@ def make_crops(images: Path, out: Path, resolution: int) -> Path:
     return out
 
 
-def write_synthetic_cache(
-    out: Path,
+def synthetic_layout(
     num_samples: int,
     teacher: str = "dinov2-vit-b",
     keys: list[str] | None = None,
@@ -181,15 +180,14 @@ def write_synthetic_cache(
     downsample: int = 8,
     feature_dtype: str = "float16",
     seed: int = 0,
-) -> Path:
-    """A committed cache with the real geometry and random values, written with the writer API.
+) -> tuple[CacheMeta, pa.Table, tuple[GroupMeta, GroupMeta]]:
+    """Root metadata, plan and the two groups (latents, teacher) of a synthetic cache.
 
     Latents group: SD-VAE geometry (``latent_channels x res/8 x res/8`` float32 mean and std,
     normalisation of ``AutoencoderKL``'s default config: scale 0.18215, no shift). Teacher group: the registry teacher's real metadata and geometry
     (from :func:`pipeline.groups.teacher_group_meta`; DINOv2-B: 256 tokens x 768, float16).
     Cache index ``i`` names source key ``keys[i % len(keys)]`` (the generated images, for the online
-    path). One shard of random values is generated and written to every shard (the reader cannot
-    tell; compression is per sample).
+    path), labels are drawn uniformly from ``num_classes``.
     """
     from repa_cache.pipeline.groups import teacher_group_meta
     from repa_cache.stages.vae import latent_norm
@@ -218,11 +216,10 @@ def write_synthetic_cache(
         "index": pa.array(np.arange(num_samples), pa.int64()),
         "key": pa.array(sample_keys, pa.string()),
         "label": pa.array(labels, pa.int32()),
-        "class_name": pa.array([class_names[c] for c in labels], pa.string()),
+        "class_name": pa.array(np.asarray(class_names)[labels], pa.string()),
         "source_position": pa.array(np.arange(num_samples), pa.int64()),
         "source_bytes": pa.array(np.zeros(num_samples), pa.int64()),
     })
-    create_cache(out, meta, plan)
     side = resolution // downsample
     lat_arrays = tuple(ArraySpec(n, (latent_channels, side, side), "float32", DEFAULT_CODEC) for n in ("mean", "std"))
     lat = GroupMeta(
@@ -235,20 +232,48 @@ def write_synthetic_cache(
         {"base": meta.base_fingerprint, "group": LATENTS, "model": {"id": "synthetic"}, "arrays": [a.to_json() for a in lat_arrays],
          "format_version": FORMAT_VERSION},
     )
-    tea = teacher_group_meta(meta, teacher, feature_dtype)
+    return meta, plan, (lat, teacher_group_meta(meta, teacher, feature_dtype))
+
+
+def synthetic_block(g: GroupMeta, n: int, views: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """``n`` samples of random values for each array of a synthetic group, scaled as real ones."""
+    block = {}
+    for a in g.arrays:
+        shape = (n, views, *a.sample_shape)
+        if a.name == "std":  # posterior std: small and positive
+            block[a.name] = rng.uniform(0.01, 0.1, size=shape).astype(a.dtype)
+        elif a.name == "mean":  # SD-VAE latents before scaling have std ~5
+            block[a.name] = (5 * rng.standard_normal(size=shape, dtype=np.float32)).astype(a.dtype)
+        else:  # final-norm ViT tokens: ~unit scale
+            block[a.name] = rng.standard_normal(size=shape, dtype=np.float32).astype(a.dtype)
+    return block
+
+
+def write_synthetic_cache(
+    out: Path,
+    num_samples: int,
+    teacher: str = "dinov2-vit-b",
+    keys: list[str] | None = None,
+    resolution: int = 256,
+    flip: bool = True,
+    shard_size: int = 256,
+    num_classes: int = 1000,
+    latent_channels: int = 4,
+    downsample: int = 8,
+    feature_dtype: str = "float16",
+    seed: int = 0,
+) -> Path:
+    """A committed cache with the real geometry and random values, written with the writer API
+    (:func:`synthetic_layout`). One shard of random values is generated and written to every shard
+    (the reader cannot tell; compression is per sample)."""
+    meta, plan, groups = synthetic_layout(num_samples, teacher, keys, resolution, flip, shard_size, num_classes, latent_channels,
+                                          downsample, feature_dtype, seed)
+    create_cache(out, meta, plan)
+    rng = np.random.default_rng(seed)
     n0 = min(shard_size, num_samples)
-    V = len(views)
-    for g in (lat, tea):
+    for g in groups:
         create_group(out, meta, g)
-        block = {}
-        for a in g.arrays:
-            shape = (n0, V, *a.sample_shape)
-            if a.name == "std":  # posterior std: small and positive
-                block[a.name] = rng.uniform(0.01, 0.1, size=shape).astype(a.dtype)
-            elif a.name == "mean":  # SD-VAE latents before scaling have std ~5
-                block[a.name] = (5 * rng.standard_normal(size=shape, dtype=np.float32)).astype(a.dtype)
-            else:  # final-norm ViT tokens: ~unit scale
-                block[a.name] = rng.standard_normal(size=shape, dtype=np.float32).astype(a.dtype)
+        block = synthetic_block(g, n0, len(meta.views), rng)
         for s in range(meta.num_shards):
             start, stop = meta.shard_range(s)
             write_shard(out, meta, g, s, {k: v[: stop - start] for k, v in block.items()},
@@ -278,14 +303,16 @@ def bytes_per_sample(cache: Path, groups: Iterable[str]) -> dict[str, dict[str, 
     """Per sample and per array of the given groups: ``stored`` (compressed, all views),
     ``decoded`` (raw, all views), and ``views`` per inner chunk (1 where a chunk holds one view, so
     a read of the drawn view touches ``stored / V`` and ``decoded / V`` bytes)."""
+    from repa_cache.cache.layout import load_records
     from repa_cache.cache.reader import CacheReader
 
     r = CacheReader(cache, groups=list(groups))
     out: dict[str, dict[str, float]] = {}
     for g, info in r.groups.items():
+        records = load_records(r.root, r.meta, g)
         for name, arr in info.arrays.items():
             out[f"{g}/{name}"] = {
-                "stored": sum(rec.stored_bytes[name] for rec in info.records.values()) / r.num_samples,
+                "stored": sum(rec.stored_bytes[name] for rec in records.values()) / r.num_samples,
                 "decoded": float(np.prod(arr.shape[1:]) * arr.dtype.itemsize),
                 "views": float(arr.shape[1]),
                 "views_per_chunk": float(arr.chunks[1]),

@@ -7,9 +7,10 @@ delivers at a given per-GPU consumption rate (default 350 img/s, about SiT-XL/2 
 one modern GPU; pass the rate measured by ``bench/train_step.py`` with ``--gpu-rate``).
 
 * warm: every cache file is read once before the run (page cache full);
-* verify on/off: the trainer checks each shard's sha256 the first time a loader process reads it
-  (``repa train``'s default; ``--no-verify`` skips it). A process hashes every shard it touches
-  once, so the cost falls on the first epoch and on short runs like these;
+* verify on/off: the trainer checks every chunk it reads against the shard records (``repa
+  train``'s default; ``--no-verify`` skips the record check). In a cache of format v2 that is one
+  record and one shard index per shard a process touches, and zarr's crc32c of each chunk read
+  (done with or without it); a v1 cache is hashed whole-shard on first touch instead;
 * cold: before each configuration the cache files are evicted from the page cache with
   ``posix_fadvise(POSIX_FADV_DONTNEED)`` (no privileges needed); the resident fraction is checked
   with ``mincore`` and reported, so a cold run that was not cold shows it.

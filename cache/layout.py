@@ -9,6 +9,7 @@ never needs to import the write side.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Literal
 
@@ -58,12 +59,13 @@ def read_record(root: StorePath | Path, group: str, shard: int) -> ShardRecord:
     return ShardRecord.from_json(record_path(store_path(root), group, shard).read_json())
 
 
-def load_records(root: StorePath | Path, meta: CacheMeta, group: str) -> dict[int, ShardRecord]:
-    """All shard records present for a group, by shard number (one listing, then concurrent reads)."""
+def load_records(root: StorePath | Path, meta: CacheMeta, group: str, shards: Iterable[int] | None = None) -> dict[int, ShardRecord]:
+    """The shard records present for a group (of ``shards``, default all), by shard number: one
+    listing, then concurrent reads. Holds every record it returns: read large groups in batches."""
     root = store_path(root)
     folder = record_path(root, group, 0).parent
     names = {p.name for p in folder.iterdir()}
-    paths = {s: record_path(root, group, s) for s in range(meta.num_shards)}
+    paths = {s: record_path(root, group, s) for s in (range(meta.num_shards) if shards is None else shards)}
     present = [p for p in paths.values() if p.name in names]
     raw = folder.read_many(present)
     return {s: ShardRecord.from_json(json.loads(raw[p])) for s, p in paths.items() if p in raw}

@@ -424,6 +424,11 @@ class CacheReader(ReaderBase):
         self._lock = threading.Lock()
         self._pid = os.getpid()
         self.groups: dict[str, GroupInfo] = {g: self._open_group(g, present) for g in wanted}
+        whole = [g for g, info in self.groups.items() if not info.chunk_checked]
+        if verify_checksums and whole:
+            log.warning("%s: group(s) %s were written before per-chunk checksums (cache format v1): each loader process "
+                        "hashes every shard it touches whole (about the whole cache per process and epoch); once `repa verify` "
+                        "passes, --no-verify skips it", self.root, ", ".join(whole))
         manifest = read_manifest(self.root, self.meta, columns=["label", "status"])
         self.labels: np.ndarray = manifest.column("label").to_numpy().astype(np.int64)
         self.valid: np.ndarray = pc.not_equal(manifest.column("status"), "skipped").to_numpy(zero_copy_only=False)

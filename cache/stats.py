@@ -17,6 +17,7 @@ import dask.array as da
 import numpy as np
 import zarr
 
+from repa_cache.cache.chunks import chunk_layout
 from repa_cache.cache.codec import decode_numpy, scale_name
 from repa_cache.cache.errors import UsageError
 from repa_cache.cache.format import MANIFEST_FILE, LatentNorm, sha256_json
@@ -103,6 +104,7 @@ def cache_stats(path: str | Path, max_samples: int = DEFAULT_MAX_SAMPLES, with_h
             "bytes_per_sample": round(stored / max(1, int(valid.sum())), 1),
             "bytes_per_view": round(stored / max(1, int(valid.sum()) * len(meta.views)), 1),
         }
+        g["checksums"] = "chunk" if all(chunk_layout(a) is not None for a in checked.values()) else "shard"
         if gmeta.kind != "latents":  # how its tokens are stored, and (quantised) how close they are to the source
             g["feature_codec"] = gmeta.codec_name
             g["codec_check"] = (commit or {}).get("codec_check")
@@ -171,6 +173,11 @@ def _values(v: tuple[float, ...]) -> str:
     return f"{v[0]:g}" if len(v) == 1 else "[" + ", ".join(f"{x:g}" for x in v) + "]"
 
 
+CHECKSUMS_CHUNK = "crc32c per chunk, bound to the shard records (a trainer checks what it reads)"
+CHECKSUMS_SHARD = ("sha256 per shard only (written before format v2): a trainer hashes each shard it touches whole, "
+                   "in every loader process")
+
+
 def format_stats(s: dict[str, Any]) -> str:
     """A readable multi-line table of :func:`cache_stats`."""
     lines = [
@@ -207,6 +214,7 @@ def format_stats(s: dict[str, Any]) -> str:
             f"  storage      {format_bytes(g['bytes_on_disk'])} on disk, {format_bytes(g['bytes_uncompressed'])} raw, "
             f"ratio {ratio}, {format_bytes(g['bytes_per_sample'])}/sample"
         )
+        lines.append("  checksums    " + (CHECKSUMS_CHUNK if g.get("checksums") == "chunk" else CHECKSUMS_SHARD))
         if "feature_codec" in g:
             check = g.get("codec_check") or {}
             cos = (f"; cosine to the source at write: min {check['min']:.6f}, 0.1% {check['q001']:.6f}, mean {check['mean']:.6f} "

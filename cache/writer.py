@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec
 from zarr.core.sync import sync
@@ -42,7 +43,7 @@ from repa_cache.cache.format import (
     sha256_json,
     write_json_atomic,
 )
-from repa_cache.cache.layout import load_records, open_zarr, read_shard_bytes, shard_key, zarr_array
+from repa_cache.cache.layout import load_records, open_zarr, read_shard_bytes, record_shards, shard_key, zarr_array
 from repa_cache.cache.storage import StorePath, store_path
 
 log = logging.getLogger(__name__)
@@ -207,30 +208,48 @@ def encode_features(gmeta: GroupMeta, data: dict[str, np.ndarray], outcomes: lis
     return out, cosine_check(np.concatenate(cosines) if cosines else np.empty(0))
 
 
-def manifest_table(plan: pa.Table, outcomes: list[list[Any]]) -> pa.Table:
-    """The plan with each input's outcome: status, reason and original size."""
+#: shard records read together while committing (memory stays flat in the number of shards)
+COMMIT_BATCH = 256
+
+
+def outcome_columns(outcomes: list[list[Any]]) -> dict[str, pa.Array]:
+    """The manifest's outcome columns of some inputs: status, reason and original size."""
     status, reason, width, height = zip(*outcomes) if outcomes else ((), (), (), ())
-    return plan.append_column("status", pa.array(list(status), pa.string())) \
-        .append_column("reason", pa.array(list(reason), pa.string())) \
-        .append_column("width", pa.array(list(width), pa.int32())) \
-        .append_column("height", pa.array(list(height), pa.int32()))
+    return {"status": pa.array(list(status), pa.string()), "reason": pa.array(list(reason), pa.string()),
+            "width": pa.array(list(width), pa.int32()), "height": pa.array(list(height), pa.int32())}
 
 
 def commit_group(root: StorePath | Path, meta: CacheMeta, gmeta: GroupMeta) -> dict[str, Any]:
-    """Commit a group whose shards are all written: manifest, then the commit record (last)."""
+    """Commit a group whose shards are all written: manifest, then the commit record (last).
+
+    Records are read a batch at a time and only their outcome columns and checksums are kept."""
     root = store_path(root)
-    records = load_records(root, meta, gmeta.group)
-    missing = [s for s in range(meta.num_shards) if s not in records]
+    present = record_shards(root, meta, gmeta.group)
+    missing = [s for s in range(meta.num_shards) if s not in present]
     if missing:
         raise CacheError(f"cannot commit {gmeta.group}: shards {missing[:10]} have no record")
-    weights = {r.weights_sha256 for r in records.values()}
+    weights: set[str] = set()
+    columns: dict[str, list[pa.Array]] = {"status": [], "reason": [], "width": [], "height": []}
+    checksums: list[dict[str, str]] = []
+    checks: list[dict[str, Any]] = []
+    for first in range(0, meta.num_shards, COMMIT_BATCH):
+        records = load_records(root, meta, gmeta.group, range(first, min(first + COMMIT_BATCH, meta.num_shards)))
+        for s in sorted(records):
+            rec = records[s]
+            if rec.fingerprint_hash != gmeta.fingerprint_hash:
+                raise CacheError(f"cannot commit {gmeta.group}: some shards were written under another fingerprint")
+            weights.add(rec.weights_sha256)
+            for k, v in outcome_columns(rec.outcomes).items():
+                columns[k].append(v)
+            checksums.append(rec.checksums)
+            checks.append(rec.codec_check)
     if len(weights) != 1:
         raise CacheError(f"cannot commit {gmeta.group}: its shards were written with different weights {sorted(weights)}")
-    if any(r.fingerprint_hash != gmeta.fingerprint_hash for r in records.values()):
-        raise CacheError(f"cannot commit {gmeta.group}: some shards were written under another fingerprint")
-    outcomes = [o for s in range(meta.num_shards) for o in records[s].outcomes]
     plan = (root / PLAN_FILE).read_parquet()
-    manifest = manifest_table(plan, outcomes)
+    manifest = plan
+    for k, parts in columns.items():
+        manifest = manifest.append_column(k, pa.chunked_array(parts, pa.int32() if k in ("width", "height") else pa.string()))
+    manifest = manifest.combine_chunks()
     mpath = root / MANIFEST_FILE
     if mpath.exists():
         old = mpath.read_parquet()
@@ -241,15 +260,15 @@ def commit_group(root: StorePath | Path, meta: CacheMeta, gmeta: GroupMeta) -> d
             )
     else:
         mpath.write_parquet(manifest)
-    statuses = manifest.column("status").to_pylist()
-    check = {"codec_check": merge_checks([records[s].codec_check for s in range(meta.num_shards)])} if gmeta.feature_codec else {}
+    counts = dict(zip(*(c.to_pylist() for c in pc.value_counts(manifest.column("status")).flatten())))
+    check = {"codec_check": merge_checks(checks)} if gmeta.feature_codec else {}
     commit = {
         "group": gmeta.group,
         "fingerprint_hash": gmeta.fingerprint_hash,
         "weights_sha256": weights.pop(),
         "num_shards": meta.num_shards,
-        "records_sha256": sha256_json([records[s].checksums for s in range(meta.num_shards)]),
-        "counts": {k: statuses.count(k) for k in ("ok", "converted", "skipped")},
+        "records_sha256": sha256_json(checksums),
+        "counts": {k: int(counts.get(k, 0)) for k in ("ok", "converted", "skipped")},
         "committed_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         **check,
     }

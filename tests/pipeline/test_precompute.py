@@ -138,6 +138,36 @@ def test_add_teacher_reads_images_again_but_not_the_vae(tiny_cache, demo_images,
     np.testing.assert_array_equal(reader.read(idx)["teachers/tiny-reg/patch"][:, 0], tokens[:, 5:].half().numpy())
 
 
+def test_a_v1_cache_resumes_and_takes_a_teacher_under_v2(tiny_cache, demo_images, tmp_path, monkeypatch):
+    """A cache written before chunk checksums (format v1, its fingerprints saying so), killed
+    mid-run: v2 code resumes its groups in their own layout, adds a teacher in the v2 layout, and
+    the cache then says v2."""
+    from repa_cache.cache.format import ROOT_ATTR
+    from repa_cache.pipeline import groups, plan
+    from tests.cache.shards import written_as_v1
+
+    old = tmp_path / "v1"
+    with written_as_v1(monkeypatch), monkeypatch.context() as m:
+        m.setattr(plan, "FORMAT_VERSION", 1)
+        m.setattr(groups, "FORMAT_VERSION", 1)
+        precompute(tiny_config(demo_images, old))
+    assert zarr.open_group(str(old), mode="r").attrs[ROOT_ATTR]["format_version"] == 1
+    record_path(old, "latents", 1).unlink()  # what a kill leaves
+    shutil.rmtree(old / "_commits")
+    (old / "manifest.parquet").unlink()
+    res = precompute(tiny_config(demo_images, old, teachers=("tiny", "tiny-reg")))
+    assert res.groups == {"latents": "resumed", "teachers/tiny": "resumed", "teachers/tiny-reg": "written"}
+    assert zarr.open_group(str(old), mode="r").attrs[ROOT_ATTR]["format_version"] == 2
+    r = CacheReader(old, verify_checksums=True)
+    assert {g: info.chunk_checked for g, info in r.groups.items()} == {"latents": False, "teachers/tiny": False, "teachers/tiny-reg": True}
+    assert "chunks" not in json.loads(record_path(old, "latents", 1).read_text())  # rewritten in the group's own layout
+    idx = r.valid_indices()
+    ref = CacheReader(tiny_cache).read(idx)
+    got = r.read(idx)
+    for k, v in ref.items():
+        np.testing.assert_array_equal(v, got[k])
+
+
 @pytest.mark.parametrize(
     "override, message",
     [

@@ -26,6 +26,7 @@ from repa_cache.train.config import OptimConfig, TrainConfig
 from repa_cache.train.data import CacheBatches, DataConfig, epoch_order
 from repa_cache.train.loop import TrainingDiverged, train
 from repa_cache.train.methods import base as step_mod
+from tests.cache.shards import index_entries, num_chunks_of
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -358,8 +359,9 @@ def test_holdout_samples_are_never_trained_on(tiny_cache):
 
 @pytest.mark.parametrize("damage", ["swap", "flip"])
 def test_a_shard_damaged_after_commit_stops_training_naming_it(tiny_cache, tmp_path, run_cli, damage):
-    """Shard objects swapped between two shards (each still decodes) or one flipped bit: the trainer
-    checks each shard's checksum the first time it reads it, and stops naming the shard."""
+    """Shard objects swapped between two shards (each still decodes) or a flipped bit in every chunk
+    of a shard: the trainer checks each chunk it reads against the shard records, and stops naming
+    the shard."""
     import shutil
 
     bad = tmp_path / "bad"
@@ -369,16 +371,21 @@ def test_a_shard_damaged_after_commit_stops_training_naming_it(tiny_cache, tmp_p
     if damage == "swap":
         shards[0].write_bytes(b)
         shards[1].write_bytes(a)
+        why = (r"is not the object its record describes \(its index differs: a swapped, stale or truncated shard\) "
+               r"\(damaged cache; run `repa verify`\)")
     else:
         flipped = bytearray(a)
-        flipped[len(flipped) // 2] ^= 0x10
+        for offset, length in index_entries(a, num_chunks_of(shards[0])):  # whichever view of its samples a step draws
+            if offset != 2**64 - 1:  # a chunk that was written
+                flipped[int(offset) + int(length) // 2] ^= 0x10
         shards[0].write_bytes(bytes(flipped))
+        why = r"fails its checksum: its \d+ bytes differ from those written \(damaged bytes\)"
     args = ["train", "--cache", str(bad), "--model", "SiT-tiny/2", "--batch-size", "8", "--max-steps", "4", "--workers", "0",
             "--device", "cpu", "--quiet"]
     code, _, err = run_cli([*args, "--out", str(tmp_path / "r")])
     errors = [line for line in err.splitlines() if not line.startswith("world size ")]  # the start-up status line
     assert code == 2 and len(errors) == 1 and "Traceback" not in err, err
-    assert re.fullmatch(r"error: group 'latents' of .*: shard [01] of 'mean' fails its checksum \(\d+ bytes stored, \d+ written\)", errors[0])
+    assert re.fullmatch(rf"error: group 'latents' of .*: shard [01] of 'mean' {why}", errors[0]), errors[0]
     assert latest_checkpoint(tmp_path / "r") is None
 
 

@@ -27,17 +27,19 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
 from repa_cache.cache.errors import UsageError
 from repa_cache.stages.hashing import state_dict_sha256
-from repa_cache.stages.teachers import TeacherTail, get_teacher, load_teacher
 from repa_cache.train.loss import repa_loss
 from repa_cache.train.methods.base import CacheContext, Method, MethodOptions, StepBatch
 from repa_cache.train.model import SiT, SiTBlock, SiTConfig
+
+if TYPE_CHECKING:  # the teacher registry imports timm: only a HASTE run that builds its tail needs it
+    from repa_cache.stages.teachers import TeacherTail
 
 
 @dataclass
@@ -201,6 +203,8 @@ class Haste(Method):
         record = self._cache.models[name]
         opts: HasteOptions = self.options  # type: ignore[assignment]
         checkpoint = opts.teacher_checkpoint or record.get("checkpoint") or None
+        from repa_cache.stages.teachers import get_teacher, load_teacher
+
         spec = get_teacher(str(record["name"]))
         return self.attach_teacher(load_teacher(spec, self._cache.resolution, device=device, checkpoint=checkpoint))
 
@@ -215,6 +219,8 @@ class Haste(Method):
         if weights != self._cache.weights[name]:
             raise UsageError(f"the weights loaded for teacher '{name}' (sha256 {weights[:12]}) are not those that wrote the "
                              f"cache ({self._cache.weights[name][:12]}); pass -O teacher_checkpoint=FILE with the same weights")
+        from repa_cache.stages.teachers import TeacherTail
+
         h = self._hidden
         self._tail = TeacherTail(model, int(h["first_block"]), int(h["last_block"]))
         return self._tail
