@@ -38,7 +38,7 @@ from repa_cache.cache.format import (
     record_path,
     with_feature_codec,
 )
-from repa_cache.cache.layout import open_zarr, read_record, record_shards, shard_key, zarr_array
+from repa_cache.cache.layout import bulk_reads, open_zarr, read_record, record_shards, shard_key, zarr_array
 from repa_cache.cache.lock import LOCK_FILE, is_our_lock, writer_lock
 from repa_cache.cache.progress import Progress, format_bytes
 from repa_cache.cache.reader import CacheReader, ReaderBase, commit_record, group_meta, list_groups, open_meta, parse_record
@@ -234,6 +234,7 @@ def _copy_group(src: StorePath, dst: StorePath, meta: Any, group: str, jobs: int
             bar.update(1)
 
 
+@bulk_reads()
 def _transcode_group(src: StorePath, dst: StorePath, meta: Any, target: GroupMeta, jobs: int, quiet: bool,
                      result: CopyResult) -> None:
     """Write ``target.group`` at ``dst`` in its codec from the source's decoded tokens, shard by shard.

@@ -21,7 +21,7 @@ from repa_cache.cache.chunks import chunk_layout
 from repa_cache.cache.codec import decode_numpy, scale_name
 from repa_cache.cache.errors import UsageError
 from repa_cache.cache.format import MANIFEST_FILE, LatentNorm, sha256_json
-from repa_cache.cache.layout import open_zarr, zarr_array
+from repa_cache.cache.layout import bulk_reads, open_zarr, zarr_array
 from repa_cache.cache.progress import format_bytes
 from repa_cache.cache.reader import check_plan, commit_record, group_arrays, group_meta, list_groups, open_meta, read_manifest
 from repa_cache.cache.storage import StorePath
@@ -41,6 +41,7 @@ def _dir_bytes(path: StorePath) -> int:
     return sum(path.find().values())
 
 
+@bulk_reads()
 def cache_stats(path: str | Path, max_samples: int = DEFAULT_MAX_SAMPLES, with_histograms: bool = False) -> dict[str, Any]:
     root, meta = open_meta(path)
     out: dict[str, Any] = {

@@ -23,7 +23,7 @@ from repa_cache.cache.chunks import chunk_layout
 from repa_cache.cache.codec import MISSING_INT8
 from repa_cache.cache.errors import CacheError
 from repa_cache.cache.format import MANIFEST_FILE, CacheMeta, GroupMeta, ShardRecord, record_path
-from repa_cache.cache.layout import record_shards
+from repa_cache.cache.layout import bulk_reads, record_shards
 from repa_cache.cache.progress import Progress
 from repa_cache.cache.reader import (
     check_plan,
@@ -66,6 +66,7 @@ class VerifyReport:
         return not self.problems
 
 
+@bulk_reads()
 def verify_cache(path: str | Path, quiet: bool = False) -> VerifyReport:
     """Check the whole cache; never raises for damage to shards or groups, it reports it.
 

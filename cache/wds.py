@@ -9,15 +9,22 @@ sample per valid cache index, in cache order::
                                teachers.<name>.patch.npy              (V, T, D)   stored dtype
                                teachers.<name>.cls.npy                (V, D)
                                cls (label), txt (source key)
+      shard-000000.crc ...   the crc32c of every member's data (4 bytes each, little-endian):
+                             sample by sample in the shard's order, members in the order of
+                             index.json's "members"
       manifest.parquet       copy of the cache's manifest (index, key, label, status, ...)
-      index.json             written last: shards (file, first/last index, count, bytes, sha256),
-                             the field -> member map and a copy of the cache metadata (root meta,
-                             every group's meta and commit record, class names)
+      index.json             written last: shards (file, first/last index, count, bytes, sha256,
+                             and its checksum file with that file's sha256), the field -> member
+                             map and a copy of the cache metadata (root meta, every group's meta
+                             and commit record, class names)
 
 The shards stream with any webdataset loader (``wds.WebDataset(urls).decode()``). For random
 access, :class:`WdsReader` builds a per-shard index of member offsets from the tar headers on the
 first read that touches a shard, then reads members with ``os.pread``: one read per requested array
-per sample, never a scan of other shards. ``open_reader(path)`` picks the backend.
+per sample, never a scan of other shards. With ``verify_checksums`` it also reads the shard's
+checksum file once (checked against ``index.json``) and checks the crc32c of every member it reads:
+the work follows the bytes read (exports of version 1 have no checksum files; their shards are
+hashed whole on first touch). ``open_reader(path)`` picks the backend.
 
 The export is committed like the cache: shards first (fsynced), then ``index.json`` atomically.
 A folder without ``index.json`` (an interrupted export) is not an export. The destination must be
@@ -30,6 +37,7 @@ keeps a second export out of the folder while one runs (:mod:`cache.lock`).
 from __future__ import annotations
 
 import bisect
+import functools
 import hashlib
 import io
 import json
@@ -37,13 +45,16 @@ import os
 import re
 import tarfile
 import threading
+from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import google_crc32c
 import numpy as np
+import pyarrow.compute as pc
 
 from repa_cache.cache.errors import CacheError, UsageError
 from repa_cache.cache.format import (
@@ -53,18 +64,19 @@ from repa_cache.cache.format import (
     GroupMeta,
     write_json_atomic,
 )
+from repa_cache.cache.layout import bulk_reads
 from repa_cache.cache.lock import LOCK_FILE, is_our_lock, writer_lock
 from repa_cache.cache.progress import Progress, format_bytes
 from repa_cache.cache.reader import CacheReader, ReaderBase
 from repa_cache.cache.storage import StorePath, store_path
 
 WDS_MARKER = "repa-cache-wds"
-WDS_VERSION = 1
+WDS_VERSION = 2  # 2: a crc32c per member, in a checksum file per shard
 INDEX_FILE = "index.json"
 EXPORT_MARKER = ".repa-export.json"  # written before the first shard: this folder is an export in progress
 EXPORT_MARKER_FORMAT = "repa-cache-wds-export-in-progress"
 SHARD_PATTERN = "shard-%06d.tar"
-_SHARD_RE = re.compile(r"^shard-\d{6}\.tar$")
+_SHARD_RE = re.compile(r"^shard-\d{6}\.(tar|crc)$")
 DEFAULT_SHARD_BYTES = 1_000_000_000
 LABEL_FIELD = "cls"
 KEY_FIELD = "txt"
@@ -74,6 +86,23 @@ _TAR_MTIME = 0  # fixed member mtime: the same cache exports to byte-identical s
 def member_field(group: str, array: str) -> str:
     """Tar member suffix of one array: ``latents/mean`` -> ``latents.mean.npy``."""
     return f"{group.replace('/', '.')}.{array}.npy"
+
+
+def crc_file(tar_name: str) -> str:
+    """The checksum file of a tar shard: ``shard-000000.tar`` -> ``shard-000000.crc``."""
+    return tar_name[: -len(".tar")] + ".crc"
+
+
+def npy_bytes(arr: np.ndarray) -> bytes:
+    """An array as a ``.npy`` member holds it (no pickle)."""
+    buf = io.BytesIO()
+    np.lib.format.write_array(buf, np.ascontiguousarray(arr), allow_pickle=False)
+    return buf.getvalue()
+
+
+def crc32c(data: bytes) -> bytes:
+    """The crc32c of ``data`` as 4 little-endian bytes (zarr's crc32c codec writes the same)."""
+    return int(google_crc32c.value(data)).to_bytes(4, "little")
 
 
 class _HashingWriter:
@@ -156,6 +185,7 @@ def _prepare_out(out: StorePath, source: StorePath) -> None:
             (out / n).unlink()
 
 
+@bulk_reads()
 def export_wds(
     cache_path: str | Path,
     out_dir: str | Path,
@@ -191,11 +221,14 @@ def _export_locked(reader: CacheReader, out: StorePath, shard_bytes: int, quiet:
     shards: list[dict[str, Any]] = []
     open_files: dict[str, Any] = {}
     members: dict[str, list[int]] = {}
+    crcs: dict[str, bytearray] = {}  # tar name -> the crc32c of each member written to it, in checksum-file order
+    order = sorted([*fields.values(), LABEL_FIELD, KEY_FIELD])  # the members of a sample, as the checksum file lists them
 
     def opener(fname: str):
         f = _HashingWriter((out / fname).open("wb"))
         open_files[fname] = f
         members[fname] = []
+        crcs[fname] = bytearray()
         return f
 
     def post(fname: str) -> None:  # ShardWriter calls this after closing the tar stream of a shard
@@ -204,11 +237,15 @@ def _export_locked(reader: CacheReader, out: StorePath, shard_bytes: int, quiet:
         path = out / fname
         path.fsync()
         idx = members.pop(fname)
+        table = bytes(crcs.pop(fname))
         if not idx:  # ShardWriter opens its first shard before any sample: an empty export
             path.unlink()
             return
+        crc_path = out / crc_file(fname)
+        crc_path.write_bytes(table)  # atomic, and before index.json lists it
         shards.append({"file": fname, "first": idx[0], "last": idx[-1], "count": len(idx),
-                       "bytes": f.nbytes, "sha256": f.sha.hexdigest()})
+                       "bytes": f.nbytes, "sha256": f.sha.hexdigest(),
+                       "crc_file": crc_file(fname), "crc_sha256": hashlib.sha256(table).hexdigest()})
 
     import webdataset as wds
 
@@ -221,12 +258,13 @@ def _export_locked(reader: CacheReader, out: StorePath, shard_bytes: int, quiet:
         for start in range(0, meta.num_samples, block):
             data = reader.read_block(start, min(start + block, meta.num_samples), raw=True)  # as stored: int8 tokens stay int8
             for j, i in enumerate(data["index"].tolist()):
-                sample: dict[str, Any] = {"__key__": f"{i:0{width}d}", LABEL_FIELD: int(data["label"][j]),
-                                          KEY_FIELD: reader.keys[i]}
+                sample: dict[str, Any] = {LABEL_FIELD: str(int(data["label"][j])).encode("ascii"),
+                                          KEY_FIELD: reader.keys[i].encode("utf-8")}  # the bytes webdataset would write
                 for name, member in fields.items():
-                    sample[member] = np.ascontiguousarray(data[name][j])
-                sink.write(sample)
+                    sample[member] = npy_bytes(data[name][j])
+                sink.write({"__key__": f"{i:0{width}d}", **sample})
                 members[sink.fname].append(i)
+                crcs[sink.fname] += b"".join(crc32c(sample[m]) for m in order)
             bar.update(min(block, meta.num_samples - start))
 
     manifest_bytes = (reader.root / MANIFEST_FILE).read_bytes()
@@ -241,6 +279,7 @@ def _export_locked(reader: CacheReader, out: StorePath, shard_bytes: int, quiet:
         "num_samples": sum(s["count"] for s in shards),
         "shard_bytes": int(shard_bytes),
         "fields": fields,
+        "members": order,
         "label_field": LABEL_FIELD,
         "key_field": KEY_FIELD,
         "manifest": {"file": MANIFEST_FILE, "sha256": hashlib.sha256(manifest_bytes).hexdigest()},
@@ -271,6 +310,22 @@ class WdsGroup:
     meta: GroupMeta
     commit: dict[str, Any]
     members: dict[str, str]  # array name -> tar member suffix
+
+
+#: member tables (offsets and checksums of every member of a shard) one reader keeps: about
+#: 100 KiB each for ImageNet-size shards of 1 GB
+TABLES_KEPT = 256
+
+
+@dataclass(frozen=True)
+class _ShardTable:
+    """Where the members of one tar shard are: ``indices`` (count,) its cache indices, ascending;
+    ``spans`` (count, members, 2) offset and size of each member's data (-1: absent), members in
+    the reader's member order; ``crcs`` (count, members) their crc32c, or None."""
+
+    indices: np.ndarray
+    spans: np.ndarray
+    crcs: np.ndarray | None
 
 
 class WdsReader(ReaderBase):
@@ -315,16 +370,30 @@ class WdsReader(ReaderBase):
             if stored[s["file"]] != s["bytes"]:
                 raise CacheError(f"{self.root}: shard {s['file']} has {stored[s['file']]} bytes, {s['bytes']} written")
         self._firsts = [s["first"] for s in self.shards]
-        manifest = (self.root / self.index["manifest"]["file"]).read_parquet()
+        manifest = self._manifest(["label", "status"])
         self.labels: np.ndarray = manifest.column("label").to_numpy().astype(np.int64)
-        self.keys: list[str] = manifest.column("key").to_pylist()
-        self.status: np.ndarray = np.asarray(manifest.column("status").to_pylist())
-        self.valid: np.ndarray = self.status != "skipped"
-        if len(self.keys) != self.meta.num_samples:
-            raise CacheError(f"{self.root}: manifest has {len(self.keys)} rows, the cache {self.meta.num_samples} samples")
+        self.valid: np.ndarray = pc.not_equal(manifest.column("status"), "skipped").to_numpy(zero_copy_only=False)
+        if manifest.num_rows != self.meta.num_samples:
+            raise CacheError(f"{self.root}: manifest has {manifest.num_rows} rows, the cache {self.meta.num_samples} samples")
         self._lock = threading.Lock()
-        self._offsets: dict[int, dict[int, dict[str, tuple[int, int]]]] = {}
-        self._verified: set[int] = set()
+        # the members of a sample, in the order of the checksum files (exports of version 1: the same order)
+        self._member_order: list[str] = list(self.index.get("members") or sorted([*self.index["fields"].values(), LABEL_FIELD,
+                                                                                   KEY_FIELD]))
+        self._tables: OrderedDict[int, _ShardTable] = OrderedDict()  # the shards this process read last
+        self._verified: set[int] = set()  # exports of version 1: shards hashed whole by this process
+
+    def _manifest(self, columns: list[str]) -> Any:
+        return (self.root / self.index["manifest"]["file"]).read_parquet(columns=columns)
+
+    @functools.cached_property
+    def keys(self) -> Sequence[str]:  # type: ignore[override]
+        """Source key by cache index (read from the manifest when first asked for)."""
+        return self._manifest(["key"]).column("key").to_pylist()
+
+    @functools.cached_property
+    def status(self) -> np.ndarray:  # type: ignore[override]
+        """Outcome by cache index (read from the manifest when first asked for)."""
+        return np.asarray(self._manifest(["status"]).column("status").to_pylist())
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
@@ -348,18 +417,26 @@ class WdsReader(ReaderBase):
             raise CacheError(f"{self.root}: cache index {index} is valid but in no shard (damaged export)")
         return s
 
-    def _members(self, shard: int) -> dict[int, dict[str, tuple[int, int]]]:
-        """index -> member suffix -> (data offset, size) of one shard, from its tar headers (once)."""
-        got = self._offsets.get(shard)
-        if got is not None:
-            return got
+    def _members(self, shard: int) -> _ShardTable:
+        """Where each member of a shard is, from its tar headers, and (verifying an export of
+        version 2) the crc32c of each, from its checksum file; read once while the shard stays
+        among the last :data:`TABLES_KEPT` a process read."""
+        with self._lock:
+            got = self._tables.get(shard)
+            if got is not None:
+                self._tables.move_to_end(shard)
+                return got
         info = self.shards[shard]
         path = self.root / info["file"]
-        if self.verify_checksums and shard not in self._verified:
+        crcs = None
+        if self.verify_checksums and "crc_file" in info:
+            crcs = self._read_crcs(shard)
+        elif self.verify_checksums and shard not in self._verified:  # an export of version 1
             if path.sha256() != info["sha256"]:
                 raise CacheError(f"{self.root}: shard {info['file']} fails its checksum")
             self._verified.add(shard)
-        table: dict[int, dict[str, tuple[int, int]]] = {}
+        column = {m: c for c, m in enumerate(self._member_order)}
+        found: dict[int, list[tuple[int, int]]] = {}
         try:
             # Reads headers only and seeks over the data (on an object store, through fsspec's
             # read-ahead buffer, which for large members still fetches most of the shard once).
@@ -368,14 +445,41 @@ class WdsReader(ReaderBase):
                     if not m.isfile():
                         continue
                     key, _, suffix = m.name.partition(".")
-                    table.setdefault(int(key), {})[suffix] = (m.offset_data, m.size)
+                    row = found.setdefault(int(key), [(-1, -1)] * len(column))
+                    if suffix in column:
+                        row[column[suffix]] = (m.offset_data, m.size)
         except (tarfile.TarError, ValueError, OSError) as e:
             raise CacheError(f"{self.root}: shard {info['file']} is not a readable tar: {e}") from e
-        if len(table) != info["count"]:
-            raise CacheError(f"{self.root}: shard {info['file']} holds {len(table)} samples, {info['count']} written")
+        if len(found) != info["count"]:
+            raise CacheError(f"{self.root}: shard {info['file']} holds {len(found)} samples, {info['count']} written")
+        indices = np.array(sorted(found), dtype=np.int64)
+        spans = np.array([found[i] for i in indices.tolist()], dtype=np.int64).reshape(len(indices), len(column), 2)
+        table = _ShardTable(indices, spans, crcs)
         with self._lock:
-            self._offsets[shard] = table
+            self._tables[shard] = table
+            while len(self._tables) > TABLES_KEPT:
+                self._tables.popitem(last=False)
         return table
+
+    def _read_crcs(self, shard: int) -> np.ndarray:
+        """A shard's checksum file, checked against ``index.json``: its sha256, and one crc32c per
+        member of each of its samples. (count, members) uint32."""
+        info = self.shards[shard]
+        n = len(self._member_order)
+        count = info.get("count")
+        if not isinstance(count, int) or not 0 < count <= self.meta.num_samples:
+            raise CacheError(f"{self.root}: index.json gives shard {info['file']} {count!r} samples (damaged export)")
+        path = self.root / str(info["crc_file"])
+        try:
+            size = path.size()
+            if size != 4 * n * count:
+                raise CacheError(f"{self.root}: checksum file {path.name} has {size} bytes, {4 * n * count} written (damaged export)")
+            raw = path.read_bytes()
+        except FileNotFoundError:
+            raise CacheError(f"{self.root}: checksum file {path.name} of shard {info['file']} is missing (damaged export)") from None
+        if hashlib.sha256(raw).hexdigest() != info.get("crc_sha256"):
+            raise CacheError(f"{self.root}: checksum file {path.name} of shard {info['file']} fails its checksum (damaged export)")
+        return np.frombuffer(raw, dtype="<u4").reshape(count, n)
 
     # -- reading -------------------------------------------------------------------------------
     def read(self, indices: Sequence[int] | np.ndarray, groups: Iterable[str] | None = None, *,
@@ -397,21 +501,25 @@ class WdsReader(ReaderBase):
         for u, i in enumerate(uniq.tolist()):
             by_shard.setdefault(self._shard_of(i), []).append(u)
         rows: dict[str, list[Any]] = {name: [None] * uniq.size for name in out}
+        column = {m: c for c, m in enumerate(self._member_order)}
         for shard, us in sorted(by_shard.items()):
             table = self._members(shard)
             fname = self.shards[shard]["file"]
             with _RangeReader(self.root / fname) as shard_file:
                 for u in us:
                     i = int(uniq[u])
-                    members = table.get(i)
-                    if members is None:
+                    row = int(np.searchsorted(table.indices, i))
+                    if row >= table.indices.size or table.indices[row] != i:
                         raise CacheError(f"{self.root}: shard {fname} has no sample for cache index {i} (damaged export)")
                     for g, name in wanted:
                         suffix = self.groups[g].members[name]
-                        if suffix not in members:
+                        off, size = (int(v) for v in table.spans[row, column[suffix]]) if suffix in column else (-1, -1)
+                        if off < 0:
                             raise CacheError(f"{self.root}: shard {fname} lacks '{suffix}' of cache index {i}")
-                        off, size = members[suffix]
                         member = shard_file.read(off, size)
+                        if table.crcs is not None and google_crc32c.value(member) != int(table.crcs[row, column[suffix]]):
+                            raise CacheError(f"{self.root}: shard {fname}: '{suffix}' of cache index {i} fails its checksum "
+                                             "(damaged, swapped or stale shard; export the cache again)")
                         rows[f"{g}/{name}"][u] = self._decode(member, fname, i, g, name)
         for name, arr in out.items():
             if idx.size:

@@ -232,7 +232,8 @@ def test_an_interrupted_export_of_ours_is_replaced(cache, tmp_path):
     (out / LOCK_FILE).unlink()
     second = export_wds(root, out, shard_bytes=3000)
     assert [s["sha256"] for s in second["shards"]] == [s["sha256"] for s in first["shards"]]
-    assert sorted(p.name for p in out.iterdir()) == sorted([INDEX_FILE, "manifest.parquet", *(s["file"] for s in first["shards"])])
+    assert sorted(p.name for p in out.iterdir()) == sorted([INDEX_FILE, "manifest.parquet", *(s["file"] for s in first["shards"]),
+                                                             *(s["crc_file"] for s in first["shards"])])
     np.testing.assert_array_equal(WdsReader(out).read(VALID)["teachers/t/cls"], truth["teachers/t"]["cls"][VALID])
 
 

@@ -329,9 +329,30 @@ def test_wds_reader_indexes_only_the_shards_it_touches(synth):
     r = WdsReader(synth["wds"])
     shard = next(k for k, s in enumerate(r.shards) if s["first"] <= 9 <= s["last"])
     r.read([9])
-    assert set(r._offsets) == {shard}
+    assert set(r._tables) == {shard}
     r.read_block(0, 2)
-    assert set(r._offsets) == {0, shard}
+    assert set(r._tables) == {0, shard}
+
+
+def test_an_export_without_checksum_files_is_checked_whole_shard(synth, tmp_path):
+    """An export of version 1 (no per-member checksums): the verifying reader hashes each shard whole."""
+    out = tmp_path / "w"
+    shutil.copytree(synth["wds"], out)
+    index = json.loads((out / INDEX_FILE).read_text())
+    for s in index["shards"]:
+        (out / s.pop("crc_file")).unlink()
+        del s["crc_sha256"]
+    del index["members"]
+    index["wds_version"] = 1
+    (out / INDEX_FILE).write_text(json.dumps(index))
+    r = WdsReader(out, verify_checksums=True)
+    np.testing.assert_array_equal(r.read(VALID)["teachers/u/cls"], synth["truth"]["teachers/u/cls"][VALID])
+    f = out / index["shards"][1]["file"]
+    raw = bytearray(f.read_bytes())
+    raw[-1100] ^= 0x01  # anywhere in the shard
+    f.write_bytes(bytes(raw))
+    with pytest.raises(CacheError, match=f"shard {index['shards'][1]['file']} fails its checksum"):
+        WdsReader(out, verify_checksums=True).read([index["shards"][1]["first"]])
 
 
 def test_export_is_deterministic_and_reexport_replaces(synth, tmp_path):
@@ -341,7 +362,7 @@ def test_export_is_deterministic_and_reexport_replaces(synth, tmp_path):
     (out / "shard-000099.tar").write_bytes(b"stale")  # left over by an interrupted export
     b = export_wds(synth["zarr"], out, shard_bytes=10**9)
     assert len(b["shards"]) == 1 and b["shards"][0]["count"] == len(VALID)
-    assert sorted(p.name for p in out.iterdir()) == ["index.json", "manifest.parquet", "shard-000000.tar"]
+    assert sorted(p.name for p in out.iterdir()) == ["index.json", "manifest.parquet", "shard-000000.crc", "shard-000000.tar"]
     np.testing.assert_array_equal(WdsReader(out).read(VALID)["teachers/u/cls"], synth["truth"]["teachers/u/cls"][VALID])
 
 
@@ -393,15 +414,29 @@ def test_damaged_export_refused_naming_the_shard(synth, tmp_path):
     out = tmp_path / "w"
     shutil.copytree(synth["wds"], out)
     shards = json.loads((out / INDEX_FILE).read_text())["shards"]
-    # A bit flip inside shard 1's data: the size is unchanged, the checksum is not.
+    # A bit flip inside the data of shard 1's first sample's mean: the size is unchanged, its crc32c is not.
     f = out / shards[1]["file"]
+    with tarfile.open(f) as tar:
+        member = next(m for m in tar if m.name.endswith(".latents.mean.npy"))
     raw = bytearray(f.read_bytes())
-    raw[1200] ^= 0x10
+    raw[member.offset_data + member.size - 1] ^= 0x10
     f.write_bytes(bytes(raw))
     r = WdsReader(out, verify_checksums=True)
     r.read([shards[0]["first"]])  # another shard reads fine
-    with pytest.raises(CacheError, match=f"shard {shards[1]['file']} fails its checksum"):
-        r.read([shards[1]["first"]])
+    first = shards[1]["first"]
+    r.read([first], fields=["teachers/u/cls"])  # and so do the other members of the sample
+    with pytest.raises(CacheError, match=f"shard {shards[1]['file']}: 'latents.mean.npy' of cache index {first} fails its checksum"):
+        r.read([first])
+    # A tar header damaged (its own checksum field): refused naming the shard
+    raw[member.offset_data - 512 + 148] ^= 0x01
+    f.write_bytes(bytes(raw))
+    with pytest.raises(CacheError, match=f"shard {shards[1]['file']} (holds|is not a readable tar)"):
+        WdsReader(out, verify_checksums=True).read([first])
+    # The checksum file of a shard replaced: refused by its sha256 in index.json
+    crc = out / shards[0]["crc_file"]
+    crc.write_bytes(bytes(len(crc.read_bytes())))
+    with pytest.raises(CacheError, match=f"checksum file {shards[0]['crc_file']} of shard {shards[0]['file']} fails its checksum"):
+        WdsReader(out, verify_checksums=True).read([shards[0]["first"]])
     # A truncated shard is refused on open.
     f2 = out / shards[2]["file"]
     f2.write_bytes(f2.read_bytes()[:1000])
