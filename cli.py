@@ -18,7 +18,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from repa_cache.cache.copy import DEFAULT_JOBS
-from repa_cache.cache.errors import RepaError, UsageError, quiet_unraisable
+from repa_cache.cache.errors import RepaError, UsageError, quiet_unraisable, user_message
 from repa_cache.cache.stats import DEFAULT_MAX_SAMPLES
 from repa_cache.cache.wds import DEFAULT_SHARD_BYTES
 from repa_cache.eval.config import AlignConfig, DemoConfig, FidConfig, SampleConfig
@@ -458,7 +458,7 @@ def main() -> None:
     try:
         app()  # standalone: usage errors print their message and exit 2, typer.Exit exits with its code
     except RepaError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {user_message(e)}", file=sys.stderr)
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
         print("aborted", file=sys.stderr)

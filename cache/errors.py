@@ -27,6 +27,18 @@ def one_line(exc: BaseException, limit: int = 200) -> str:
     return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
+def user_message(exc: BaseException) -> str:
+    """The message of a user-facing error. One raised in a DataLoader worker reaches the main
+    process wrapped by torch ("Caught CacheError in DataLoader worker process 0.", the worker's
+    traceback, then "<module>.CacheError: <message>"): that last line's message is returned."""
+    text = str(exc)
+    if not (text.startswith("Caught ") and "\nOriginal Traceback" in text):
+        return text
+    last = text.rstrip().splitlines()[-1]
+    name = f"{type(exc).__module__}.{type(exc).__qualname__}: "
+    return last[len(name):] if last.startswith(name) else last
+
+
 class RepaError(Exception):
     """Base class: a failure explained by its message alone."""
 

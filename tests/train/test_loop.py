@@ -357,8 +357,8 @@ def test_holdout_samples_are_never_trained_on(tiny_cache):
     assert len(seen) >= len(valid) - 5 - 3  # drop-last leaves at most batch-1 out of an epoch
 
 
-@pytest.mark.parametrize("damage", ["swap", "flip"])
-def test_a_shard_damaged_after_commit_stops_training_naming_it(tiny_cache, tmp_path, run_cli, damage):
+@pytest.mark.parametrize("damage, workers", [("swap", 0), ("flip", 0), ("flip", 2)])
+def test_a_shard_damaged_after_commit_stops_training_naming_it(tiny_cache, tmp_path, run_cli, damage, workers):
     """Shard objects swapped between two shards (each still decodes) or a flipped bit in every chunk
     of a shard: the trainer checks each chunk it reads against the shard records, and stops naming
     the shard."""
@@ -380,10 +380,11 @@ def test_a_shard_damaged_after_commit_stops_training_naming_it(tiny_cache, tmp_p
                 flipped[int(offset) + int(length) // 2] ^= 0x10
         shards[0].write_bytes(bytes(flipped))
         why = r"fails its checksum: its \d+ bytes differ from those written \(damaged bytes\)"
-    args = ["train", "--cache", str(bad), "--model", "SiT-tiny/2", "--batch-size", "8", "--max-steps", "4", "--workers", "0",
+    args = ["train", "--cache", str(bad), "--model", "SiT-tiny/2", "--batch-size", "8", "--max-steps", "4", "--workers", str(workers),
             "--device", "cpu", "--quiet"]
     code, _, err = run_cli([*args, "--out", str(tmp_path / "r")])
     errors = [line for line in err.splitlines() if not line.startswith("world size ")]  # the start-up status line
+    # (from a loader worker process too: one line, not torch's "Caught CacheError in DataLoader worker" and its traceback)
     assert code == 2 and len(errors) == 1 and "Traceback" not in err, err
     assert re.fullmatch(rf"error: group 'latents' of .*: shard [01] of 'mean' {why}", errors[0]), errors[0]
     assert latest_checkpoint(tmp_path / "r") is None
