@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from repa_cache.cache.errors import UsageError
-from repa_cache.cache.format import CODE_VERSION, CROP_RULE, FORMAT_VERSION, VIEW_NAMES, CacheMeta, LatentNorm
+from repa_cache.cache.format import CODE_VERSION, CROP_RULE, FORMAT_VERSION, VIEW_NAMES, CacheMeta, LatentNorm, fingerprint_diff
 from repa_cache.pipeline.groups import teacher_group_meta, vae_group
 from repa_cache.stages.teachers import get_teacher, teacher_metadata
 from repa_cache.stages.vae import TINY_VAE, VAESpec, load_vae
@@ -29,13 +29,26 @@ def test_latents_group_records_the_vae_latent_norm(meta: CacheMeta) -> None:
     assert (g.model["latent_channels"], g.model["latent_size"], g.model["downsample_factor"]) == (4, 32, 8)
 
 
-def test_fingerprints_are_those_existing_caches_were_written_with(meta: CacheMeta) -> None:
-    """Hashes computed before the group descriptions moved into stages/."""
-    assert vae_group(meta, VAESpec(TINY_VAE)).fingerprint_hash == "1dd87cd6e637f378f23617417a24ae1c6ee5a0ee4da9e021881cba6221ed3f59"
-    assert vae_group(meta, VAESpec(TINY_VAE), "bf16").fingerprint_hash == "39fa6b9e0a714f3187c251c89bb1eda22b66c2be9c3dc61774e1a1fa9fd4821e"
-    assert teacher_group_meta(meta, "tiny", "float16").fingerprint_hash == "4530eb98e649de335db4a1a47db5b907625ad9358a9de22b16005b62e72f83ae"
-    reg = teacher_group_meta(meta, "dinov2-vit-b-reg", "float16", "/x/ckpt.pth")
-    assert reg.fingerprint_hash == "6cab7ffc6e1ac885ce05c144b5585e580bfcf0c84a678b858b8bc015010f4ac6"
+def test_fingerprints_are_those_existing_caches_were_written_with(meta: CacheMeta, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Hashes computed before the group descriptions moved into stages/ (format v1), and the same
+    descriptions under format v2, which differ from them by the format version alone."""
+    from repa_cache.pipeline import groups
+
+    def hashes() -> list[str]:
+        return [vae_group(meta, VAESpec(TINY_VAE)).fingerprint_hash, vae_group(meta, VAESpec(TINY_VAE), "bf16").fingerprint_hash,
+                teacher_group_meta(meta, "tiny", "float16").fingerprint_hash,
+                teacher_group_meta(meta, "dinov2-vit-b-reg", "float16", "/x/ckpt.pth").fingerprint_hash]
+
+    with monkeypatch.context() as m:
+        m.setattr(groups, "FORMAT_VERSION", 1)
+        assert hashes() == ["1dd87cd6e637f378f23617417a24ae1c6ee5a0ee4da9e021881cba6221ed3f59",
+                            "39fa6b9e0a714f3187c251c89bb1eda22b66c2be9c3dc61774e1a1fa9fd4821e",
+                            "4530eb98e649de335db4a1a47db5b907625ad9358a9de22b16005b62e72f83ae",
+                            "6cab7ffc6e1ac885ce05c144b5585e580bfcf0c84a678b858b8bc015010f4ac6"]
+    v2 = [vae_group(meta, VAESpec(TINY_VAE)), teacher_group_meta(meta, "tiny", "float16")]
+    assert [g.fingerprint["format_version"] for g in v2] == [2, 2]
+    assert [fingerprint_diff(g.fingerprint, g.fingerprint | {"format_version": 1}) for g in v2] == [[], []]
+    assert hashes()[2] != "4530eb98e649de335db4a1a47db5b907625ad9358a9de22b16005b62e72f83ae"  # a v2 group is told from a v1 one
 
 
 def test_teacher_group_uses_the_teacher_description(meta: CacheMeta) -> None:

@@ -17,13 +17,13 @@ from repa_cache.cache.reader import CacheReader
 from repa_cache.eval.config import SampleConfig
 from repa_cache.eval.sample import sample
 from repa_cache.pipeline.precompute import precompute
+from repa_cache.stages import teachers as teachers_mod
 from repa_cache.stages.hashing import state_dict_sha256
 from repa_cache.stages.teachers import TeacherTail, get_teacher, load_teacher, teacher_metadata
 from repa_cache.train.checkpoint import latest_checkpoint, load_checkpoint
 from repa_cache.train.config import TrainConfig
 from repa_cache.train.loop import plan_run, train
 from repa_cache.train.methods import StepBatch, make_method
-from repa_cache.train.methods import haste as haste_mod
 from repa_cache.train.methods.base import CacheContext
 from repa_cache.train.methods.haste import HasteSiT, attention_loss
 from repa_cache.train.model import sit_config
@@ -214,7 +214,7 @@ def test_after_the_stop_no_hidden_token_is_read_and_no_teacher_block_runs(hidden
     def no_teacher(*args, **kwargs):
         raise AssertionError("a teacher was loaded after the stop")
 
-    monkeypatch.setattr(haste_mod, "load_teacher", no_teacher)
+    monkeypatch.setattr(teachers_mod, "load_teacher", no_teacher)  # HASTE imports the registry when it loads its teacher
     res = train(_cfg(hidden_cache, tmp_path / "a", align_schedule="stop:2", max_steps=6, ckpt_every=4))
     assert res.resumed_from == 4 and res.step == 6 and calls == [8, 8]
 
