@@ -42,8 +42,8 @@ from repa_cache.cache.errors import CacheError
 
 CRC_BYTES = 4
 _EMPTY = np.uint64(2**64 - 1)  # offset and length of a chunk the index lists as absent
-#: verified shard indices one process keeps (8 KiB each at 256 samples x 2 views)
-INDEX_CACHE_ENTRIES = 1024
+#: verified shard indices one group's store keeps per process (8 KiB each at 256 samples x 2 views)
+INDEX_CACHE_ENTRIES = 512
 
 
 @dataclass(frozen=True)
@@ -89,8 +89,8 @@ def chunk_layout(array: zarr.Array) -> ChunkLayout | None:
     return ChunkLayout(tuple(s // c for s, c in zip(shards, inner)))
 
 
-def _index_entries(index: bytes, layout: ChunkLayout) -> np.ndarray:
-    """(num_chunks, 2) uint64 offsets and lengths of a shard index (its crc32c excluded)."""
+def _index_entries(index: bytes | np.ndarray, layout: ChunkLayout) -> np.ndarray:
+    """(num_chunks, 2) uint64 offsets and lengths of a shard index (its crc32c excluded); a view."""
     return np.frombuffer(index, dtype="<u8", count=2 * layout.num_chunks).reshape(layout.num_chunks, 2)
 
 
@@ -222,8 +222,8 @@ class CheckedStore(WrapperStore[Store]):
             return None
         if table is None:
             raise self._fail(name, shard, "holds data where none was written")
-        index = buf.to_bytes()
-        if len(index) != layout.index_bytes or index[-CRC_BYTES:] != table.index_crc:
+        index = buf.as_numpy_array()  # a view: the cache keeps one copy of each index, the buffer zarr gets
+        if index.size != layout.index_bytes or index[-CRC_BYTES:].tobytes() != table.index_crc:
             raise self._fail(name, shard, "is not the object its record describes (its index differs: a swapped, stale or truncated shard)")
         entries = _index_entries(index, layout)
         with self._lock:
