@@ -423,7 +423,9 @@ class CacheReader(ReaderBase):
         self._tables: dict[tuple[str, int], dict[str, ChunkTable | None]] = {}  # v2 groups: by array
         self._lock = threading.Lock()
         self._pid = os.getpid()
-        self.groups: dict[str, GroupInfo] = {g: self._open_group(g, present) for g in wanted}
+        self.groups: dict[str, GroupInfo] = {}
+        for g in wanted:
+            self.groups[g] = self._open_group(g, present)
         whole = [g for g, info in self.groups.items() if not info.chunk_checked]
         if verify_checksums and whole:
             log.warning("%s: group(s) %s were written before per-chunk checksums (cache format v1): each loader process "
@@ -622,7 +624,7 @@ class CacheReader(ReaderBase):
             with self._lock:
                 if info is not None and info.chunk_checked:
                     self._tables[(group, shard)] = self._chunk_tables(group, shard, rec, info)
-                else:  # what check_shard reads; the outcomes and input hashes stay on disk
+                else:  # a v1 group, or one being opened: what check_shard reads, not the outcomes and input hashes
                     self._records[(group, shard)] = dataclasses.replace(rec, outcomes=[], input_sha256=[], chunks={})
 
     def _parse_record(self, group: str, shard: int, raw: bytes) -> ShardRecord:
@@ -647,16 +649,9 @@ class CacheReader(ReaderBase):
         return tables
 
     def _record(self, group: str, shard: int) -> ShardRecord:
-        """The record of one shard, as a v1 check keeps it (read when first asked for)."""
+        """The record of one shard of a group being opened (or of a v1 group), read when first asked for."""
         if (group, shard) not in self._records:
-            path = record_path(self.root, group, shard)
-            try:
-                raw = path.read_bytes()
-            except FileNotFoundError:
-                raise CacheError(f"group '{group}' of {self.root}: shard {shard} has no record (damaged cache)") from None
-            rec = self._parse_record(group, shard, raw)
-            with self._lock:
-                self._records[(group, shard)] = dataclasses.replace(rec, outcomes=[], input_sha256=[], chunks={})
+            self._load_records(group, [shard])
         return self._records[(group, shard)]
 
     def _table(self, group: str, name: str, shard: int) -> ChunkTable | None:
