@@ -21,7 +21,7 @@ import torch
 from repa_cache.cache.codec import FLOAT16
 from repa_cache.cache.errors import FingerprintMismatch, RepaError, UsageError, quiet_unraisable
 from repa_cache.cache.format import PLAN_FILE, ROOT_ATTR, CacheMeta, GroupMeta, fingerprint_diff, teacher_group, with_feature_codec
-from repa_cache.cache.layout import load_records
+from repa_cache.cache.layout import read_record, record_shards
 from repa_cache.cache.lock import LOCK_FILE, is_our_lock, writer_lock
 from repa_cache.cache.progress import Progress
 from repa_cache.cache.reader import commit_record, group_meta, list_groups, open_meta
@@ -111,12 +111,13 @@ def _precompute_locked(cfg: PrecomputeConfig, out: StorePath, listing: Any, meta
     result = PrecomputeResult(root=out, samples=meta.num_samples)
     todo: dict[int, list[str]] = {}
     known_weights: dict[str, str] = {}
-    for g in wanted:
+    for i, g in enumerate(wanted):
         if g.group in present:
             old_g = group_meta(out, g.group)
             diff = fingerprint_diff(old_g.fingerprint, g.fingerprint)
             if diff:
                 raise FingerprintMismatch(_group_mismatch(out, old_g, g, diff))
+            wanted[i] = g = old_g  # the same settings; a group of an older format keeps its own metadata
             if commit_record(out, g.group) is not None:
                 result.groups[g.group] = "already committed"
                 continue
@@ -124,14 +125,14 @@ def _precompute_locked(cfg: PrecomputeConfig, out: StorePath, listing: Any, meta
         else:
             create_group(out, meta, g)
             result.groups[g.group] = "written"
-        done = load_records(out, meta, g.group)
+        done = record_shards(out, meta, g.group)
         if done:
-            known_weights[g.group] = next(iter(done.values())).weights_sha256
+            known_weights[g.group] = read_record(out, g.group, min(done)).weights_sha256
         for shard in range(meta.num_shards):
             if shard not in done:
                 todo.setdefault(shard, []).append(g.group)
 
-    items = [listing.items[i] for i in sample_order(len(listing.items), cfg.seed)]
+    items = listing.items.take(sample_order(len(listing.items), cfg.seed))  # in cache order
     tasks = shard_tasks(out, meta, items, todo, cfg.batch_size, cfg.device, cpu_threads=_cpu_threads(cfg))
     if tasks:
         result.shards_written = _run_tasks(cfg, tasks, known_weights)

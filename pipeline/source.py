@@ -35,10 +35,17 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import operator
 import os
 import tarfile
+from array import array
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from json.encoder import encode_basestring_ascii
 from pathlib import Path
+from typing import Any, overload
+
+import numpy as np
 
 from repa_cache.cache.errors import UsageError, one_line
 
@@ -65,7 +72,7 @@ UNLISTED_LABEL_TOO_LARGE = f"label not below {MAX_CLASSES}"
 UNLISTED_DUPLICATE = "duplicate key"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class SourceItem:
     """One sample of the source dataset.
 
@@ -85,6 +92,127 @@ class SourceItem:
     size: int = 0
 
 
+def _derived_path(root: str, key: str, offset: int) -> str:
+    """The file of an item listed below ``root``: ``root/key`` for a file, ``root/<tar file>``
+    (the key's first part) for a webdataset sample."""
+    return os.path.join(root, key if offset < 0 else key.partition("/")[0])
+
+
+class ItemTable(Sequence[SourceItem]):
+    """The items of a listing, one array per field, in listing order.
+
+    A listing of ImageNet holds 1.28 M items; held as objects (an item, its key, its path, its
+    numbers) they take about 265 bytes each. Here an item costs its key string (about 80 bytes
+    for an ImageNet key) and 28 bytes of array entries: the path is not stored but derived from
+    the root and the key (:func:`_derived_path`), and item ``i`` is made as a :class:`SourceItem`
+    only when it is asked for. A table made from items whose paths do not follow that rule
+    (:meth:`from_items`) keeps their paths.
+
+    Slices, :meth:`take` and pickling keep only the rows they select (a shard task carries its
+    own rows, not the whole table).
+
+    Attributes:
+        root: The folder the keys are relative to.
+        keys: Item keys (numpy array of ``str`` objects).
+        labels: Class indices (int32; labels are below :data:`MAX_CLASSES`).
+        offsets: Byte offset of the image data in its tar shard, ``-1`` for a plain file (int64).
+        sizes: Bytes of the image data (int64).
+    """
+
+    __slots__ = ("_paths", "keys", "labels", "offsets", "root", "sizes")
+
+    def __init__(self, root: str, keys: Any, labels: Any, offsets: Any, sizes: Any, paths: Any = None) -> None:
+        self.root = root
+        self.keys: np.ndarray = np.asarray(keys, dtype=object)
+        self.labels: np.ndarray = np.asarray(labels, dtype=np.int32)
+        self.offsets: np.ndarray = np.asarray(offsets, dtype=np.int64)
+        self.sizes: np.ndarray = np.asarray(sizes, dtype=np.int64)
+        self._paths: np.ndarray | None = None if paths is None else np.asarray(paths, dtype=object)
+        columns = [self.keys, self.labels, self.offsets, self.sizes] + ([] if self._paths is None else [self._paths])
+        if any(c.ndim != 1 or len(c) != len(self.keys) for c in columns):
+            raise ValueError("the columns of an item table must be one-dimensional and of one length")
+
+    @classmethod
+    def from_items(cls, root: str, items: Iterable[SourceItem]) -> ItemTable:
+        """The table of ``items``; their paths are kept when they are not those derived from
+        ``root`` and their keys."""
+        items = list(items)
+        table = cls(root, [it.key for it in items], [it.label for it in items], [it.offset for it in items],
+                    [it.size for it in items])
+        if any(it.path != _derived_path(root, it.key, it.offset) for it in items):
+            table = cls(root, table.keys, table.labels, table.offsets, table.sizes, [it.path for it in items])
+        return table
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    @overload
+    def __getitem__(self, index: int) -> SourceItem: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> ItemTable: ...
+
+    def __getitem__(self, index: int | slice) -> SourceItem | ItemTable:
+        if isinstance(index, slice):
+            return self.take(index)
+        i = operator.index(index)
+        if i < 0:
+            i += len(self)
+        if not 0 <= i < len(self):
+            raise IndexError(f"item {index} of {len(self)}")
+        key, offset = self.keys[i], int(self.offsets[i])
+        path = _derived_path(self.root, key, offset) if self._paths is None else self._paths[i]
+        return SourceItem(key, int(self.labels[i]), path, offset, int(self.sizes[i]))
+
+    def __iter__(self) -> Iterator[SourceItem]:
+        for start in range(0, len(self), 4096):  # one block of Python numbers at a time
+            block = slice(start, start + 4096)
+            paths = self._paths[block].tolist() if self._paths is not None else None
+            rows = zip(self.keys[block].tolist(), self.labels[block].tolist(), self.offsets[block].tolist(), self.sizes[block].tolist())
+            for j, (key, label, offset, size) in enumerate(rows):
+                yield SourceItem(key, label, _derived_path(self.root, key, offset) if paths is None else paths[j], offset, size)
+
+    def take(self, rows: slice | Sequence[int] | np.ndarray) -> ItemTable:
+        """The table of the rows ``rows`` selects (a slice, or row numbers in any order)."""
+        if not isinstance(rows, slice):
+            rows = np.asarray(rows, dtype=np.intp)
+        paths = None if self._paths is None else self._paths[rows]
+        return ItemTable(self.root, self.keys[rows], self.labels[rows], self.offsets[rows], self.sizes[rows], paths)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, ItemTable):
+            return NotImplemented
+        return len(self) == len(other) and all(a == b for a, b in zip(self, other))
+
+    def __hash__(self) -> int:
+        return hash((len(self), self.keys[0] if len(self) else None))
+
+    def __repr__(self) -> str:
+        return f"ItemTable({len(self)} items below {self.root!r})"
+
+
+class _Columns:
+    """Items as they are found: a key string and three machine numbers each (no Python number
+    objects held per item)."""
+
+    def __init__(self) -> None:
+        self.keys: list[str] = []
+        self.labels = array("i")
+        self.offsets = array("q")
+        self.sizes = array("q")
+
+    def add(self, key: str, label: int, size: int, offset: int = -1) -> None:
+        self.keys.append(key)
+        self.labels.append(label)
+        self.sizes.append(size)
+        self.offsets.append(offset)
+
+    def table(self, root: str) -> ItemTable:
+        """The items as a table, in the order they were added."""
+        return ItemTable(root, self.keys, np.frombuffer(self.labels, dtype=np.int32), np.frombuffer(self.offsets, dtype=np.int64),
+                         np.frombuffer(self.sizes, dtype=np.int64))
+
+
 @dataclass(frozen=True)
 class SourceListing:
     """The ordered list of samples of a dataset, with its class names.
@@ -93,7 +221,8 @@ class SourceListing:
         kind: ``"imagefolder"``, ``"flat"`` (one class, :data:`FLAT_CLASS_NAME`) or ``"webdataset"``.
         root: The dataset folder (absolute).
         class_names: Class name of each label index.
-        items: The samples, in listing order.
+        items: The samples, in listing order (a sequence of :class:`SourceItem` given here is
+            stored as an :class:`ItemTable`).
         unlisted: Webdataset samples that were found but not listed: ``(reason, count)`` pairs,
             only for reasons with a non-zero count.
     """
@@ -101,8 +230,12 @@ class SourceListing:
     kind: str
     root: str
     class_names: tuple[str, ...]
-    items: tuple[SourceItem, ...]
+    items: ItemTable
     unlisted: tuple[tuple[str, int], ...] = ()
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.items, ItemTable):
+            object.__setattr__(self, "items", ItemTable.from_items(self.root, self.items))
 
     def describe(self) -> dict[str, object]:
         """A short, JSON-friendly description of the source for the cache metadata (with
@@ -128,10 +261,19 @@ class SourceListing:
         header = {"kind": self.kind, "class_names": list(self.class_names)}
         digest.update(json.dumps(header, sort_keys=True).encode("utf-8"))
         digest.update(b"\n")
-        for item in self.items:
-            digest.update(json.dumps([item.key, item.label, item.size]).encode("utf-8"))
-            digest.update(b"\n")
+        items = self.items
+        for start in range(0, len(items), 65536):
+            block = slice(start, start + 65536)
+            lines = map(_fingerprint_line, items.keys[block].tolist(), items.labels[block].tolist(), items.sizes[block].tolist())
+            digest.update("".join(lines).encode("utf-8"))
         return digest.hexdigest()
+
+
+def _fingerprint_line(key: str, label: int, size: int) -> str:
+    """An item's line of the listing fingerprint: the bytes of ``json.dumps([key, label, size])``
+    and a newline (json's own string escaping and separators, without its per-call overhead).
+    Every cache stores fingerprints made from these lines: they must never change."""
+    return f"[{encode_basestring_ascii(key)}, {label}, {size}]\n"
 
 
 def _is_hidden(name: str) -> bool:
@@ -189,32 +331,59 @@ def _list_imagefolder(root: Path) -> SourceListing:
     )
     if not class_names:
         return _list_flat(root)
-    items: list[SourceItem] = []
-    for label, class_name in enumerate(class_names):
-        for dirpath, dirnames, filenames in os.walk(root / class_name):
-            # Prune hidden folders in place so that os.walk does not descend into them.
-            dirnames[:] = [d for d in dirnames if not _is_hidden(d)]
-            for filename in filenames:
-                if _is_hidden(filename):
+    columns = _Columns()
+    # A key is "<class>/<path in the class folder>": the classes in the order of "<class>/", each
+    # with its keys sorted, are all keys sorted (one class's sort order held at a time).
+    for label in sorted(range(len(class_names)), key=lambda i: class_names[i] + "/"):
+        for key, size in sorted(_files_below(root / class_names[label], class_names[label])):
+            columns.add(key, label, size)
+    return SourceListing(kind="imagefolder", root=str(root), class_names=tuple(class_names), items=columns.table(str(root)))
+
+
+def _files_below(folder: Path, prefix: str) -> list[tuple[str, int]]:
+    """``(key, size)`` of every regular non-hidden file below ``folder`` (links followed to files,
+    not to folders; hidden folders and folders that cannot be read are left out, as ``os.walk``
+    does), keys ``prefix/<relative posix path>``; one ``stat`` per file, for its size."""
+    found: list[tuple[str, int]] = []
+    todo = [(str(folder), prefix)]
+    while todo:
+        path, rel = todo.pop()
+        try:
+            entries = list(os.scandir(path))
+        except OSError:
+            continue
+        for entry in entries:
+            if _is_hidden(entry.name):
+                continue
+            try:
+                is_dir = entry.is_dir()
+            except OSError:
+                is_dir = False
+            if is_dir:
+                if not entry.is_symlink():
+                    todo.append((entry.path, f"{rel}/{entry.name}"))
+                continue
+            try:
+                if not entry.is_file():  # broken links, sockets, fifos
                     continue
-                full = os.path.join(dirpath, filename)
-                if not os.path.isfile(full):  # broken links, sockets, fifos
-                    continue
-                key = Path(os.path.relpath(full, root)).as_posix()
-                items.append(SourceItem(key=key, label=label, path=full, size=os.path.getsize(full)))
-    items.sort(key=lambda item: item.key)
-    return SourceListing(kind="imagefolder", root=str(root), class_names=tuple(class_names), items=tuple(items))
+                size = entry.stat().st_size
+            except OSError:  # as os.path.isfile: what cannot be looked at is not a file
+                continue
+            found.append((f"{rel}/{entry.name}", size))
+    return found
 
 
 def _list_flat(root: Path) -> SourceListing:
     """List a folder of image files without sub-folders as one class (unconditional training)."""
-    items = [
-        SourceItem(key=entry.name, label=0, path=entry.path, size=entry.stat().st_size)
+    found = [
+        (entry.name, entry.stat().st_size)
         for entry in os.scandir(root)
         if not _is_hidden(entry.name) and entry.is_file()  # follows links; broken ones are not files
     ]
-    items.sort(key=lambda item: item.key)
-    return SourceListing(kind="flat", root=str(root), class_names=(FLAT_CLASS_NAME,), items=tuple(items))
+    columns = _Columns()
+    for key, size in sorted(found):
+        columns.add(key, 0, size)
+    return SourceListing(kind="flat", root=str(root), class_names=(FLAT_CLASS_NAME,), items=columns.table(str(root)))
 
 
 def _split_wds_name(name: str) -> tuple[str, str]:
@@ -229,14 +398,16 @@ def _split_wds_name(name: str) -> tuple[str, str]:
 
 
 def _list_webdataset(root: Path, tar_names: list[str]) -> SourceListing:
-    """List webdataset ``.tar`` shards by reading their headers (no image is decoded)."""
-    items: list[SourceItem] = []
+    """List webdataset ``.tar`` shards by reading their headers and labels in one pass over each
+    (no image is decoded)."""
+    columns = _Columns()
     max_label = -1
     unlisted = {UNLISTED_INCOMPLETE: 0, UNLISTED_LABEL_TOO_LARGE: 0, UNLISTED_DUPLICATE: 0}
     for tar_name in tar_names:
         tar_path = root / tar_name
         # sample key -> extension -> member, keys in order of first appearance
         samples: dict[str, dict[str, tarfile.TarInfo]] = {}
+        labels: dict[str, int | None] = {}  # sample key -> the label its (first) cls member holds
         repeats: dict[str, dict[str, int]] = {}  # key -> extension -> later members with that name
         try:
             with tarfile.open(tar_path, mode="r:") as tar:
@@ -246,20 +417,22 @@ def _list_webdataset(root: Path, tar_names: list[str]) -> SourceListing:
                     if _is_hidden(member.name.rpartition("/")[2]):
                         continue
                     key, ext = _split_wds_name(member.name)
+                    ext = ext.lower()
                     members = samples.setdefault(key, {})
-                    if ext.lower() in members:
+                    if ext in members:
                         counts = repeats.setdefault(key, {})
-                        counts[ext.lower()] = counts.get(ext.lower(), 0) + 1
+                        counts[ext] = counts.get(ext, 0) + 1
                         continue
-                    members[ext.lower()] = member
-                labels = {key: _read_wds_label(tar, members.get(WDS_LABEL_EXTENSION)) for key, members in samples.items()}
+                    members[ext] = member
+                    if ext == WDS_LABEL_EXTENSION:  # read now, next to the header just read
+                        labels[key] = _read_wds_label(tar, member)
         except (tarfile.TarError, OSError) as exc:
             raise UsageError(f"cannot read tar shard {tar_path}: {one_line(exc, _MAX_ERROR_CHARS)}") from exc
         # A repeated key is a second sample under the same name: only the first one is listed.
         unlisted[UNLISTED_DUPLICATE] += sum(max(counts.values()) for counts in repeats.values())
         for key, members in samples.items():
             image = next((members[e] for e in WDS_IMAGE_EXTENSIONS if e in members), None)
-            label = labels[key]
+            label = labels.get(key)
             if image is None or label is None:
                 unlisted[UNLISTED_INCOMPLETE] += 1
                 continue
@@ -267,9 +440,7 @@ def _list_webdataset(root: Path, tar_names: list[str]) -> SourceListing:
                 unlisted[UNLISTED_LABEL_TOO_LARGE] += 1
                 continue
             max_label = max(max_label, label)
-            items.append(
-                SourceItem(key=f"{tar_name}/{key}", label=label, path=str(tar_path), offset=image.offset_data, size=image.size)
-            )
+            columns.add(f"{tar_name}/{key}", label, image.size, image.offset_data)
     if unlisted[UNLISTED_INCOMPLETE]:
         logger.warning(
             "%d webdataset samples in %s have no image member (%s) or no valid %s label; they are not listed",
@@ -297,7 +468,7 @@ def _list_webdataset(root: Path, tar_names: list[str]) -> SourceListing:
         kind="webdataset",
         root=str(root),
         class_names=tuple(str(i) for i in range(max_label + 1)),
-        items=tuple(items),
+        items=columns.table(str(root)),
         unlisted=tuple((reason, n) for reason, n in unlisted.items() if n),
     )
 
@@ -333,6 +504,6 @@ def read_bytes(item: SourceItem) -> bytes:
 
 
 __all__ = [
-    "FLAT_CLASS_NAME", "MAX_CLASSES", "MAX_LABEL_BYTES", "WDS_IMAGE_EXTENSIONS", "WDS_LABEL_EXTENSION", "SourceItem", "SourceListing", "list_source",
-    "read_bytes",
+    "FLAT_CLASS_NAME", "MAX_CLASSES", "MAX_LABEL_BYTES", "WDS_IMAGE_EXTENSIONS", "WDS_LABEL_EXTENSION", "ItemTable", "SourceItem", "SourceListing",
+    "list_source", "read_bytes",
 ]

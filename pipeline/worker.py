@@ -21,7 +21,7 @@ from repa_cache.cache.format import LATENTS, RECORDS_DIR, TEACHER_PREFIX, CacheM
 from repa_cache.cache.reader import group_meta, open_meta
 from repa_cache.cache.storage import StorePath, describe_storage_error, is_storage_error, store_path
 from repa_cache.cache.writer import write_shard
-from repa_cache.pipeline.source import SourceItem, read_bytes
+from repa_cache.pipeline.source import ItemTable, SourceItem, read_bytes
 from repa_cache.stages import teachers as teachers_mod
 from repa_cache.stages import vae as vae_mod
 from repa_cache.stages.devices import resolve_device
@@ -40,7 +40,7 @@ class ShardTask:
 
     root: str
     shard: int
-    items: tuple[SourceItem, ...]
+    items: ItemTable
     groups: tuple[str, ...]
     batch_size: int
     device: str
@@ -214,16 +214,17 @@ def _decode_threads(task: ShardTask, device: torch.device) -> int:
 def shard_tasks(
     root: StorePath,
     meta: CacheMeta,
-    items_in_order: list[SourceItem],
+    items_in_order: ItemTable,
     todo: dict[int, list[str]],
     batch_size: int,
     device: str,
     cpu_threads: int = 0,
 ) -> list[ShardTask]:
-    """One task per shard that still lacks at least one group."""
+    """One task per shard that still lacks at least one group (its items: a slice of
+    ``items_in_order``, which shares its arrays)."""
     tasks = []
     for shard in sorted(todo):
         start, stop = meta.shard_range(shard)
-        items = tuple(items_in_order[start:stop])
+        items = items_in_order[start:stop]
         tasks.append(ShardTask(str(root), shard, items, tuple(todo[shard]), batch_size, device, cpu_threads, decode_threads=cpu_threads))
     return tasks

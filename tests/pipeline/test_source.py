@@ -3,9 +3,11 @@ webdataset shards."""
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import logging
+import pickle
 import shutil
 import tarfile
 from pathlib import Path
@@ -14,7 +16,7 @@ import numpy as np
 import pytest
 
 from repa_cache.cache.errors import UsageError
-from repa_cache.pipeline.source import FLAT_CLASS_NAME, SourceItem, SourceListing, list_source, read_bytes
+from repa_cache.pipeline.source import FLAT_CLASS_NAME, ItemTable, SourceItem, SourceListing, list_source, read_bytes
 from repa_cache.stages.images import decode_and_crop
 from tests.stages.conftest import encode, random_rgb
 
@@ -128,6 +130,43 @@ def test_fingerprint_covers_kind_labels_and_order() -> None:
         ),
     ]
     assert len({v.fingerprint() for v in variants} | {base.fingerprint()}) == 5
+
+
+def test_fingerprint_is_json_lines() -> None:
+    """The digest is sha256 over a JSON header and one ``json.dumps([key, label, size])`` line per
+    item; caches store it, so this is fixed for good (odd keys, large numbers, many items)."""
+    odd = ['q"uote\\back', "tab\there\nline", "é ü", "bad\udcff.jpg", "cat 🐈", "\x00\x1f", "/"]
+    keys = odd + [f"n{i % 1000:08d}/n{i % 1000:08d}_{i}.JPEG" for i in range(70_000)]
+    items = [SourceItem(k, (i * 7919) % 1000, f"/x/{k}", size=(i * 104_729) % 300_000) for i, k in enumerate(keys)]
+    listing = SourceListing("imagefolder", "/x", tuple(f"c{i}" for i in range(1000)), tuple(items))
+    reference = hashlib.sha256()
+    reference.update(json.dumps({"kind": "imagefolder", "class_names": list(listing.class_names)}, sort_keys=True).encode() + b"\n")
+    for it in items:
+        reference.update(json.dumps([it.key, it.label, it.size]).encode() + b"\n")
+    assert listing.fingerprint() == reference.hexdigest()
+
+
+def test_items_are_a_table(image_folder: tuple[Path, dict[str, bytes]]) -> None:
+    """A listing's items are columns: an item, a slice, a selection and a pickled slice give back
+    the items the listing lists (paths derived from the root), and a pickled slice holds only its
+    own rows."""
+    root, _ = image_folder
+    items = list_source(root).items
+    assert isinstance(items, ItemTable)
+    every = list(items)
+    assert [items[i] for i in range(len(items))] == every == [items[i - len(items)] for i in range(len(items))]
+    assert all(Path(it.path) == root.resolve() / it.key for it in every)
+    assert list(items[1:4]) == every[1:4] and list(items.take(np.array([4, 0, 2]))) == [every[4], every[0], every[2]]
+    assert pickle.loads(pickle.dumps(items[2:], protocol=5)) == items[2:]
+    with pytest.raises(IndexError):
+        items[len(items)]
+
+    n = 100_000
+    big = ItemTable("/data", [f"c/{i}.jpg" for i in range(n)], np.zeros(n), np.full(n, -1), np.ones(n))
+    assert len(pickle.dumps(big[:256], protocol=5)) * 200 < len(pickle.dumps(big, protocol=5))
+    # Items whose paths are not root/key keep them.
+    elsewhere = SourceListing("flat", "/x", ("c",), (SourceItem("a", 0, "/elsewhere/a", size=1), SourceItem("b", 0, "/x/b", size=2)))
+    assert [it.path for it in elsewhere.items] == ["/elsewhere/a", "/x/b"] and elsewhere.items.take([1])[0].path == "/x/b"
 
 
 def add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
