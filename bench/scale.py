@@ -21,12 +21,12 @@ Then, each command in a fresh process (so its peak memory is its own):
 A last probe repeats the loader measurement on a cache with DINOv2-B geometry (256x768 float16
 tokens, 4x32x32 latents) at a small N, where the ratios are those of a real cache. Each cost gets
 its growth exponent between consecutive sizes, ``log(c2 / c1) / log(N2 / N1)`` (1 = linear), and
-the ImageNet extrapolation is printed from the measured per-shard and per-sample figures.
+docs/benchmarks.md extrapolates them to ImageNet from the per-shard and per-sample figures.
 
 Caches are kept under ``--workdir`` and reused when complete; copies and exports are removed after
 they are measured. Examples::
 
-    python bench/scale.py                                   # 20 k, 160 k, 1.28 M (about an hour on 2 cores)
+    python bench/scale.py                                   # 20 k, 160 k, 1.28 M (about 3 h on 2 cores)
     python bench/scale.py --sizes 20000 --steps 8 --out /tmp/scale.json
 """
 
