@@ -17,12 +17,11 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from repa_cache.cache.copy import DEFAULT_JOBS
+from repa_cache.cache.defaults import DEFAULT_COPY_JOBS, DEFAULT_MAX_SAMPLES, DEFAULT_SHARD_BYTES
 from repa_cache.cache.errors import RepaError, UsageError, quiet_unraisable, user_message
-from repa_cache.cache.stats import DEFAULT_MAX_SAMPLES
-from repa_cache.cache.wds import DEFAULT_SHARD_BYTES
+from repa_cache.cache.format import FORMAT_VERSION
 from repa_cache.eval.config import AlignConfig, DemoConfig, FidConfig, SampleConfig
-from repa_cache.pipeline.plan import PrecomputeConfig
+from repa_cache.pipeline.plan import PrecomputeConfig, check_config, recorded_settings
 from repa_cache.train.config import METHOD_NAMES, OptimConfig, TrainConfig, TransportConfig
 
 
@@ -44,11 +43,28 @@ app = typer.Typer(
 )
 
 
+
+def _print_version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        print(f"repa-cache {version('repa-cache')} (cache format v{FORMAT_VERSION})")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
+                                          help="Print the version and the cache format it writes, and exit.")] = False,
+) -> None:
+    """Encode a dataset once (SD-VAE latents + teacher ViT features) and train REPA models from the cache."""
+
 @app.command()
 def precompute(
     data: Annotated[Path, typer.Argument(help="Image folder (one sub-folder per class) or folder of webdataset .tar shards.")],
     out: Annotated[str, typer.Argument(help="Cache folder or URL (s3://bucket/prefix) to create, resume, or add teachers to.")],
-    resolution: Annotated[int, typer.Option(help="Crop size in pixels (ADM center crop): a multiple of 8 in [64, 4096].")] = _field(PrecomputeConfig, "resolution"),
+    resolution: Annotated[Optional[int], typer.Option(help="Crop size in pixels (ADM center crop): a multiple of 8 in [64, 4096]. "
+                                                           f"Default: OUT's when it is a cache, else {_field(PrecomputeConfig, 'resolution')}.")] = None,
     vae: Annotated[
         Optional[str], typer.Option(help="Diffusers AutoencoderKL: HF id, local folder, or 'tiny'. Default: the cache's VAE, else stabilityai/sd-vae-ft-ema.")
     ] = _field(PrecomputeConfig, "vae"),
@@ -64,8 +80,10 @@ def precompute(
                                                "(1-based; LAST defaults to the last block), for attention alignment "
                                                "(--method haste; DINOv2-B: 9-12). Without NAME= for every --teacher (repeatable).")
     ] = None,
-    flip: Annotated[bool, typer.Option(help="Also encode the horizontally flipped view.")] = _field(PrecomputeConfig, "flip"),
-    shard_size: Annotated[int, typer.Option(help="Samples per shard (the unit of work and of writing), in [1, 65536].")] = _field(PrecomputeConfig, "shard_size"),
+    flip: Annotated[Optional[bool], typer.Option(help="Also encode the horizontally flipped view. Default: OUT's when it is a cache, "
+                                                     f"else {'--flip' if _field(PrecomputeConfig, 'flip') else '--no-flip'}.")] = None,
+    shard_size: Annotated[Optional[int], typer.Option(help="Samples per shard (the unit of work and of writing), in [1, 65536]. "
+                                                           f"Default: OUT's when it is a cache, else {_field(PrecomputeConfig, 'shard_size')}.")] = None,
     batch_size: Annotated[int, typer.Option(help="Images per encoder forward pass (at least 1).")] = _field(PrecomputeConfig, "batch_size"),
     feature_dtype: Annotated[str, typer.Option(help="Stored teacher feature dtype: float16 or float32.")] = _field(PrecomputeConfig, "feature_dtype"),
     feature_codec: Annotated[str, typer.Option(help="Teacher token codec: float16 (as --feature-dtype) or int8 (per-token scale, a quarter of float32's bytes).")] = _field(PrecomputeConfig, "feature_codec"),
@@ -75,24 +93,22 @@ def precompute(
     device: Annotated[str, typer.Option(help="'auto' (one GPU per worker, else CPU), 'cpu', 'cuda', 'cuda:1'.")] = _field(PrecomputeConfig, "device"),
     workers: Annotated[Optional[int], typer.Option(help="Local dask worker processes (at least 1). Default: one per GPU, else 1.")] = _field(PrecomputeConfig, "workers"),
     scheduler: Annotated[Optional[str], typer.Option(help="Address of an existing dask scheduler (tcp://host:8786).")] = _field(PrecomputeConfig, "scheduler"),
-    seed: Annotated[int, typer.Option(help="Seed of the sample order permutation.")] = _field(PrecomputeConfig, "seed"),
+    seed: Annotated[Optional[int], typer.Option(help="Seed of the sample order permutation. "
+                                                     f"Default: OUT's when it is a cache, else {_field(PrecomputeConfig, 'seed')}.")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
     """Encode DATA into the cache OUT. Running it again resumes; naming a new --teacher adds it."""
-    from repa_cache.pipeline.precompute import describe_result
-    from repa_cache.pipeline.precompute import precompute as run
-
+    given = {"resolution": resolution, "shard_size": shard_size, "flip": flip, "seed": seed}
+    settings = recorded_settings(out) | {k: v for k, v in given.items() if v is not None}
     cfg = PrecomputeConfig(
+        **settings,
         data=str(data),
         out=str(out),
-        resolution=resolution,
         vae=vae,
         vae_revision=vae_revision,
         teachers=tuple(teacher) if teacher else _field(PrecomputeConfig, "teachers"),
         teacher_checkpoints=_pairs(teacher_checkpoint or [], "--teacher-checkpoint"),
         teacher_layers={k: v for item in teacher_layers or [] for k, v in [item.split("=", 1) if "=" in item else ("*", item)]},
-        flip=flip,
-        shard_size=shard_size,
         batch_size=batch_size,
         feature_dtype=feature_dtype,
         feature_codec=feature_codec,
@@ -100,9 +116,12 @@ def precompute(
         device=device,
         workers=workers,
         scheduler=scheduler,
-        seed=seed,
         quiet=quiet,
     )
+    check_config(cfg)  # a typo is reported before torch and the models are imported
+    from repa_cache.pipeline.precompute import describe_result
+    from repa_cache.pipeline.precompute import precompute as run
+
     print(describe_result(run(cfg)))
 
 
@@ -203,8 +222,6 @@ def train(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or status lines.")] = False,
 ) -> None:
     """Train a SiT with REPA (or another --method) from a cache: no teacher forward, no image decoding. Also under torchrun."""
-    from repa_cache.train.loop import describe_run
-
     cfg = TrainConfig(
         cache=str(cache),
         out=str(out),
@@ -238,6 +255,8 @@ def train(
         verify=verify,
         quiet=quiet,
     )
+    from repa_cache.train.loop import describe_run  # torch: after the checks that need none
+
     summary = describe_run(cfg, dry_run=dry_run)
     if summary:
         print(summary)
@@ -437,7 +456,7 @@ def cache_copy(
     teacher: Annotated[Optional[list[str]], typer.Option(help="Copy only these teachers (repeatable; latents always). Default: every committed group.")] = None,
     latents_only: Annotated[bool, typer.Option("--latents-only", help="Copy the latents alone (then precompute teachers into the copy, "
                                                                      "e.g. again with --teacher-layers).")] = False,
-    jobs: Annotated[int, typer.Option(help="Shards copied concurrently.")] = DEFAULT_JOBS,
+    jobs: Annotated[int, typer.Option(help="Shards copied concurrently.")] = DEFAULT_COPY_JOBS,
     feature_codec: Annotated[Optional[str], typer.Option(help="Store the teacher tokens in this codec (float16 or int8): decode and encode again. Default: copy as stored.")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
@@ -453,7 +472,13 @@ def cache_copy(
 def main() -> None:
     """Entry point: configure logging once, turn user-facing errors into one line and an exit code."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "error")  # dask reads this when distributed is imported
+    # distributed sets up its loggers from dask's config when it is imported (by a command, later),
+    # and worker processes inherit the variable; dask itself was imported above and read its
+    # config then, so it reads it again.
+    os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "error")
+    import dask.config
+
+    dask.config.refresh()
     quiet_unraisable()
     try:
         app()  # standalone: usage errors print their message and exit 2, typer.Exit exits with its code

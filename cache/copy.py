@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from repa_cache.cache.codec import FEATURE_CODECS, scale_name
+from repa_cache.cache.defaults import DEFAULT_COPY_JOBS
 from repa_cache.cache.errors import CacheError, FingerprintMismatch, UsageError
 from repa_cache.cache.format import (
     MANIFEST_FILE,
@@ -44,7 +45,7 @@ from repa_cache.cache.progress import Progress, format_bytes
 from repa_cache.cache.reader import CacheReader, ReaderBase, commit_record, group_meta, list_groups, open_meta, parse_record
 from repa_cache.cache.storage import StorePath, store_path
 
-DEFAULT_JOBS = 8
+DEFAULT_JOBS = DEFAULT_COPY_JOBS
 
 
 @dataclass

@@ -7,6 +7,9 @@ exits with ``exit_code``. Anything else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Sequence
+
 
 def quiet_unraisable() -> None:
     """Send "Exception ignored in ..." reports (raised in finalizers, e.g. of an object-store
@@ -59,3 +62,12 @@ class CacheError(RepaError):
 
 class FingerprintMismatch(CacheError):
     """A resume or an added group would mix data made under different settings."""
+
+
+def unknown_name(kind: str, name: str, known: Sequence[str], more: str = "") -> UsageError:
+    """The error for a ``kind`` called ``name`` that is not one of ``known``: one line naming the
+    closest known name when one is close (a typo), then every known name (``more`` appended)."""
+    lowered = {k.lower(): k for k in known}
+    close = difflib.get_close_matches(name.lower(), list(lowered), n=1, cutoff=0.75)
+    hint = f" (did you mean '{lowered[close[0]]}'?)" if close else ""
+    return UsageError(f"unknown {kind} '{name}'{hint}; known {kind}s: {', '.join(known)}{more}")

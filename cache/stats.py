@@ -19,6 +19,7 @@ import zarr
 
 from repa_cache.cache.chunks import chunk_layout
 from repa_cache.cache.codec import decode_numpy, scale_name
+from repa_cache.cache.defaults import DEFAULT_MAX_SAMPLES
 from repa_cache.cache.errors import UsageError
 from repa_cache.cache.format import MANIFEST_FILE, LatentNorm, sha256_json
 from repa_cache.cache.layout import bulk_reads, open_zarr, zarr_array
@@ -29,7 +30,6 @@ from repa_cache.cache.storage import StorePath
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-DEFAULT_MAX_SAMPLES = 10_000
 
 
 def _reason_kind(reason: str) -> str:

@@ -32,6 +32,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
+from repa_cache.cache.errors import UsageError, one_line
+
 _LOCAL = LocalFileSystem()
 
 
@@ -102,7 +104,14 @@ class StorePath:
         if not is_url(s):
             return cls(_LOCAL, s.removeprefix("file://"))
         protocol = s.split("://", 1)[0]
-        fs, path = fsspec.core.url_to_fs(s, use_listings_cache=False)
+        try:
+            fs, path = fsspec.core.url_to_fs(s, use_listings_cache=False)
+        except ImportError as e:  # the protocol's filesystem package is an optional extra
+            package = _PACKAGES.get(protocol)
+            install = f"pip install {package}" if package else "install the fsspec filesystem for it"
+            raise UsageError(f"{s}: {protocol}:// needs a package that is not installed ({install})") from e
+        except ValueError as e:  # a protocol fsspec does not know
+            raise UsageError(f"{s}: {one_line(e)}") from e
         return cls(fs, path.rstrip("/"), protocol)
 
     # -- names ---------------------------------------------------------------------------------
@@ -302,6 +311,11 @@ class StorePath:
         if self.is_local:
             return LocalStore(self.path, read_only=read_only)
         return FsspecStore.from_url(str(self), storage_options=dict(self.fs.storage_options), read_only=read_only)
+
+
+#: The fsspec filesystem package of each object-store protocol (``s3``: also ``pip install 'repa-cache[s3]'``).
+_PACKAGES = {"s3": "s3fs", "s3a": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "az": "adlfs", "abfs": "adlfs", "abfss": "adlfs",
+             "hf": "huggingface_hub", "sftp": "paramiko", "ssh": "paramiko"}
 
 
 def store_path(where: str | os.PathLike[str] | StorePath) -> StorePath:

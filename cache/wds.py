@@ -56,6 +56,7 @@ import google_crc32c
 import numpy as np
 import pyarrow.compute as pc
 
+from repa_cache.cache.defaults import DEFAULT_SHARD_BYTES
 from repa_cache.cache.errors import CacheError, UsageError
 from repa_cache.cache.format import (
     FORMAT_VERSION,
@@ -77,7 +78,6 @@ EXPORT_MARKER = ".repa-export.json"  # written before the first shard: this fold
 EXPORT_MARKER_FORMAT = "repa-cache-wds-export-in-progress"
 SHARD_PATTERN = "shard-%06d.tar"
 _SHARD_RE = re.compile(r"^shard-\d{6}\.(tar|crc)$")
-DEFAULT_SHARD_BYTES = 1_000_000_000
 LABEL_FIELD = "cls"
 KEY_FIELD = "txt"
 _TAR_MTIME = 0  # fixed member mtime: the same cache exports to byte-identical shards

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from repa_cache.cache.errors import UsageError
+from repa_cache.cache.errors import UsageError, unknown_name
 from repa_cache.eval.config import SampleConfig
 from repa_cache.stages.devices import autocast
 from repa_cache.train.config import PATHS
@@ -78,7 +78,7 @@ class SamplerConfig:
     def validate(self) -> None:
         """Raise :class:`UsageError` with one line when the settings cannot work."""
         if self.sampler not in SAMPLERS:
-            raise UsageError(f"unknown sampler '{self.sampler}'; known samplers: {', '.join(SAMPLERS)}")
+            raise unknown_name("sampler", self.sampler, list(SAMPLERS))
         if self.path not in PATHS:
             raise UsageError(f"unknown path '{self.path}'; known paths: {', '.join(PATHS)}")
         if self.steps < 1:

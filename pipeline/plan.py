@@ -14,6 +14,7 @@ from repa_cache.cache.errors import UsageError
 from repa_cache.cache.format import CODE_VERSION, CROP_RULE, FORMAT_VERSION, VIEW_NAMES, CacheMeta
 from repa_cache.cache.storage import store_path
 from repa_cache.pipeline.source import SourceListing
+from repa_cache.stages.registry import check_teacher_name
 
 #: ``--resolution`` bounds (a multiple of 8, so that the SD-VAE's 8x downsampling is exact).
 MIN_RESOLUTION = 64
@@ -55,21 +56,37 @@ class PrecomputeConfig:
         return VIEW_NAMES if self.flip else VIEW_NAMES[:1]
 
 
+#: The settings a cache records in its root metadata: extending or resuming it takes them as the
+#: defaults, so only a changed value needs to be typed (and is then refused as a change).
+RECORDED_SETTINGS: tuple[str, ...] = ("resolution", "shard_size", "flip", "seed")
+
+
+def recorded_settings(out: str) -> dict[str, Any]:
+    """The :data:`RECORDED_SETTINGS` of the cache at ``out``; empty when ``out`` holds no cache
+    (a path that is something else is refused later, by the precompute itself)."""
+    from repa_cache.cache.reader import open_meta
+
+    root = store_path(out)
+    if not (root / "zarr.json").is_file():
+        return {}
+    _, meta = open_meta(root)
+    return {"resolution": meta.resolution, "shard_size": meta.shard_size, "flip": meta.views == VIEW_NAMES, "seed": meta.seed}
+
+
 def check_config(cfg: PrecomputeConfig) -> None:
     """Refuse values that cannot work, before any work starts (one line each).
 
     ``resolution`` must be a multiple of 8 in [:data:`MIN_RESOLUTION`, :data:`MAX_RESOLUTION`];
     ``shard_size`` in [1, :data:`MAX_SHARD_SIZE`]; ``batch_size`` and ``workers`` (when given) at
-    least 1; ``device`` a device torch knows (``auto``, ``cpu``, ``cuda``, ``cuda:N``), and without a
-    remote scheduler one this machine has (a remote cluster's workers resolve it themselves); the
-    output folder must not be the data folder or inside it (symlinks resolved), or the cache would
-    be listed as data by every later run.
+    least 1; every teacher a registry name or ``timm:MODEL_ID``; the output folder not the data
+    folder or inside it (symlinks resolved), or the cache would be listed as data by every later
+    run. These need no torch and come first; then ``device`` must be a device torch knows
+    (``auto``, ``cpu``, ``cuda``, ``cuda:N``) and, without a remote scheduler, one this machine has
+    (a remote cluster's workers resolve it themselves).
 
     Raises:
         UsageError: the first value that breaks a rule.
     """
-    from repa_cache.stages.devices import parse_device, resolve_device
-
     r = cfg.resolution
     if r % 8 or not MIN_RESOLUTION <= r <= MAX_RESOLUTION:
         raise UsageError(f"--resolution must be a multiple of 8 in [{MIN_RESOLUTION}, {MAX_RESOLUTION}], not {r}")
@@ -83,16 +100,20 @@ def check_config(cfg: PrecomputeConfig) -> None:
         raise UsageError(f"--feature-codec {cfg.feature_codec} quantises the encoder's float32 output; leave --feature-dtype at float16")
     if cfg.workers is not None and cfg.workers < 1:
         raise UsageError(f"--workers must be at least 1, not {cfg.workers}")
-    if cfg.scheduler is None:
-        resolve_device(cfg.device)
-    else:  # the remote workers have the GPUs: check the name only
-        parse_device(cfg.device)
+    for name in cfg.teachers:
+        check_teacher_name(name)
     out, data = store_path(cfg.out), store_path(cfg.data)
     if out.is_local and out.is_within(data):
         raise UsageError(
             f"output folder {cfg.out} is inside the data folder {cfg.data} "
             f"({out.resolve()} in {data.resolve()}); write the cache somewhere else"
         )
+    from repa_cache.stages.devices import parse_device, resolve_device  # torch: after every check that needs none
+
+    if cfg.scheduler is None:
+        resolve_device(cfg.device)
+    else:  # the remote workers have the GPUs: check the name only
+        parse_device(cfg.device)
 
 
 def sample_order(num_items: int, seed: int) -> np.ndarray:

@@ -13,6 +13,9 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Generator
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from contextlib import closing
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,7 +33,7 @@ from repa_cache.cache.writer import commit_group, create_cache, create_group
 from repa_cache.pipeline.groups import STAGE_ONE_PRECISIONS, teacher_group_meta, vae_group
 from repa_cache.pipeline.plan import PrecomputeConfig, check_config, make_plan, sample_order
 from repa_cache.pipeline.source import list_source
-from repa_cache.pipeline.worker import run_shard_task, shard_tasks
+from repa_cache.pipeline.worker import ShardTask, release_models, run_shard_task, shard_tasks
 from repa_cache.stages.devices import check_precision
 from repa_cache.stages.teachers import get_teacher, hidden_metadata, parse_layers
 from repa_cache.stages.vae import DEFAULT_VAE, VAESpec
@@ -200,41 +203,16 @@ def _vae_spec(cfg: PrecomputeConfig, existing: StorePath | None) -> VAESpec:
     return VAESpec(DEFAULT_VAE, cfg.vae_revision)
 
 
-def _run_tasks(cfg: PrecomputeConfig, tasks: list[Any], known_weights: dict[str, str]) -> int:
-    """Submit one task per shard to the dask cluster and wait, checking records as they arrive."""
-    from distributed import Client, LocalCluster, as_completed
-
-    cuda = torch.cuda.is_available() and (cfg.device == "auto" or cfg.device.startswith("cuda"))
-    if cfg.scheduler:
-        client = Client(cfg.scheduler)
-        cluster = None
-    else:
-        n = cfg.workers or (torch.cuda.device_count() if cuda else 1)
-        cluster = LocalCluster(
-            n_workers=n,
-            # On a GPU, two tasks per worker overlap one shard's decode and write with the next one's
-            # encode (they share the worker's models); on a CPU the cores are already split up.
-            threads_per_worker=2 if cuda else 1,
-            processes=cfg.processes,
-            dashboard_address=":0",
-            silence_logs=logging.ERROR,
-        )
-        client = Client(cluster)
-        if cfg.processes:
-            client.run(_die_with_parent)
-            client.run(quiet_unraisable)
-    if not cfg.quiet and client.dashboard_link:
-        print(f"dask dashboard: {client.dashboard_link}", file=sys.stderr)
-
+def _run_tasks(cfg: PrecomputeConfig, tasks: list[ShardTask], known_weights: dict[str, str]) -> int:
+    """Run one task per shard, checking records as they arrive: in this process when the work is
+    local and one worker does it, else on a dask cluster (a local one, or ``cfg.scheduler``)."""
     weights = dict(known_weights)  # group -> weights sha256 of the shards already written
+    images = {t.shard: len(t.items) for t in tasks}  # counted when its shard finishes
+    bar = Progress(sum(images.values()), "precompute", "img", quiet=cfg.quiet)
     written = 0
-    try:
-        futures = [client.submit(run_shard_task, t, pure=False, retries=2, key=f"shard-{t.shard:06d}-{time.time_ns()}") for t in tasks]
-        images = {f.key: len(t.items) for f, t in zip(futures, tasks)}  # counted when its shard finishes
-        bar = Progress(sum(images.values()), "precompute", "img", quiet=cfg.quiet)
-        for future, result in as_completed(futures, with_results=True):
+    with closing(_completed(cfg, tasks)) as completed:  # an error stops the other tasks at once
+        for task, result in completed:
             if "user_error" in result:
-                client.cancel(futures)
                 err = RepaError(result["user_error"])
                 err.exit_code = result["exit_code"]
                 raise err
@@ -246,13 +224,77 @@ def _run_tasks(cfg: PrecomputeConfig, tasks: list[Any], known_weights: dict[str,
                         f"({w[:12]} vs {rec['weights_sha256'][:12]}); use the same model files to resume"
                     )
             written += 1
-            bar.update(images[future.key])
-        bar.close()
+            bar.update(images[task.shard])
+    bar.close()
+    return written
+
+
+def _completed(cfg: PrecomputeConfig, tasks: list[ShardTask]) -> Generator[tuple[ShardTask, dict[str, Any]], None, None]:
+    """``(task, result)`` of :func:`run_shard_task` for every task, as they finish. Closing the
+    iterator early (an error) stops the tasks still to run."""
+    cuda = torch.cuda.is_available() and (cfg.device == "auto" or cfg.device.startswith("cuda"))
+    # On a GPU, two tasks per worker overlap one shard's decode and write with the next one's
+    # encode (they share the worker's models); on a CPU the cores are already split up.
+    per_worker = 2 if cuda else 1
+    workers = cfg.workers or (torch.cuda.device_count() if cuda else 1)
+    if cfg.scheduler is None and workers == 1:
+        yield from _completed_here(tasks, per_worker)
+    else:
+        yield from _completed_on_dask(cfg, tasks, workers, per_worker)
+
+
+def _completed_here(tasks: list[ShardTask], threads: int) -> Generator[tuple[ShardTask, dict[str, Any]], None, None]:
+    """The tasks in this process (no cluster to start: the work of one local worker), ``threads``
+    at a time. Its models and torch's thread count are given back when it ends."""
+    torch_threads = torch.get_num_threads()
+    try:
+        if threads == 1:
+            for task in tasks:
+                yield task, run_shard_task(task)
+            return
+        with ThreadPoolExecutor(threads, thread_name_prefix="shard") as pool:
+            running = {pool.submit(run_shard_task, t): t for t in tasks}
+            try:
+                for future in as_completed(running):
+                    yield running[future], future.result()
+            finally:
+                for future in running:
+                    future.cancel()
+    finally:
+        release_models()
+        torch.set_num_threads(torch_threads)
+
+
+def _completed_on_dask(cfg: PrecomputeConfig, tasks: list[ShardTask], workers: int,
+                       per_worker: int) -> Generator[tuple[ShardTask, dict[str, Any]], None, None]:
+    """The tasks on ``cfg.scheduler``'s cluster, or on a local cluster of ``workers`` workers."""
+    from distributed import Client, LocalCluster
+    from distributed import as_completed as dask_completed
+
+    if cfg.scheduler:
+        client = Client(cfg.scheduler)
+        cluster = None
+    else:
+        cluster = LocalCluster(n_workers=workers, threads_per_worker=per_worker, processes=cfg.processes,
+                               dashboard_address=":0", silence_logs=logging.ERROR)
+        client = Client(cluster)
+        if cfg.processes:
+            client.run(_die_with_parent)
+            client.run(quiet_unraisable)
+    if not cfg.quiet and client.dashboard_link:
+        print(f"dask dashboard: {client.dashboard_link}", file=sys.stderr)
+    try:
+        futures = [client.submit(run_shard_task, t, pure=False, retries=2, key=f"shard-{t.shard:06d}-{time.time_ns()}") for t in tasks]
+        by_key = {f.key: t for f, t in zip(futures, tasks)}
+        try:
+            for future, result in dask_completed(futures, with_results=True):
+                yield by_key[future.key], result
+        finally:
+            client.cancel(futures)
     finally:
         client.close()
         if cluster is not None:
             cluster.close()
-    return written
 
 
 def _cpu_threads(cfg: PrecomputeConfig) -> int:

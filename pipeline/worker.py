@@ -79,6 +79,13 @@ def _model(gmeta: GroupMeta, resolution: int, device: torch.device) -> tuple[tor
         return _MODELS[key]
 
 
+def release_models() -> None:
+    """Drop the models this process loaded (a driver that ran its shards itself gives their
+    memory back when it is done)."""
+    with _MODELS_LOCK:
+        _MODELS.clear()
+
+
 def _encode(gmeta: GroupMeta, model: torch.nn.Module, images: torch.Tensor, resolution: int) -> dict[str, np.ndarray]:
     """Encode a batch of uint8 crops (B, 3, H, W) into the group's arrays (numpy, float32), in the
     group's precision (``bf16``: autocast; weights, inputs to autocast and outputs stay float32)."""

@@ -14,12 +14,55 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from repa_cache.cache.errors import UsageError
+from repa_cache.cache.errors import UsageError, unknown_name
 
 PATHS: tuple[str, ...] = ("linear", "cosine")
 #: the training methods (repa_cache.train.methods.METHODS, named here so that --help needs no torch)
 METHOD_NAMES: tuple[str, ...] = ("repa", "irepa", "reg", "urepa", "gmem", "haste")
 TIME_SAMPLINGS: tuple[str, ...] = ("uniform", "lognormal")
+
+
+def _sizes() -> dict[str, dict[str, int]]:
+    """The named SiT sizes: S/B/L/XL at patch 2/4/8, plus a tiny one for tests."""
+    widths = {  # name: (depth, width, heads, encoder_depth)
+        "S": (12, 384, 6, 4),
+        "B": (12, 768, 12, 4),
+        "L": (24, 1024, 16, 8),
+        "XL": (28, 1152, 16, 8),
+    }
+    sizes: dict[str, dict[str, int]] = {}
+    for size, (depth, width, heads, enc) in widths.items():
+        for patch in (2, 4, 8):
+            sizes[f"SiT-{size}/{patch}"] = dict(
+                depth=depth, hidden_size=width, num_heads=heads, patch_size=patch, encoder_depth=enc)
+    # Tests and demos: small enough to train for a few hundred steps on a laptop CPU.
+    sizes["SiT-tiny/2"] = dict(
+        depth=4, hidden_size=64, num_heads=4, patch_size=2, encoder_depth=2, projector_dim=256)
+    return sizes
+
+
+SIT_SIZES: dict[str, dict[str, int]] = _sizes()
+
+#: U-shaped sizes (layout "u"): SiT's width, heads and depth; ``encoder_depth`` ends the middle stage,
+#: so the full-grid stages have ``depth - encoder_depth`` blocks each (B: 4+4+4, L: 8+8+8, XL: 8+12+8).
+USIT_SIZES: dict[str, dict[str, int]] = {
+    "USiT-B/2": dict(depth=12, hidden_size=768, num_heads=12, patch_size=2, encoder_depth=8),
+    "USiT-L/2": dict(depth=24, hidden_size=1024, num_heads=16, patch_size=2, encoder_depth=16),
+    "USiT-XL/2": dict(depth=28, hidden_size=1152, num_heads=16, patch_size=2, encoder_depth=20),
+    "USiT-tiny/2": dict(depth=4, hidden_size=64, num_heads=4, patch_size=2, encoder_depth=3, projector_dim=256),
+}
+
+
+def check_model_name(name: str) -> None:
+    """Refuse a model name that is not a named size (one line, with the closest name when close)."""
+    if name not in SIT_SIZES and name not in USIT_SIZES:
+        raise unknown_name("model", name, [*SIT_SIZES, *USIT_SIZES])
+
+
+def check_method_name(name: str) -> None:
+    """Refuse a method name that is not one of :data:`METHOD_NAMES`."""
+    if name not in METHOD_NAMES:
+        raise unknown_name("method", name, METHOD_NAMES)
 
 
 @dataclass
@@ -107,6 +150,10 @@ class TrainConfig:
     RESUMABLE_CHANGES = frozenset({"max_steps", "ckpt_every", "log_every", "keep_checkpoints", "num_workers", "device",
                                    "compile", "tensorboard", "quiet", "out", "cache", "align_every", "verify",
                                    "grad_accum", "wandb", "sample_every", "init_from"})
+
+    def __post_init__(self) -> None:
+        check_model_name(self.model)  # names first: no torch is needed to find a typo
+        check_method_name(self.method)
 
     def to_json(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)

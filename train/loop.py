@@ -320,7 +320,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         di.world_size,
     )
     loader = make_loader(ds, start, cfg.max_steps, pin_memory=device.type == "cuda")
-    if di.is_main:
+    if di.is_main and not cfg.quiet:
         accum = f", {cfg.grad_accum} micro-steps per step" if cfg.grad_accum > 1 else ""
         print(f"{di.describe(ds.local_batch, device)}{accum}, {ds.cfg.num_workers} loader workers per rank", file=sys.stderr)
     metrics_file = run / "metrics.jsonl"

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from repa_cache.cache.errors import UsageError
+from repa_cache.train.config import SIT_SIZES, USIT_SIZES, check_model_name
 
 logger = logging.getLogger(__name__)
 
@@ -123,41 +124,9 @@ class SiTConfig:
 LAYOUTS: tuple[str, ...] = ("flat", "u")
 
 
-def _sizes() -> dict[str, dict[str, int]]:
-    """The named SiT sizes: S/B/L/XL at patch 2/4/8, plus a tiny one for tests."""
-    widths = {  # name: (depth, width, heads, encoder_depth)
-        "S": (12, 384, 6, 4),
-        "B": (12, 768, 12, 4),
-        "L": (24, 1024, 16, 8),
-        "XL": (28, 1152, 16, 8),
-    }
-    sizes: dict[str, dict[str, int]] = {}
-    for size, (depth, width, heads, enc) in widths.items():
-        for patch in (2, 4, 8):
-            sizes[f"SiT-{size}/{patch}"] = dict(
-                depth=depth, hidden_size=width, num_heads=heads, patch_size=patch, encoder_depth=enc)
-    # Tests and demos: small enough to train for a few hundred steps on a laptop CPU.
-    sizes["SiT-tiny/2"] = dict(
-        depth=4, hidden_size=64, num_heads=4, patch_size=2, encoder_depth=2, projector_dim=256)
-    return sizes
-
-
-SIT_SIZES: dict[str, dict[str, int]] = _sizes()
-
-#: U-shaped sizes (layout "u"): SiT's width, heads and depth; ``encoder_depth`` ends the middle stage,
-#: so the full-grid stages have ``depth - encoder_depth`` blocks each (B: 4+4+4, L: 8+8+8, XL: 8+12+8).
-USIT_SIZES: dict[str, dict[str, int]] = {
-    "USiT-B/2": dict(depth=12, hidden_size=768, num_heads=12, patch_size=2, encoder_depth=8),
-    "USiT-L/2": dict(depth=24, hidden_size=1024, num_heads=16, patch_size=2, encoder_depth=16),
-    "USiT-XL/2": dict(depth=28, hidden_size=1152, num_heads=16, patch_size=2, encoder_depth=20),
-    "USiT-tiny/2": dict(depth=4, hidden_size=64, num_heads=4, patch_size=2, encoder_depth=3, projector_dim=256),
-}
-
-
 def sit_config(name: str, **overrides: object) -> SiTConfig:
     """Config of a named size (``"SiT-XL/2"``, ``"USiT-XL/2"``), with any field overridden by keyword."""
-    if name not in SIT_SIZES and name not in USIT_SIZES:
-        raise UsageError(f"unknown model '{name}'; known models: {', '.join([*SIT_SIZES, *USIT_SIZES])}")
+    check_model_name(name)
     known = {f.name for f in dataclasses.fields(SiTConfig)}
     unknown = sorted(set(overrides) - known)
     if unknown:

@@ -339,3 +339,21 @@ def test_bf16_precision_stores_autocast_outputs_and_is_part_of_the_fingerprint(t
     assert CacheReader(out).group("tiny").meta.model["precision"] == "fp32"
     with pytest.raises(FingerprintMismatch, match=r"group 'latents' of .* other settings: model\.precision: \"bf16\" -> \"fp32\""):
         precompute(tiny_config(demo_images, out, precision="fp32"))
+
+
+def test_a_cache_remembers_its_settings_when_extended(demo_images, tmp_path, run_cli):
+    """Adding a teacher to a cache made with --shard-size 4 --no-flip --resolution 128 --seed 3 needs
+    none of them again: the cache's own are the defaults. A value typed differently is a change,
+    refused with the usual one line."""
+    out = str(tmp_path / "c")
+    common = ["--vae", "tiny", "--batch-size", "4", "--device", "cpu", "-q"]
+    code, _, err = run_cli(["precompute", str(demo_images), out, "--teacher", "tiny", "--shard-size", "4", "--no-flip",
+                            "--resolution", "128", "--seed", "3", *common])
+    assert code == 0, err
+    code, stdout, err = run_cli(["precompute", str(demo_images), out, "--teacher", "tiny", "--teacher", "tiny-reg", *common])
+    assert code == 0, err
+    assert stdout.strip().endswith("latents: already committed, teachers/tiny: already committed, teachers/tiny-reg: written")
+    meta = CacheReader(out).meta
+    assert (meta.shard_size, meta.views, meta.resolution, meta.seed) == (4, ("orig",), 128, 3)
+    code, _, err = run_cli(["precompute", str(demo_images), out, "--teacher", "tiny", "--shard-size", "8", *common])
+    assert code == 2 and err == f"error: {out} was made with other settings: shard_size: 4 -> 8\n"

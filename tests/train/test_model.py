@@ -155,9 +155,11 @@ def test_size_registry() -> None:
 
 
 def test_unknown_model_message() -> None:
-    message = r"unknown model 'SiT-XXL/2'; known models: SiT-S/2, .*SiT-XL/8"
+    message = r"^unknown model 'SiT-XXL/2' \(did you mean 'SiT-XL/2'\?\); known models: SiT-S/2, .*SiT-XL/8"
     with pytest.raises(UsageError, match=message):
         sit_config("SiT-XXL/2")
+    with pytest.raises(UsageError, match=r"^unknown model 'ViT-B'; known models: SiT-S/2, "):  # nothing close: no guess
+        sit_config("ViT-B")
     with pytest.raises(UsageError, match="unknown SiT option"):
         sit_config("SiT-B/2", widht=10)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from repa_cache.cache.errors import UsageError
+from repa_cache.cache.errors import UsageError, unknown_name
 from repa_cache.train.methods.base import Losses, Method, StepBatch
 from repa_cache.train.methods.gmem import Gmem
 from repa_cache.train.methods.haste import Haste
@@ -26,7 +26,7 @@ __all__ = ["METHODS", "Losses", "Method", "StepBatch", "make_method", "method_fr
 def make_method(name: str, options: dict[str, Any] | None = None) -> Method:
     """The method ``name`` with ``options`` (missing ones take the method's defaults)."""
     if name not in METHODS:
-        raise UsageError(f"unknown method '{name}'; known methods: {', '.join(METHODS)}")
+        raise unknown_name("method", name, list(METHODS))
     return METHODS[name](options)
 
 
