@@ -355,7 +355,12 @@ def fid(
                     is_splits=is_splits, pr_k=pr_k, kid_subsets=kid_subsets, kid_subset_size=kid_subset_size,
                     max_ref_images=max_ref_images, seed=seed, inception_weights=inception_weights,
                     dinov2_checkpoint=dinov2_checkpoint, batch_size=batch_size, device=device, stats_dir=stats_dir, quiet=quiet)
-    print(json.dumps(run(samples, ref, job), indent=1, default=str))
+    result = run(samples, ref, job)
+    print(json.dumps(result, indent=1, default=str))  # every number computed, also when a later metric failed
+    for metric, message in result.get("failed", {}).items():
+        print(f"error: {metric}: {message}", file=sys.stderr)
+    if result.get("failed"):
+        raise typer.Exit(1)
 
 
 @app.command()

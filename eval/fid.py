@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from repa_cache.cache.errors import UsageError
+from repa_cache.cache.errors import RepaError, UsageError
 from repa_cache.cache.progress import Progress
 from repa_cache.cache.storage import atomic_file
 from repa_cache.eval.config import FidConfig
@@ -535,7 +535,8 @@ class DinoV2Extractor:
         if h != w:
             raise UsageError(f"FD-DINOv2 needs square images, got {w}x{h}")
         if h not in self._models:
-            self._models[h] = load_teacher(self.spec, h, self.device, pretrained=True, checkpoint=self.checkpoint)
+            self._models[h] = load_teacher(self.spec, h, self.device, pretrained=True, checkpoint=self.checkpoint,
+                                           checkpoint_option="--dinov2-checkpoint FILE")
         _, cls = encode_images(self._models[h], self.spec, images, h)
         return cls  # (B, D)
 
@@ -558,9 +559,11 @@ def _definitions(cfg: FidConfig, chosen: Mapping[str, FeatureExtractor], result:
 
     defs: dict[str, str] = {}
     for metric, ext in chosen.items():
+        if metric not in result:  # failed
+            continue
         on = f"the CLS token of teacher '{ext.name.removesuffix('-cls')}'" if metric == "fd_dinov2" else features(ext)
         defs[metric] = f"|mu_s - mu_r|^2 + tr(S_s + S_r - 2 (S_s S_r)^(1/2)): Fréchet distance of Gaussians fit to {on}"
-    if "fid" not in chosen:
+    if "fid" not in result:
         return defs
     on = features(chosen["fid"])
     if "is" in result:
@@ -607,7 +610,11 @@ def fid(
         ``{"fid": ..., "is": ..., "precision": ..., "recall": ..., "kid": ..., "fd_dinov2": ...,
         "num_samples": ..., "num_ref": {...}, "ref_stats": {...}, "definitions": {...},
         "skipped": {...}}``: ``skipped`` says why an asked-for metric has no value (a reference of
-        statistics only has no images for precision/recall and KID).
+        statistics only has no images for precision/recall and KID); ``failed`` (only when one
+        did) gives the error of each metric that could not be computed while others were.
+
+    Raises:
+        RepaError: no metric could be computed.
     """
     cfg = cfg if cfg is not None else FidConfig()
     _check_cfg(cfg)
@@ -624,7 +631,8 @@ def fid(
     else:
         chosen = dict(extractors)
     result: dict[str, Any] = {"samples": str(samples), "ref": str(ref), "num_ref": {}, "ref_stats": {}, "skipped": {}}
-    for metric, extractor in chosen.items():
+    def measure(metric: str, extractor: FeatureExtractor) -> None:
+        """Compute ``metric`` (and the extras of ``fid``) into ``result``."""
         extras = metric == "fid"
         want_is = extras and cfg.inception_score
         if want_is and not callable(getattr(extractor, "features_and_logits", None)):
@@ -661,5 +669,18 @@ def fid(
             if cfg.kid:
                 result["kid"], result["kid_std"], result["kid_subset_size"] = kernel_inception_distance(
                     got.features, ref_feats, cfg.kid_subsets, cfg.kid_subset_size, cfg.seed)
+
+    errors: dict[str, RepaError] = {}
+    for metric, extractor in chosen.items():
+        try:
+            measure(metric, extractor)
+        except RepaError as e:  # the numbers already computed are kept, and the failure is reported with them
+            errors[metric] = e
+    if errors and not any(m in result for m in chosen):  # nothing computed: the failure is the answer
+        if len(errors) == 1:
+            raise next(iter(errors.values()))
+        raise UsageError("; ".join(f"{m}: {e}" for m, e in errors.items()))
+    if errors:
+        result["failed"] = {m: str(e) for m, e in errors.items()}
     result["definitions"] = _definitions(cfg, chosen, result)
     return result

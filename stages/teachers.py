@@ -193,8 +193,12 @@ def load_teacher(
     device: str | torch.device = "cpu",
     pretrained: bool = True,
     checkpoint: str | None = None,
+    checkpoint_option: str = "--teacher-checkpoint NAME=FILE",
 ) -> torch.nn.Module:
     """Create a teacher for crops of ``resolution`` pixels, in eval mode with gradients off.
+
+    ``checkpoint_option`` is how the calling command takes a local weights file (named in the
+    error when the weights cannot be loaded).
 
     The timm model is built at :func:`teacher_input_size` (timm resamples the position embedding of
     the pretrained weights to it) without a classifier head. Weights come from the Hugging Face hub
@@ -221,8 +225,8 @@ def load_teacher(
         except Exception as exc:
             raise UsageError(
                 f"cannot load teacher '{spec.name}' ({spec.timm_id}): {_short_reason(exc)}; "
-                "timm fetches weights from the Hugging Face hub, or point --teacher-checkpoint "
-                "at a local file"
+                "timm fetches weights from the Hugging Face hub (not with HF_HUB_OFFLINE=1 or without a network), "
+                f"or give a local file with {checkpoint_option}"
             ) from exc
     model = model.to(device)
     model.eval()

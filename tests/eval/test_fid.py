@@ -270,3 +270,23 @@ def test_inception_wrapper_with_local_weights(tmp_path: Path, monkeypatch: pytes
     torch.save({"w": types.SimpleNamespace(a=1)}, hostile)
     with pytest.raises(UsageError, match="is not a plain weights file"):
         inception_extractor(hostile)
+
+
+def test_a_failing_metric_keeps_the_numbers_computed_before_it(tmp_path: Path) -> None:
+    """FD-DINOv2 whose weights cannot load (offline, or a missing file) does not discard the FID
+    computed first: the result holds the FID and says why FD-DINOv2 failed, naming the option of
+    this command that takes a local file. With nothing computed, the error itself is raised."""
+    a = save_npz(tmp_path / "a.npz", _images(12, 100, 0, size=32))
+    b = save_npz(tmp_path / "b.npz", _images(12, 180, 1, size=32))
+    cfg = FidConfig(stats_dir=str(tmp_path / "st"))
+    broken = dinov2_extractor("dinov2-vit-b", checkpoint=str(tmp_path / "missing.pth"))
+    alone = fid(a, b, cfg, extractors={"fid": PoolExtractor()})
+    res = fid(a, b, cfg, extractors={"fid": PoolExtractor(), "fd_dinov2": broken})
+    assert res["fid"] == alone["fid"] and "fd_dinov2" not in res and "fd_dinov2" not in res["definitions"]
+    assert res["failed"] == {"fd_dinov2": (
+        f"cannot load teacher 'dinov2-vit-b' (vit_base_patch14_dinov2.lvd142m): no such checkpoint file {tmp_path / 'missing.pth'}; "
+        "timm fetches weights from the Hugging Face hub (not with HF_HUB_OFFLINE=1 or without a network), "
+        "or give a local file with --dinov2-checkpoint FILE")}
+    assert "failed" not in alone
+    with pytest.raises(UsageError, match="^cannot load teacher 'dinov2-vit-b'"):
+        fid(a, b, cfg, extractors={"fd_dinov2": broken})

@@ -27,8 +27,8 @@ from repa_cache.stages.teachers import (
 IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 CLIP = ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))
 LOAD_SUFFIX = (
-    "; timm fetches weights from the Hugging Face hub, "
-    "or point --teacher-checkpoint at a local file"
+    "; timm fetches weights from the Hugging Face hub (not with HF_HUB_OFFLINE=1 or without a network), "
+    "or give a local file with --teacher-checkpoint NAME=FILE"
 )
 
 
