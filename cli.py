@@ -95,6 +95,8 @@ def precompute(
     scheduler: Annotated[Optional[str], typer.Option(help="Address of an existing dask scheduler (tcp://host:8786).")] = _field(PrecomputeConfig, "scheduler"),
     seed: Annotated[Optional[int], typer.Option(help="Seed of the sample order permutation. "
                                                      f"Default: OUT's when it is a cache, else {_field(PrecomputeConfig, 'seed')}.")] = None,
+    repair: Annotated[bool, typer.Option(help="First verify OUT, then encode its damaged shards again from DATA (also in committed "
+                                              "groups; name the teacher of every damaged group).")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
     """Encode DATA into the cache OUT. Running it again resumes; naming a new --teacher adds it."""
@@ -116,6 +118,7 @@ def precompute(
         device=device,
         workers=workers,
         scheduler=scheduler,
+        repair=repair,
         quiet=quiet,
     )
     check_config(cfg)  # a typo is reported before torch and the models are imported
@@ -172,6 +175,8 @@ def verify(
         print(f"ok: {report.shards_checked} shards in {len(report.groups)} groups verified ({', '.join(report.groups)})")
     else:
         print(f"{len(report.problems)} problem(s) in {report.root}")
+        if any(p.shard is not None for p in report.problems):
+            print(f"repair: repa precompute DATA {report.root} --repair --teacher ... encodes the damaged shards again from the source images")
         raise typer.Exit(1)
 
 

@@ -49,6 +49,7 @@ class PrecomputeConfig:
     feature_codec: str = "float16"  # cache.codec: float16 stores feature_dtype; int8 quantises per token
     precision: str | None = None  # fp32 or bf16 (autocast); None: a group's own when resuming it, else fp32
     processes: bool = True
+    repair: bool = False  # re-encode the shards `repa verify` finds damaged, also in committed groups
     quiet: bool = False
 
     @property

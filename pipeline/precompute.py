@@ -22,12 +22,23 @@ from typing import Any
 import torch
 
 from repa_cache.cache.codec import FLOAT16
-from repa_cache.cache.errors import FingerprintMismatch, RepaError, UsageError, quiet_unraisable
-from repa_cache.cache.format import PLAN_FILE, ROOT_ATTR, CacheMeta, GroupMeta, fingerprint_diff, teacher_group, with_feature_codec
-from repa_cache.cache.layout import read_record, record_shards
+from repa_cache.cache.errors import CacheError, FingerprintMismatch, RepaError, UsageError, quiet_unraisable
+from repa_cache.cache.format import (
+    LATENTS,
+    PLAN_FILE,
+    ROOT_ATTR,
+    CacheMeta,
+    GroupMeta,
+    commit_path,
+    fingerprint_diff,
+    record_path,
+    teacher_group,
+    with_feature_codec,
+)
+from repa_cache.cache.layout import read_record, record_shards, shard_key
 from repa_cache.cache.lock import LOCK_FILE, is_our_lock, writer_lock
 from repa_cache.cache.progress import Progress
-from repa_cache.cache.reader import commit_record, group_meta, list_groups, open_meta
+from repa_cache.cache.reader import commit_record, group_arrays, group_meta, list_groups, open_meta
 from repa_cache.cache.storage import StorePath, store_path
 from repa_cache.cache.writer import commit_group, create_cache, create_group
 from repa_cache.pipeline.groups import STAGE_ONE_PRECISIONS, teacher_group_meta, vae_group
@@ -49,6 +60,7 @@ class PrecomputeResult:
     seconds: float = 0.0
     samples: int = 0
     skipped: int = 0
+    repaired: dict[str, list[int]] = field(default_factory=dict)  # group -> damaged shards encoded again
 
 
 def _check_out_path(out: StorePath) -> bool:
@@ -97,6 +109,7 @@ def _precompute_locked(cfg: PrecomputeConfig, out: StorePath, listing: Any, meta
         create_cache(out, meta, plan)
 
     present = list_groups(out) if existing else []
+    repaired = _reopen_damaged(cfg, out, meta, present) if cfg.repair else {}
 
     layers = _teacher_layers(cfg, out, present)
 
@@ -111,7 +124,7 @@ def _precompute_locked(cfg: PrecomputeConfig, out: StorePath, listing: Any, meta
                           cfg.feature_codec)
                for t in cfg.teachers]
 
-    result = PrecomputeResult(root=out, samples=meta.num_samples)
+    result = PrecomputeResult(root=out, samples=meta.num_samples, repaired=repaired)
     todo: dict[int, list[str]] = {}
     known_weights: dict[str, str] = {}
     for i, g in enumerate(wanted):
@@ -145,6 +158,37 @@ def _precompute_locked(cfg: PrecomputeConfig, out: StorePath, listing: Any, meta
             result.skipped = commit["counts"]["skipped"]
     result.seconds = time.perf_counter() - t0
     return result
+
+
+def _reopen_damaged(cfg: PrecomputeConfig, out: StorePath, meta: CacheMeta, present: list[str]) -> dict[str, list[int]]:
+    """``--repair``: verify the cache, then take back every damaged shard (its stored objects and
+    its record) and the commit of its group, so that the run encodes those shards again from the
+    source and commits the group anew. A group the command does not name is refused untouched."""
+    from repa_cache.cache.verify import verify_cache
+
+    if not present:
+        raise UsageError(f"--repair needs an existing cache; {out} holds none")
+    report = verify_cache(str(out), quiet=cfg.quiet)
+    damaged: dict[str, set[int]] = {}
+    for p in report.problems:
+        if p.shard is not None:
+            damaged.setdefault(p.group, set()).add(p.shard)
+        elif p.group in present and commit_record(out, p.group) is not None:
+            raise CacheError(f"cannot repair {out}: {p} (not a damaged shard: copy what is intact with repa cache copy)")
+    named = {LATENTS} | {teacher_group(t) for t in cfg.teachers}
+    unnamed = sorted(set(damaged) - named)
+    if unnamed:
+        raise UsageError(f"{', '.join(unnamed)} of {out} has damaged shards: name its teacher with --teacher to repair it")
+    for group, shards in damaged.items():
+        gmeta = group_meta(out, group)
+        arrays = group_arrays(out, meta, group, gmeta)
+        commit_path(out, group).unlink(missing_ok=True)  # first: from here on readers refuse the group
+        for shard in sorted(shards):
+            for arr in arrays.values():
+                (out / group / shard_key(arr, shard)).unlink(missing_ok=True)
+            record_path(out, group, shard).unlink(missing_ok=True)
+        log.info("repair: %s shards %s taken back", group, sorted(shards))
+    return {g: sorted(s) for g, s in sorted(damaged.items())}
 
 
 def _teacher_layers(cfg: PrecomputeConfig, out_path: StorePath, present: list[str]) -> dict[str, tuple[int, int | None] | None]:
@@ -312,7 +356,7 @@ def _die_with_parent() -> None:
 
 
 def describe_result(res: PrecomputeResult) -> str:
-    parts = [f"{g}: {s}" for g, s in res.groups.items()]
+    parts = [f"{g}: {s}" + (f" (shards {res.repaired[g]} repaired)" if res.repaired.get(g) else "") for g, s in res.groups.items()]
     return (
         f"cache {res.root}: {res.samples} samples ({res.skipped} skipped), {res.shards_written} shard tasks run "
         f"in {res.seconds:.1f}s; " + ", ".join(parts)

@@ -247,6 +247,35 @@ def test_cli_stats_json_plot_and_verify(tiny_cache, tmp_path, run_cli):
     f.write_bytes(bytes(raw))
     code, out, _ = run_cli(["verify", str(copy), "-q"])
     assert code == 1 and "DAMAGED teachers/tiny shard 2: of 'patch' fails its checksum" in out
+    assert out.splitlines()[-1] == (f"repair: repa precompute DATA {copy} --repair --teacher ... encodes the damaged shards "
+                                    "again from the source images")
+
+
+def test_repair_encodes_the_damaged_shards_again(tiny_cache, demo_images, tmp_path, run_cli):
+    """A committed cache with a flipped byte in a teacher shard: --repair refuses to go on without
+    that teacher named (touching nothing), then takes back the damaged shard and its group's
+    commit, encodes the shard again and commits: the cache equals the one never damaged."""
+    copy = tmp_path / "c"
+    shutil.copytree(tiny_cache, copy)
+    shards = sorted(p for p in (copy / "teachers" / "tiny" / "patch" / "c").rglob("*") if p.is_file())
+    raw = bytearray(shards[1].read_bytes())
+    raw[-100] ^= 0xFF
+    shards[1].write_bytes(bytes(raw))
+    common = ["--vae", "tiny", "--batch-size", "8", "--device", "cpu", "-q", "--repair"]
+    code, _, err = run_cli(["precompute", str(demo_images), str(copy), "--teacher", "tiny-reg", *common])
+    assert code == 2 and err == f"error: teachers/tiny of {copy} has damaged shards: name its teacher with --teacher to repair it\n"
+    assert sorted(p.name for p in (copy / "teachers").iterdir()) == ["tiny", "zarr.json"] and (copy / "_commits" / "teachers" / "tiny.json").exists()
+    code, out, err = run_cli(["precompute", str(demo_images), str(copy), "--teacher", "tiny", *common])
+    assert code == 0, err
+    assert out.strip().endswith("latents: already committed, teachers/tiny: resumed (shards [1] repaired)")
+    code, out, _ = run_cli(["verify", str(copy), "-q"])
+    assert code == 0, out
+    for group in ("latents", "teachers/tiny"):  # the same records and outcomes; only the time differs
+        new, old = CacheReader(copy).group(group).commit, CacheReader(tiny_cache).group(group).commit
+        assert {k: v for k, v in new.items() if k != "committed_at"} == {k: v for k, v in old.items() if k != "committed_at"}
+    for p in (tiny_cache / "teachers").rglob("*"):
+        if p.is_file():
+            assert (copy / p.relative_to(tiny_cache)).read_bytes() == p.read_bytes(), p
 
 
 @pytest.mark.parametrize(
