@@ -128,6 +128,22 @@ def precompute(
     print(describe_result(run(cfg)))
 
 
+def _absolute(path: str | Path) -> str:
+    """A local path made absolute (a URL as given)."""
+    from repa_cache.cache.storage import is_url
+
+    return str(path) if is_url(path) else os.path.abspath(path)
+
+
+def _betas(text: str) -> tuple[float, float]:
+    """``--adam-betas B1,B2``."""
+    try:
+        b1, b2 = (float(v) for v in text.split(","))
+    except ValueError:
+        raise UsageError(f"--adam-betas takes 2 comma-separated numbers, got '{text}'") from None
+    return b1, b2
+
+
 def _pairs(values: list[str], flag: str, form: str = "NAME=FILE") -> dict[str, str]:
     out = {}
     for v in values:
@@ -202,6 +218,11 @@ def train(
                                                  "slices of its batch (same samples and draws); a resume may change K.")] = _field(TrainConfig, "grad_accum"),
     max_steps: Annotated[int, typer.Option(help="Stop after this many optimiser steps.")] = _field(TrainConfig, "max_steps"),
     lr: Annotated[float, typer.Option(help="AdamW learning rate (constant).")] = _field(OptimConfig, "lr"),
+    adam_betas: Annotated[str, typer.Option(help="AdamW betas: B1,B2.")] = ",".join(str(b) for b in _field(OptimConfig, "betas")),
+    weight_decay: Annotated[float, typer.Option(help="AdamW weight decay.")] = _field(OptimConfig, "weight_decay"),
+    grad_clip: Annotated[float, typer.Option(help="Clip the gradient norm to this (0: no clipping; the norm is still logged).")] = _field(OptimConfig, "grad_clip"),
+    ema_decay: Annotated[float, typer.Option(help="Decay of the EMA weights that sampling and align use, in [0, 1).")] = _field(OptimConfig, "ema_decay"),
+    keep_checkpoints: Annotated[int, typer.Option(help="Checkpoints kept in the run folder (the oldest are removed; at least 1).")] = _field(TrainConfig, "keep_checkpoints"),
     seed: Annotated[int, typer.Option(help="Seed of data order, initial weights and noise.")] = _field(TrainConfig, "seed"),
     device: Annotated[str, typer.Option(help="'auto' (CUDA if present), 'cpu', 'cuda'.")] = _field(TrainConfig, "device"),
     precision: Annotated[str, typer.Option(help="'auto' (bf16 autocast on CUDA, fp32 on CPU), 'bf16' or 'fp32'.")] = _field(TrainConfig, "precision"),
@@ -228,8 +249,8 @@ def train(
 ) -> None:
     """Train a SiT with REPA (or another --method) from a cache: no teacher forward, no image decoding. Also under torchrun."""
     cfg = TrainConfig(
-        cache=str(cache),
-        out=str(out),
+        cache=_absolute(cache),  # recorded in the run: align and sample find it from any folder
+        out=_absolute(out),
         model=model,
         teachers=tuple(teacher or ()),
         encoder_depth=encoder_depth,
@@ -250,10 +271,12 @@ def train(
         num_workers=workers,
         resample_teacher=resample_teacher,
         transport=TransportConfig(path=path, time_sampling=time_sampling, label_dropout=label_dropout),
-        optim=OptimConfig(lr=lr),
+        optim=OptimConfig(lr=lr, betas=_betas(adam_betas), weight_decay=weight_decay, grad_clip=grad_clip,
+                          ema_decay=ema_decay),
+        keep_checkpoints=keep_checkpoints,
         tensorboard=tensorboard,
         wandb=wandb,
-        init_from=init_from,
+        init_from=_absolute(init_from) if init_from else None,
         sample_every=sample_every,
         align_every=align_every,
         holdout=holdout,

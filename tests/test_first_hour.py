@@ -74,6 +74,10 @@ finally:
     (["train", "--cache", "C", "--out", "R", "--method", "rpa"],
      "error: unknown method 'rpa' (did you mean 'repa'?); known methods: repa, irepa, reg, urepa, gmem, haste"),
     (["train", "--cache", "C", "--out", "R", "--method", "dino"], "error: unknown method 'dino'; known methods: repa, "),
+    (["train", "--cache", "C", "--out", "R", "--ema-decay", "1"], "error: --ema-decay must be in [0, 1), not 1.0"),
+    (["train", "--cache", "C", "--out", "R", "--adam-betas", "0.9"], "error: --adam-betas takes 2 comma-separated numbers, got '0.9'"),
+    (["train", "--cache", "C", "--out", "R", "--grad-clip", "-1"], "error: --grad-clip must be a number at least 0 (0: no clipping), not -1.0"),
+    (["train", "--cache", "C", "--out", "R", "--keep-checkpoints", "0"], "error: --keep-checkpoints must be at least 1, not 0"),
 ])
 def test_a_typo_is_reported_before_torch_is_imported(tmp_path, args, message):
     """Names and numbers that can be checked without torch, models or data are, first: one line,

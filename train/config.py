@@ -11,6 +11,7 @@ are not configuration: they are read from the cache. This module imports no torc
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -108,6 +109,17 @@ class OptimConfig:
     grad_clip: float = 1.0
     ema_decay: float = 0.9999
 
+    def __post_init__(self) -> None:
+        b1, b2 = (float(b) for b in self.betas)
+        checks = ((self.lr > 0, f"--lr must be positive, not {self.lr}"),
+                  (0 <= b1 < 1 and 0 <= b2 < 1, f"--adam-betas must be in [0, 1), not {b1},{b2}"),
+                  (self.weight_decay >= 0, f"--weight-decay must be at least 0, not {self.weight_decay}"),
+                  (0 <= self.grad_clip < math.inf, f"--grad-clip must be a number at least 0 (0: no clipping), not {self.grad_clip}"),
+                  (0 <= self.ema_decay < 1, f"--ema-decay must be in [0, 1), not {self.ema_decay}"))
+        for ok, message in checks:
+            if not ok:
+                raise UsageError(message)
+
 
 @dataclass
 class TrainConfig:
@@ -154,6 +166,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         check_model_name(self.model)  # names first: no torch is needed to find a typo
         check_method_name(self.method)
+        if self.keep_checkpoints < 1:
+            raise UsageError(f"--keep-checkpoints must be at least 1, not {self.keep_checkpoints}")
 
     def to_json(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)

@@ -19,6 +19,7 @@ import contextlib
 import copy
 import dataclasses
 import itertools
+import math
 from dataclasses import dataclass
 
 import torch
@@ -172,7 +173,7 @@ def train_step(tr: Trainer, batch: StepBatch, step: int) -> StepResult:
         terms = {name: _weighted(terms.get(name), v.detach(), w) for name, v in out.terms.items()}
         cos = [_weighted(cos[j] if cos else None, c, w) for j, c in enumerate(out.cos)]
     assert loss is not None
-    grad_norm = torch.nn.utils.clip_grad_norm_(tr.model.parameters(), tr.optim.grad_clip)
+    grad_norm = torch.nn.utils.clip_grad_norm_(tr.model.parameters(), tr.optim.grad_clip or math.inf)  # 0: the norm only
     tr.opt.step()
     with torch.no_grad():
         torch._foreach_lerp_(list(tr.ema.parameters()), list(tr.model.parameters()), 1.0 - tr.optim.ema_decay)

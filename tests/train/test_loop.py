@@ -401,3 +401,18 @@ def test_bad_device_and_out_exit_2(tiny_cache, tmp_path, run_cli):
     code, _, err = run_cli([*base, "--out", str(tmp_path / "file")])
     assert code == 2 and err.strip() == f"error: --out {tmp_path / 'file'} is an existing file, not a run folder", err
     assert (tmp_path / "file").read_text() == "mine"
+
+
+def test_a_run_records_its_paths_absolute_and_its_optimiser_settings(tiny_cache, tmp_path, monkeypatch, run_cli):
+    """Relative --cache and --out are recorded absolute (align and sample read the cache from the
+    run, from any folder); the optimiser options land in config.json."""
+    monkeypatch.chdir(tiny_cache.parent)
+    code, _, err = run_cli(["train", "--cache", tiny_cache.name, "--out", str(Path(os.path.relpath(tmp_path / "r"))), "--model",
+                            "SiT-tiny/2", "--batch-size", "8", "--max-steps", "1", "--workers", "0", "--device", "cpu", "-q",
+                            "--ema-decay", "0.99", "--grad-clip", "0", "--adam-betas", "0.9,0.95", "--weight-decay", "0.01",
+                            "--keep-checkpoints", "3"])
+    assert code == 0, err
+    saved = json.loads((tmp_path / "r" / "config.json").read_text())["card"]["train"]
+    assert (saved["cache"], saved["out"]) == (str(tiny_cache), str(tmp_path / "r"))
+    assert saved["optim"] == {"lr": 1e-4, "betas": [0.9, 0.95], "weight_decay": 0.01, "grad_clip": 0.0, "ema_decay": 0.99}
+    assert saved["keep_checkpoints"] == 3

@@ -71,3 +71,39 @@ def test_same_seed_same_initial_weights():
     b, *_ = _setup()
     for (name, p), q in zip(a.model.named_parameters(), b.model.parameters()):
         assert torch.equal(p, q), name
+
+
+def test_the_optimiser_settings_reach_adamw_clipping_and_the_ema():
+    """--adam-betas, --weight-decay, --grad-clip (0: the norm is measured, nothing clipped) and
+    --ema-decay change the step exactly as AdamW, clip_grad_norm_ and the EMA update by hand do."""
+    mcfg = sit_config("SiT-tiny/2", input_size=8, num_classes=5, z_dims=(6,), projector_dim=16)
+    optim = OptimConfig(lr=1e-2, betas=(0.8, 0.95), weight_decay=0.05, grad_clip=0.0, ema_decay=0.5)
+    tr = build_trainer(mcfg, torch.device("cpu"), optim=optim, precision="fp32", seed=3)
+    model, ema = copy.deepcopy(tr.model), copy.deepcopy(tr.ema)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, betas=(0.8, 0.95), weight_decay=0.05)
+    g = torch.Generator().manual_seed(0)
+    x, y = 20 * torch.randn(4, 4, 8, 8, generator=g), torch.randint(0, 5, (4,), generator=g)  # large: gradient norms above 1
+    feats = [torch.randn(4, mcfg.num_tokens, 6, generator=g)]
+    for step in range(2):
+        torch.manual_seed(step)
+        t = torch.rand(4)
+        eps = torch.randn_like(x)
+        tb = t.view(-1, 1, 1, 1)
+        y_used = torch.where(torch.rand(4) < 0.1, torch.full_like(y, 5), y)
+        v_hat, zs = model((1 - tb) * x + tb * eps, t, y_used)
+        loss = (v_hat - (eps - x)).pow(2).mean() + 0.5 * repa_loss(zs, feats)[0]
+        opt.zero_grad()
+        loss.backward()
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in model.parameters() if p.grad is not None]))
+        opt.step()
+        with torch.no_grad():
+            for e, p in zip(ema.parameters(), model.parameters()):
+                e.copy_(e + 0.5 * (p - e))
+        torch.manual_seed(step)
+        res = train_step(tr, StepBatch(x, y, feats), step)
+        torch.testing.assert_close(res.grad_norm, norm, rtol=1e-6, atol=0)
+        assert res.grad_norm > 1.0  # so that a clip to 1 would have changed the step
+    for (name, a), b in zip(tr.model.named_parameters(), model.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7, msg=name)
+    for (name, a), b in zip(tr.ema.named_parameters(), ema.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7, msg=name)
