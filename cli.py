@@ -23,6 +23,7 @@ from repa_cache.cache.format import FORMAT_VERSION
 from repa_cache.eval.config import AlignConfig, DemoConfig, FidConfig, SampleConfig
 from repa_cache.pipeline.plan import PrecomputeConfig, check_config, recorded_settings
 from repa_cache.train.config import METHOD_NAMES, OptimConfig, TrainConfig, TransportConfig
+from repa_cache.train.tracking import check_trackers
 
 
 def _field(cls: type, name: str) -> Any:
@@ -59,7 +60,7 @@ def _options(
 ) -> None:
     """Encode a dataset once (SD-VAE latents + teacher ViT features) and train REPA models from the cache."""
 
-@app.command()
+@app.command(rich_help_panel="Stage one: the cache")
 def precompute(
     data: Annotated[Path, typer.Argument(help="Image folder (one sub-folder per class) or folder of webdataset .tar shards.")],
     out: Annotated[str, typer.Argument(help="Cache folder or URL (s3://bucket/prefix) to create, resume, or add teachers to.")],
@@ -154,7 +155,7 @@ def _pairs(values: list[str], flag: str, form: str = "NAME=FILE") -> dict[str, s
     return out
 
 
-@app.command()
+@app.command(rich_help_panel="Stage one: the cache")
 def stats(
     cache: Annotated[str, typer.Argument(help="Cache folder or URL.")],
     json_out: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
@@ -176,7 +177,7 @@ def stats(
         print(f"plot: {plot}", file=sys.stderr if json_out else sys.stdout)
 
 
-@app.command()
+@app.command(rich_help_panel="Stage one: the cache")
 def verify(
     cache: Annotated[str, typer.Argument(help="Cache folder or URL.")],
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
@@ -196,7 +197,7 @@ def verify(
         raise typer.Exit(1)
 
 
-@app.command()
+@app.command(rich_help_panel="Stage two: training")
 def train(
     cache: Annotated[str, typer.Option(help="Committed cache (or its webdataset export) to train from: folder or URL.")],
     out: Annotated[Path, typer.Option(help="Run folder (checkpoints, metrics.jsonl, config.json). Running again resumes.")],
@@ -233,7 +234,7 @@ def train(
     time_sampling: Annotated[str, typer.Option(help="Time sampling: uniform or lognormal.")] = _field(TransportConfig, "time_sampling"),
     workers: Annotated[Optional[int], typer.Option(help="DataLoader worker processes per rank. Default: 2 on the CPU; on a GPU 8, fewer when a rank's share of the cores is smaller.")] = _field(TrainConfig, "num_workers"),
     resample_teacher: Annotated[bool, typer.Option(help="Resample teacher tokens to the student's grid when counts differ.")] = _field(TrainConfig, "resample_teacher"),
-    tensorboard: Annotated[bool, typer.Option(help="Also write TensorBoard scalars to RUN/tb (pip install -e .[track]).")] = _field(TrainConfig, "tensorboard"),
+    tensorboard: Annotated[bool, typer.Option(help="Also write TensorBoard scalars to RUN/tb (pip install -e '.\\[track]').")] = _field(TrainConfig, "tensorboard"),
     wandb: Annotated[Optional[str], typer.Option(help="Also log to this Weights & Biases project (WANDB_MODE=offline without network).")] = _field(TrainConfig, "wandb"),
     sample_every: Annotated[int, typer.Option(help="Every N steps write a 16-image grid from the EMA weights to RUN/samples/step-N.png "
                                                    "(same noise and classes each time; Euler ODE, 50 steps, cfg 4). 0: off.")] = _field(TrainConfig, "sample_every"),
@@ -283,6 +284,7 @@ def train(
         verify=verify,
         quiet=quiet,
     )
+    check_trackers(cfg.tensorboard, cfg.wandb)
     from repa_cache.train.loop import describe_run  # torch: after the checks that need none
 
     summary = describe_run(cfg, dry_run=dry_run)
@@ -290,7 +292,7 @@ def train(
         print(summary)
 
 
-@app.command()
+@app.command(rich_help_panel="Stage two: training")
 def methods() -> None:
     """List the training methods: source, what each reads from the cache, and its options (repa train -O KEY=VALUE)."""
     from repa_cache.train.methods import METHODS
@@ -305,7 +307,7 @@ def methods() -> None:
 S, F, A = SampleConfig, FidConfig, AlignConfig  # short names for the defaults below
 
 
-@app.command()
+@app.command(rich_help_panel="Evaluation")
 def sample(
     ckpt: Annotated[Path, typer.Option(help="Run folder (latest checkpoint) or a checkpoint / EMA weights file.")],
     out: Annotated[Path, typer.Option(help="Folder for images/, grid.png and samples.npz (ADM layout). Running again resumes.")],
@@ -341,7 +343,7 @@ def sample(
     print(run(ckpt, out, job).describe())
 
 
-@app.command("gmem-bank")
+@app.command("gmem-bank", rich_help_panel="Stage two: training")
 def gmem_bank(
     cache: Annotated[str, typer.Argument(help="Committed cache (folder or URL) holding the teacher's CLS tokens.")],
     out: Annotated[Path, typer.Argument(help="The .npy to write: float32 (entries, dim), entry = valid sample x view.")],
@@ -354,8 +356,8 @@ def gmem_bank(
     print(f"wrote {path}: {entries} entries of dimension {dim}")
 
 
-@app.command("evaluate")
-@app.command()
+@app.command("evaluate", rich_help_panel="Evaluation")
+@app.command("fid", hidden=True)  # the same command under its earlier name
 def fid(
     samples: Annotated[Path, typer.Argument(help="Samples: an .npz (arr_0, uint8 NHWC) or a folder of images.")],
     ref: Annotated[Path, typer.Argument(help="Reference: the ADM reference batch .npz, another .npz or an image folder.")],
@@ -376,7 +378,7 @@ def fid(
     stats_dir: Annotated[Optional[str], typer.Option(help="Cache of reference statistics and features (~/.cache/repa-cache/fid-stats).")] = _field(F, "stats_dir"),
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = _field(F, "quiet"),
 ) -> None:
-    """FID, IS, precision/recall, KID (torch-fidelity) and FD-DINOv2 of SAMPLES against REF, each with its definition; reference statistics and features are cached. `repa fid` is the same command."""
+    """FID, IS, precision/recall, KID and FD-DINOv2 of SAMPLES against REF, each with its definition; reference statistics and features are cached. `repa fid` is the same command."""
     from repa_cache.eval.fid import fid as run
 
     job = FidConfig(fd_dinov2=fd_dinov2, inception_score=inception_score, precision_recall=precision_recall, kid=kid,
@@ -391,7 +393,7 @@ def fid(
         raise typer.Exit(1)
 
 
-@app.command()
+@app.command(rich_help_panel="Evaluation")
 def align(
     ckpt: Annotated[Path, typer.Option(help="Run folder or checkpoint file.")],
     cache: Annotated[Optional[str], typer.Option(help="Cache with the teacher features. Default: the training cache it names.")] = _field(A, "cache"),
@@ -410,7 +412,7 @@ def align(
     print(json.dumps(run(ckpt, job, quiet=quiet), indent=1, default=str))
 
 
-@app.command("import-ckpt")
+@app.command("import-ckpt", rich_help_panel="Stage two: training")
 def import_ckpt(
     src: Annotated[Path, typer.Argument(help="Checkpoint of the public REPA code (train.py's NNNNNNN.pt or a released one).")],
     out: Annotated[Path, typer.Argument(help="New (or empty) run folder to write.")],
@@ -428,7 +430,7 @@ def import_ckpt(
     print(describe_import(import_repa_checkpoint(src, out, opts)))
 
 
-@app.command("export-ckpt")
+@app.command("export-ckpt", rich_help_panel="Stage two: training")
 def export_ckpt(
     ckpt: Annotated[Path, typer.Argument(help="Run folder (newest full checkpoint, else newest weights) or checkpoint file.")],
     dst: Annotated[Path, typer.Argument(help="New .pt file in REPA's layout (model, ema, opt, args, steps).")],
@@ -439,7 +441,7 @@ def export_ckpt(
     print(f"wrote {export_repa_checkpoint(ckpt, dst)}")
 
 
-@app.command("export-wds")
+@app.command("export-wds", rich_help_panel="Stage one: the cache")
 def export_wds(
     cache: Annotated[str, typer.Argument(help="Committed cache: folder or URL.")],
     out: Annotated[str, typer.Argument(help="Folder or URL for the tar shards and index.json (new, empty, or a previous export).")],
@@ -454,7 +456,7 @@ def export_wds(
     print(describe_export(run(cache, out, shard_bytes=shard_bytes, groups=["latents", *teacher] if teacher else None, quiet=quiet), out))
 
 
-@app.command()
+@app.command(rich_help_panel="Start here")
 def demo(
     out: Annotated[Path, typer.Option(help="Folder for the demo images and cache.")] = Path(_field(DemoConfig, "out")),
     per_class: Annotated[int, typer.Option(help="Images per class (4 classes).")] = _field(DemoConfig, "per_class"),
@@ -467,7 +469,7 @@ def demo(
     run_demo(DemoConfig(out=str(out), per_class=per_class, train_steps=train_steps, quiet=quiet))
 
 
-@app.command("plot")
+@app.command("plot", rich_help_panel="Stage two: training")
 def plot_curves(
     run: Annotated[Path, typer.Argument(help="Run folder of `repa train` (or its metrics.jsonl).")],
     out: Annotated[Optional[Path], typer.Option(help="Image to write (.png, .pdf, .svg, ...). Default: RUN/curves.png.")] = None,
@@ -479,7 +481,7 @@ def plot_curves(
 
 
 cache_app = typer.Typer(help="Move caches between local disk and object storage.", no_args_is_help=True)
-app.add_typer(cache_app, name="cache")
+app.add_typer(cache_app, name="cache", rich_help_panel="Stage one: the cache")
 
 
 @cache_app.command("copy")

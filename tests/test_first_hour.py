@@ -110,3 +110,13 @@ def test_an_object_store_without_its_package_is_one_line(tmp_path, command):
     assert (res.returncode, res.stderr) == (2, "error: gs://bucket/cache: gs:// needs a package that is not installed (pip install gcsfs)\n")
     res = repa(tmp_path, "stats", "foo://bucket/cache")
     assert (res.returncode, res.stderr) == (2, "error: foo://bucket/cache: Protocol not known: foo\n")
+
+
+@pytest.mark.parametrize("flag, package", [(["--tensorboard"], "tensorboard"), (["--wandb", "proj"], "wandb")])
+def test_a_tracker_without_its_package_is_refused_before_the_run_is_written(tmp_path, monkeypatch, run_cli, flag, package):
+    """Here both packages are installed: the lookup is made to miss one of them."""
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == package else real(name, *a))
+    code, _, err = run_cli(["train", "--cache", str(tmp_path / "c"), "--out", str(tmp_path / "run"), *flag])
+    assert (code, err) == (2, f"error: --{flag[0][2:]} needs the {package} package: pip install 'repa-cache[track]' (or pip install {package})\n")
+    assert not (tmp_path / "run").exists()

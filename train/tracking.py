@@ -18,6 +18,17 @@ from repa_cache.cache.errors import UsageError
 WANDB_ID_FILE = "wandb-id.txt"
 
 
+def check_trackers(tensorboard: bool, wandb_project: str | None) -> None:
+    """Refuse a tracker whose package is not installed, before a run writes anything (no import:
+    a quick look for the packages)."""
+    import importlib.util
+
+    if tensorboard and importlib.util.find_spec("tensorboard") is None:
+        raise UsageError("--tensorboard needs the tensorboard package: pip install 'repa-cache[track]' (or pip install tensorboard)")
+    if wandb_project and importlib.util.find_spec("wandb") is None:
+        raise UsageError("--wandb needs the wandb package: pip install 'repa-cache[track]' (or pip install wandb)")
+
+
 class Trackers:
     """The metric sinks of one run; :meth:`log` sends a metrics row to each."""
 
@@ -28,13 +39,14 @@ class Trackers:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:
-                raise UsageError("--tensorboard needs the tensorboard package (pip install -e .[track])") from None
+                raise UsageError("--tensorboard needs the tensorboard package: "
+                                 "pip install 'repa-cache[track]' (or pip install tensorboard)") from None
             self.tb = SummaryWriter(str(run / "tb"))
         if wandb_project:
             try:
                 import wandb
             except ImportError:
-                raise UsageError("--wandb needs the wandb package (pip install -e .[track])") from None
+                raise UsageError("--wandb needs the wandb package: pip install 'repa-cache[track]' (or pip install wandb)") from None
             id_file = run / WANDB_ID_FILE
             run_id = id_file.read_text().strip() if id_file.is_file() else secrets.token_hex(8)
             if not (run_id.isalnum() and len(run_id) <= 64):
