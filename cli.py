@@ -44,7 +44,6 @@ app = typer.Typer(
 )
 
 
-
 def _print_version(value: bool) -> None:
     if value:
         from importlib.metadata import version
@@ -59,6 +58,7 @@ def _options(
                                           help="Print the version and the cache format it writes, and exit.")] = False,
 ) -> None:
     """Encode a dataset once (SD-VAE latents + teacher ViT features) and train REPA models from the cache."""
+
 
 @app.command(rich_help_panel="Stage one: the cache")
 def precompute(
