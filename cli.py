@@ -129,6 +129,24 @@ def precompute(
     print(describe_result(run(cfg)))
 
 
+def _with_recorded(ctx: typer.Context, cfg: TrainConfig, config_file: Path) -> TrainConfig:
+    """A run folder that already holds a run: the options not on the command line take the values
+    it recorded (a changed one is then refused, or taken where it may change, as before)."""
+    if not config_file.is_file():
+        return cfg
+    try:
+        recorded = json.loads(config_file.read_text())["card"]["train"]
+        if not isinstance(recorded, dict):
+            raise TypeError("not an object")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UsageError(f"{config_file}: cannot read the run's recorded config ({e})") from None
+    untyped = [name for name in ctx.params if getattr(ctx.get_parameter_source(name), "name", None) == "DEFAULT"]
+    try:
+        return cfg.with_recorded(recorded, untyped)
+    except UsageError as e:
+        raise UsageError(f"{config_file}: {e}") from None
+
+
 def _absolute(path: str | Path) -> str:
     """A local path made absolute (a URL as given)."""
     from repa_cache.cache.storage import is_url
@@ -199,6 +217,7 @@ def verify(
 
 @app.command(rich_help_panel="Stage two: training")
 def train(
+    ctx: typer.Context,
     cache: Annotated[str, typer.Option(help="Committed cache (or its webdataset export) to train from: folder or URL.")],
     out: Annotated[Path, typer.Option(help="Run folder (checkpoints, metrics.jsonl, config.json). Running again resumes.")],
     model: Annotated[str, typer.Option(help="SiT size: SiT-S/2 ... SiT-XL/2 (patch 2/4/8), SiT-tiny/2; U-shaped: USiT-B/2, USiT-L/2, USiT-XL/2 (--method urepa).")] = _field(TrainConfig, "model"),
@@ -248,7 +267,8 @@ def train(
     dry_run: Annotated[bool, typer.Option(help="Print the resolved config and exit.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or status lines.")] = False,
 ) -> None:
-    """Train a SiT with REPA (or another --method) from a cache: no teacher forward, no image decoding. Also under torchrun."""
+    """Train a SiT with REPA (or another --method) from a cache: no teacher forward, no image decoding. Also under torchrun.
+    Running it again resumes, with the options the run recorded as the defaults."""
     cfg = TrainConfig(
         cache=_absolute(cache),  # recorded in the run: align and sample find it from any folder
         out=_absolute(out),
@@ -284,6 +304,7 @@ def train(
         verify=verify,
         quiet=quiet,
     )
+    cfg = _with_recorded(ctx, cfg, out / "config.json")
     check_trackers(cfg.tensorboard, cfg.wandb)
     from repa_cache.train.loop import describe_run  # torch: after the checks that need none
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -121,6 +122,17 @@ class OptimConfig:
                 raise UsageError(message)
 
 
+#: ``repa train`` options whose field in :class:`TrainConfig` has another name or sits in a part.
+OPTION_FIELDS: dict[str, str] = {
+    "teacher": "teachers", "method_option": "method_options", "workers": "num_workers",
+    "path": "transport.path", "time_sampling": "transport.time_sampling", "label_dropout": "transport.label_dropout",
+    "lr": "optim.lr", "adam_betas": "optim.betas", "weight_decay": "optim.weight_decay", "grad_clip": "optim.grad_clip",
+    "ema_decay": "optim.ema_decay",
+}
+#: Options a resumed run never takes from its record: where the run is, and how this command prints.
+NOT_RECORDED_OPTIONS = frozenset({"cache", "out", "init_from", "dry_run", "quiet"})
+
+
 @dataclass
 class TrainConfig:
     """A training run (``repa train``)."""
@@ -168,6 +180,36 @@ class TrainConfig:
         check_method_name(self.method)
         if self.keep_checkpoints < 1:
             raise UsageError(f"--keep-checkpoints must be at least 1, not {self.keep_checkpoints}")
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> TrainConfig:
+        """The config :meth:`to_json` wrote (UsageError when it cannot be one)."""
+        try:
+            fields = dict(d)
+            fields["teachers"] = tuple(fields.get("teachers") or ())
+            fields["transport"] = TransportConfig(**fields.get("transport", {}))
+            optim = dict(fields.get("optim", {}))
+            if "betas" in optim:
+                optim["betas"] = tuple(optim["betas"])
+            fields["optim"] = OptimConfig(**optim)
+            return cls(**fields)
+        except (TypeError, ValueError) as e:
+            raise UsageError(f"not a training config: {e}") from None
+
+    def with_recorded(self, recorded: dict[str, Any], untyped: Iterable[str]) -> TrainConfig:
+        """This config with each ``repa train`` option of ``untyped`` (not on the command line)
+        taken from a run's recorded config ``recorded`` (its ``card.train``), where it has one:
+        resuming a run needs only the options that may change."""
+        d = self.to_json()
+        for option in untyped:
+            if option in NOT_RECORDED_OPTIONS:
+                continue
+            head, _, tail = OPTION_FIELDS.get(option, option).partition(".")
+            if tail and isinstance(recorded.get(head), dict) and tail in recorded[head]:
+                d[head][tail] = recorded[head][tail]
+            elif not tail and head in recorded and head in d:
+                d[head] = recorded[head]
+        return TrainConfig.from_json(d)
 
     def to_json(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)

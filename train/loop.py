@@ -171,8 +171,6 @@ def plan_run(cfg: TrainConfig) -> RunSetup:
     cfg = dataclasses.replace(cfg, proj_coeff=method.proj_coeff,
                               method_options={k: v for k, v in method.card()["options"].items() if k != "proj_coeff"})
     phases = Phases(AlignSchedule.parse(cfg.align_schedule), cfg.warmup_steps)
-    if not cfg.optim.lr > 0:
-        raise UsageError(f"--lr must be positive, got {cfg.optim.lr}")
     check_precision(cfg.precision)
     reader = open_reader(root, groups=[LATENTS] + [teacher_group(t) for t in teachers])  # refuses uncommitted/damaged
     method.check_cache({t: reader.array_names(teacher_group(t)) for t in teachers})

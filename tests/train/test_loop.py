@@ -237,7 +237,7 @@ def test_torchrun_non_finite_loss_on_one_rank_stops_every_rank_before_the_next_c
         (["--encoder-depth", "0"], "error: --encoder-depth 0 is outside the model's blocks 1..4"),
         (["--workers", "-1"], "error: --workers -1: must not be negative"),
         (["--holdout", "-2", "--proj-coeff", "-0.5"], "error: --holdout -2, --proj-coeff -0.5: must not be negative"),
-        (["--lr", "0"], "error: --lr must be positive, got 0.0"),
+        (["--lr", "0"], "error: --lr must be positive, not 0.0"),
         (["--model", "SiT-Q/2"], "error: unknown model 'SiT-Q/2'"),
         (["--batch-size", "64"], "error: the cache has 21 usable samples, fewer than one batch of 64"),
     ],
@@ -416,3 +416,22 @@ def test_a_run_records_its_paths_absolute_and_its_optimiser_settings(tiny_cache,
     assert (saved["cache"], saved["out"]) == (str(tiny_cache), str(tmp_path / "r"))
     assert saved["optim"] == {"lr": 1e-4, "betas": [0.9, 0.95], "weight_decay": 0.01, "grad_clip": 0.0, "ema_decay": 0.99}
     assert saved["keep_checkpoints"] == 3
+
+
+def test_resuming_needs_only_what_changes(tiny_cache, tmp_path, run_cli):
+    """A run started with non-default options resumes from `--cache --out --max-steps`: the options
+    not typed take the values the run recorded (no "config changed" refusal), and one typed
+    differently is still refused."""
+    run = tmp_path / "r"
+    first = ["train", "--cache", str(tiny_cache), "--out", str(run), "--model", "SiT-tiny/2", "--batch-size", "8",
+             "--encoder-depth", "1", "--lr", "0.001", "--ema-decay", "0.5", "--path", "cosine", "--ckpt-every", "1",
+             "--max-steps", "1", "--workers", "0", "--device", "cpu", "-q"]
+    code, _, err = run_cli(first)
+    assert code == 0, err
+    code, _, err = run_cli(["train", "--cache", str(tiny_cache), "--out", str(run), "--max-steps", "2", "--workers", "0", "-q"])
+    assert code == 0, err
+    saved = json.loads((run / "config.json").read_text())["card"]["train"]
+    assert (saved["model"], saved["batch_size"], saved["encoder_depth"], saved["optim"]["lr"], saved["optim"]["ema_decay"],
+            saved["transport"]["path"], saved["max_steps"]) == ("SiT-tiny/2", 8, 1, 0.001, 0.5, "cosine", 2)
+    code, _, err = run_cli(["train", "--cache", str(tiny_cache), "--out", str(run), "--max-steps", "3", "--lr", "0.01", "-q"])
+    assert code == 2 and "the config changed (optim: " in err
