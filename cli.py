@@ -350,16 +350,17 @@ def sample(
     device: Annotated[str, typer.Option(help="'auto', 'cpu' or 'cuda'.")] = _field(S, "device"),
     precision: Annotated[str, typer.Option(help="'auto' (bf16 on CUDA), 'bf16' or 'fp32'.")] = _field(S, "precision"),
     grid: Annotated[int, typer.Option(help="Samples tiled into grid.png (0: no grid).")] = _field(S, "grid"),
+    weights: Annotated[str, typer.Option(help="ema (as REPA) or raw: the trained weights, for a short run whose EMA has barely moved.")] = _field(S, "weights"),
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = _field(S, "quiet"),
 ) -> None:
-    """Sample images from a checkpoint's EMA weights, decoded with the VAE it names; needs no cache. Also under torchrun."""
+    """Sample images from a checkpoint's EMA (or raw) weights, decoded with the VAE it names; needs no cache. Also under torchrun."""
     from repa_cache.eval.sample import sample as run
     from repa_cache.eval.samplers import parse_guidance_interval
 
     job = SampleConfig(
         num=num, cfg_scale=cfg, guidance_interval=parse_guidance_interval(guidance_interval), sampler=sampler, steps=steps,
         heun=heun, classes=tuple(class_id or ()), seed=seed, cls_cfg_scale=cls_cfg, bank=bank, batch_size=batch_size, vae=vae, device=device,
-        precision=precision, grid=grid, quiet=quiet,
+        precision=precision, grid=grid, weights=weights, quiet=quiet,
     )
     print(run(ckpt, out, job).describe())
 
@@ -424,12 +425,13 @@ def align(
     batch_size: Annotated[int, typer.Option(help="Samples per forward pass.")] = _field(A, "batch_size"),
     device: Annotated[str, typer.Option(help="'auto', 'cpu' or 'cuda'.")] = _field(A, "device"),
     precision: Annotated[str, typer.Option(help="'auto' (bf16 on CUDA), 'bf16' or 'fp32'.")] = _field(A, "precision"),
+    weights: Annotated[str, typer.Option(help="ema (as REPA) or raw: the trained weights, for a short run whose EMA has barely moved.")] = _field(A, "weights"),
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
     """Alignment of a checkpoint to its teacher(s) on cached features: mean cosine and CKNNA."""
     from repa_cache.eval.align import align as run
 
-    job = AlignConfig(cache=cache, num=num, t=t, k=k, batch_size=batch_size, device=device, precision=precision)
+    job = AlignConfig(cache=cache, num=num, t=t, k=k, batch_size=batch_size, device=device, precision=precision, weights=weights)
     print(json.dumps(run(ckpt, job, quiet=quiet), indent=1, default=str))
 
 

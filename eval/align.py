@@ -77,7 +77,7 @@ def align(ckpt: str | Path, cfg: AlignConfig | None = None, quiet: bool = False)
     cfg = cfg if cfg is not None else AlignConfig()
     if cfg.num <= 0:
         raise UsageError(f"--num must be positive, got {cfg.num}")
-    loaded = load_model(ckpt, resolve_device(cfg.device, local_rank()))
+    loaded = load_model(ckpt, resolve_device(cfg.device, local_rank()), cfg.weights)
     card = loaded.card
     groups = [LATENTS] + [teacher_group(n) for n in card.teachers]
     try:
@@ -97,4 +97,4 @@ def align(ckpt: str | Path, cfg: AlignConfig | None = None, quiet: bool = False)
     bar.close()
     per_teacher = {name: {m: metrics[f"align/{m}/{name}"] for m in MEASURES} for name in card.teachers}
     return {"checkpoint": str(loaded.path), "step": loaded.step, "cache": str(reader.root),
-            "num": int(metrics["align/num"]), "t": cfg.t, "k": cfg.k, "teachers": per_teacher}
+            "num": int(metrics["align/num"]), "t": cfg.t, "k": cfg.k, "weights": cfg.weights, "teachers": per_teacher}

@@ -45,7 +45,7 @@ from repa_cache.cache.storage import atomic_file, read_npy_header
 from repa_cache.eval.config import SampleConfig
 from repa_cache.eval.samplers import SamplerConfig, bank_choices, sample_joint, sample_labels
 from repa_cache.stages.devices import check_precision, resolve_device
-from repa_cache.train.checkpoint import ModelCard, load_checkpoint, resolve_checkpoint, strip_wrapper_prefixes
+from repa_cache.train.checkpoint import ModelCard, latest_checkpoint, load_checkpoint, resolve_checkpoint, strip_wrapper_prefixes
 from repa_cache.train.methods import Method, method_from_card
 from repa_cache.train.methods.gmem import MemoryBank, open_bank
 from repa_cache.train.model import SiT, SiTConfig
@@ -59,7 +59,9 @@ GRID_NAME = "grid.png"
 JOB_FILE = "sample.json"
 #: Settings that make the images what they are; a resume must keep them.
 IDENTITY_FIELDS = ("checkpoint", "sampler", "steps", "heun", "cfg_scale", "guidance_interval", "classes",
-                   "seed", "last_t", "cls_cfg_scale", "bank")
+                   "seed", "last_t", "cls_cfg_scale", "bank", "weights")
+#: What a job file written before a field existed meant by its absence.
+IDENTITY_DEFAULTS: dict[str, Any] = {"weights": "ema"}
 
 
 def local_rank() -> int:
@@ -97,27 +99,41 @@ class LoadedModel:
         return self.config.num_classes
 
 
-def load_model(ckpt: str | Path, device: torch.device | str = "cpu") -> LoadedModel:
+def weights_file(ckpt: str | Path, weights: str = "ema") -> Path:
+    """The checkpoint file ``ckpt`` names for ``weights``: a file as given; in a run folder the
+    newest weights, and for the raw weights its newest full checkpoint (EMA-only files lack them)."""
+    if weights == "raw" and Path(ckpt).is_dir():
+        full = latest_checkpoint(Path(ckpt))
+        if full is not None:
+            return full
+    return resolve_checkpoint(ckpt)
+
+
+def load_model(ckpt: str | Path, device: torch.device | str = "cpu", weights: str = "ema") -> LoadedModel:
     """Rebuild the student of a checkpoint (file or run folder) from its model card alone, with
-    its EMA weights.
+    its EMA weights (``weights="raw"``: the trained weights themselves).
 
     Raises:
         UsageError: no such file, not a checkpoint of this tool, an unknown format version, or
             weights that do not fit the card's model shape.
     """
-    ckpt_file = load_checkpoint(resolve_checkpoint(ckpt))
+    ckpt_file = load_checkpoint(weights_file(ckpt, weights))
     try:
         config = SiTConfig(**ckpt_file.card.model)
     except (TypeError, ValueError) as e:
         raise UsageError(f"{ckpt_file.path} has an unusable model config ({str(e).splitlines()[0]})") from None
     method = method_from_card(ckpt_file.card.method)
     model = method.build_student(config)
+    state = ckpt_file.ema if weights == "ema" else ckpt_file.model
+    kind = "EMA" if weights == "ema" else "raw"
+    if state is None:
+        raise UsageError(f"{ckpt_file.path} holds no raw weights (only the EMA ones); use --weights ema")
     try:
-        model.load_state_dict(strip_wrapper_prefixes(ckpt_file.ema))
+        model.load_state_dict(strip_wrapper_prefixes(state))
     except RuntimeError as e:
-        raise UsageError(f"the EMA weights in {ckpt_file.path} do not fit {config}: {str(e).splitlines()[0]}") from None
+        raise UsageError(f"the {kind} weights in {ckpt_file.path} do not fit {config}: {str(e).splitlines()[0]}") from None
     model = model.to(device).eval().requires_grad_(False)
-    logger.info("loaded %s (step %d, EMA weights) on %s", ckpt_file.path, ckpt_file.step, device)
+    logger.info("loaded %s (step %d, %s weights) on %s", ckpt_file.path, ckpt_file.step, kind, device)
     return LoadedModel(model, config, ckpt_file.card, ckpt_file.step, ckpt_file.path, method)
 
 
@@ -308,6 +324,7 @@ class _Job:
     last_t: float
     cls_cfg_scale: float | None = None  # guidance of a jointly denoised CLS token (REG); None: cfg_scale
     bank: str | None = None  # the memory bank of a GMem model (a cache or a .npy)
+    weights: str = "ema"  # "ema" or "raw"
     # Read from the checkpoint (fixed by it, so not part of the identity):
     path: str = "linear"
     num_classes: int = 0
@@ -336,7 +353,7 @@ def _previous_job(out: Path, job: _Job) -> dict[str, Any] | None:
     if job_file.is_file():
         old = json.loads(job_file.read_text())
         mine = job.identity()
-        changed = [k for k in IDENTITY_FIELDS if old.get(k) != mine[k]]
+        changed = [k for k in IDENTITY_FIELDS if old.get(k, IDENTITY_DEFAULTS.get(k)) != mine[k]]
         if changed:
             details = "; ".join(f"{k}: {old.get(k)} -> {mine[k]}" for k in changed)
             raise UsageError(f"{out} holds samples made with other settings ({details}); use a new --out")
@@ -399,14 +416,14 @@ def sample(ckpt: str | Path, out: str | Path, cfg: SampleConfig | None = None) -
     t0 = time.perf_counter()
     cfg = cfg if cfg is not None else SampleConfig()
     scfg = _check(cfg)
-    ckpt_path = resolve_checkpoint(ckpt).resolve()
+    ckpt_path = weights_file(ckpt, cfg.weights).resolve()
     out = Path(out)
     rank, world = _dist_info()
     device = resolve_device(cfg.device, local_rank())
 
     bank_id = None if cfg.bank is None else (cfg.bank if "://" in cfg.bank else str(Path(cfg.bank).resolve()))
     job = _Job(str(ckpt_path), cfg.num, scfg.sampler, scfg.steps, scfg.heun, scfg.cfg_scale,
-               list(scfg.guidance_interval), list(cfg.classes), cfg.seed, scfg.last_t, cfg.cls_cfg_scale, bank_id)
+               list(scfg.guidance_interval), list(cfg.classes), cfg.seed, scfg.last_t, cfg.cls_cfg_scale, bank_id, cfg.weights)
     old = _previous_job(out, job)
     images = out / IMAGES_DIR
     present = {p.name for p in images.iterdir()} if images.is_dir() else set()
@@ -416,7 +433,7 @@ def sample(ckpt: str | Path, out: str | Path, cfg: SampleConfig | None = None) -
     loaded: LoadedModel | None = None
     bank: MemoryBank | None = None
     if todo or old is None:
-        loaded = load_model(ckpt_path, device)
+        loaded = load_model(ckpt_path, device, cfg.weights)
         job.path, job.num_classes, job.step = loaded.card.path, loaded.config.num_classes, loaded.step
         bank = open_sampling_bank(loaded.card, loaded.method, loaded.config, cfg.bank)
         job.conditioning = "class" if bank is None else "bank"

@@ -9,6 +9,7 @@ folder alone.
 from __future__ import annotations
 
 import dataclasses
+import json
 import shutil
 from pathlib import Path
 from types import SimpleNamespace
@@ -257,3 +258,23 @@ def test_sampling_needs_only_the_run_folder(tiny_cache: Path, tmp_path: Path, ru
     assert a_bytes == b_bytes
     assert len(set(a_bytes[:3])) == 3  # and the samples differ from each other
     assert np.array_equal(_npz(tmp_path / "A"), _npz(tmp_path / "B"))
+
+
+def test_raw_weights_are_the_trained_model(run: SimpleNamespace, tmp_path: Path) -> None:
+    """--weights raw loads the checkpoint's trained weights, not the EMA (the two differ here):
+    align measures them, and a sample folder records which weights made it."""
+    raw = load_model(run.dir, "cpu", "raw").model
+    for (name, a), b in zip(raw.state_dict().items(), run.model.state_dict().values()):
+        assert torch.equal(a, b), name
+    res = align(run.dir, AlignConfig(num=9, k=3, batch_size=4, device="cpu", weights="raw"))
+    direct = alignment_metrics(run.model, run.cache, ["tiny"], num=9, k=3, batch_size=4)
+    assert res["weights"] == "raw" and res["teachers"]["tiny"]["cos"] == pytest.approx(direct["align/cos/tiny"], abs=1e-6)
+    ema = align(run.dir, AlignConfig(num=9, k=3, batch_size=4, device="cpu"))
+    assert ema["teachers"]["tiny"]["cos"] != res["teachers"]["tiny"]["cos"]
+    cfg = SampleConfig(num=2, sampler="ode", steps=2, batch_size=2, device="cpu", grid=0, quiet=True, weights="raw")
+    sample(run.dir, tmp_path / "s", cfg)
+    assert json.loads((tmp_path / "s" / "sample.json").read_text())["weights"] == "raw"
+    with pytest.raises(UsageError, match="holds samples made with other settings \\(checkpoint: .*step-00000010.pt -> .*ema-step-00000010.pt; weights: raw -> ema\\)"):
+        sample(run.dir, tmp_path / "s", dataclasses.replace(cfg, weights="ema"))
+    with pytest.raises(UsageError, match="^--weights must be one of ema, raw, not 'best'$"):
+        SampleConfig(weights="best")
