@@ -274,7 +274,8 @@ def test_raw_weights_are_the_trained_model(run: SimpleNamespace, tmp_path: Path)
     cfg = SampleConfig(num=2, sampler="ode", steps=2, batch_size=2, device="cpu", grid=0, quiet=True, weights="raw")
     sample(run.dir, tmp_path / "s", cfg)
     assert json.loads((tmp_path / "s" / "sample.json").read_text())["weights"] == "raw"
-    with pytest.raises(UsageError, match="holds samples made with other settings \\(checkpoint: .*step-00000010.pt -> .*ema-step-00000010.pt; weights: raw -> ema\\)"):
+    changed = r"holds samples made with other settings \(checkpoint: .*/step-00000010.pt -> .*/ema-step-00000010.pt; weights: raw -> ema\)"
+    with pytest.raises(UsageError, match=changed):
         sample(run.dir, tmp_path / "s", dataclasses.replace(cfg, weights="ema"))
     with pytest.raises(UsageError, match="^--weights must be one of ema, raw, not 'best'$"):
         SampleConfig(weights="best")
