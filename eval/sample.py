@@ -573,7 +573,7 @@ class TrainingGrid:
                              precision=self.precision, bank=self.bank)
         finally:
             ema.train(was_training)
-        path = run / "samples" / f"step-{step:07d}.png"
+        path = run / "samples" / f"step-{step:08d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
         write_png(path, make_grid(self.decoder(z)))
         return path

@@ -279,8 +279,8 @@ def test_a_gmem_run_resumes_exactly_and_samples_from_a_bank(tiny_cache, tmp_path
     assert [r["step"] for r in rows] == [3, 6] and all({"denoise", "repa"} <= set(r) for r in rows)
     # the training grids, drawn from the training cache's bank, are the same across the resume
     for step in (3, 6):
-        assert (tmp_path / "a" / "samples" / f"step-{step:07d}.png").read_bytes() == \
-            (tmp_path / "b" / "samples" / f"step-{step:07d}.png").read_bytes()
+        assert (tmp_path / "a" / "samples" / f"step-{step:08d}.png").read_bytes() == \
+            (tmp_path / "b" / "samples" / f"step-{step:08d}.png").read_bytes()
 
     sample = ["sample", "--ckpt", str(tmp_path / "a"), "--num", "3", "--sampler", "ode", "--steps", "2", "--cfg", "2",
               "--guidance-interval", "0,1", "--device", "cpu", "--grid", "0", "-q"]

@@ -28,10 +28,10 @@ def test_sample_every_grids_are_identical_for_the_same_step_across_a_resume(tiny
     train(_cfg(tiny_cache, tmp_path / "b", sample_every=2, max_steps=2))
     train(_cfg(tiny_cache, tmp_path / "b", sample_every=2))
     a, b = tmp_path / "a" / "samples", tmp_path / "b" / "samples"
-    assert sorted(p.name for p in a.iterdir()) == ["step-0000002.png", "step-0000004.png"]
-    for name in ("step-0000002.png", "step-0000004.png"):
+    assert sorted(p.name for p in a.iterdir()) == ["step-00000002.png", "step-00000004.png"]
+    for name in ("step-00000002.png", "step-00000004.png"):
         assert (a / name).read_bytes() == (b / name).read_bytes(), name
-    assert (a / "step-0000002.png").read_bytes() != (a / "step-0000004.png").read_bytes()  # the model moved
+    assert (a / "step-00000002.png").read_bytes() != (a / "step-00000004.png").read_bytes()  # the model moved
     rows = _rows(tmp_path / "a")
     assert [r["step"] for r in rows] == [2, 4]
     assert all(r["lr"] == 1e-4 for r in rows) and 0 < rows[0]["time"] < rows[1]["time"]
