@@ -45,8 +45,6 @@ from repa_cache.cache.progress import Progress, format_bytes
 from repa_cache.cache.reader import CacheReader, ReaderBase, commit_record, group_meta, list_groups, open_meta, parse_record
 from repa_cache.cache.storage import StorePath, store_path
 
-DEFAULT_JOBS = DEFAULT_COPY_JOBS
-
 
 @dataclass
 class CopyResult:
@@ -63,7 +61,7 @@ def copy_cache(
     src: str | Path | StorePath,
     dst: str | Path | StorePath,
     groups: Iterable[str] | None = None,
-    jobs: int = DEFAULT_JOBS,
+    jobs: int = DEFAULT_COPY_JOBS,
     quiet: bool = False,
     feature_codec: str | None = None,
 ) -> CopyResult:
@@ -294,4 +292,4 @@ def describe_copy(res: CopyResult) -> str:
             f"{res.seconds:.1f}s, {res.shards_skipped} already there; {parts}")
 
 
-__all__ = ["DEFAULT_JOBS", "CopyResult", "copy_cache", "describe_copy"]
+__all__ = ["CopyResult", "copy_cache", "describe_copy"]

@@ -57,14 +57,11 @@ class PrecomputeConfig:
         return VIEW_NAMES if self.flip else VIEW_NAMES[:1]
 
 
-#: The settings a cache records in its root metadata: extending or resuming it takes them as the
-#: defaults, so only a changed value needs to be typed (and is then refused as a change).
-RECORDED_SETTINGS: tuple[str, ...] = ("resolution", "shard_size", "flip", "seed")
-
-
 def recorded_settings(out: str) -> dict[str, Any]:
-    """The :data:`RECORDED_SETTINGS` of the cache at ``out``; empty when ``out`` holds no cache
-    (a path that is something else is refused later, by the precompute itself)."""
+    """The settings the cache at ``out`` records in its root metadata (resolution, shard size,
+    flips, seed), as :class:`PrecomputeConfig` fields: extending or resuming it takes them as the
+    defaults, so only a changed value is typed (and then refused as a change). Empty when ``out``
+    holds no cache (a path that is something else is refused later, by the precompute itself)."""
     from repa_cache.cache.reader import open_meta
 
     root = store_path(out)
