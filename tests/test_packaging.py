@@ -7,7 +7,10 @@ shadowed by other projects' modules).
 
 from __future__ import annotations
 
+import importlib.metadata
+import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -38,8 +41,8 @@ def test_wheel_holds_exactly_the_repa_cache_package(wheel):
     top = {n.split("/", 1)[0] for n in names}
     dist_info = [t for t in top if t.endswith(".dist-info")]
     assert top == {"repa_cache", *dist_info} and len(dist_info) == 1, top
-    for module in ("repa_cache/cli.py", "repa_cache/cache/format.py", "repa_cache/train/loop.py", "repa_cache/eval/sample.py",
-                   "repa_cache/pipeline/precompute.py", "repa_cache/stages/vae.py"):
+    for module in ("repa_cache/__init__.py", "repa_cache/cli.py", "repa_cache/cache/format.py", "repa_cache/train/loop.py",
+                   "repa_cache/eval/sample.py", "repa_cache/pipeline/precompute.py", "repa_cache/stages/vae.py"):
         assert module in names
     assert not [n for n in names if n.startswith(("repa_cache/tests/", "repa_cache/bench/"))]
     entry_points = zipfile.ZipFile(wheel).read(f"{dist_info[0]}/entry_points.txt").decode()
@@ -91,3 +94,43 @@ def test_commands_work_from_a_folder_with_modules_of_the_same_names(demo_images,
     repa("sample", "--ckpt", "run", "--out", "s", "--num", "2", "--sampler", "ode", "--steps", "2", "--batch-size", "2",
          "--device", "cpu", "-q")
     assert sorted(p.name for p in (work / "s" / "images").iterdir()) == ["000000.png", "000001.png"]
+
+
+def test_import_repa_cache_gives_the_version_and_imports_no_torch(tmp_path):
+    """``import repa_cache`` costs no torch import; ``__version__`` is the installed version; every
+    public name resolves to the function or class the docs name."""
+    probe = ("import sys, json, repa_cache as rc; before = 'torch' in sys.modules; "
+             "names = {n: getattr(rc, n).__module__ + '.' + getattr(rc, n).__qualname__ for n in rc.__all__ if n != '__version__'}; "
+             "print(json.dumps([rc.__version__, before, names]))")
+    res = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    version, torch_before, names = json.loads(res.stdout)
+    assert version == importlib.metadata.version("repa-cache") == re.search(r'^version = "(.+)"$', (ROOT / "pyproject.toml").read_text(), re.M)[1]
+    assert torch_before is False
+    assert names == {
+        "PrecomputeConfig": "repa_cache.pipeline.plan.PrecomputeConfig",
+        "precompute": "repa_cache.pipeline.precompute.precompute",
+        "TrainConfig": "repa_cache.train.config.TrainConfig",
+        "train_run": "repa_cache.train.loop.train",
+        "SampleConfig": "repa_cache.eval.config.SampleConfig",
+        "sample": "repa_cache.eval.sample.sample",
+        "open_cache": "repa_cache.cache.wds.open_reader",
+    }
+    with pytest.raises(AttributeError, match="has no attribute 'nothing'"):
+        import repa_cache
+
+        repa_cache.nothing  # noqa: B018
+
+
+@pytest.mark.slow
+def test_the_python_api_example_in_the_docs_runs_as_written(tmp_path):
+    """The code block of docs/python-api.md, run in a fresh interpreter in an empty folder."""
+    text = (ROOT / "docs" / "python-api.md").read_text()
+    (code,) = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    res = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    lines = res.stdout.splitlines()
+    assert lines[0] == "24 samples cached"
+    assert lines[-1] == "4 images in samples"
+    assert sorted(p.name for p in (tmp_path / "samples" / "images").iterdir()) == [f"00000{i}.png" for i in range(4)]

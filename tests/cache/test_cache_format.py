@@ -26,7 +26,8 @@ from repa_cache.cache.layout import shard_key
 from repa_cache.cache.reader import CacheReader
 from repa_cache.cache.verify import VerifyReport, verify_cache
 from repa_cache.cache.writer import DEFAULT_CODEC, commit_group, create_cache, create_group, write_shard
-from tests.cache.shards import chunk_span
+
+from ..cache.shards import chunk_span
 
 N, SHARD, VIEWS = 10, 4, ("orig", "hflip")
 SKIPPED = {5}  # cache index of an input that failed to decode

@@ -22,8 +22,9 @@ from repa_cache.cache.errors import CacheError
 from repa_cache.cache.format import FORMAT_VERSION, LATENTS, ROOT_ATTR, fingerprint_diff, record_path
 from repa_cache.cache.reader import CacheReader, open_meta
 from repa_cache.cache.verify import verify_cache
-from tests.cache.shards import chunk_span, index_entries, num_chunks_of, written_as_v1
-from tests.cache.test_cache_format import SKIPPED, N, _groups, _shard_file, build
+
+from ..cache.shards import chunk_span, index_entries, num_chunks_of, written_as_v1
+from ..cache.test_cache_format import SKIPPED, N, _groups, _shard_file, build
 
 TEACHER = "teachers/t"
 

@@ -28,7 +28,8 @@ from repa_cache.cache.verify import verify_cache
 from repa_cache.cache.wds import WdsReader, export_wds
 from repa_cache.cache.writer import write_shard
 from repa_cache.pipeline.precompute import precompute
-from tests.conftest import tiny_config
+
+from ..conftest import tiny_config
 
 CODEC = int8_spec()
 GROUP = "teachers/tiny"

@@ -19,7 +19,8 @@ from repa_cache.cache.reader import CacheReader, list_groups
 from repa_cache.cache.stats import cache_stats
 from repa_cache.cache.verify import verify_cache
 from repa_cache.cache.wds import EXPORT_MARKER, INDEX_FILE, WdsReader, export_wds
-from tests.cache.test_cache_format import SKIPPED, N, _groups, _meta, build
+
+from ..cache.test_cache_format import SKIPPED, N, _groups, _meta, build
 
 VALID = [i for i in range(N) if i not in SKIPPED]
 
@@ -160,7 +161,8 @@ def test_half_created_group_is_absent_for_verify_stats_and_readers(tmp_path, run
 
 def test_create_group_again_completes_a_half_created_group(tmp_path):
     from repa_cache.cache.writer import commit_group, create_group, write_shard
-    from tests.cache.test_cache_format import _data, _outcomes
+
+    from ..cache.test_cache_format import _data, _outcomes
 
     a, b = tmp_path / "a", tmp_path / "b"
     build(a)

@@ -23,7 +23,8 @@ from repa_cache.cache.reader import CacheReader
 from repa_cache.cache.storage import store_path
 from repa_cache.cache.verify import verify_cache
 from repa_cache.cache.wds import WdsReader, export_wds, open_reader
-from tests.conftest import tiny_config
+
+from ..conftest import tiny_config
 
 ROOT = Path(__file__).resolve().parents[2]
 

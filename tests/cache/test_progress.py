@@ -146,7 +146,8 @@ def test_export_wds_status_lines_and_quiet(tiny_cache, tmp_path, run_cli):
 
 def test_precompute_counts_images_not_shards(demo_images, tmp_path, capsys):
     from repa_cache.pipeline.precompute import precompute
-    from tests.conftest import tiny_config
+
+    from ..conftest import tiny_config
 
     precompute(tiny_config(demo_images, tmp_path / "c", quiet=False))
     lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("precompute: ")]

@@ -8,7 +8,8 @@ import pytest
 
 from repa_cache.cache.reader import CacheReader, group_meta
 from repa_cache.pipeline.precompute import precompute
-from tests.conftest import tiny_config
+
+from ..conftest import tiny_config
 
 pytestmark = pytest.mark.cuda
 

@@ -11,8 +11,9 @@ import pytest
 from repa_cache.eval.align import align
 from repa_cache.eval.config import AlignConfig
 from repa_cache.eval.sample import sample
-from tests.eval.test_sample_job import QUICK
-from tests.eval.test_sample_job import run as run  # the tiny run folder fixture
+
+from ..eval.test_sample_job import QUICK
+from ..eval.test_sample_job import run as run  # the tiny run folder fixture
 
 
 def _counts(err: str) -> list[str]:

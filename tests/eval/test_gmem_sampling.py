@@ -25,7 +25,8 @@ from repa_cache.train.loop import plan_run
 from repa_cache.train.methods import make_method
 from repa_cache.train.methods.gmem import GMemSiT, export_bank, open_bank
 from repa_cache.train.model import SiT, sit_config
-from tests.train.hand import kick
+
+from ..train.hand import kick
 
 QUICK = SampleConfig(steps=2, sampler="ode", device="cpu", grid=0, quiet=True)
 

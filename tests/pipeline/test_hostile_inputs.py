@@ -21,7 +21,8 @@ from repa_cache.cache.reader import CacheReader
 from repa_cache.pipeline.plan import check_config, sample_order
 from repa_cache.pipeline.precompute import precompute
 from repa_cache.pipeline.source import list_source
-from tests.conftest import tiny_config
+
+from ..conftest import tiny_config
 
 SHARD = 4
 

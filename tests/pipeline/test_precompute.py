@@ -28,7 +28,8 @@ from repa_cache.pipeline.source import list_source
 from repa_cache.stages.images import decode_and_crop
 from repa_cache.stages.teachers import get_teacher, load_teacher
 from repa_cache.stages.vae import VAESpec, load_vae
-from tests.conftest import tiny_config
+
+from ..conftest import tiny_config
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -144,7 +145,8 @@ def test_a_v1_cache_resumes_and_takes_a_teacher_under_v2(tiny_cache, demo_images
     the cache then says v2."""
     from repa_cache.cache.format import ROOT_ATTR
     from repa_cache.pipeline import groups, plan
-    from tests.cache.shards import written_as_v1
+
+    from ..cache.shards import written_as_v1
 
     old = tmp_path / "v1"
     with written_as_v1(monkeypatch), monkeypatch.context() as m:

@@ -22,7 +22,8 @@ from repa_cache.cache.reader import CacheReader
 from repa_cache.cache.stats import cache_stats
 from repa_cache.cache.verify import verify_cache
 from repa_cache.pipeline.precompute import precompute
-from tests.conftest import tiny_config
+
+from ..conftest import tiny_config
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 from distributed.diagnostics.plugin import WorkerPlugin
 
-from tests.conftest import tiny_config
+from ..conftest import tiny_config
 
 READ_GROUPS = ["latents", "tiny"]
 READ_KEYS = ["latents/mean", "latents/std", "teachers/tiny/patch", "teachers/tiny/cls"]

@@ -18,7 +18,8 @@ import pytest
 from repa_cache.cache.errors import UsageError
 from repa_cache.pipeline.source import FLAT_CLASS_NAME, ItemTable, SourceItem, SourceListing, list_source, read_bytes
 from repa_cache.stages.images import decode_and_crop
-from tests.stages.conftest import encode, random_rgb
+
+from ..stages.conftest import encode, random_rgb
 
 
 @pytest.fixture
@@ -335,7 +336,8 @@ def test_a_cache_of_a_flat_folder_records_it(tmp_path: Path) -> None:
     from repa_cache.cache.reader import CacheReader
     from repa_cache.pipeline.demo import make_demo_images
     from repa_cache.pipeline.precompute import precompute
-    from tests.conftest import tiny_config
+
+    from ..conftest import tiny_config
 
     demo = make_demo_images(tmp_path / "demo", per_class=2, seed=3)
     flat = tmp_path / "flat"
@@ -394,7 +396,8 @@ def test_huge_label_is_not_listed_and_the_class_table_stays_small(tmp_path: Path
     """Memory bound: listing runs in a process capped at 1 GiB of address space (a class table of
     99999999999 names would need terabytes)."""
     from repa_cache.pipeline.source import MAX_CLASSES
-    from tests.stages.conftest import run_with_memory_limit
+
+    from ..stages.conftest import run_with_memory_limit
 
     jpeg = encode(random_rgb(rng, 24, 24), "JPEG")
     root = _wds(tmp_path / "wds", [("a.jpg", jpeg), ("a.cls", b"99999999999"), ("b.jpg", jpeg), ("b.cls", b"4"),

@@ -7,7 +7,8 @@ import pytest
 from PIL import Image
 
 from repa_cache.stages.images import center_crop_adm
-from tests.stages.conftest import random_rgb
+
+from ..stages.conftest import random_rgb
 
 
 def adm_reference(pil_image: Image.Image, image_size: int) -> np.ndarray:

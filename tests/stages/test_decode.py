@@ -10,7 +10,8 @@ import pytest
 from PIL import Image
 
 from repa_cache.stages.images import DEFAULT_MAX_PIXELS, DecodeResult, center_crop_adm, decode_and_crop
-from tests.stages.conftest import encode, random_rgb
+
+from ..stages.conftest import encode, random_rgb
 
 RES = 32
 
@@ -319,7 +320,7 @@ def test_extreme_aspect_ratio_is_skipped_from_the_header_under_1_gib() -> None:
     """Memory bound: the whole decode runs in a process capped at 1 GiB of address space."""
     import json
 
-    from tests.stages.conftest import run_with_memory_limit
+    from ..stages.conftest import run_with_memory_limit
 
     size, status, reason, width, height, no_image = json.loads(run_with_memory_limit(_THIN_PNG_CODE, 1 << 30))
     assert size < 1000

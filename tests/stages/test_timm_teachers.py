@@ -31,7 +31,8 @@ from repa_cache.stages.teachers import (
     timm_teacher,
     token_grid,
 )
-from tests.conftest import tiny_config
+
+from ..conftest import tiny_config
 
 # Preset -> (timm id, input side and token grid at 256 px) of REPA's other encoders.
 PRESETS = {

@@ -23,7 +23,8 @@ from repa_cache.cache.format import LATENTS, ArraySpec, CacheMeta, GroupMeta, re
 from repa_cache.cache.layout import shard_key
 from repa_cache.cache.writer import DEFAULT_CODEC, commit_group, create_cache, create_group, write_shard
 from repa_cache.train.data import CacheBatches, DataConfig
-from tests.cache.shards import index_entries, num_chunks_of, written_as_v1
+
+from ..cache.shards import index_entries, num_chunks_of, written_as_v1
 
 N, SHARD, BATCH, STEPS = 512, 64, 16, 8
 PAGE = 4096 + 128

@@ -26,7 +26,8 @@ from repa_cache.train.model import sit_config
 from repa_cache.train.schedule import MAIN, WARMUP
 from repa_cache.train.step import build_trainer, train_step
 from repa_cache.train.transport import Transport
-from tests.train.hand import kick
+
+from ..train.hand import kick
 
 CPU = torch.device("cpu")
 Z = 6

@@ -28,8 +28,9 @@ from repa_cache.train.methods.base import CacheContext
 from repa_cache.train.methods.haste import HasteSiT, attention_loss
 from repa_cache.train.model import sit_config
 from repa_cache.train.step import train_step
-from tests.conftest import tiny_config
-from tests.train.hand import hand_step
+
+from ..conftest import tiny_config
+from ..train.hand import hand_step
 
 
 @pytest.fixture(scope="module")

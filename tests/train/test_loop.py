@@ -26,7 +26,8 @@ from repa_cache.train.config import OptimConfig, TrainConfig
 from repa_cache.train.data import CacheBatches, DataConfig, epoch_order
 from repa_cache.train.loop import TrainingDiverged, train
 from repa_cache.train.methods import base as step_mod
-from tests.cache.shards import index_entries, num_chunks_of
+
+from ..cache.shards import index_entries, num_chunks_of
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -30,7 +30,8 @@ from repa_cache.train.methods.reg import RegSiT
 from repa_cache.train.model import sit_config
 from repa_cache.train.schedule import MAIN, MAIN_NO_ALIGN, WARMUP, AlignSchedule, Phases
 from repa_cache.train.step import build_trainer, train_step
-from tests.train.hand import hand_step, kick
+
+from ..train.hand import hand_step, kick
 
 CPU = torch.device("cpu")
 

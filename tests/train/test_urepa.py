@@ -23,7 +23,8 @@ from repa_cache.train.methods.urepa import manifold_loss
 from repa_cache.train.model import SiTConfig, count_parameters, sit_config
 from repa_cache.train.step import train_step
 from repa_cache.train.usit import USiT, build_student_model
-from tests.train.hand import hand_step, kick
+
+from ..train.hand import hand_step, kick
 
 CPU = torch.device("cpu")
 
