@@ -22,7 +22,7 @@ from repa_cache.cache.errors import RepaError, UsageError, quiet_unraisable, use
 from repa_cache.cache.format import FORMAT_VERSION
 from repa_cache.eval.config import AlignConfig, DemoConfig, FidConfig, SampleConfig
 from repa_cache.pipeline.plan import PrecomputeConfig, check_config, recorded_settings
-from repa_cache.train.config import METHOD_NAMES, OptimConfig, TrainConfig, TransportConfig
+from repa_cache.train.config import METHOD_NAMES, OPTION_FIELDS, OptimConfig, TrainConfig, TransportConfig
 from repa_cache.train.tracking import check_trackers
 
 
@@ -129,9 +129,10 @@ def precompute(
     print(describe_result(run(cfg)))
 
 
-def _with_recorded(ctx: typer.Context, cfg: TrainConfig, config_file: Path) -> TrainConfig:
-    """A run folder that already holds a run: the options not on the command line take the values
-    it recorded (a changed one is then refused, or taken where it may change, as before)."""
+def _with_recorded(cfg: TrainConfig, untyped: list[str], config_file: Path) -> TrainConfig:
+    """A run folder that already holds a run: the ``untyped`` options (neither on the command line
+    nor in --config) take the values it recorded (a changed one is then refused, or taken where it
+    may change, as before)."""
     if not config_file.is_file():
         return cfg
     try:
@@ -140,11 +141,16 @@ def _with_recorded(ctx: typer.Context, cfg: TrainConfig, config_file: Path) -> T
             raise TypeError("not an object")
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise UsageError(f"{config_file}: cannot read the run's recorded config ({e})") from None
-    untyped = [name for name in ctx.params if getattr(ctx.get_parameter_source(name), "name", None) == "DEFAULT"]
     try:
         return cfg.with_recorded(recorded, untyped)
     except UsageError as e:
         raise UsageError(f"{config_file}: {e}") from None
+
+
+def _has_field(values: dict[str, Any], field: str) -> bool:
+    """Whether a config table holds ``field`` (``"optim.lr"``: the key ``lr`` of its ``optim`` part)."""
+    head, _, tail = field.partition(".")
+    return head in values and (not tail or (isinstance(values[head], dict) and tail in values[head]))
 
 
 def _absolute(path: str | Path) -> str:
@@ -218,8 +224,11 @@ def verify(
 @app.command(rich_help_panel="Stage two: training")
 def train(
     ctx: typer.Context,
-    cache: Annotated[str, typer.Option(help="Committed cache (or its webdataset export) to train from: folder or URL.")],
-    out: Annotated[Path, typer.Option(help="Run folder (checkpoints, metrics.jsonl, config.json). Running again resumes.")],
+    cache: Annotated[Optional[str], typer.Option(help="Committed cache (or its webdataset export) to train from: folder or URL.")] = None,
+    out: Annotated[Optional[str], typer.Option(help="Run folder (checkpoints, metrics.jsonl, config.json). Running again resumes.")] = None,
+    config: Annotated[Optional[Path], typer.Option(help="TOML or JSON file of the run's options, keyed as config.json's card.train "
+                                                        "(a run's config.json or --dry-run's output also work); options typed on "
+                                                        "the command line override it.")] = None,
     model: Annotated[str, typer.Option(help="SiT size: SiT-S/2 ... SiT-XL/2 (patch 2/4/8), SiT-tiny/2; U-shaped: USiT-B/2, USiT-L/2, USiT-XL/2 (--method urepa).")] = _field(TrainConfig, "model"),
     teacher: Annotated[Optional[list[str]], typer.Option(help="Teacher group(s) to align to (repeatable). Default: the cache's only teacher.")] = None,
     encoder_depth: Annotated[Optional[int], typer.Option(help="Align the output of this block (default: 4 for S/B, 8 for L/XL).")] = _field(TrainConfig, "encoder_depth"),
@@ -242,11 +251,14 @@ def train(
     weight_decay: Annotated[float, typer.Option(help="AdamW weight decay.")] = _field(OptimConfig, "weight_decay"),
     grad_clip: Annotated[float, typer.Option(help="Clip the gradient norm to this (0: no clipping; the norm is still logged).")] = _field(OptimConfig, "grad_clip"),
     ema_decay: Annotated[float, typer.Option(help="Decay of the EMA weights that sampling and align use, in [0, 1).")] = _field(OptimConfig, "ema_decay"),
+    ema_warmup: Annotated[bool, typer.Option(help="Warm the EMA up: decay min(--ema-decay, (1+n)/(10+n)) after n steps, so a short run's "
+                                                  "EMA weights are usable (REPA: off).")] = _field(OptimConfig, "ema_warmup"),
     keep_checkpoints: Annotated[int, typer.Option(help="Checkpoints kept in the run folder (the oldest are removed; at least 1).")] = _field(TrainConfig, "keep_checkpoints"),
     seed: Annotated[int, typer.Option(help="Seed of data order, initial weights and noise.")] = _field(TrainConfig, "seed"),
     device: Annotated[str, typer.Option(help="'auto' (CUDA if present), 'cpu', 'cuda'.")] = _field(TrainConfig, "device"),
     precision: Annotated[str, typer.Option(help="'auto' (bf16 autocast on CUDA, fp32 on CPU), 'bf16' or 'fp32'.")] = _field(TrainConfig, "precision"),
     compile: Annotated[bool, typer.Option(help="torch.compile the model.")] = _field(TrainConfig, "compile"),
+    tf32: Annotated[bool, typer.Option(help="Allow TF32 matmuls and convolutions on CUDA (REPA's --allow-tf32).")] = _field(TrainConfig, "tf32"),
     ckpt_every: Annotated[int, typer.Option(help="Checkpoint every N steps (and at the end).")] = _field(TrainConfig, "ckpt_every"),
     log_every: Annotated[int, typer.Option(help="Status line and metrics.jsonl every N steps.")] = _field(TrainConfig, "log_every"),
     path: Annotated[str, typer.Option(help="Interpolation path: linear or cosine.")] = _field(TransportConfig, "path"),
@@ -270,8 +282,8 @@ def train(
     """Train a SiT with REPA (or another --method) from a cache: no teacher forward, no image decoding. Also under torchrun.
     Running it again resumes, with the options the run recorded as the defaults."""
     cfg = TrainConfig(
-        cache=_absolute(cache),  # recorded in the run: align and sample find it from any folder
-        out=_absolute(out),
+        cache=cache or "",
+        out=out or "",
         model=model,
         teachers=tuple(teacher or ()),
         encoder_depth=encoder_depth,
@@ -287,24 +299,37 @@ def train(
         device=device,
         precision=precision,
         compile=compile,
+        tf32=tf32,
         ckpt_every=ckpt_every,
         log_every=log_every,
         num_workers=workers,
         resample_teacher=resample_teacher,
         transport=TransportConfig(path=path, time_sampling=time_sampling, label_dropout=label_dropout),
         optim=OptimConfig(lr=lr, betas=_betas(adam_betas), weight_decay=weight_decay, grad_clip=grad_clip,
-                          ema_decay=ema_decay),
+                          ema_decay=ema_decay, ema_warmup=ema_warmup),
         keep_checkpoints=keep_checkpoints,
         tensorboard=tensorboard,
         wandb=wandb,
-        init_from=_absolute(init_from) if init_from else None,
+        init_from=init_from,
         sample_every=sample_every,
         align_every=align_every,
         holdout=holdout,
         verify=verify,
         quiet=quiet,
     )
-    cfg = _with_recorded(ctx, cfg, out / "config.json")
+    untyped = [name for name in ctx.params if getattr(ctx.get_parameter_source(name), "name", None) == "DEFAULT"]
+    if config is not None:  # the file's values for the options not typed; they count as typed from here on
+        from repa_cache.train.config import read_config_file
+
+        values = read_config_file(config)
+        cfg = cfg.with_recorded(values, untyped, skip=())
+        untyped = [name for name in untyped if not _has_field(values, OPTION_FIELDS.get(name, name))]
+    for name in ("cache", "out"):
+        if not getattr(cfg, name):
+            raise UsageError(f"missing option --{name} (or '{name}' in the --config file)")
+    cfg = dataclasses.replace(cfg, cache=_absolute(cfg.cache), out=_absolute(cfg.out),  # recorded absolute: align and
+                              init_from=_absolute(cfg.init_from) if cfg.init_from else None)  # sample find them from any folder
+    cfg = _with_recorded(cfg, untyped, Path(cfg.out) / "config.json")
     check_trackers(cfg.tensorboard, cfg.wandb)
     from repa_cache.train.loop import describe_run  # torch: after the checks that need none
 

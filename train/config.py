@@ -11,10 +11,20 @@ are not configuration: they are read from the cache. This module imports no torc
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import sys
+import types
+import typing
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
 
 from repa_cache.cache.errors import UsageError, unknown_name
 
@@ -102,13 +112,24 @@ class TransportConfig:
 
 @dataclass
 class OptimConfig:
-    """AdamW as in REPA: constant lr 1e-4, betas (0.9, 0.999), no weight decay, clip 1.0, EMA 0.9999."""
+    """AdamW as in REPA: constant lr 1e-4, betas (0.9, 0.999), no weight decay, clip 1.0, EMA 0.9999
+    without warm-up. With ``ema_warmup`` the EMA update after ``n`` optimiser steps uses the decay
+    ``min(ema_decay, (1 + n) / (10 + n))`` (latent diffusion's EMA), so a short run's EMA weights
+    follow its trained weights: 0.5 after 8 steps, 0.9 after 80, 0.99 after 890."""
 
     lr: float = 1e-4
     betas: tuple[float, float] = (0.9, 0.999)
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     ema_decay: float = 0.9999
+    ema_warmup: bool = False
+
+    def ema_decay_at(self, step: int) -> float:
+        """The EMA decay of the update at 0-based optimiser step ``step``."""
+        if not self.ema_warmup:
+            return self.ema_decay
+        n = step + 1
+        return min(self.ema_decay, (1 + n) / (10 + n))
 
     def __post_init__(self) -> None:
         b1, b2 = (float(b) for b in self.betas)
@@ -127,7 +148,7 @@ OPTION_FIELDS: dict[str, str] = {
     "teacher": "teachers", "method_option": "method_options", "workers": "num_workers",
     "path": "transport.path", "time_sampling": "transport.time_sampling", "label_dropout": "transport.label_dropout",
     "lr": "optim.lr", "adam_betas": "optim.betas", "weight_decay": "optim.weight_decay", "grad_clip": "optim.grad_clip",
-    "ema_decay": "optim.ema_decay",
+    "ema_decay": "optim.ema_decay", "ema_warmup": "optim.ema_warmup",
 }
 #: Options a resumed run never takes from its record: where the run is, and how this command prints.
 NOT_RECORDED_OPTIONS = frozenset({"cache", "out", "init_from", "dry_run", "quiet"})
@@ -154,6 +175,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
+    tf32: bool = True  # TF32 matmuls and convolutions on CUDA (REPA's --allow-tf32)
     compile: bool = False
     ckpt_every: int = 10_000
     log_every: int = 100
@@ -172,7 +194,7 @@ class TrainConfig:
 
     # Fields that may change between a run and its resume.
     RESUMABLE_CHANGES = frozenset({"max_steps", "ckpt_every", "log_every", "keep_checkpoints", "num_workers", "device",
-                                   "compile", "tensorboard", "quiet", "out", "cache", "align_every", "verify",
+                                   "compile", "tf32", "tensorboard", "quiet", "out", "cache", "align_every", "verify",
                                    "grad_accum", "wandb", "sample_every", "init_from"})
 
     def __post_init__(self) -> None:
@@ -183,7 +205,9 @@ class TrainConfig:
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> TrainConfig:
-        """The config :meth:`to_json` wrote (UsageError when it cannot be one)."""
+        """The config :meth:`to_json` wrote, or a user's file of the same form (UsageError naming
+        the first key that is unknown or holds a value of the wrong type)."""
+        check_fields(cls, d)
         try:
             fields = dict(d)
             fields["teachers"] = tuple(fields.get("teachers") or ())
@@ -196,13 +220,16 @@ class TrainConfig:
         except (TypeError, ValueError) as e:
             raise UsageError(f"not a training config: {e}") from None
 
-    def with_recorded(self, recorded: dict[str, Any], untyped: Iterable[str]) -> TrainConfig:
+    def with_recorded(self, recorded: dict[str, Any], untyped: Iterable[str], skip: Iterable[str] = NOT_RECORDED_OPTIONS) -> TrainConfig:
         """This config with each ``repa train`` option of ``untyped`` (not on the command line)
         taken from a run's recorded config ``recorded`` (its ``card.train``), where it has one:
-        resuming a run needs only the options that may change."""
+        resuming a run needs only the options that may change. A config file is read the same
+        way, with nothing skipped."""
+        check_fields(TrainConfig, recorded)
         d = self.to_json()
+        skip = frozenset(skip)
         for option in untyped:
-            if option in NOT_RECORDED_OPTIONS:
+            if option in skip:
                 continue
             head, _, tail = OPTION_FIELDS.get(option, option).partition(".")
             if tail and isinstance(recorded.get(head), dict) and tail in recorded[head]:
@@ -216,3 +243,100 @@ class TrainConfig:
         d["teachers"] = list(self.teachers)
         return d
 
+
+
+def _parts() -> dict[str, type]:
+    return {"transport": TransportConfig, "optim": OptimConfig}
+
+
+def check_fields(cls: type, d: Any, where: str = "") -> None:
+    """Refuse a config (``to_json``'s form, read from a file) with a key ``cls`` does not have or a
+    value that is not of the field's type, in one line naming it (``where``: the part's name)."""
+    if not isinstance(d, dict):
+        raise UsageError(f"{where or 'a training config'} must be a table of options, not {type(d).__name__}")
+    hints = typing.get_type_hints(cls)
+    known = [f.name for f in dataclasses.fields(cls)]
+    for key, value in d.items():
+        name = f"{where}.{key}" if where else str(key)
+        if key not in known:
+            raise unknown_name("training config key", name, [f"{where}.{k}" if where else k for k in known])
+        if key in _parts() and cls is TrainConfig:
+            check_fields(_parts()[key], value, key)
+        elif not _is_a(value, hints[key]):
+            raise UsageError(f"training config key '{name}' must be {_type_name(hints[key])}, not {value!r}")
+
+
+def _is_a(value: Any, hint: Any) -> bool:
+    """Whether ``value`` (as read from JSON or TOML) fits the type ``hint`` of a config field."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_is_a(value, a) for a in args)
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if hint is str:
+        return isinstance(value, str)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            return False
+        if len(args) == 2 and args[1] is Ellipsis:
+            return all(_is_a(v, args[0]) for v in value)
+        return len(value) == len(args) and all(_is_a(v, a) for v, a in zip(value, args))
+    if origin is dict:
+        return isinstance(value, dict) and all(isinstance(k, str) and isinstance(v, (str, int, float, bool)) for k, v in value.items())
+    return False
+
+
+def _type_name(hint: Any) -> str:
+    names = {bool: "true or false", int: "an integer", float: "a finite number", str: "a string", type(None): "absent"}
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in args)
+    if origin is tuple:
+        plural = {str: "strings", int: "integers", float: "numbers"}
+        return f"a list of {plural[args[0]]}" if args[-1] is Ellipsis else f"a list of {len(args)} numbers"
+    if origin is dict:
+        return "a table of options"
+    return names.get(hint, str(hint))
+
+
+#: The largest config file read (a training config is about 1 kB).
+MAX_CONFIG_BYTES = 1 << 20
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """The training config in a TOML or JSON file: ``config.json``'s form (``card.train``), the
+    output of ``repa train --dry-run`` (``train``), or the bare table of fields. Keys and types are
+    checked; the values are not applied here (see :meth:`TrainConfig.with_recorded`)."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        if size > MAX_CONFIG_BYTES:
+            raise UsageError(f"--config {path} holds {size} bytes; a training config is at most {MAX_CONFIG_BYTES}")
+        text = path.read_text(encoding="utf-8")
+        if path.suffix == ".toml":
+            d = tomllib.loads(text)
+        elif path.suffix == ".json":
+            d = json.loads(text)
+        else:
+            raise UsageError(f"--config {path}: the file must end in .toml or .json")
+    except FileNotFoundError:
+        raise UsageError(f"--config {path}: no such file") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(f"--config {path}: cannot read it ({e.__class__.__name__}: {e})") from None
+    except (ValueError, tomllib.TOMLDecodeError) as e:
+        raise UsageError(f"--config {path}: not valid {path.suffix[1:].upper()} ({e})") from None
+    if isinstance(d, dict) and isinstance(d.get("card"), dict) and "train" in d["card"]:
+        d = d["card"]["train"]  # a run's config.json
+    elif isinstance(d, dict) and isinstance(d.get("train"), dict):
+        d = d["train"]  # repa train --dry-run
+    try:
+        check_fields(TrainConfig, d)
+    except UsageError as e:
+        raise UsageError(f"--config {path}: {e}") from None
+    return d

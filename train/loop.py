@@ -247,15 +247,22 @@ def init_weights(tr: Trainer, source: str, setup: RunSetup) -> None:
     print(f"starting from the weights of {ckpt.path} (step {ckpt.step})", file=sys.stderr)
 
 
+def with_defaults(recorded: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
+    """``recorded`` with each field it lacks (also inside a part such as ``optim``) taken from ``defaults``."""
+    out = dict(defaults)
+    for k, v in recorded.items():
+        out[k] = with_defaults(v, defaults[k]) if isinstance(v, dict) and isinstance(defaults.get(k), dict) else v
+    return out
+
+
 def check_resume(ckpt: Checkpoint, cfg: TrainConfig, setup: RunSetup) -> None:
     """Refuse to resume ``ckpt`` under another cache or with a config change that alters the run."""
     path = ckpt.path
     if ckpt.card.cache != setup.cache_info:
         raise CacheError(f"checkpoint {path} was trained on another cache (fingerprints differ); use a new --out")
-    old, new = ckpt.card.train, cfg.to_json()
-    # a field an older run did not record had its default value then
-    defaults = TrainConfig(cache="", out="").to_json()
-    changed = [k for k in new if k not in TrainConfig.RESUMABLE_CHANGES and old.get(k, defaults[k]) != new[k]]
+    new = cfg.to_json()
+    old = with_defaults(ckpt.card.train, TrainConfig(cache="", out="").to_json())  # a field a run did not record had its default then
+    changed = [k for k in new if k not in TrainConfig.RESUMABLE_CHANGES and old[k] != new[k]]
     if changed:
         details = "; ".join(f"{k}: {old.get(k)} -> {new[k]}" for k in changed)
         raise UsageError(f"cannot resume {path}: the config changed ({details}); use a new --out")
@@ -282,8 +289,8 @@ def train(cfg: TrainConfig) -> TrainResult:
         raise UsageError(f"--grad-accum {cfg.grad_accum} must be between 1 and the batch per rank ({local})")
     if device.type == "cuda":
         torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cuda.matmul.allow_tf32 = cfg.tf32
+        torch.backends.cudnn.allow_tf32 = cfg.tf32
     run = Path(cfg.out)
     if run.exists() and not run.is_dir():
         raise UsageError(f"--out {run} is an existing file, not a run folder")

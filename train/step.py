@@ -176,7 +176,7 @@ def train_step(tr: Trainer, batch: StepBatch, step: int) -> StepResult:
     grad_norm = torch.nn.utils.clip_grad_norm_(tr.model.parameters(), tr.optim.grad_clip or math.inf)  # 0: the norm only
     tr.opt.step()
     with torch.no_grad():
-        torch._foreach_lerp_(list(tr.ema.parameters()), list(tr.model.parameters()), 1.0 - tr.optim.ema_decay)
+        torch._foreach_lerp_(list(tr.ema.parameters()), list(tr.model.parameters()), 1.0 - tr.optim.ema_decay_at(step))
     return StepResult(loss, terms, cos, grad_norm)
 
 

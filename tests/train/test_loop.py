@@ -411,12 +411,13 @@ def test_a_run_records_its_paths_absolute_and_its_optimiser_settings(tiny_cache,
     code, _, err = run_cli(["train", "--cache", tiny_cache.name, "--out", str(Path(os.path.relpath(tmp_path / "r"))), "--model",
                             "SiT-tiny/2", "--batch-size", "8", "--max-steps", "1", "--workers", "0", "--device", "cpu", "-q",
                             "--ema-decay", "0.99", "--grad-clip", "0", "--adam-betas", "0.9,0.95", "--weight-decay", "0.01",
-                            "--keep-checkpoints", "3"])
+                            "--keep-checkpoints", "3", "--ema-warmup", "--no-tf32"])
     assert code == 0, err
     saved = json.loads((tmp_path / "r" / "config.json").read_text())["card"]["train"]
     assert (saved["cache"], saved["out"]) == (str(tiny_cache), str(tmp_path / "r"))
-    assert saved["optim"] == {"lr": 1e-4, "betas": [0.9, 0.95], "weight_decay": 0.01, "grad_clip": 0.0, "ema_decay": 0.99}
-    assert saved["keep_checkpoints"] == 3
+    assert saved["optim"] == {"lr": 1e-4, "betas": [0.9, 0.95], "weight_decay": 0.01, "grad_clip": 0.0, "ema_decay": 0.99,
+                              "ema_warmup": True}
+    assert (saved["keep_checkpoints"], saved["tf32"]) == (3, False)
 
 
 def test_resuming_needs_only_what_changes(tiny_cache, tmp_path, run_cli):
@@ -436,3 +437,65 @@ def test_resuming_needs_only_what_changes(tiny_cache, tmp_path, run_cli):
             saved["transport"]["path"], saved["max_steps"]) == ("SiT-tiny/2", 8, 1, 0.001, 0.5, "cosine", 2)
     code, _, err = run_cli(["train", "--cache", str(tiny_cache), "--out", str(run), "--max-steps", "3", "--lr", "0.01", "-q"])
     assert code == 2 and "the config changed (optim: " in err
+
+
+def test_a_config_file_or_the_dry_runs_output_gives_the_same_run(tiny_cache, tmp_path, run_cli, monkeypatch):
+    """`--dry-run` printed to a file and fed back with --config, and a hand-written TOML with the same
+    options, train the run the command line trains: equal recorded configs, equal weights. Options
+    typed next to --config override the file."""
+    opts = ["--model", "SiT-tiny/2", "--batch-size", "8", "--encoder-depth", "1", "--lr", "0.001", "--ema-warmup",
+            "--adam-betas", "0.9,0.95", "--path", "cosine", "--max-steps", "2", "--workers", "0", "--device", "cpu", "-q"]
+    code, _, err = run_cli(["train", "--cache", str(tiny_cache), "--out", str(tmp_path / "a"), *opts])
+    assert code == 0, err
+    code, dry, err = run_cli(["train", "--cache", str(tiny_cache), "--out", str(tmp_path / "b"), *opts, "--dry-run"])
+    assert code == 0, err
+    (tmp_path / "dry.json").write_text(dry)
+    (tmp_path / "run.toml").write_text(
+        f'cache = "{tiny_cache}"\nout = "c"\nmodel = "SiT-tiny/2"\nbatch_size = 8\nencoder_depth = 1\nmax_steps = 2\n'
+        'num_workers = 0\ndevice = "cpu"\nquiet = true\n[optim]\nlr = 0.001\nema_warmup = true\nbetas = [0.9, 0.95]\n'
+        '[transport]\npath = "cosine"\n')
+    code, _, err = run_cli(["train", "--config", str(tmp_path / "dry.json")])
+    assert code == 0, err
+    monkeypatch.chdir(tmp_path)  # the TOML's relative out is taken from here, as on the command line
+    code, _, err = run_cli(["train", "--config", "run.toml"])
+    assert code == 0, err
+
+    def recorded(run: str) -> dict:
+        d = json.loads((tmp_path / run / "config.json").read_text())["card"]["train"]
+        assert d.pop("out") == str(tmp_path / run)
+        return d
+
+    assert recorded("a") == recorded("b") == recorded("c")
+    assert recorded("a")["optim"] == {"lr": 0.001, "betas": [0.9, 0.95], "weight_decay": 0.0, "grad_clip": 1.0, "ema_decay": 0.9999,
+                                      "ema_warmup": True}
+    for run in ("b", "c"):
+        _assert_same_state(_state(tmp_path / "a"), _state(tmp_path / run))
+
+    # typed beats the file; the file's other values hold (and a resume of d needs no option again)
+    code, _, err = run_cli(["train", "--config", "run.toml", "--out", "d", "--max-steps", "1"])
+    assert code == 0, err
+    d = recorded("d")
+    assert (d["max_steps"], d["optim"]["lr"], d["transport"]["path"]) == (1, 0.001, "cosine")
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ('max_step = 3', "unknown training config key 'max_step' (did you mean 'max_steps'?)"),
+    ('max_steps = "3"', "training config key 'max_steps' must be an integer, not '3'"),
+    ('[optim]\nbetas = [0.9]', "training config key 'optim.betas' must be a list of 2 numbers, not [0.9]"),
+    ('teachers = "tiny"', "training config key 'teachers' must be a list of strings, not 'tiny'"),
+    ('out = "r', "not valid TOML"),
+])
+def test_a_bad_config_file_is_one_line(tmp_path, run_cli, text, message):
+    (tmp_path / "run.toml").write_text(text)
+    code, _, err = run_cli(["train", "--config", str(tmp_path / "run.toml"), "--cache", "c", "--out", str(tmp_path / "r")])
+    assert code == 2 and err.startswith(f"error: --config {tmp_path / 'run.toml'}: {message}") and err.count("\n") == 1, err
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_record_without_the_newer_fields_reads_as_their_defaults():
+    """A run recorded before ``tf32`` and ``optim.ema_warmup`` existed resumes: the missing fields,
+    also inside a part, are the defaults they had then."""
+    defaults = TrainConfig(cache="", out="").to_json()
+    old = {k: v for k, v in defaults.items() if k != "tf32"}
+    old["optim"] = {k: v for k, v in defaults["optim"].items() if k != "ema_warmup"} | {"lr": 0.5}
+    assert loop.with_defaults(old, defaults) == defaults | {"optim": defaults["optim"] | {"lr": 0.5}}

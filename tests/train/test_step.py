@@ -107,3 +107,22 @@ def test_the_optimiser_settings_reach_adamw_clipping_and_the_ema():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7, msg=name)
     for (name, a), b in zip(tr.ema.named_parameters(), ema.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_ema_warmup_follows_latent_diffusions_schedule_and_is_off_by_default():
+    """Off (REPA): every update uses --ema-decay. On: the update after n steps uses
+    min(decay, (1 + n) / (10 + n)), checked on the weights after two steps by hand."""
+    assert [OptimConfig().ema_decay_at(s) for s in (0, 7, 10**6)] == [0.9999] * 3
+    warm = OptimConfig(ema_decay=0.9999, ema_warmup=True)
+    assert [warm.ema_decay_at(s) for s in (0, 7, 79, 889)] == [2 / 11, 0.5, 0.9, 0.99]
+    assert warm.ema_decay_at(10**6) == 0.9999
+
+    tr, x, y, feats = _setup()
+    tr.optim = OptimConfig(lr=1e-3, ema_decay=0.9, ema_warmup=True)
+    want = [p.detach().clone() for p in tr.ema.parameters()]
+    for step in range(2):
+        train_step(tr, StepBatch(x, y, feats), step)
+        d = min(0.9, (2 + step) / (11 + step))  # n = step + 1 updates so far
+        want = [e + (1 - d) * (p.detach() - e) for e, p in zip(want, tr.model.parameters())]
+    for (name, a), b in zip(tr.ema.named_parameters(), want):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-7, msg=name)
