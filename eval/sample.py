@@ -24,6 +24,7 @@ import json
 import logging
 import math
 import os
+import sys
 import time
 import zipfile
 from collections.abc import Iterator
@@ -529,6 +530,9 @@ def _sample_indices(
 ) -> int:
     """Sample, decode and write the PNGs of ``todo`` in batches; returns how many were written."""
     bar = Progress(len(todo), "sample", "img", quiet=quiet)
+    if not quiet:  # the first count comes only after a whole batch: say at once what is running
+        bar.write(f"sample: {len(todo)} img to write in batches of {batch_size}, {scfg.steps} {scfg.sampler} steps each, "
+                  f"from step {job.step} on {device.type}", stream=sys.stderr)
     written = 0
     for start in range(0, len(todo), batch_size):
         idx = todo[start:start + batch_size]

@@ -30,6 +30,8 @@ def test_align_counts_samples(run: SimpleNamespace, capsys: pytest.CaptureFixtur
 
 def test_sample_counts_images(run: SimpleNamespace, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     sample(run.dir, tmp_path / "s", dataclasses.replace(QUICK, num=4, batch_size=2, quiet=False))
-    assert _counts(capsys.readouterr().err) == ["sample: 2/4 img (50%)", "sample: 4/4 img (100%)"]
+    err = capsys.readouterr().err  # the fixture saved step 10
+    assert err.startswith(f"sample: 4 img to write in batches of 2, {QUICK.steps} {QUICK.sampler} steps each, from step 10 on cpu\n")
+    assert _counts(err)[1:] == ["sample: 2/4 img (50%)", "sample: 4/4 img (100%)"]
     sample(run.dir, tmp_path / "q", dataclasses.replace(QUICK, num=4, batch_size=2))
     assert capsys.readouterr().err == ""
