@@ -27,7 +27,7 @@ import os
 import sys
 import time
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
 
 from repa_cache.cache.errors import RepaError, UsageError
@@ -242,17 +242,46 @@ def assemble_npz(images_dir: Path, num: int, out: Path, labels: np.ndarray | Non
     return out
 
 
-def make_grid(images: np.ndarray, pad: int = 2) -> np.ndarray:
-    """Tile uint8 (N, H, W, 3) images into one near-square (rows x cols) image with white gaps."""
+#: pixels of a grid's title line and of the label strip under each tile
+LABEL_HEIGHT = 12
+
+
+def make_grid(images: np.ndarray, pad: int = 2, labels: Sequence[str] | None = None, title: str | None = None) -> np.ndarray:
+    """Tile uint8 (N, H, W, 3) images into one near-square (rows x cols) image with white gaps.
+
+    With ``labels`` each tile gets its label in a strip below it, and with ``title`` the grid a
+    header line; the tiles' pixels are never drawn over."""
     n, h, w, c = images.shape
     cols = math.ceil(math.sqrt(n))
     rows = math.ceil(n / cols)
-    grid = np.full((rows * (h + pad) + pad, cols * (w + pad) + pad, c), 255, np.uint8)
+    strip = LABEL_HEIGHT if labels is not None else 0
+    top = LABEL_HEIGHT + pad if title else 0
+    cell_h = h + strip + pad
+    grid = np.full((top + rows * cell_h + pad, cols * (w + pad) + pad, c), 255, np.uint8)
     for k in range(n):
         r, col = divmod(k, cols)
-        y, x = pad + r * (h + pad), pad + col * (w + pad)
+        y, x = top + pad + r * cell_h, pad + col * (w + pad)
         grid[y:y + h, x:x + w] = images[k]
+    font = ImageFont.load_default()
+    if title:
+        header = Image.fromarray(grid[:top])
+        ImageDraw.Draw(header).text((pad, pad), title, fill=(0, 0, 0), font=font)
+        grid[:top] = np.asarray(header)
+    for k, label in enumerate(labels or ()):  # each label drawn in its own strip: a long one is cut at the tile's edge
+        r, col = divmod(k, cols)
+        y, x = top + pad + r * cell_h + h, pad + col * (w + pad)
+        cell = Image.new("RGB", (w, strip), (255, 255, 255))
+        ImageDraw.Draw(cell).text((0, 0), str(label), fill=(0, 0, 0), font=font)
+        grid[y:y + strip, x:x + w] = np.asarray(cell)
     return grid
+
+
+def grid_title(step: int | None, scfg: SamplerConfig) -> str:
+    """A grid's header: the training step of the weights and how they were sampled."""
+    guide = f"cfg {scfg.cfg_scale:g}" + (f" on t in [{scfg.guidance_interval[0]:g}, {scfg.guidance_interval[1]:g}]"
+                                         if scfg.cfg_scale != 1 and tuple(scfg.guidance_interval) != (0.0, 1.0) else "")
+    sampler = f"{scfg.sampler.upper()}{' Heun' if scfg.heun else ''}, {scfg.steps} steps"
+    return f"step {step if step is not None else '?'} | {guide} | {sampler}"
 
 
 def npz_array_info(path: Path, key: str = "arr_0") -> tuple[tuple[int, ...], np.dtype]:
@@ -466,10 +495,11 @@ def sample(ckpt: str | Path, out: str | Path, cfg: SampleConfig | None = None) -
                   if job.conditioning == "class" else None)  # a bank-conditioned sample has no class
         npz = _assemble_if_stale(images, cfg.num, out / NPZ_NAME, labels)
         if cfg.grid:
-            tiles = np.stack([np.asarray(Image.open(images / png_name(i)).convert("RGB"))
-                              for i in range(min(cfg.grid, cfg.num))])  # (n, H, W, 3)
+            shown = range(min(cfg.grid, cfg.num))
+            tiles = np.stack([np.asarray(Image.open(images / png_name(i)).convert("RGB")) for i in shown])  # (n, H, W, 3)
             grid_path = out / GRID_NAME
-            write_png(grid_path, make_grid(tiles))
+            write_png(grid_path, make_grid(tiles, labels=None if labels is None else [f"class {labels[i]}" for i in shown],
+                                           title=grid_title(job.step, scfg)))
     return SampleResult(out, cfg.num, written, len(mine) - len(todo), npz, grid_path, ckpt_path, job.step,
                         time.perf_counter() - t0, rank, world)
 
@@ -564,7 +594,8 @@ class TrainingGrid:
         self.decoder: LatentDecoder | None = None  # loaded at the first grid
         self.bank: MemoryBank | None = None  # GMem: the training cache's bank, opened at the first grid
 
-    def write(self, ema: torch.nn.Module, run: Path, step: int) -> Path:
+    def write(self, ema: torch.nn.Module, run: Path, step: int) -> tuple[Path, np.ndarray]:
+        """Sample the grid from ``ema`` and write it to the run's samples folder; the file and its pixels."""
         if self.decoder is None:
             self.decoder = load_decoder(self.card, self.device)
             if self.method.samples_from_bank():
@@ -577,7 +608,9 @@ class TrainingGrid:
                              precision=self.precision, bank=self.bank)
         finally:
             ema.train(was_training)
+        labels = None if self.bank is not None else sample_labels(self.seed, range(self.num), self.config.num_classes).tolist()
+        grid = make_grid(self.decoder(z), labels=None if labels is None else [f"class {c}" for c in labels], title=grid_title(step, scfg))
         path = run / "samples" / f"step-{step:08d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
-        write_png(path, make_grid(self.decoder(z)))
-        return path
+        write_png(path, grid)
+        return path, grid

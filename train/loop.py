@@ -391,7 +391,9 @@ def train(cfg: TrainConfig) -> TrainResult:
                 if not cfg.quiet:
                     bar.write(_status(last, cfg.max_steps, setup.teachers))
         if grid is not None and step % cfg.sample_every == 0:
-            grid.write(tr.ema, run, step)
+            _, image = grid.write(tr.ema, run, step)
+            if trackers is not None:
+                trackers.log_image("samples", image, step)
         if is_ckpt:
             if di.is_main:
                 save_checkpoint(run, step, tr.model, tr.ema, tr.opt, setup.card, keep=cfg.keep_checkpoints)

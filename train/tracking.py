@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import secrets
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from repa_cache.cache.errors import UsageError
+
+if TYPE_CHECKING:
+    import numpy as np
 
 WANDB_ID_FILE = "wandb-id.txt"
 
@@ -61,6 +64,15 @@ class Trackers:
                 self.tb.add_scalar(k, v, step)
         if self.wandb is not None:
             self.wandb.log(row, step=step)
+
+    def log_image(self, name: str, image: np.ndarray, step: int) -> None:
+        """Send a uint8 (H, W, 3) image, such as a sample grid, to each sink."""
+        if self.tb is not None:
+            self.tb.add_image(name, image, step, dataformats="HWC")
+        if self.wandb is not None:
+            import wandb
+
+            self.wandb.log({name: wandb.Image(image)}, step=step)
 
     def close(self) -> None:
         if self.tb is not None:

@@ -25,7 +25,7 @@ from repa_cache.cache.errors import CacheError, UsageError
 from repa_cache.cache.format import LatentNorm
 from repa_cache.eval.align import align
 from repa_cache.eval.config import AlignConfig, SampleConfig
-from repa_cache.eval.sample import load_model, png_name, sample
+from repa_cache.eval.sample import grid_title, load_model, make_grid, png_name, sample
 from repa_cache.eval.samplers import SamplerConfig, sample_labels, sample_latents
 from repa_cache.pipeline.demo import make_demo_images
 from repa_cache.pipeline.plan import PrecomputeConfig
@@ -88,7 +88,14 @@ def test_sampling_job_writes_pngs_npz_and_grid(run: SimpleNamespace, tmp_path: P
     assert labels.tolist() == sample_labels(0, range(5), NUM_CLASSES).tolist()
     for i in range(5):
         assert np.array_equal(np.asarray(Image.open(out / "images" / png_name(i))), arr[i])
-    assert Image.open(out / "grid.png").size == (2 * 66 + 2, 2 * 66 + 2)
+    # 2 x 2 tiles of 64 px with 2 px gaps, a 12 px label strip under each and a 12 px title line above
+    grid = np.asarray(Image.open(out / "grid.png"))
+    assert grid.shape == (14 + 2 * (64 + 12 + 2) + 2, 2 * 66 + 2, 3)
+    for k in range(4):
+        y, x = 16 + (k // 2) * 78, 2 + (k % 2) * 66
+        assert np.array_equal(grid[y:y + 64, x:x + 64], arr[k]), k
+        assert (grid[y + 64:y + 76, x:x + 64] < 128).any(), k  # its label is written under it
+    assert (grid[2:14] < 128).any()  # the title
     assert not any(p.name.endswith(".tmp") for p in out.rglob("*"))  # atomic writes leave no temporaries
 
     # Sample 0 by hand: its seeded noise, the EMA weights, the card's VAE and scale 0.18215.
@@ -279,3 +286,21 @@ def test_raw_weights_are_the_trained_model(run: SimpleNamespace, tmp_path: Path)
         sample(run.dir, tmp_path / "s", dataclasses.replace(cfg, weights="ema"))
     with pytest.raises(UsageError, match="^--weights must be one of ema, raw, not 'best'$"):
         SampleConfig(weights="best")
+
+
+def test_grid_labels_and_title_are_drawn_beside_the_tiles_not_over_them() -> None:
+    rng = np.random.default_rng(0)
+    tiles = rng.integers(0, 256, (3, 20, 24, 3), dtype=np.uint8)
+    plain = make_grid(tiles)
+    assert plain.shape == (2 * 22 + 2, 2 * 26 + 2, 3) and np.array_equal(plain[2:22, 28:52], tiles[1])
+    labelled = make_grid(tiles, labels=["class 7", "class 1", "class 3"], title="step 4 | cfg 4 | ODE, 50 steps")
+    assert labelled.shape == (14 + 2 * (20 + 12 + 2) + 2, 2 * 26 + 2, 3)
+    strips = []
+    for k in range(3):
+        y, x = 16 + (k // 2) * 34, 2 + (k % 2) * 26
+        assert np.array_equal(labelled[y:y + 20, x:x + 24], tiles[k]), k
+        strips.append(labelled[y + 20:y + 32, x:x + 24])
+    assert all((s < 128).any() for s in strips) and not np.array_equal(strips[0], strips[1])  # each its own text
+    assert (labelled[68:, 28:] == 255).all()  # the empty fourth cell stays white
+    assert grid_title(4, SamplerConfig("sde", 250, cfg_scale=1.8, guidance_interval=(0.0, 0.7))) == \
+        "step 4 | cfg 1.8 on t in [0, 0.7] | SDE, 250 steps"

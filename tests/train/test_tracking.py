@@ -3,10 +3,13 @@ scalars, a Weights & Biases run (offline), and --sample-every grids that a resum
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from repa_cache.train.config import TrainConfig
 from repa_cache.train.loop import train
@@ -45,16 +48,22 @@ def test_tensorboard_and_wandb_offline_get_the_metrics_rows(tiny_cache, tmp_path
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     run = tmp_path / "r"
-    train(_cfg(tiny_cache, run, max_steps=2, log_every=1, tensorboard=True, wandb="repa-test"))
+    train(_cfg(tiny_cache, run, max_steps=2, log_every=1, tensorboard=True, wandb="repa-test", sample_every=2))
     rows = _rows(run)
     acc = EventAccumulator(str(run / "tb"))
     acc.Reload()
     loss = acc.Scalars("loss")
     assert [e.step for e in loss] == [1, 2]
     assert [e.value for e in loss] == pytest.approx([r["loss"] for r in rows], rel=1e-6)
+    # the --sample-every grid reaches both, pixel for pixel the PNG in RUN/samples
+    grid = np.asarray(Image.open(run / "samples" / "step-00000002.png"))
+    (tb_image,) = acc.Images("samples")
+    assert tb_image.step == 2 and np.array_equal(np.asarray(Image.open(io.BytesIO(tb_image.encoded_image_string))), grid)
     run_id = (run / "wandb-id.txt").read_text().strip()
     offline = list((run / "wandb").glob(f"offline-run-*-{run_id}"))
     assert len(offline) == 1 and list(offline[0].glob("*.wandb"))
+    (wb_image,) = (offline[0] / "files" / "media" / "images").glob("samples_2_*.png")
+    assert np.array_equal(np.asarray(Image.open(wb_image)), grid)
     # the run's record log holds every row's values as W&B's history items (JSON-encoded numbers)
     log = next(offline[0].glob("*.wandb")).read_bytes()
     assert all(json.dumps(r["loss"]).encode() in log and json.dumps(r["denoise"]).encode() in log for r in rows)
