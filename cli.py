@@ -408,6 +408,7 @@ def gmem_bank(
 def fid(
     samples: Annotated[Path, typer.Argument(help="Samples: an .npz (arr_0, uint8 NHWC) or a folder of images.")],
     ref: Annotated[Path, typer.Argument(help="Reference: the ADM reference batch .npz, another .npz or an image folder.")],
+    sfid: Annotated[bool, typer.Option(help="sFID: the Frechet distance on Inception's spatial mixed_6/conv features (ADM's evaluator).")] = _field(F, "sfid"),
     fd_dinov2: Annotated[bool, typer.Option(help="Also compute the Frechet distance on DINOv2 features.")] = _field(F, "fd_dinov2"),
     inception_score: Annotated[bool, typer.Option(help="Inception Score of the samples.")] = _field(F, "inception_score"),
     precision_recall: Annotated[bool, typer.Option(help="Precision and recall (k-NN balls) against the reference images.")] = _field(F, "precision_recall"),
@@ -425,10 +426,10 @@ def fid(
     stats_dir: Annotated[Optional[str], typer.Option(help="Cache of reference statistics and features (~/.cache/repa-cache/fid-stats).")] = _field(F, "stats_dir"),
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = _field(F, "quiet"),
 ) -> None:
-    """FID, IS, precision/recall, KID and FD-DINOv2 of SAMPLES against REF, each with its definition; reference statistics and features are cached. `repa fid` is the same command."""
+    """FID, sFID, IS, precision/recall, KID and FD-DINOv2 of SAMPLES against REF, each with its definition; reference statistics and features are cached. `repa fid` is the same command."""
     from repa_cache.eval.fid import fid as run
 
-    job = FidConfig(fd_dinov2=fd_dinov2, inception_score=inception_score, precision_recall=precision_recall, kid=kid,
+    job = FidConfig(sfid=sfid, fd_dinov2=fd_dinov2, inception_score=inception_score, precision_recall=precision_recall, kid=kid,
                     is_splits=is_splits, pr_k=pr_k, kid_subsets=kid_subsets, kid_subset_size=kid_subset_size,
                     max_ref_images=max_ref_images, seed=seed, inception_weights=inception_weights,
                     dinov2_checkpoint=dinov2_checkpoint, batch_size=batch_size, device=device, stats_dir=stats_dir, quiet=quiet)

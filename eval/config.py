@@ -115,6 +115,7 @@ class FidConfig:
     torch-fidelity and the ADM suite); a DINOv2 teacher gives FD-DINOv2.
 
     Attributes:
+        sfid: also compute sFID (ADM's spatial FID; a second Inception pass over the samples).
         fd_dinov2: also compute FD-DINOv2.
         inception_score: also compute the Inception Score of the samples.
         precision_recall: also compute precision and recall (Kynkäänniemi et al. 2019) against the
@@ -137,6 +138,7 @@ class FidConfig:
         quiet: no progress bars.
     """
 
+    sfid: bool = True
     fd_dinov2: bool = False
     inception_score: bool = True
     precision_recall: bool = True

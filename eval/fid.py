@@ -47,6 +47,11 @@ from repa_cache.stages.devices import resolve_device
 logger = logging.getLogger(__name__)
 
 INCEPTION_NAME = "inception-v3-compat-pool3"
+#: sFID's features: ADM's ``mixed_6/conv`` (the 1x1 branch of Mixed_6d), first 7 of its 192
+#: channels on the 17x17 map, flattened channels-last as ADM's evaluator does: 2023 dims
+SPATIAL_NAME = "inception-v3-compat-mixed6-conv-7ch"
+#: the statistics an ADM reference batch stores for each Inception feature
+ADM_STATS = {INCEPTION_NAME: ("mu", "sigma"), SPATIAL_NAME: ("mu_s", "sigma_s")}
 INCEPTION_WEIGHTS_URL = (
     "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth")
 DEFAULT_DINOV2 = FidConfig.dinov2_teacher
@@ -348,20 +353,25 @@ def _source_key(path: Path) -> str:
 
 def _stored_stats(path: Path, extractor: FeatureExtractor) -> FeatureStats | None:
     """Statistics stored in an npz reference: our own stats file, or an ADM reference batch's
-    ``mu``/``sigma`` (Inception pool3 of the ADM suite, valid for FID only)."""
+    ``mu``/``sigma`` (Inception pool3, for FID) and ``mu_s``/``sigma_s`` (for sFID)."""
     if not path.is_file() or path.suffix != ".npz":
         return None
     try:
         with np.load(path) as f:
-            if "mu" not in f.files or "sigma" not in f.files:
+            if "extractor" in f.files:  # our statistics file
+                stored, keys = str(f["extractor"]), ("mu", "sigma")
+            elif all(k in f.files for k in ADM_STATS.get(extractor.name, ("",))):
+                stored, keys = extractor.name, ADM_STATS[extractor.name]
+            else:
+                stored, keys = INCEPTION_NAME, ("mu", "sigma")
+            if not all(k in f.files for k in keys):
                 return None
-            stored = str(f["extractor"]) if "extractor" in f.files else INCEPTION_NAME
             if stored != extractor.name:
                 if "arr_0" in f.files:
                     return None  # compute from its images instead
                 raise UsageError(f"{path} holds '{stored}' statistics, not '{extractor.name}' ones")
             num = int(f["num"]) if "num" in f.files else (npz_array_info(path)[0][0] if "arr_0" in f.files else 0)
-            return FeatureStats(f["mu"], f["sigma"], int(num), stored)
+            return FeatureStats(f[keys[0]], f[keys[1]], int(num), stored)
     except UsageError:
         raise
     except Exception:  # noqa: BLE001 - not an npz we can read: iter_images will say why
@@ -474,6 +484,12 @@ class InceptionExtractor:
 
     def __init__(self, net: torch.nn.Module, device: torch.device) -> None:
         self.net, self.device = net.to(device), device
+        self.last_spatial: torch.Tensor | None = None  # sFID's features of the last batch
+        net.Mixed_6d.branch1x1.register_forward_hook(self._keep_spatial)
+
+    def _keep_spatial(self, module: torch.nn.Module, inputs: Any, output: torch.Tensor) -> None:
+        # ADM takes mixed_6/conv:0 (after its ReLU) as NHWC, keeps channels [:7] and flattens
+        self.last_spatial = output[:, :7].permute(0, 2, 3, 1).reshape(len(output), -1).clone()
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         return self.features_and_logits(images)[0]
@@ -481,6 +497,24 @@ class InceptionExtractor:
     def features_and_logits(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         features, logits = self.net(images.to(self.device))  # resizes to 299 itself, like TF
         return features, logits  # (B, 2048), (B, 1008)
+
+    def spatial(self) -> SpatialExtractor:
+        """The sFID extractor on this network."""
+        return SpatialExtractor(self)
+
+
+class SpatialExtractor:
+    """sFID's features (:data:`SPATIAL_NAME`, 2023-d) from an :class:`InceptionExtractor`'s network."""
+
+    name = SPATIAL_NAME
+
+    def __init__(self, inception: InceptionExtractor) -> None:
+        self.inception = inception
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        self.inception.features_and_logits(images)
+        assert self.inception.last_spatial is not None
+        return self.inception.last_spatial  # (B, 7 * 17 * 17)
 
 
 def _first_line(e: BaseException) -> str:
@@ -555,7 +589,9 @@ def _definitions(cfg: FidConfig, chosen: Mapping[str, FeatureExtractor], result:
     """What each number of ``result`` is, in one line each, with the parameters it was computed with."""
 
     def features(ext: FeatureExtractor) -> str:
-        return "Inception-v3 pool3 features (2048-d, ADM's TF network)" if ext.name == INCEPTION_NAME else f"'{ext.name}' features"
+        return {INCEPTION_NAME: "Inception-v3 pool3 features (2048-d, ADM's TF network)",
+                SPATIAL_NAME: "Inception-v3 mixed_6/conv features, first 7 channels of the 17x17 map (2023-d, ADM's sFID)",
+                }.get(ext.name, f"'{ext.name}' features")
 
     defs: dict[str, str] = {}
     for metric, ext in chosen.items():
@@ -607,7 +643,7 @@ def fid(
             gives IS (when it has ``features_and_logits``), precision/recall and KID as ``cfg`` asks.
 
     Returns:
-        ``{"fid": ..., "is": ..., "precision": ..., "recall": ..., "kid": ..., "fd_dinov2": ...,
+        ``{"fid": ..., "sfid": ..., "is": ..., "precision": ..., "recall": ..., "kid": ..., "fd_dinov2": ...,
         "num_samples": ..., "num_ref": {...}, "ref_stats": {...}, "definitions": {...},
         "skipped": {...}}``: ``skipped`` says why an asked-for metric has no value (a reference of
         statistics only has no images for precision/recall and KID); ``failed`` (only when one
@@ -625,7 +661,10 @@ def fid(
     dev = torch.device("cpu")
     if extractors is None:
         dev = resolve_device(cfg.device)
-        chosen: dict[str, FeatureExtractor] = {"fid": inception_extractor(cfg.inception_weights, dev)}
+        inception = inception_extractor(cfg.inception_weights, dev)
+        chosen: dict[str, FeatureExtractor] = {"fid": inception}
+        if cfg.sfid:
+            chosen["sfid"] = inception.spatial()
         if cfg.fd_dinov2:
             chosen["fd_dinov2"] = dinov2_extractor(cfg.dinov2_teacher, dev, cfg.dinov2_checkpoint)
     else:

@@ -19,6 +19,7 @@ from repa_cache.cache.errors import UsageError
 from repa_cache.eval.config import FidConfig
 from repa_cache.eval.fid import (
     INCEPTION_NAME,
+    SPATIAL_NAME,
     FeatureStats,
     compute_stats,
     dinov2_extractor,
@@ -187,6 +188,13 @@ def test_adm_reference_batch_statistics_are_used_for_inception(tmp_path: Path) -
     assert full["fid"] == got["fid"] and 0 <= full["precision"] <= 1 and full["kid_subset_size"] == 10
     s = compute_stats(samples, PoolExtractor())
     assert got["fid"] == pytest.approx(frechet_distance(s.mu, s.sigma, mu, sigma), rel=1e-9)
+    # sFID's features take the batch's mu_s/sigma_s, as ADM's evaluator does.
+    mu_s, sigma_s = rng.normal(size=48), _spd(rng, 48)
+    np.savez(ref, arr_0=_images(10, 100, 0), mu=mu, sigma=sigma, mu_s=mu_s, sigma_s=sigma_s)
+    spatial_like = PoolExtractor(SPATIAL_NAME)
+    both = fid(samples, ref, fd_only, extractors={"fid": PoolExtractor(INCEPTION_NAME), "sfid": spatial_like})
+    assert spatial_like.seen == 30 and both["fid"] == got["fid"]
+    assert both["sfid"] == pytest.approx(frechet_distance(s.mu, s.sigma, mu_s, sigma_s), rel=1e-9)
     # Another extractor computes its statistics from the images of the batch.
     other = PoolExtractor("pool4")
     fid(samples, ref, FidConfig(stats_dir=str(tmp_path / "st")), extractors={"fd": other})
@@ -265,6 +273,16 @@ def test_inception_wrapper_with_local_weights(tmp_path: Path, monkeypatch: pytes
     assert np.isfinite(stats.mu).all() and stats.num == 2
     feats, logits = ext.features_and_logits(torch.from_numpy(_images(3, 100, 1, size=32)).permute(0, 3, 1, 2))
     assert feats.shape == (3, 2048) and logits.shape == (3, 1008) and torch.isfinite(logits).all()
+    # sFID's features: channels 0..6 of Mixed_6d's 1x1 branch (ADM's mixed_6/conv) on the 17x17
+    # map, flattened channels-last; checked against that branch run by hand on the block's input.
+    seen: list[torch.Tensor] = []
+    ext.net.Mixed_6d.register_forward_hook(lambda module, args, out: seen.append(args[0]))
+    images = torch.from_numpy(_images(3, 100, 2, size=32)).permute(0, 3, 1, 2)
+    spatial = ext.spatial()(images)
+    assert ext.spatial().name == SPATIAL_NAME and spatial.shape == (3, 7 * 17 * 17)
+    by_hand = torch.relu(ext.net.Mixed_6d.branch1x1.bn(ext.net.Mixed_6d.branch1x1.conv(seen[0])))
+    assert by_hand.shape == (3, 192, 17, 17)
+    assert torch.equal(spatial, by_hand[:, :7].permute(0, 2, 3, 1).reshape(3, -1))
     # A weights file that needs more than tensors to unpickle is refused before torch-fidelity opens it.
     hostile = tmp_path / "hostile.pth"
     torch.save({"w": types.SimpleNamespace(a=1)}, hostile)
