@@ -659,17 +659,20 @@ def fid(
         if not Path(p).exists():
             raise UsageError(f"no such {name} npz or image folder: {p}")
     dev = torch.device("cpu")
+    result_skipped: dict[str, str] = {}
     if extractors is None:
         dev = resolve_device(cfg.device)
         inception = inception_extractor(cfg.inception_weights, dev)
         chosen: dict[str, FeatureExtractor] = {"fid": inception}
-        if cfg.sfid:
+        if cfg.sfid and callable(getattr(inception, "spatial", None)):
             chosen["sfid"] = inception.spatial()
+        elif cfg.sfid:
+            result_skipped = {"sfid": f"the extractor '{inception.name}' gives no spatial features"}
         if cfg.fd_dinov2:
             chosen["fd_dinov2"] = dinov2_extractor(cfg.dinov2_teacher, dev, cfg.dinov2_checkpoint)
     else:
         chosen = dict(extractors)
-    result: dict[str, Any] = {"samples": str(samples), "ref": str(ref), "num_ref": {}, "ref_stats": {}, "skipped": {}}
+    result: dict[str, Any] = {"samples": str(samples), "ref": str(ref), "num_ref": {}, "ref_stats": {}, "skipped": result_skipped}
     def measure(metric: str, extractor: FeatureExtractor) -> None:
         """Compute ``metric`` (and the extras of ``fid``) into ``result``."""
         extras = metric == "fid"

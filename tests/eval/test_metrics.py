@@ -286,6 +286,7 @@ def test_evaluate_command_prints_every_number_with_its_definition(tmp_path: Path
     for metric in ("fid", "is", "precision", "recall", "kid"):
         assert isinstance(res[metric], float) and metric in res["definitions"]
     assert "2 splits" in res["definitions"]["is"] and "4 random subsets" in res["definitions"]["kid"]
+    assert res["skipped"] == {"sfid": "the extractor 'tiny-classifier' gives no spatial features"}
     assert json.loads(run_cli(["fid", *args])[1]) == res
     code, out, err = run_cli(["evaluate", *args, "--no-kid", "--no-precision-recall"])
     assert code == 0 and set(json.loads(out)["definitions"]) == {"fid", "is"}
