@@ -485,7 +485,7 @@ class InceptionExtractor:
     def __init__(self, net: torch.nn.Module, device: torch.device) -> None:
         self.net, self.device = net.to(device), device
         self.last_spatial: torch.Tensor | None = None  # sFID's features of the last batch
-X
+        branch = net.get_submodule("Mixed_6d.branch1x1")  # ADM's mixed_6/conv
         branch.register_forward_hook(self._keep_spatial)
 
     def _keep_spatial(self, module: torch.nn.Module, inputs: Any, output: torch.Tensor) -> None:
