@@ -26,7 +26,7 @@ _API = {
     "PrecomputeConfig": "pipeline.plan:PrecomputeConfig",
     "precompute": "pipeline.precompute:precompute",
     "TrainConfig": "train.config:TrainConfig",
-    "train_run": "train.loop:train",
+    "train_run": "eval.grid:train_run",
     "SampleConfig": "eval.config:SampleConfig",
     "sample": "eval.sample:sample",
     "open_cache": "cache.wds:open_reader",

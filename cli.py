@@ -331,9 +331,10 @@ def train(
                               init_from=_absolute(cfg.init_from) if cfg.init_from else None)  # sample find them from any folder
     cfg = _with_recorded(cfg, untyped, Path(cfg.out) / "config.json")
     check_trackers(cfg.tensorboard, cfg.wandb)
-    from repa_cache.train.loop import describe_run  # torch: after the checks that need none
+    from repa_cache.eval.grid import sample_grid  # torch: after the checks that need none
+    from repa_cache.train.loop import describe_run
 
-    summary = describe_run(cfg, dry_run=dry_run)
+    summary = describe_run(cfg, dry_run=dry_run, hooks=(sample_grid,))
     if summary:
         print(summary)
 

@@ -111,7 +111,7 @@ def test_import_repa_cache_gives_the_version_and_imports_no_torch(tmp_path):
         "PrecomputeConfig": "repa_cache.pipeline.plan.PrecomputeConfig",
         "precompute": "repa_cache.pipeline.precompute.precompute",
         "TrainConfig": "repa_cache.train.config.TrainConfig",
-        "train_run": "repa_cache.train.loop.train",
+        "train_run": "repa_cache.eval.grid.train_run",
         "SampleConfig": "repa_cache.eval.config.SampleConfig",
         "sample": "repa_cache.eval.sample.sample",
         "open_cache": "repa_cache.cache.wds.open_reader",

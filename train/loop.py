@@ -11,8 +11,10 @@ Exact resume: all randomness of step ``s`` on rank ``r`` comes from a generator 
 step besides model, EMA and optimiser state.
 
 The step itself never waits for the device: a non-finite loss is recorded on the device
-(:class:`_FirstNonFinite`) and read on the host only at log steps, before every checkpoint and at
-the end of the run; metrics are summed on the device and read at log steps.
+(:class:`train.hooks.DivergenceGuard`) and read on the host only at log steps, before every
+checkpoint and at the end of the run; metrics are summed on the device and read at log steps.
+Everything around the steps (the guard, the metrics log, checkpoints, the sample grid a caller
+passes in) is a hook of :mod:`train.hooks` with its own cadence.
 """
 
 from __future__ import annotations
@@ -23,19 +25,17 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
-from repa_cache.cache.errors import CacheError, RepaError, UsageError
+from repa_cache.cache.errors import CacheError, UsageError
 from repa_cache.cache.format import LATENTS, TEACHER_PREFIX, LatentNorm, sha256_json, teacher_group
-from repa_cache.cache.progress import Progress
 from repa_cache.cache.wds import open_meta_any, open_reader
-from repa_cache.stages.devices import check_precision, resolve_device, use_bf16
-from repa_cache.train.alignment import alignment_metrics
+from repa_cache.stages.devices import check_precision, resolve_device
 from repa_cache.train.checkpoint import (
     Checkpoint,
     ModelCard,
@@ -43,11 +43,22 @@ from repa_cache.train.checkpoint import (
     load_checkpoint,
     load_latest_training,
     resolve_checkpoint,
-    save_checkpoint,
     strip_wrapper_prefixes,
 )
 from repa_cache.train.config import TrainConfig
 from repa_cache.train.data import CacheBatches, DataConfig, make_loader, to_device
+from repa_cache.train.hooks import (
+    Checkpointing,
+    DivergenceGuard,
+    Hook,
+    HookFactory,
+    MetricsLog,
+    RunContext,
+    StepInfo,
+    alignment_probe,
+    init_distributed,
+    loss_terms,
+)
 from repa_cache.train.loss import resample_tokens
 from repa_cache.train.methods import Method, make_method
 from repa_cache.train.methods.base import CacheContext
@@ -57,53 +68,6 @@ from repa_cache.train.step import Trainer, build_trainer, train_step
 from repa_cache.train.tracking import Trackers
 
 log = logging.getLogger(__name__)
-
-
-class TrainingDiverged(RepaError):
-    """The loss became NaN or infinite; the run stops and keeps its last good checkpoint."""
-
-    exit_code = 1
-
-
-@dataclass
-class DistInfo:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-    local_world_size: int | None = 1  # ranks on this node (torchrun's LOCAL_WORLD_SIZE); None: unknown
-    backend: str = "none"  # the process group's backend; "none" for a single process
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def nodes(self) -> int | None:
-        """Number of nodes, if every node runs ``local_world_size`` ranks; None when not derivable."""
-        lws = self.local_world_size
-        return self.world_size // lws if lws and self.world_size % lws == 0 else None
-
-    def describe(self, local_batch: int, device: torch.device) -> str:
-        """One line for the start of a run: world size, nodes, per-rank and global batch, backend."""
-        nodes = self.nodes
-        where = f"{nodes} node{'s' if nodes != 1 else ''}" if nodes is not None else "unknown nodes (LOCAL_WORLD_SIZE not set)"
-        return (
-            f"world size {self.world_size} on {where}, batch {local_batch} per rank ({local_batch * self.world_size} global), "
-            f"backend {self.backend}, device {device.type}"
-        )
-
-
-def init_distributed(device: torch.device) -> DistInfo:
-    """Join the torchrun process group when launched by torchrun (NCCL on CUDA, gloo on CPU)."""
-    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
-        return DistInfo()
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    lws = os.environ.get("LOCAL_WORLD_SIZE")
-    return DistInfo(
-        dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)),
-        int(lws) if lws else None, str(dist.get_backend()),
-    )
 
 
 def loader_workers(asked: int | None, device: torch.device, local_world_size: int | None) -> int:
@@ -276,10 +240,58 @@ class TrainResult:
     resumed_from: int | None
 
 
-def train(cfg: TrainConfig) -> TrainResult:
-    """Train (or resume) a run; returns where it stopped."""
-    setup = plan_run(cfg)
+def train(cfg: TrainConfig, setup: RunSetup | None = None, hooks: Sequence[HookFactory] = ()) -> TrainResult:
+    """Train (or resume) a run; returns where it stopped. ``setup``: ``plan_run(cfg)`` when the
+    caller already has it; ``hooks``: more components run after each step, before checkpointing
+    (``eval.grid.sample_grid`` draws the ``--sample-every`` grids)."""
+    setup = setup if setup is not None else plan_run(cfg)
     cfg = setup.cfg  # with the method's options resolved
+    ctx, ckpt = start_run(cfg, setup)
+    ds = CacheBatches(
+        DataConfig(cfg.cache, setup.teachers, cfg.batch_size, cfg.seed, holdout=cfg.holdout, verify_checksums=cfg.verify,
+                   num_workers=loader_workers(cfg.num_workers, ctx.device, ctx.di.local_world_size),
+                   teacher_fields=setup.data_fields()),
+        ctx.di.rank,
+        ctx.di.world_size,
+    )
+    loader = make_loader(ds, ctx.start, cfg.max_steps, pin_memory=ctx.device.type == "cuda")
+    if ctx.di.is_main and not cfg.quiet:
+        if ckpt is not None:
+            print(f"resuming {ctx.run} from step {ctx.start} ({ckpt.path.name})", file=sys.stderr)
+        accum = f", {cfg.grad_accum} micro-steps per step" if cfg.grad_accum > 1 else ""
+        print(f"{ctx.di.describe(ds.local_batch, ctx.device)}{accum}, {ds.cfg.num_workers} loader workers per rank", file=sys.stderr)
+    t_start = time.perf_counter()
+    metrics = MetricsLog(ctx, [alignment_probe(ctx)], t_start)
+    extra = [h for h in (make(ctx) for make in hooks) if h is not None]
+    run_hooks: list[Hook] = [DivergenceGuard(ctx), metrics, *extra, Checkpointing(ctx)]
+    if cfg.sample_every and ctx.di.is_main and not extra:
+        raise UsageError("--sample-every needs the sample grid hook: use repa_cache.train_run (or pass eval.grid.sample_grid in hooks)")
+    step, t_wait0 = ctx.start, t_start
+    try:
+        for batch in loader:
+            wait = time.perf_counter() - t_wait0
+            assert int(batch["step"]) == step, "data order out of step"  # a CPU tensor: no device sync
+            torch.manual_seed(step_seed(cfg.seed, ctx.di.rank, step))
+            inputs = to_device(batch, setup.norm, setup.teachers, ctx.device, ds.codecs)
+            if cfg.resample_teacher:
+                inputs.patch = [resample_tokens(f, setup.model_config.grid) if f.shape[1] != setup.model_config.num_tokens else f
+                                for f in inputs.patch]
+            info = StepInfo(step + 1, train_step(ctx.trainer, inputs, step), setup.phases.coeff(step, setup.method.proj_coeff), wait)
+            step += 1
+            for hook in run_hooks:
+                hook.after_step(info)
+            t_wait0 = time.perf_counter()
+        for hook in run_hooks:
+            hook.finish(step)
+    finally:
+        if ctx.trackers is not None:
+            ctx.trackers.close()
+    return TrainResult(ctx.run, step, metrics.last, ckpt.step if ckpt is not None else None)
+
+
+def start_run(cfg: TrainConfig, setup: RunSetup) -> tuple[RunContext, Checkpoint | None]:
+    """Device, process group, trainer (with the weights of the run's newest checkpoint, or of
+    ``--init-from``), the run folder's config.json and the trackers; the checkpoint resumed."""
     device = resolve_device(cfg.device, int(os.environ.get("LOCAL_RANK", 0)))
     di = init_distributed(device)
     if cfg.batch_size % di.world_size:
@@ -297,7 +309,6 @@ def train(cfg: TrainConfig) -> TrainResult:
     tr = build_trainer(setup.model_config, device, optim=cfg.optim, transport=cfg.transport, method=setup.method,
                        phases=setup.phases, precision=cfg.precision, compile=cfg.compile, seed=cfg.seed, ddp=di.world_size > 1,
                        grad_accum=cfg.grad_accum)
-    start, resumed = 0, None
     ckpt = load_latest_training(run)
     if ckpt is not None:
         check_resume(ckpt, cfg, setup)  # before anything in the run folder changes
@@ -305,209 +316,23 @@ def train(cfg: TrainConfig) -> TrainResult:
         tr.model.load_state_dict(ckpt.model)
         tr.ema.load_state_dict(ckpt.ema)
         tr.opt.load_state_dict(ckpt.optimizer)
-        start = resumed = ckpt.step
     elif cfg.init_from:
         init_weights(tr, cfg.init_from, setup)
+    trackers = None
     if di.is_main:
         run.mkdir(parents=True, exist_ok=True)
         config = {"card": setup.card.to_json(), "teacher_tokens": setup.teacher_tokens}
         (run / "config.json").write_text(json.dumps(config, indent=1, default=str))
-        n = count_parameters(tr.model)
-        log.info("model %s: %.1fM backbone parameters; method %s; teachers %s; world size %d", cfg.model, n / 1e6,
-                 setup.method.name, ", ".join(setup.teachers), di.world_size)
-        if ckpt is not None:
-            print(f"resuming {run} from step {resumed} ({ckpt.path.name})", file=sys.stderr)
-
-    ds = CacheBatches(
-        DataConfig(cfg.cache, setup.teachers, cfg.batch_size, cfg.seed, holdout=cfg.holdout, verify_checksums=cfg.verify,
-                   num_workers=loader_workers(cfg.num_workers, device, di.local_world_size), teacher_fields=setup.data_fields()),
-        di.rank,
-        di.world_size,
-    )
-    loader = make_loader(ds, start, cfg.max_steps, pin_memory=device.type == "cuda")
-    if di.is_main and not cfg.quiet:
-        accum = f", {cfg.grad_accum} micro-steps per step" if cfg.grad_accum > 1 else ""
-        print(f"{di.describe(ds.local_batch, device)}{accum}, {ds.cfg.num_workers} loader workers per rank", file=sys.stderr)
-    metrics_file = run / "metrics.jsonl"
-    trackers = Trackers(run, {"card": setup.card.to_json()}, cfg.tensorboard, cfg.wandb) if di.is_main else None
-    grid = None
-    if cfg.sample_every and di.is_main:
-        from repa_cache.eval.sample import TrainingGrid  # sampling and decoding: only when grids are asked for
-
-        grid = TrainingGrid(setup.card, setup.method, setup.model_config, cfg.seed, device,
-                            "bf16" if use_bf16(cfg.precision, device) else "fp32")
-    bar = Progress(cfg.max_steps, "train", "step", quiet=cfg.quiet or not di.is_main, initial=start)
-
-    step = start
-    last: dict[str, float] = {}
-    acc = _Accumulator()
-    non_finite = _FirstNonFinite(device)
-    t_last, wait = time.perf_counter(), 0.0
-    t_start = t_wait0 = time.perf_counter()
-    for batch in loader:
-        wait += time.perf_counter() - t_wait0
-        assert int(batch["step"]) == step, "data order out of step"  # a CPU tensor: no device sync
-        gen_seed = step_seed(cfg.seed, di.rank, step)
-        torch.manual_seed(gen_seed)
-        inputs = to_device(batch, setup.norm, setup.teachers, device, ds.codecs)
-        if cfg.resample_teacher:
-            inputs.patch = [resample_tokens(f, setup.model_config.grid) if f.shape[1] != setup.model_config.num_tokens else f
-                            for f in inputs.patch]
-        res = train_step(tr, inputs, step)
-        # Recorded on the device, checked on the host at the next log or checkpoint step. The steps
-        # in between still update the parameters (with NaN/inf): those updates are discarded, since
-        # the check stops the run before any checkpoint is written and the last good checkpoint is
-        # the resume point.
-        non_finite.record(step, res.loss, res.terms)
-        coeff = setup.phases.coeff(step, setup.method.proj_coeff)
-        step += 1
-        acc.add(loss=res.loss, **res.terms, grad_norm=res.grad_norm, **{f"cos/{t}": c for t, c in zip(setup.teachers, res.cos)})
-        bar.update(1)
-
-        is_log = step % cfg.log_every == 0 or step == cfg.max_steps
-        is_ckpt = step % cfg.ckpt_every == 0 or step == cfg.max_steps
-        if is_log or is_ckpt:
-            non_finite.check(di, run)  # host sync (and an all-reduce under DDP); raises on divergence
-        if is_log:
-            last = acc.mean()  # host sync: the interval's work is done when the clock is read
-            now = time.perf_counter()
-            n_steps, dt = acc.count, max(now - t_last, 1e-9)
-            last.update(step=step, time=now - t_start, lr=tr.opt.param_groups[0]["lr"], align_coeff=coeff, data_wait=wait / dt)
-            last.update(_throughput(n_steps * ds.local_batch / dt, wait / dt, di, device))
-            if device.type == "cuda":
-                last["gpu_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-            acc, t_last, wait = _Accumulator(), now, 0.0
-            if di.is_main and cfg.align_every and step % cfg.align_every == 0:
-                if not cfg.holdout:
-                    log.warning("--align-every without --holdout: alignment is measured on samples the model trains on")
-                last.update(alignment_metrics(tr.model, cfg.cache, setup.teachers, num=cfg.holdout or 512, resample=cfg.resample_teacher,
-                                              path=cfg.transport.path, precision="bf16" if use_bf16(cfg.precision, device) else "fp32",
-                                              method=setup.method))
-            if di.is_main:
-                with open(metrics_file, "a") as f:
-                    f.write(json.dumps(last) + "\n")
-                if trackers is not None:
-                    trackers.log(last, step)
-                if not cfg.quiet:
-                    bar.write(_status(last, cfg.max_steps, setup.teachers))
-        if grid is not None and step % cfg.sample_every == 0:
-            _, image = grid.write(tr.ema, run, step)
-            if trackers is not None:
-                trackers.log_image("samples", image, step)
-        if is_ckpt:
-            if di.is_main:
-                save_checkpoint(run, step, tr.model, tr.ema, tr.opt, setup.card, keep=cfg.keep_checkpoints)
-            if di.world_size > 1:
-                dist.barrier()
-        t_wait0 = time.perf_counter()
-    non_finite.check(di, run)
-    bar.close(finished=step > start)
-    if trackers is not None:
-        trackers.close()
-    return TrainResult(run, step, last, resumed)
+        log.info("model %s: %.1fM backbone parameters; method %s; teachers %s; world size %d", cfg.model,
+                 count_parameters(tr.model) / 1e6, setup.method.name, ", ".join(setup.teachers), di.world_size)
+        trackers = Trackers(run, {"card": setup.card.to_json()}, cfg.tensorboard, cfg.wandb)
+    start = ckpt.step if ckpt is not None else 0
+    return RunContext(cfg, setup, run, device, di, tr, start, local, trackers), ckpt
 
 
-class _FirstNonFinite:
-    """The first step whose loss was NaN or infinite, with the loss terms of that step, kept on the
-    device so that recording it never waits for the device; :meth:`check` reads it on the host."""
-
-    NONE = 2**62  # no non-finite step yet (larger than any step, so the minimum over ranks works)
-
-    def __init__(self, device: torch.device) -> None:
-        self.step = torch.full((), self.NONE, dtype=torch.int64, device=device)  # 0-dim
-        self.terms: dict[str, torch.Tensor] = {}  # name -> (value, present) at that step, (2,) each
-
-    def record(self, step: int, loss: torch.Tensor, terms: dict[str, torch.Tensor]) -> None:
-        first = ~torch.isfinite(loss.detach()) & (self.step == self.NONE)
-        self.step = torch.where(first, step, self.step)
-        for name in [*self.terms, *(k for k in terms if k not in self.terms)]:  # first-seen order
-            now = torch.stack([terms[name].detach().float(), torch.ones((), device=self.step.device)]) if name in terms \
-                else torch.zeros(2, device=self.step.device)
-            self.terms[name] = torch.where(first, now, self.terms.get(name, torch.zeros(2, device=self.step.device)))
-
-    def check(self, di: DistInfo, run: Path) -> None:
-        """Raise :class:`TrainingDiverged` naming the first non-finite step of any rank. A host sync;
-        under DDP also an all-reduce, so that every rank stops at the same check."""
-        first = self.step
-        if di.world_size > 1:
-            first = first.clone()
-            dist.all_reduce(first, op=dist.ReduceOp.MIN)
-        bad = int(first.item())
-        if bad == self.NONE:
-            return
-        if int(self.step.item()) == bad:
-            values = ", ".join(f"{k} {v:.4g}" for k, (v, present) in ((k, t.tolist()) for k, t in self.terms.items()) if present)
-        else:
-            values = "on another rank"
-        kept = latest_checkpoint(run)
-        raise TrainingDiverged(
-            f"loss became non-finite at step {bad} ({values}); stopped. Last good checkpoint: {kept if kept else 'none'}"
-        )
-
-
-def _throughput(img_per_sec: float, data_wait: float, di: DistInfo, device: torch.device) -> dict[str, float]:
-    """This rank's images/s over the log interval, gathered from every rank (one all-gather under
-    DDP): the global rate (sum over ranks), the slowest and fastest rank, the largest data wait."""
-    mine = torch.tensor([img_per_sec, data_wait], dtype=torch.float64, device=device)  # (2,)
-    ranks = [mine]
-    if di.world_size > 1:
-        ranks = [torch.empty_like(mine) for _ in range(di.world_size)]
-        dist.all_gather(ranks, mine)
-    per_rank = torch.stack(ranks).cpu()  # (W, 2)
-    rates = per_rank[:, 0]
-    return {
-        "img_per_sec": float(rates.sum()),
-        "img_per_sec_rank_min": float(rates.min()),
-        "img_per_sec_rank_max": float(rates.max()),
-        "data_wait_rank_max": float(per_rank[:, 1].max()),
-        "world_size": di.world_size,
-    }
-
-
-class _Accumulator:
-    """Sums of scalar tensors between log steps, synchronised with the host only when read. A
-    value absent from some steps (a term of one phase only) is averaged over the steps that had it."""
-
-    def __init__(self) -> None:
-        self.sums: dict[str, torch.Tensor] = {}
-        self.counts: dict[str, int] = {}
-        self.count = 0
-
-    def add(self, **values: torch.Tensor) -> None:
-        for k, v in values.items():
-            v = v.detach().float()
-            self.sums[k] = self.sums[k] + v if k in self.sums else v
-            self.counts[k] = self.counts.get(k, 0) + 1
-        self.count += 1
-
-    def mean(self) -> dict[str, float]:
-        return {k: float(v.item()) / self.counts[k] for k, v in self.sums.items()}
-
-
-#: log keys that are not loss terms
-_NOT_TERMS = {"loss", "grad_norm", "step", "time", "lr", "align_coeff", "data_wait", "world_size", "gpu_mem_gib"}
-
-
-def _terms(m: dict[str, float]) -> dict[str, float]:
-    """The loss terms of a log row (the method's named terms: denoise, repa, ...)."""
-    return {k: v for k, v in m.items()
-            if k not in _NOT_TERMS and "/" not in k and not k.startswith(("img_per_sec", "data_wait"))}
-
-
-def _status(m: dict[str, float], max_steps: int, teachers: tuple[str, ...]) -> str:
-    terms = " ".join(f"{k} {v:.4f}" for k, v in _terms(m).items())
-    cos = " ".join(f"cos[{t}] {m[f'cos/{t}']:.3f}" for t in teachers if f"cos/{t}" in m)
-    mem = f" mem {m['gpu_mem_gib']:.1f}GiB" if "gpu_mem_gib" in m else ""
-    slowest = f" (slowest rank {m['img_per_sec_rank_min']:.1f})" if m["world_size"] > 1 else ""
-    return (
-        f"step {int(m['step'])}/{max_steps} loss {m['loss']:.4f} ({terms}) "
-        f"{cos} gnorm {m['grad_norm']:.2f} {m['img_per_sec']:.1f} img/s{slowest} data-wait {m['data_wait']:.0%}{mem}"
-    )
-
-
-def describe_run(cfg: TrainConfig, dry_run: bool = False) -> str:
-    """``repa train``: with ``dry_run`` the resolved config (from the cache) as JSON, else train and
-    return a one-line summary."""
+def describe_run(cfg: TrainConfig, dry_run: bool = False, hooks: Sequence[HookFactory] = ()) -> str:
+    """``repa train``: with ``dry_run`` the resolved config (from the cache) as JSON, else train
+    (with ``hooks``, see :func:`train`) and return a one-line summary."""
     setup = plan_run(cfg)
     if dry_run:
         resolved = {
@@ -520,11 +345,11 @@ def describe_run(cfg: TrainConfig, dry_run: bool = False) -> str:
             "cache": setup.cache_info,
         }
         return json.dumps(resolved, indent=1, default=str)
-    res = train(cfg)
+    res = train(cfg, setup, hooks)
     if int(os.environ.get("RANK", "0")) != 0:
         return ""  # under torchrun rank 0 speaks for the run
     m = res.last_metrics
     resumed = f" (resumed from step {res.resumed_from})" if res.resumed_from is not None else ""
-    terms = ", ".join(f"{k} {v:.4f}" for k, v in _terms(m).items())
+    terms = ", ".join(f"{k} {v:.4f}" for k, v in loss_terms(m).items())
     loss = f"; last loss {m['loss']:.4f} ({terms})" if m else ""
     return f"run {res.run}: step {res.step}{resumed}{loss}"

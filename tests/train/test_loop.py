@@ -24,7 +24,8 @@ from repa_cache.train import loop
 from repa_cache.train.checkpoint import Checkpoint, latest_checkpoint, load_checkpoint
 from repa_cache.train.config import OptimConfig, TrainConfig
 from repa_cache.train.data import CacheBatches, DataConfig, epoch_order
-from repa_cache.train.loop import TrainingDiverged, train
+from repa_cache.train.hooks import TrainingDiverged
+from repa_cache.train.loop import train
 from repa_cache.train.methods import base as step_mod
 
 from ..cache.shards import index_entries, num_chunks_of
@@ -106,7 +107,7 @@ def test_sigkill_then_rerun_equals_uninterrupted(tiny_cache, tmp_path):
     assert step_at_kill < 40, "the run finished before it could be killed; the test proves nothing"
     out = subprocess.run(args + ["--out", str(killed)], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
-    assert f"resuming {killed} from step {step_at_kill}" in out.stderr
+    assert out.stdout.startswith(f"run {killed}: step 40 (resumed from step {step_at_kill});") and out.stderr == ""  # -q
     train(cfg(tiny_cache, tmp_path / "clean", max_steps=40, ckpt_every=5, log_every=5))
     _assert_same_state(_state(tmp_path / "clean"), _state(killed))
 
@@ -199,7 +200,7 @@ def test_torchrun_non_finite_loss_on_one_rank_stops_every_rank_before_the_next_c
     script = tmp_path / "nan_on_rank1.py"
     script.write_text(
         "import itertools, math, sys, torch.distributed as dist\n"
-        "from repa_cache.train import config, loop\n"
+        "from repa_cache.train import config, hooks, loop\n"
         "from repa_cache.train.methods import base as step\n"
         "real, calls = step.repa_loss, itertools.count()\n"
         "def repa_loss(zs, targets):\n"
@@ -211,7 +212,7 @@ def test_torchrun_non_finite_loss_on_one_rank_stops_every_rank_before_the_next_c
         "try:\n"
         "    loop.train(cfg)\n"
         "    msg = 'finished'\n"
-        "except loop.TrainingDiverged as e:\n"
+        "except hooks.TrainingDiverged as e:\n"
         "    msg = str(e)\n"
         "open(f'{sys.argv[2]}.rank{dist.get_rank()}', 'w').write(msg)\n"
         "dist.destroy_process_group()\n"

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from repa_cache.eval.grid import train_run as train  # the loop with the --sample-every grid hook
 from repa_cache.train.config import TrainConfig
-from repa_cache.train.loop import train
 
 
 def _cfg(cache: Path, out: Path, **kw) -> TrainConfig:
