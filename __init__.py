@@ -29,7 +29,7 @@ _API = {
     "train_run": "eval.grid:train_run",
     "SampleConfig": "eval.config:SampleConfig",
     "sample": "eval.sample:sample",
-    "open_cache": "cache.wds:open_reader",
+    "open_cache": "cache.open:open_reader",
 }
 
 __all__ = ["__version__", *sorted(_API)]

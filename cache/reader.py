@@ -20,6 +20,7 @@ its shard is, and the manifest's keys and reasons stay on disk until asked for.
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import dataclasses
 import functools
@@ -28,10 +29,10 @@ import json
 import logging
 import os
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import pyarrow.compute as pc
@@ -239,8 +240,18 @@ class GroupInfo:
         return all(layout is not None for layout in self.layouts.values())
 
 
-class ReaderBase:
-    """What every cache reader shares (the zarr store here, webdataset shards in cache.wds):
+class GroupView(Protocol):
+    """What every reader tells of an opened group: its metadata and its commit record."""
+
+    @property
+    def meta(self) -> GroupMeta: ...
+
+    @property
+    def commit(self) -> dict[str, Any]: ...
+
+
+class ReaderBase(abc.ABC):
+    """What every cache reader shares (the zarr store here, webdataset shards in cache.wds_reader):
     metadata, labels, validity, group lookup, and block and per-view reads built on ``read``.
     Subclasses set ``root``, ``meta``, ``groups``, ``labels``, ``keys``, ``status`` and ``valid``
     and implement ``read`` and ``array_names``. ``read``/``read_block``/``read_views`` take either
@@ -249,7 +260,7 @@ class ReaderBase:
 
     root: StorePath
     meta: CacheMeta
-    groups: dict[str, Any]
+    groups: Mapping[str, GroupView]
     labels: np.ndarray  # (N,) int64, by cache index
     keys: Sequence[str]  # source key by cache index
     status: np.ndarray  # (N,) "ok" | "converted" | "skipped"
@@ -267,7 +278,7 @@ class ReaderBase:
     def views(self) -> tuple[str, ...]:
         return self.meta.views
 
-    def group(self, name: str) -> Any:
+    def group(self, name: str) -> GroupView:
         return self.groups[self.resolve_group(name)]
 
     def valid_indices(self) -> np.ndarray:
@@ -349,6 +360,7 @@ class ReaderBase:
         out["view"] = v
         return out
 
+    @abc.abstractmethod
     def read(self, indices: Sequence[int] | np.ndarray, groups: Iterable[str] | None = None, *,
              fields: Iterable[str] | None = None, raw: bool = False) -> dict[str, np.ndarray]:
         """Rows at ``indices`` of the requested arrays, each ``(n, V, ...)``, plus ``label`` and ``index``.
@@ -356,7 +368,6 @@ class ReaderBase:
         Teacher tokens of a quantised group are decoded to float16; with ``raw=True`` they come as
         stored: ``"<group>/patch"`` int8 and ``"<group>/patch_scale"`` float32 ``(..., T, 1)``, to
         be decoded by :func:`cache.codec.dequantize` with :meth:`feature_codec` (on the GPU)."""
-        raise NotImplementedError
 
     def read_block(self, start: int, stop: int, groups: Iterable[str] | None = None, *,
                    fields: Iterable[str] | None = None, raw: bool = False) -> dict[str, np.ndarray]:
@@ -365,9 +376,9 @@ class ReaderBase:
             raise CacheError(f"block [{start}, {stop}) is outside [0, {self.num_samples})")
         return self.read(np.arange(start, stop)[self.valid[start:stop]], groups=groups, fields=fields, raw=raw)
 
+    @abc.abstractmethod
     def array_names(self, group: str) -> list[str]:
         """The arrays of an opened group, e.g. ``["patch", "cls"]`` for a teacher."""
-        raise NotImplementedError
 
     def _fields(self, groups: Iterable[str] | None, fields: Iterable[str] | None) -> list[tuple[str, str]]:
         """``(group, array)`` pairs to read: every array of the selected groups, or exactly the

@@ -18,10 +18,10 @@ from typing import Any
 
 from repa_cache.cache.errors import CacheError, UsageError
 from repa_cache.cache.format import LATENTS, teacher_group
+from repa_cache.cache.open import open_reader
 from repa_cache.cache.progress import Progress
 from repa_cache.cache.reader import ReaderBase
 from repa_cache.cache.storage import store_path
-from repa_cache.cache.wds import open_reader
 from repa_cache.eval.config import AlignConfig
 from repa_cache.eval.sample import LoadedModel, load_model, local_rank
 from repa_cache.stages.devices import resolve_device

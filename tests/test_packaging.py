@@ -114,7 +114,7 @@ def test_import_repa_cache_gives_the_version_and_imports_no_torch(tmp_path):
         "train_run": "repa_cache.eval.grid.train_run",
         "SampleConfig": "repa_cache.eval.config.SampleConfig",
         "sample": "repa_cache.eval.sample.sample",
-        "open_cache": "repa_cache.cache.wds.open_reader",
+        "open_cache": "repa_cache.cache.open.open_reader",
     }
     with pytest.raises(AttributeError, match="has no attribute 'nothing'"):
         import repa_cache

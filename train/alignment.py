@@ -31,8 +31,8 @@ from torch import Tensor
 
 from repa_cache.cache.errors import UsageError
 from repa_cache.cache.format import LATENTS, LatentNorm, teacher_group
+from repa_cache.cache.open import open_reader
 from repa_cache.cache.reader import ReaderBase
-from repa_cache.cache.wds import open_reader
 from repa_cache.stages.devices import autocast
 from repa_cache.train.loss import resample_tokens
 from repa_cache.train.methods import Method, StepBatch, make_method

@@ -36,8 +36,8 @@ from torch.utils.data import DataLoader, Dataset
 from repa_cache.cache.codec import dequantize, scale_name
 from repa_cache.cache.errors import UsageError
 from repa_cache.cache.format import LATENTS, LatentNorm, teacher_group
-from repa_cache.cache.reader import CacheReader
-from repa_cache.cache.wds import WdsReader, open_reader
+from repa_cache.cache.open import open_reader
+from repa_cache.cache.reader import ReaderBase
 from repa_cache.train.methods.base import StepBatch
 
 
@@ -107,10 +107,10 @@ class CacheBatches(Dataset):
             raise UsageError(
                 f"the cache has {len(self.valid)} usable samples, fewer than one batch of {cfg.global_batch}; lower --batch-size"
             )
-        self._reader: CacheReader | WdsReader | None = reader
+        self._reader: ReaderBase | None = reader
         self._orders: dict[int, np.ndarray] = {}
 
-    def _open(self) -> CacheReader | WdsReader:
+    def _open(self) -> ReaderBase:
         return open_reader(self.cfg.cache, groups=self.groups, verify_checksums=self.cfg.verify_checksums)
 
     def __getstate__(self) -> dict[str, Any]:

@@ -34,7 +34,7 @@ import torch
 
 from repa_cache.cache.errors import CacheError, UsageError
 from repa_cache.cache.format import LATENTS, TEACHER_PREFIX, LatentNorm, sha256_json, teacher_group
-from repa_cache.cache.wds import open_meta_any, open_reader
+from repa_cache.cache.open import open_meta_any, open_reader
 from repa_cache.stages.devices import check_precision, resolve_device
 from repa_cache.train.checkpoint import (
     Checkpoint,

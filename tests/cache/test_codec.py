@@ -25,7 +25,8 @@ from repa_cache.cache.errors import CacheError
 from repa_cache.cache.format import GROUP_ATTR, with_feature_codec
 from repa_cache.cache.reader import CacheReader, group_meta
 from repa_cache.cache.verify import verify_cache
-from repa_cache.cache.wds import WdsReader, export_wds
+from repa_cache.cache.wds import export_wds
+from repa_cache.cache.wds_reader import WdsReader
 from repa_cache.cache.writer import write_shard
 from repa_cache.pipeline.precompute import precompute
 

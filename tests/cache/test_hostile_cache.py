@@ -18,7 +18,8 @@ from repa_cache.cache.lock import LOCK_FILE
 from repa_cache.cache.reader import CacheReader, list_groups
 from repa_cache.cache.stats import cache_stats
 from repa_cache.cache.verify import verify_cache
-from repa_cache.cache.wds import EXPORT_MARKER, INDEX_FILE, WdsReader, export_wds
+from repa_cache.cache.wds import EXPORT_MARKER, INDEX_FILE, export_wds
+from repa_cache.cache.wds_reader import WdsReader
 
 from ..cache.test_cache_format import SKIPPED, N, _groups, _meta, build
 

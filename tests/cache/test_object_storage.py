@@ -19,10 +19,12 @@ import pytest
 from repa_cache.cache.copy import copy_cache
 from repa_cache.cache.errors import CacheError
 from repa_cache.cache.format import commit_path, record_path
+from repa_cache.cache.open import open_reader
 from repa_cache.cache.reader import CacheReader
 from repa_cache.cache.storage import store_path
 from repa_cache.cache.verify import verify_cache
-from repa_cache.cache.wds import WdsReader, export_wds, open_reader
+from repa_cache.cache.wds import export_wds
+from repa_cache.cache.wds_reader import WdsReader
 
 from ..conftest import tiny_config
 

@@ -19,8 +19,10 @@ import zarr
 from repa_cache.cache.errors import CacheError, UsageError
 from repa_cache.cache.format import FORMAT_VERSION, GROUP_ATTR, LATENTS, ROOT_ATTR, ArraySpec, CacheMeta, GroupMeta
 from repa_cache.cache.layout import shard_key
+from repa_cache.cache.open import open_meta_any, open_reader
 from repa_cache.cache.reader import CacheReader
-from repa_cache.cache.wds import INDEX_FILE, WdsReader, export_wds, member_field, open_meta_any, open_reader
+from repa_cache.cache.wds import INDEX_FILE, export_wds, member_field
+from repa_cache.cache.wds_reader import WdsReader
 from repa_cache.cache.writer import DEFAULT_CODEC, commit_group, create_cache, create_group, write_shard
 
 N, SHARD, VIEWS = 13, 4, ("orig", "hflip")  # 4 cache shards, the last one partial

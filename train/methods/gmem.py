@@ -162,7 +162,7 @@ class CacheBank(MemoryBank):
     """The CLS tokens of every stored view of a cache's teacher group, read only where drawn."""
 
     def __init__(self, cache: str | Path, teacher: str) -> None:
-        from repa_cache.cache.wds import open_reader
+        from repa_cache.cache.open import open_reader
 
         group = teacher_group(teacher)
         try:
@@ -260,7 +260,7 @@ def export_bank(cache: str | Path, out: str | Path, teacher: str | None = None, 
     """Write the bank of a cache (the normalised CLS tokens of every valid sample and view of one
     teacher) to ``out`` as a float32 (N * V, Z) ``.npy``; it appears whole or not at all.
     ``teacher`` may be omitted when the cache has one. Returns ``(out, entries, dim)``."""
-    from repa_cache.cache.wds import open_reader
+    from repa_cache.cache.open import open_reader
 
     out = Path(out)
     if teacher is None:
