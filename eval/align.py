@@ -23,9 +23,10 @@ from repa_cache.cache.progress import Progress
 from repa_cache.cache.reader import ReaderBase
 from repa_cache.cache.storage import store_path
 from repa_cache.eval.config import AlignConfig
-from repa_cache.eval.sample import LoadedModel, load_model, local_rank
+from repa_cache.eval.sample import local_rank
 from repa_cache.stages.devices import resolve_device
 from repa_cache.train.alignment import alignment_metrics
+from repa_cache.train.student import LoadedModel, load_student
 
 logger = logging.getLogger(__name__)
 
@@ -77,7 +78,7 @@ def align(ckpt: str | Path, cfg: AlignConfig | None = None, quiet: bool = False)
     cfg = cfg if cfg is not None else AlignConfig()
     if cfg.num <= 0:
         raise UsageError(f"--num must be positive, got {cfg.num}")
-    loaded = load_model(ckpt, resolve_device(cfg.device, local_rank()), cfg.weights)
+    loaded = load_student(ckpt, resolve_device(cfg.device, local_rank()), cfg.weights)
     card = loaded.card
     groups = [LATENTS] + [teacher_group(n) for n in card.teachers]
     try:

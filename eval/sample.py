@@ -46,11 +46,12 @@ from repa_cache.cache.storage import atomic_file, read_npy_header
 from repa_cache.eval.config import SampleConfig
 from repa_cache.eval.samplers import SamplerConfig, bank_choices, sample_joint, sample_labels
 from repa_cache.stages.devices import check_precision, resolve_device
-from repa_cache.train.checkpoint import ModelCard, latest_checkpoint, load_checkpoint, resolve_checkpoint, strip_wrapper_prefixes
-from repa_cache.train.methods import Method, method_from_card
+from repa_cache.train.checkpoint import ModelCard
+from repa_cache.train.methods import Method
 from repa_cache.train.methods.gmem import MemoryBank, open_bank
-from repa_cache.train.model import SiT, SiTConfig
+from repa_cache.train.model import SiTConfig
 from repa_cache.train.noise import SampleNoise
+from repa_cache.train.student import LoadedModel, load_student, weights_file
 
 logger = logging.getLogger(__name__)
 
@@ -72,70 +73,6 @@ def local_rank() -> int:
 
 # --------------------------------------------------------------------------------------------
 # the model
-
-
-@dataclass
-class LoadedModel:
-    """The student of a checkpoint with its EMA weights, and the card it came with.
-
-    Attributes:
-        model: the SiT in eval mode with gradients off, on the requested device.
-        config: its shape (``SiTConfig(**card.model)``).
-        method: the training method the card names (its student and what sampling integrates).
-        card: the checkpoint's model card (teachers, latent normalisation, VAE, interpolant...).
-        step: training step of the weights.
-        path: the checkpoint file that was read.
-    """
-
-    model: SiT
-    config: SiTConfig
-    card: ModelCard
-    step: int
-    path: Path
-    method: Method
-
-    @property
-    def null_class(self) -> int:
-        """Label of the unconditional model (the number of real classes)."""
-        return self.config.num_classes
-
-
-def weights_file(ckpt: str | Path, weights: str = "ema") -> Path:
-    """The checkpoint file ``ckpt`` names for ``weights``: a file as given; in a run folder the
-    newest weights, and for the raw weights its newest full checkpoint (EMA-only files lack them)."""
-    if weights == "raw" and Path(ckpt).is_dir():
-        full = latest_checkpoint(Path(ckpt))
-        if full is not None:
-            return full
-    return resolve_checkpoint(ckpt)
-
-
-def load_model(ckpt: str | Path, device: torch.device | str = "cpu", weights: str = "ema") -> LoadedModel:
-    """Rebuild the student of a checkpoint (file or run folder) from its model card alone, with
-    its EMA weights (``weights="raw"``: the trained weights themselves).
-
-    Raises:
-        UsageError: no such file, not a checkpoint of this tool, an unknown format version, or
-            weights that do not fit the card's model shape.
-    """
-    ckpt_file = load_checkpoint(weights_file(ckpt, weights))
-    try:
-        config = SiTConfig(**ckpt_file.card.model)
-    except (TypeError, ValueError) as e:
-        raise UsageError(f"{ckpt_file.path} has an unusable model config ({str(e).splitlines()[0]})") from None
-    method = method_from_card(ckpt_file.card.method)
-    model = method.build_student(config)
-    state = ckpt_file.ema if weights == "ema" else ckpt_file.model
-    kind = "EMA" if weights == "ema" else "raw"
-    if state is None:
-        raise UsageError(f"{ckpt_file.path} holds no raw weights (only the EMA ones); use --weights ema")
-    try:
-        model.load_state_dict(strip_wrapper_prefixes(state))
-    except RuntimeError as e:
-        raise UsageError(f"the {kind} weights in {ckpt_file.path} do not fit {config}: {str(e).splitlines()[0]}") from None
-    model = model.to(device).eval().requires_grad_(False)
-    logger.info("loaded %s (step %d, %s weights) on %s", ckpt_file.path, ckpt_file.step, kind, device)
-    return LoadedModel(model, config, ckpt_file.card, ckpt_file.step, ckpt_file.path, method)
 
 
 # --------------------------------------------------------------------------------------------
@@ -463,7 +400,7 @@ def sample(ckpt: str | Path, out: str | Path, cfg: SampleConfig | None = None) -
     loaded: LoadedModel | None = None
     bank: MemoryBank | None = None
     if todo or old is None:
-        loaded = load_model(ckpt_path, device, cfg.weights)
+        loaded = load_student(ckpt_path, device, cfg.weights)
         job.path, job.num_classes, job.step = loaded.card.path, loaded.config.num_classes, loaded.step
         bank = open_sampling_bank(loaded.card, loaded.method, loaded.config, cfg.bank)
         job.conditioning = "class" if bank is None else "bank"

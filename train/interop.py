@@ -41,6 +41,7 @@ from repa_cache.train.checkpoint import (
 )
 from repa_cache.train.methods import METHODS, method_from_card
 from repa_cache.train.model import SIT_SIZES, SiT, SiTConfig
+from repa_cache.train.student import card_config
 
 log = logging.getLogger(__name__)
 
@@ -388,10 +389,7 @@ def export_repa_checkpoint(ours: str | Path, dst: str | Path) -> Path:
     src = Path(ours)
     path = (latest_checkpoint(src) or resolve_checkpoint(src)) if src.is_dir() else resolve_checkpoint(src)
     ckpt = load_checkpoint(path)
-    try:
-        config = SiTConfig(**ckpt.card.model)
-    except (TypeError, ValueError) as e:
-        raise UsageError(f"{path} has an unusable model config ({str(e).splitlines()[0]})") from None
+    config = card_config(ckpt.card, path)
     method = method_from_card(ckpt.card.method)
     if not method.repa_weights or config.layout != "flat":
         able = ", ".join(name for name, m in METHODS.items() if m.repa_weights)
@@ -425,5 +423,5 @@ def export_repa_checkpoint(ours: str | Path, dst: str | Path) -> Path:
 def describe_import(path: Path) -> str:
     """One line for ``repa import-ckpt``: what was written and how to sample from it."""
     card = load_checkpoint(path).card
-    config = SiTConfig(**card.model)
+    config = card_config(card, path)
     return f"wrote {path} ({_describe(config)}); sample with: repa sample --ckpt {path.parent.parent} --out DIR"

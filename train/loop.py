@@ -65,6 +65,7 @@ from repa_cache.train.methods.base import CacheContext
 from repa_cache.train.model import SiTConfig, count_parameters, sit_config
 from repa_cache.train.schedule import MAIN_NO_ALIGN, AlignSchedule, Phases
 from repa_cache.train.step import Trainer, build_trainer, train_step
+from repa_cache.train.student import card_config
 from repa_cache.train.tracking import Trackers
 
 log = logging.getLogger(__name__)
@@ -192,10 +193,7 @@ def init_weights(tr: Trainer, source: str, setup: RunSetup) -> None:
     src = Path(source)
     full = latest_checkpoint(src) if src.is_dir() else None  # a run folder: its newest full checkpoint
     ckpt = load_checkpoint(full if full is not None else resolve_checkpoint(src))
-    try:
-        theirs = dataclasses.asdict(SiTConfig(**ckpt.card.model))
-    except (TypeError, ValueError) as e:
-        raise UsageError(f"--init-from {ckpt.path} has an unusable model config ({str(e).splitlines()[0]})") from None
+    theirs = dataclasses.asdict(card_config(ckpt.card, f"--init-from {ckpt.path}"))
     mine = dataclasses.asdict(setup.model_config)
     diff = [f"{k} {theirs[k]} vs {v}" for k, v in mine.items() if theirs[k] != v]
     if diff:

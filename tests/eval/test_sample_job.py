@@ -25,7 +25,7 @@ from repa_cache.cache.errors import CacheError, UsageError
 from repa_cache.cache.format import LatentNorm
 from repa_cache.eval.align import align
 from repa_cache.eval.config import AlignConfig, SampleConfig
-from repa_cache.eval.sample import grid_title, load_model, make_grid, png_name, sample
+from repa_cache.eval.sample import grid_title, make_grid, png_name, sample
 from repa_cache.eval.samplers import SamplerConfig, sample_labels, sample_latents
 from repa_cache.pipeline.demo import make_demo_images
 from repa_cache.pipeline.plan import PrecomputeConfig
@@ -37,6 +37,7 @@ from repa_cache.train.config import TrainConfig
 from repa_cache.train.loop import plan_run, train
 from repa_cache.train.model import SiT, sit_config
 from repa_cache.train.noise import SampleNoise
+from repa_cache.train.student import load_student
 
 NUM_CLASSES = 4
 #: Fast settings of the sampling job for these tests.
@@ -143,24 +144,24 @@ def test_rerun_resumes_and_refuses_other_settings(run: SimpleNamespace, tmp_path
     def no_model(*a: object, **k: object) -> None:
         raise AssertionError("the model was loaded although every sample exists")
 
-    monkeypatch.setattr(sample_mod, "load_model", no_model)
+    monkeypatch.setattr(sample_mod, "load_student", no_model)
     assert sample(run.dir, out, dataclasses.replace(cfg, num=6, batch_size=QUICK.batch_size)).written == 0
     with pytest.raises(UsageError, match="other settings"):
         sample(run.dir, out, dataclasses.replace(cfg, num=6, cfg_scale=3.0))
 
 
 def test_checkpoint_loading_uses_the_card_and_the_ema_weights(run: SimpleNamespace, tmp_path: Path) -> None:
-    loaded = load_model(run.dir)
+    loaded = load_student(run.dir)
     assert loaded.path.name == "ema-step-00000010.pt" and loaded.step == 10
     for a, b in zip(loaded.model.state_dict().values(), run.ema.state_dict().values()):
         assert torch.equal(a, b)
     assert not loaded.model.training and not any(p.requires_grad for p in loaded.model.parameters())
-    full = load_model(run.dir / "checkpoints" / "step-00000010.pt")
+    full = load_student(run.dir / "checkpoints" / "step-00000010.pt")
     assert torch.equal(full.model.final_layer.linear.weight, run.ema.final_layer.linear.weight)
     # A lone EMA file, away from its run and its cache: the card alone describes the model.
     lone = tmp_path / "weights.pt"
     shutil.copy(run.dir / "checkpoints" / "ema-step-00000010.pt", lone)
-    alone = load_model(lone)
+    alone = load_student(lone)
     assert alone.config == run.mcfg and alone.null_class == NUM_CLASSES
     assert alone.card.teachers == ("tiny",) and alone.card.path == "linear"
     assert alone.card.norm == LatentNorm((0.18215,), (0.0,))
@@ -270,7 +271,7 @@ def test_sampling_needs_only_the_run_folder(tiny_cache: Path, tmp_path: Path, ru
 def test_raw_weights_are_the_trained_model(run: SimpleNamespace, tmp_path: Path) -> None:
     """--weights raw loads the checkpoint's trained weights, not the EMA (the two differ here):
     align measures them, and a sample folder records which weights made it."""
-    raw = load_model(run.dir, "cpu", "raw").model
+    raw = load_student(run.dir, "cpu", "raw").model
     for (name, a), b in zip(raw.state_dict().items(), run.model.state_dict().values()):
         assert torch.equal(a, b), name
     res = align(run.dir, AlignConfig(num=9, k=3, batch_size=4, device="cpu", weights="raw"))

@@ -21,10 +21,11 @@ from torch import nn
 
 from repa_cache.cache.errors import UsageError
 from repa_cache.eval.config import SampleConfig
-from repa_cache.eval.sample import load_model, sample
+from repa_cache.eval.sample import sample
 from repa_cache.train.checkpoint import ModelCard, latest_checkpoint, load_checkpoint, save_checkpoint
 from repa_cache.train.interop import ImportOptions, export_repa_checkpoint, import_repa_checkpoint
 from repa_cache.train.model import SiT, SiTConfig
+from repa_cache.train.student import load_student
 
 LATENT, PATCH, WIDTH, HEADS, DEPTH, CLASSES, ENC_DEPTH, PROJ_DIM, Z_DIMS = 8, 2, 64, 4, 3, 4, 2, 48, (32, 16)
 #: A tiny model is no named size, so its number of heads is given.
@@ -167,7 +168,7 @@ def test_import_copies_every_tensor_and_infers_the_shape(repa: dict, tmp_path: P
             assert mine.dtype == value.dtype and torch.equal(mine, value), key
 
     # The imported EMA computes what REPA's module computes.
-    loaded = load_model(tmp_path / "run")
+    loaded = load_student(tmp_path / "run")
     x, t, y = torch.randn(3, 4, LATENT, LATENT), torch.tensor([0.1, 0.5, 0.9]), torch.tensor([0, 2, CLASSES])
     with torch.no_grad():
         v_ref, zs_ref = repa["ema"](x, t, y)

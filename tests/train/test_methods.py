@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from repa_cache.cache.errors import UsageError
 from repa_cache.eval.config import SampleConfig
-from repa_cache.eval.sample import load_model, sample
+from repa_cache.eval.sample import sample
 from repa_cache.eval.samplers import SamplerConfig, sample_joint
 from repa_cache.train.checkpoint import latest_checkpoint, load_checkpoint
 from repa_cache.train.config import METHOD_NAMES, OptimConfig, TrainConfig, TransportConfig
@@ -30,6 +30,7 @@ from repa_cache.train.methods.reg import RegSiT
 from repa_cache.train.model import sit_config
 from repa_cache.train.schedule import MAIN, MAIN_NO_ALIGN, WARMUP, AlignSchedule, Phases
 from repa_cache.train.step import build_trainer, train_step
+from repa_cache.train.student import load_student
 
 from ..train.hand import hand_step, kick
 
@@ -298,7 +299,7 @@ def test_each_method_trains_resumes_exactly_and_samples(tiny_cache, tmp_path, me
         assert "repa" not in rows[-1] and rows[-1]["align_coeff"] == 0.0
     if extra.get("align_schedule", "").startswith("exp-decay"):
         assert rows[-1]["align_coeff"] == pytest.approx(2 ** (-5 / 3))  # coefficient of the row's last step, 5
-    loaded = load_model(tmp_path / "a")
+    loaded = load_student(tmp_path / "a")
     assert type(loaded.model).__name__ == ("RegSiT" if method == "reg" else "SiT")
     res = sample(tmp_path / "a", tmp_path / "s", SampleConfig(num=2, steps=2, sampler="ode", device="cpu", grid=0, quiet=True))
     assert res.written == 2

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from repa_cache.cache.errors import UsageError
 from repa_cache.eval.config import SampleConfig
-from repa_cache.eval.sample import load_model, sample
+from repa_cache.eval.sample import sample
 from repa_cache.train.checkpoint import latest_checkpoint, load_checkpoint
 from repa_cache.train.config import TrainConfig
 from repa_cache.train.loop import train
@@ -22,6 +22,7 @@ from repa_cache.train.methods import StepBatch, make_method
 from repa_cache.train.methods.urepa import manifold_loss
 from repa_cache.train.model import SiTConfig, count_parameters, sit_config
 from repa_cache.train.step import train_step
+from repa_cache.train.student import load_student
 from repa_cache.train.usit import USiT, build_student_model
 
 from ..train.hand import hand_step, kick
@@ -192,7 +193,7 @@ def test_urepa_trains_resumes_exactly_and_samples(tiny_cache, tmp_path):
     assert a.card.model["layout"] == "u"
     rows = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
     assert all({"loss", "denoise", "repa", "manifold"} <= set(r) for r in rows)
-    assert type(load_model(tmp_path / "a").model) is USiT
+    assert type(load_student(tmp_path / "a").model) is USiT
     res = sample(tmp_path / "a", tmp_path / "s", SampleConfig(num=2, steps=2, sampler="ode", device="cpu", grid=0, quiet=True))
     assert res.written == 2
     with pytest.raises(UsageError, match=r"^--method urepa needs a U-shaped model"):
