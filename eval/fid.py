@@ -4,7 +4,7 @@
   suite, through torch-fidelity's port of it (``inception-v3-compat``); Inception is not
   re-implemented here. An ADM reference batch (``VIRTUAL_imagenet256_labeled.npz``) carries the
   reference ``mu``/``sigma`` itself; those are used as they are, so the numbers compare with the
-  published ones.
+  published ones. **sFID** likewise on ADM's spatial features (``mu_s``/``sigma_s``).
 * **IS**, **precision / recall** and **KID** on the same network, computed by torch-fidelity's own
   functions from the features gathered here: IS on the 1008 unbiased logits of the samples
   (10 splits); precision and recall (Kynkäänniemi et al. 2019, k = 3) and KID (unbiased MMD² with
@@ -13,6 +13,9 @@
 * **FD-DINOv2**: the Fréchet distance on the CLS token of a DINOv2 teacher from
   :mod:`stages.teachers` (ViT-L/14 by default, as in Stein et al. 2023), preprocessed as the
   teacher registry says (bicubic resize to 224 px for 256 px images, ImageNet mean/std).
+
+The networks are in :mod:`eval.extractors`, the formulas in :mod:`eval.metrics`; this module
+reads the images, caches the reference's statistics and runs the job.
 
 Image sources are an npz with ``arr_0`` uint8 (N, H, W, 3) (streamed, never loaded whole) or a
 folder of image files. Reference statistics are computed once and cached as an npz with ``mu``,
@@ -31,7 +34,7 @@ import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, cast
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -41,192 +44,23 @@ from repa_cache.cache.errors import RepaError, UsageError
 from repa_cache.cache.progress import Progress
 from repa_cache.cache.storage import atomic_file
 from repa_cache.eval.config import FidConfig
-from repa_cache.eval.sample import IMAGES_DIR, iter_npz_batches, npz_array_info
+from repa_cache.eval.extractors import (
+    ADM_STATS,
+    INCEPTION_NAME,
+    SPATIAL_NAME,
+    ClassifierExtractor,
+    FeatureExtractor,
+    dinov2_extractor,
+    inception_extractor,
+)
+from repa_cache.eval.images import iter_npz_batches, npz_array_info
+from repa_cache.eval.metrics import FeatureStats, Moments, frechet_distance, inception_score, kernel_inception_distance, precision_recall
+from repa_cache.eval.sample import IMAGES_DIR
 from repa_cache.stages.devices import resolve_device
 
 logger = logging.getLogger(__name__)
 
-INCEPTION_NAME = "inception-v3-compat-pool3"
-#: sFID's features: ADM's ``mixed_6/conv`` (the 1x1 branch of Mixed_6d), first 7 of its 192
-#: channels on the 17x17 map, flattened channels-last as ADM's evaluator does: 2023 dims
-SPATIAL_NAME = "inception-v3-compat-mixed6-conv-7ch"
-#: the statistics an ADM reference batch stores for each Inception feature
-ADM_STATS = {INCEPTION_NAME: ("mu", "sigma"), SPATIAL_NAME: ("mu_s", "sigma_s")}
-INCEPTION_WEIGHTS_URL = (
-    "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth")
-DEFAULT_DINOV2 = FidConfig.dinov2_teacher
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
-
-
-class FeatureExtractor(Protocol):
-    """Maps uint8 images (B, 3, H, W) to float features (B, D); ``name`` keys cached statistics."""
-
-    name: str
-
-    def __call__(self, images: torch.Tensor) -> torch.Tensor: ...
-
-
-class ClassifierExtractor(FeatureExtractor, Protocol):
-    """An extractor that is also a classifier: the Inception Score needs its logits."""
-
-    def features_and_logits(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """uint8 (B, 3, H, W) -> (features (B, D), logits (B, C)) from one forward pass."""
-        ...
-
-
-# --------------------------------------------------------------------------------------------
-# the distance
-
-
-def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray,
-                     eps: float = 1e-6) -> float:
-    """Fréchet distance between N(mu1, sigma1) and N(mu2, sigma2).
-
-    ``|mu1 - mu2|^2 + tr(sigma1) + tr(sigma2) - 2 tr((sigma1 sigma2)^(1/2))`` with the matrix
-    square root from ``scipy.linalg.sqrtm``. When the product is singular enough that the root is
-    not finite, ``eps`` is added to both diagonals; a tiny imaginary part from rounding is dropped.
-    """
-    try:
-        import scipy.linalg
-    except ImportError:
-        raise UsageError("the Fréchet distance needs scipy, which is not installed: pip install 'repa-cache[eval]'") from None
-    mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
-    sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
-    d = mu1.shape[0]
-    if mu2.shape != (d,) or sigma1.shape != (d, d) or sigma2.shape != (d, d):
-        raise ValueError(f"shapes do not match: mu {mu1.shape} vs {mu2.shape}, sigma {sigma1.shape} vs {sigma2.shape}")
-    diff = mu1 - mu2
-    covmean = scipy.linalg.sqrtm(sigma1 @ sigma2)
-    if not np.isfinite(covmean).all():
-        logger.warning("singular product of covariances; adding %g to the diagonals", eps)
-        offset = np.eye(d) * eps
-        covmean = scipy.linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
-    if np.iscomplexobj(covmean):
-        imag = np.abs(np.diagonal(covmean).imag).max()
-        if imag > 1e-3:
-            raise ValueError(f"the matrix square root has a large imaginary part ({imag:.3g})")
-        covmean = covmean.real
-    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * np.trace(covmean))
-
-
-@dataclass
-class FeatureStats:
-    """Mean and covariance of features of ``num`` images under extractor ``extractor``."""
-
-    mu: np.ndarray
-    sigma: np.ndarray
-    num: int
-    extractor: str
-
-    @classmethod
-    def from_features(cls, features: np.ndarray, extractor: str) -> FeatureStats:
-        feats = np.asarray(features, np.float64)
-        return cls(feats.mean(axis=0), np.cov(feats, rowvar=False), len(feats), extractor)
-
-    def save(self, path: Path) -> Path:
-        """Write ``mu``, ``sigma``, ``num`` and ``extractor`` to an npz; it appears whole or not at all."""
-        with atomic_file(path) as f:
-            np.savez(f, mu=self.mu, sigma=self.sigma, num=np.int64(self.num), extractor=np.str_(self.extractor))
-        return path
-
-    @classmethod
-    def load(cls, path: Path) -> FeatureStats:
-        with np.load(path) as f:
-            return cls(f["mu"], f["sigma"], int(f["num"]), str(f["extractor"]))
-
-
-class _Moments:
-    """Streaming sums for the mean and covariance (float64)."""
-
-    def __init__(self) -> None:
-        self.n = 0
-        self.s1: np.ndarray | None = None
-        self.s2: np.ndarray | None = None
-
-    def add(self, feats: np.ndarray) -> None:
-        f = np.asarray(feats, np.float64)  # (B, D)
-        if self.s1 is None:
-            self.s1, self.s2 = np.zeros(f.shape[1]), np.zeros((f.shape[1], f.shape[1]))
-        self.n += len(f)
-        self.s1 += f.sum(axis=0)
-        self.s2 += f.T @ f
-
-    def stats(self, extractor: str) -> FeatureStats:
-        if self.n < 2 or self.s1 is None or self.s2 is None:
-            raise UsageError(f"a Fréchet distance needs at least 2 images, got {self.n}")
-        mu = self.s1 / self.n
-        sigma = (self.s2 - self.n * np.outer(mu, mu)) / (self.n - 1)
-        return FeatureStats(mu, (sigma + sigma.T) / 2, self.n, extractor)
-
-
-def _torch_fidelity(module: str) -> Any:
-    """A torch-fidelity module, or a UsageError saying how to install it."""
-    import importlib
-
-    try:
-        return importlib.import_module(f"torch_fidelity.{module}")
-    except ImportError:
-        raise UsageError("IS, precision/recall and KID need torch-fidelity, which is not installed: "
-                         "pip install 'repa-cache[eval]'") from None
-
-
-def inception_score(logits: np.ndarray, splits: int = 10, seed: int = 2020) -> tuple[float, float]:
-    """``exp(E_x KL(p(y|x) || p(y)))`` per split of the (shuffled) samples: (mean, std) over splits.
-
-    ``p(y|x)`` is the softmax of a sample's logits and ``p(y)`` the mean of ``p(y|x)`` over its
-    split; torch-fidelity's ``isc_features_to_metric`` does the work (the shuffle is seeded).
-
-    Args:
-        logits: (N, C) classifier logits of the samples.
-    """
-    if splits < 1 or len(logits) < splits:
-        raise UsageError(f"the Inception Score needs at least one sample per split: {len(logits)} samples, {splits} splits")
-    isc = _torch_fidelity("metric_isc")
-    out = isc.isc_features_to_metric(torch.from_numpy(np.asarray(logits)), splits, True, seed)
-    return float(out[isc.KEY_METRIC_ISC_MEAN]), float(out[isc.KEY_METRIC_ISC_STD])
-
-
-def precision_recall(samples: np.ndarray, reference: np.ndarray, k: int = 3,
-                     device: torch.device | str = "cpu", batch_size: int = 10_000) -> tuple[float, float]:
-    """Improved precision and recall (Kynkäänniemi et al. 2019) of feature sets.
-
-    Each point of a set owns the ball reaching its k-th nearest neighbour within that set (itself
-    excluded). Precision: the fraction of samples inside some reference ball; recall: the fraction
-    of reference points inside some sample ball. torch-fidelity's batched
-    ``calculate_precision_recall_part`` computes both (Euclidean distances, ``<=`` on the radius).
-
-    Args:
-        samples: (N, D) features of the generated images.
-        reference: (M, D) features of the reference images.
-    """
-    if k < 1 or min(len(samples), len(reference)) <= k:
-        raise UsageError(f"precision/recall with k={k} needs more than {k} samples and reference images, "
-                         f"got {len(samples)} and {len(reference)}")
-    prc = _torch_fidelity("metric_prc")
-    gen = torch.from_numpy(np.asarray(samples, np.float32)).to(device)  # (N, D)
-    real = torch.from_numpy(np.asarray(reference, np.float32)).to(device)  # (M, D)
-    precision, recall = prc.calculate_precision_recall_part(gen, real, k, batch_size)
-    return float(precision), float(recall)
-
-
-def kernel_inception_distance(samples: np.ndarray, reference: np.ndarray, subsets: int = 100,
-                              subset_size: int = 1000, seed: int = 2020) -> tuple[float, float, int]:
-    """KID (Bińkowski et al. 2018): the unbiased MMD² estimate with the polynomial kernel
-    ``k(x, y) = (x·y / d + 1)³`` on random equal-size subsets of both sets: (mean, std, subset size).
-
-    Subsets are drawn without replacement (seeded) by torch-fidelity's ``kid_features_to_metric``;
-    the subset size is lowered to the smaller set's size when a set is smaller.
-    """
-    size = min(subset_size, len(samples), len(reference))
-    if subsets < 1 or size < 2:
-        raise UsageError(f"KID needs at least 2 samples and 2 reference images and one subset, got "
-                         f"{len(samples)}, {len(reference)} and {subsets} subsets")
-    kid = _torch_fidelity("metric_kid")
-    out = kid.kid_features_to_metric(
-        torch.from_numpy(np.asarray(samples, np.float64)), torch.from_numpy(np.asarray(reference, np.float64)),
-        kid_subsets=subsets, kid_subset_size=size, rng_seed=seed, verbose=False, kid_kernel="poly",
-        kid_kernel_poly_degree=3, kid_kernel_poly_gamma=None, kid_kernel_poly_coef0=1)
-    return float(out[kid.KEY_METRIC_KID_MEAN]), float(out[kid.KEY_METRIC_KID_STD]), size
 
 
 # --------------------------------------------------------------------------------------------
@@ -301,7 +135,7 @@ def extract(source: str | Path, extractor: FeatureExtractor, batch_size: int = 5
     """One pass over ``source``: feature statistics of every image, the features of the first
     ``keep`` images and, with ``logits``, every image's logits (the extractor must have
     ``features_and_logits``)."""
-    moments = _Moments()
+    moments = Moments()
     kept: list[np.ndarray] = []
     all_logits: list[np.ndarray] = []
     n_kept = 0
@@ -470,116 +304,6 @@ def reference_features(ref: str | Path, extractor: FeatureExtractor, stats_dir: 
         return target
 
     return features, _save_cached(save, cached, "features")
-
-
-# --------------------------------------------------------------------------------------------
-# extractors
-
-
-class InceptionExtractor:
-    """torch-fidelity's port of the TF Inception-v3 of the ADM suite: pool3 features (2048-d) and
-    the 1008 logits without bias (``logits_unbiased``, what torch-fidelity's IS uses)."""
-
-    name = INCEPTION_NAME
-
-    def __init__(self, net: torch.nn.Module, device: torch.device) -> None:
-        self.net, self.device = net.to(device), device
-        self.last_spatial: torch.Tensor | None = None  # sFID's features of the last batch
-        branch = net.get_submodule("Mixed_6d.branch1x1")  # ADM's mixed_6/conv
-        branch.register_forward_hook(self._keep_spatial)
-
-    def _keep_spatial(self, module: torch.nn.Module, inputs: Any, output: torch.Tensor) -> None:
-        # ADM takes mixed_6/conv:0 (after its ReLU) as NHWC, keeps channels [:7] and flattens
-        self.last_spatial = output[:, :7].permute(0, 2, 3, 1).reshape(len(output), -1).clone()
-
-    def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        return self.features_and_logits(images)[0]
-
-    def features_and_logits(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        features, logits = self.net(images.to(self.device))  # resizes to 299 itself, like TF
-        return features, logits  # (B, 2048), (B, 1008)
-
-    def spatial(self) -> SpatialExtractor:
-        """The sFID extractor on this network."""
-        return SpatialExtractor(self)
-
-
-class SpatialExtractor:
-    """sFID's features (:data:`SPATIAL_NAME`, 2023-d) from an :class:`InceptionExtractor`'s network."""
-
-    name = SPATIAL_NAME
-
-    def __init__(self, inception: InceptionExtractor) -> None:
-        self.inception = inception
-
-    def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        self.inception.features_and_logits(images)
-        assert self.inception.last_spatial is not None
-        return self.inception.last_spatial  # (B, 7 * 17 * 17)
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0][:160] if text else type(e).__name__
-
-
-def inception_extractor(weights: str | Path | None = None, device: torch.device | str = "cpu") -> InceptionExtractor:
-    """The FID Inception network, from a local weights file or torch-fidelity's own download.
-
-    Raises:
-        UsageError: torch-fidelity is not installed, the file is missing, or the weights cannot be
-            fetched (no network) — with what to do about it.
-    """
-    if weights is not None and not Path(weights).is_file():
-        raise UsageError(f"no Inception weights file at {weights}")
-    try:
-        from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
-    except ImportError:
-        raise UsageError("FID needs torch-fidelity, which is not installed: pip install 'repa-cache[eval]'") from None
-    if weights is not None:
-        try:  # torch-fidelity unpickles the file freely: admit only a plain state dict
-            torch.load(weights, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise UsageError(f"{weights} is not a plain weights file (state dict of tensors): {_first_line(e)}") from e
-    try:
-        net = FeatureExtractorInceptionV3("inception-v3-compat", ["2048", "logits_unbiased"],
-                                          feature_extractor_weights_path=None if weights is None else str(weights))
-    except Exception as e:  # offline download, unreadable file: one message
-        raise UsageError(
-            f"cannot load the FID Inception weights ({_first_line(e)}); without network, fetch {INCEPTION_WEIGHTS_URL} "
-            "elsewhere and pass it with --inception-weights FILE") from e
-    return InceptionExtractor(net, torch.device(device))
-
-
-class DinoV2Extractor:
-    """CLS token of a registry teacher (DINOv2 ViT-L/14 by default), built for the image size."""
-
-    def __init__(self, teacher: str = DEFAULT_DINOV2, device: torch.device | str = "cpu",
-                 checkpoint: str | None = None) -> None:
-        from repa_cache.stages.teachers import get_teacher
-
-        self.spec = get_teacher(teacher)
-        self.device, self.checkpoint = torch.device(device), checkpoint
-        self.name = f"{teacher}-cls"
-        self._models: dict[int, torch.nn.Module] = {}
-
-    def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        from repa_cache.stages.teachers import encode_images, load_teacher
-
-        h, w = images.shape[-2:]
-        if h != w:
-            raise UsageError(f"FD-DINOv2 needs square images, got {w}x{h}")
-        if h not in self._models:
-            self._models[h] = load_teacher(self.spec, h, self.device, pretrained=True, checkpoint=self.checkpoint,
-                                           checkpoint_option="--dinov2-checkpoint FILE")
-        _, cls = encode_images(self._models[h], self.spec, images, h)
-        return cls  # (B, D)
-
-
-def dinov2_extractor(teacher: str = DEFAULT_DINOV2, device: torch.device | str = "cpu",
-                     checkpoint: str | None = None) -> DinoV2Extractor:
-    """FD-DINOv2 features: the CLS token of a registry teacher (weights loaded on first use)."""
-    return DinoV2Extractor(teacher, device, checkpoint)
 
 
 # --------------------------------------------------------------------------------------------

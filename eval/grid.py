@@ -11,7 +11,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from repa_cache.eval.sample import LatentDecoder, grid_title, load_decoder, make_grid, open_sampling_bank, sample_batch, write_png
+from repa_cache.eval.images import make_grid, write_png
+from repa_cache.eval.sample import LatentDecoder, grid_title, load_decoder, open_sampling_bank, sample_batch
 from repa_cache.eval.samplers import SamplerConfig, sample_labels
 from repa_cache.train.checkpoint import ModelCard
 from repa_cache.train.config import TrainConfig

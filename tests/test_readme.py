@@ -61,7 +61,7 @@ def test_the_readme_walkthrough_runs_in_order(tmp_path, monkeypatch):
     tfe = pytest.importorskip("torch_fidelity.feature_extractor_inceptionv3")
     import torch
 
-    from repa_cache.eval.sample import save_npz
+    from repa_cache.eval.images import save_npz
     from repa_cache.pipeline.demo import make_demo_images
 
     images = make_demo_images(tmp_path / "images", per_class=2, bad_inputs=False)

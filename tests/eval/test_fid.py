@@ -17,19 +17,10 @@ from PIL import Image
 
 from repa_cache.cache.errors import UsageError
 from repa_cache.eval.config import FidConfig
-from repa_cache.eval.fid import (
-    INCEPTION_NAME,
-    SPATIAL_NAME,
-    FeatureStats,
-    compute_stats,
-    dinov2_extractor,
-    fid,
-    frechet_distance,
-    inception_extractor,
-    iter_images,
-    reference_stats,
-)
-from repa_cache.eval.sample import iter_npz_batches, npz_array_info, save_npz
+from repa_cache.eval.extractors import INCEPTION_NAME, SPATIAL_NAME, dinov2_extractor, inception_extractor
+from repa_cache.eval.fid import compute_stats, fid, iter_images, reference_stats
+from repa_cache.eval.images import iter_npz_batches, npz_array_info, save_npz
+from repa_cache.eval.metrics import FeatureStats, frechet_distance
 
 
 def _spd(rng: np.random.Generator, d: int) -> np.ndarray:

@@ -13,15 +13,9 @@ from scipy.special import log_softmax, softmax
 
 from repa_cache.cache.errors import UsageError
 from repa_cache.eval.config import FidConfig
-from repa_cache.eval.fid import (
-    fid,
-    frechet_distance,
-    inception_score,
-    kernel_inception_distance,
-    precision_recall,
-    reference_features,
-)
-from repa_cache.eval.sample import save_npz
+from repa_cache.eval.fid import fid, reference_features
+from repa_cache.eval.images import save_npz
+from repa_cache.eval.metrics import frechet_distance, inception_score, kernel_inception_distance, precision_recall
 
 # --------------------------------------------------------------------------------------------
 # hand computations

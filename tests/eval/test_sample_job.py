@@ -25,7 +25,8 @@ from repa_cache.cache.errors import CacheError, UsageError
 from repa_cache.cache.format import LatentNorm
 from repa_cache.eval.align import align
 from repa_cache.eval.config import AlignConfig, SampleConfig
-from repa_cache.eval.sample import grid_title, make_grid, png_name, sample
+from repa_cache.eval.images import make_grid, png_name
+from repa_cache.eval.sample import grid_title, sample
 from repa_cache.eval.samplers import SamplerConfig, sample_labels, sample_latents
 from repa_cache.pipeline.demo import make_demo_images
 from repa_cache.pipeline.plan import PrecomputeConfig
