@@ -29,8 +29,14 @@ else:  # pragma: no cover
 from repa_cache.cache.errors import UsageError, unknown_name
 
 PATHS: tuple[str, ...] = ("linear", "cosine")
-#: the training methods (repa_cache.train.methods.METHODS, named here so that --help needs no torch)
-METHOD_NAMES: tuple[str, ...] = ("repa", "irepa", "reg", "urepa", "gmem", "haste")
+#: The training methods: name -> "module:class" under repa_cache.train.methods, imported on first
+#: use (:func:`repa_cache.train.methods.method_class`), so that --help and name checks need no torch.
+#: A new method is its own module there and one line here.
+METHOD_REGISTRY: dict[str, str] = {
+    "repa": "repa:Repa", "irepa": "irepa:IRepa", "reg": "reg:Reg",
+    "urepa": "urepa:URepa", "gmem": "gmem:Gmem", "haste": "haste:Haste",
+}
+METHOD_NAMES: tuple[str, ...] = tuple(METHOD_REGISTRY)
 TIME_SAMPLINGS: tuple[str, ...] = ("uniform", "lognormal")
 
 

@@ -1,33 +1,40 @@
 """Training methods as components: ``repa train --method NAME``.
 
 Each method is one file here with a :class:`~repa_cache.train.methods.base.Method` subclass;
-:data:`METHODS` lists them. The loop builds the student, reads the cache and computes the loss
-through the method and never branches on its name.
+:data:`train.config.METHOD_REGISTRY` names them (torch-free) and :data:`METHODS` holds them. The
+loop builds the student, reads the cache and computes the loss through the method and never
+branches on its name.
 """
 
 from __future__ import annotations
 
+import importlib
 from typing import Any
 
 from repa_cache.cache.errors import UsageError, unknown_name
+from repa_cache.train.config import METHOD_REGISTRY
 from repa_cache.train.methods.base import Losses, Method, StepBatch
-from repa_cache.train.methods.gmem import Gmem
-from repa_cache.train.methods.haste import Haste
-from repa_cache.train.methods.irepa import IRepa
-from repa_cache.train.methods.reg import Reg
-from repa_cache.train.methods.repa import Repa
-from repa_cache.train.methods.urepa import URepa
 
-METHODS: dict[str, type[Method]] = {m.name: m for m in (Repa, IRepa, Reg, URepa, Gmem, Haste)}
+__all__ = ["METHODS", "Losses", "Method", "StepBatch", "make_method", "method_class", "method_from_card"]
 
-__all__ = ["METHODS", "Losses", "Method", "StepBatch", "make_method", "method_from_card"]
+
+def method_class(name: str) -> type[Method]:
+    """The class of the method ``name`` (:data:`train.config.METHOD_REGISTRY`), imported now."""
+    if name not in METHOD_REGISTRY:
+        raise unknown_name("method", name, list(METHOD_REGISTRY))
+    module, cls = METHOD_REGISTRY[name].split(":")
+    found: type[Method] = getattr(importlib.import_module(f"{__name__}.{module}"), cls)
+    assert found.name == name, f"{METHOD_REGISTRY[name]} is the method '{found.name}', not '{name}'"
+    return found
+
+
+#: every method by name, in the registry's order
+METHODS: dict[str, type[Method]] = {name: method_class(name) for name in METHOD_REGISTRY}
 
 
 def make_method(name: str, options: dict[str, Any] | None = None) -> Method:
     """The method ``name`` with ``options`` (missing ones take the method's defaults)."""
-    if name not in METHODS:
-        raise unknown_name("method", name, list(METHODS))
-    return METHODS[name](options)
+    return method_class(name)(options)
 
 
 def method_from_card(card_method: dict[str, Any]) -> Method:

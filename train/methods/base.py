@@ -28,7 +28,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Generic, TypeVar, cast
 
 import torch
 from torch import Tensor
@@ -109,8 +109,13 @@ class MethodOptions:
             raise UsageError(f"proj_coeff must be a finite number >= 0, got {self.proj_coeff}")
 
 
-class Method:
-    """Base class of the training methods; plain REPA is this class unchanged."""
+OptionsT = TypeVar("OptionsT", bound=MethodOptions)
+
+
+class Method(Generic[OptionsT]):
+    """Base class of the training methods; plain REPA is this class unchanged. A method names its
+    options class twice: as the type argument (``Method[IRepaOptions]``, so that ``self.options``
+    is typed) and as ``Options`` (the class built from the command line's ``-O`` pairs)."""
 
     name: ClassVar[str] = ""
     summary: ClassVar[str] = ""  # one line for --help
@@ -135,7 +140,7 @@ class Method:
                 typed[key] = kind(value) if not isinstance(value, kind) else value
             except (TypeError, ValueError):
                 raise UsageError(f"method '{self.name}': option {key} takes {_WORDS.get(kind, kind.__name__)}, got {value!r}") from None
-        self.options = self.Options(**typed)
+        self.options: OptionsT = cast(OptionsT, self.Options(**typed))
         self.options.validate()
 
     # ---------------------------------------------------------------- description

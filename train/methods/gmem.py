@@ -80,7 +80,7 @@ class GMemSiT(SiT):
         return self.t_embedder(t) + self.cond_embedder(y.to(self.cond_embedder.weight.dtype))
 
 
-class Gmem(Method):
+class Gmem(Method[GMemOptions]):
     name = "gmem"
     summary = ("GMem: conditioned on the first teacher's normalised CLS token (Linear, null condition at rate 0.4) "
                "instead of the class, REPA on top; samples from a memory bank (repa sample --bank)")
@@ -114,7 +114,7 @@ class Gmem(Method):
 
     def drop_condition(self, c: Tensor) -> Tensor:
         """Replace each row of c (B, Z) by the null condition (zeros) with probability ``cond_dropout``."""
-        p = self.options.cond_dropout  # type: ignore[attr-defined]
+        p = self.options.cond_dropout
         if p <= 0:
             return c
         drop = torch.rand(c.shape[0], device=c.device) < p  # (B,)

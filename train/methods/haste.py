@@ -106,7 +106,7 @@ class HasteSiT(SiT):
         return h, zs + logits
 
 
-class Haste(Method):
+class Haste(Method[HasteOptions]):
     name = "haste"
     summary = ("HASTE: REPA plus attention alignment (teacher blocks from --teacher-layers, student blocks ending "
                "at encoder_depth), 0.5 REPA + 0.5 attention; stop both with --align-schedule stop:N")
@@ -159,7 +159,7 @@ class Haste(Method):
         Raises:
             UsageError: the student has too few blocks or heads, or another token grid."""
         h = self._hidden
-        opts: HasteOptions = self.options  # type: ignore[assignment]
+        opts = self.options
         pairs = int(h["last_block"]) - int(h["first_block"]) + 1
         last = opts.student_last_block or config.encoder_depth
         first = last - pairs + 1
@@ -201,7 +201,7 @@ class Haste(Method):
         assert self._cache is not None, "Haste.bind must run before training"
         name = self._cache.teachers[0]
         record = self._cache.models[name]
-        opts: HasteOptions = self.options  # type: ignore[assignment]
+        opts = self.options
         checkpoint = opts.teacher_checkpoint or record.get("checkpoint") or None
         from repa_cache.stages.teachers import get_teacher, load_teacher
 
@@ -231,7 +231,7 @@ class Haste(Method):
         if not batch.hidden:
             return list(batch.patch)
         tail = self.teacher_tail(batch.hidden[0].device)
-        heads = self.options.heads or int(self._hidden["heads"])  # type: ignore[attr-defined]
+        heads = self.options.heads or int(self._hidden["heads"])
         return list(batch.patch) + [a[:, :heads] for a in tail(batch.hidden[0])]
 
     def alignment(self, zs: Sequence[Tensor], targets: Sequence[Tensor]) -> tuple[Tensor, list[Tensor], dict[str, Tensor]]:
@@ -242,4 +242,4 @@ class Haste(Method):
         if not pairs:
             return repa, cos, {}
         attn = torch.stack([attention_loss(s, t) for s, t in pairs]).mean()
-        return repa + self.options.attn_weight * attn, cos, {"attn": attn}  # type: ignore[attr-defined]
+        return repa + self.options.attn_weight * attn, cos, {"attn": attn}

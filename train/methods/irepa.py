@@ -62,14 +62,14 @@ class ConvProjector(nn.Module):
         return self.conv(fmap).flatten(2).transpose(1, 2)  # (B, T, Z)
 
 
-class IRepa(Method):
+class IRepa(Method[IRepaOptions]):
     name = "irepa"
     summary = "iREPA: 3x3 conv projector, target z-scored over each image's tokens (alpha 0.6, proj_coeff 1.0)"
     source = "arXiv 2512.10794; github.com/End2End-Diffusion/iREPA (ldm/utils.py spatial_zscore, ldm/models/sit.py)"
     Options = IRepaOptions
 
     def build_student(self, config: SiTConfig) -> SiT:
-        k = self.options.kernel_size  # type: ignore[attr-defined]
+        k = self.options.kernel_size
         projectors = nn.ModuleList(ConvProjector(config.hidden_size, z, k) for z in config.z_dims)
         model = build_student_model(config, projectors=projectors)
         for p in projectors:
@@ -81,4 +81,4 @@ class IRepa(Method):
 
     def targets(self, batch: StepBatch) -> list[Tensor]:
         o = self.options
-        return [spatial_zscore(y, o.alpha, o.eps) for y in batch.patch]  # type: ignore[attr-defined]
+        return [spatial_zscore(y, o.alpha, o.eps) for y in batch.patch]

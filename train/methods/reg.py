@@ -73,7 +73,7 @@ class RegSiT(SiT):
         return v, zs, self.cls_out(hn[:, 0])  # cls velocity (B, Z)
 
 
-class Reg(Method):
+class Reg(Method[RegOptions]):
     name = "reg"
     summary = "REG: the first teacher's CLS token denoised as token 0, aligned to [CLS; patches] (0.5 REPA + 0.03 CLS)"
     source = "arXiv 2507.01467; github.com/Martinser/REG (loss.py, models/sit.py, samplers.py)"
@@ -105,4 +105,4 @@ class Reg(Method):
         return [(config.z_dims[0],)]
 
     def extra_weights(self) -> list[float]:
-        return [self.options.cls_coeff]  # type: ignore[attr-defined]
+        return [self.options.cls_coeff]

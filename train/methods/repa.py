@@ -7,10 +7,10 @@ weighted by ``proj_coeff`` (0.5) next to the flow-matching loss. The base class 
 
 from __future__ import annotations
 
-from repa_cache.train.methods.base import Method
+from repa_cache.train.methods.base import Method, MethodOptions
 
 
-class Repa(Method):
+class Repa(Method[MethodOptions]):
     name = "repa"
     summary = "REPA: MLP projector after block encoder_depth, cosine to the teacher's patch tokens (proj_coeff 0.5)"
     source = "arXiv 2410.06940; github.com/sihyun-yu/REPA (loss.py, models/sit.py)"

@@ -61,7 +61,7 @@ def manifold_loss(z: Tensor, y: Tensor) -> Tensor:
         return (sim_z - sim_y).square().mean()
 
 
-class URepa(Method):
+class URepa(Method[URepaOptions]):
     name = "urepa"
     summary = ("U-REPA: U-shaped student (USiT-*), middle stage aligned after projection and upsampling, "
                "plus a sample-similarity manifold loss (proj_coeff 0.5, manifold_weight 3.0)")
@@ -77,5 +77,5 @@ class URepa(Method):
         the manifold part is logged on its own as ``manifold``."""
         align, cos = repa_loss(zs, targets)
         manifold = torch.stack([manifold_loss(z, y) for z, y in zip(zs, targets)]).mean()
-        w = self.options.manifold_weight  # type: ignore[attr-defined]
+        w = self.options.manifold_weight
         return align + w * manifold, cos, {"manifold": manifold}
