@@ -23,7 +23,7 @@ import numcodecs
 import numpy as np
 import torch
 
-from repa_cache.cache.codec import decode_numpy, encode_int8, int8_spec, token_cosine
+from repa_cache.cache.codec import Int8Codec, decode_numpy, encode_int8, token_cosine
 from repa_cache.train.loss import repa_loss
 
 BLOSC = numcodecs.Blosc(cname="zstd", clevel=3, shuffle=numcodecs.Blosc.SHUFFLE)
@@ -48,7 +48,7 @@ def view_bytes(x: np.ndarray, codec: str) -> int:
     patch, cls = x[:-1], x[-1]
     if codec == "float16":
         return stored(patch.astype(np.float16)) + stored(cls.astype(np.float16))
-    spec = int8_spec(power=0.5 if codec == "int8" else 1.0)
+    spec = Int8Codec(power=0.5 if codec == "int8" else 1.0)
     qp, sp = encode_int8(patch, spec, "bench")
     qc, sc = encode_int8(cls[None], spec, "bench")
     return stored(qp) + stored(sp) + stored(qc[0]) + stored(sc[0])
@@ -57,7 +57,7 @@ def view_bytes(x: np.ndarray, codec: str) -> int:
 def decoded(x: np.ndarray, codec: str) -> np.ndarray:
     if codec == "float16":
         return x.astype(np.float16).astype(np.float32)
-    spec = int8_spec(power=0.5 if codec == "int8" else 1.0)
+    spec = Int8Codec(power=0.5 if codec == "int8" else 1.0)
     q, s = encode_int8(x, spec, "bench")
     return decode_numpy(q, s, spec)
 

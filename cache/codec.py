@@ -37,7 +37,8 @@ and scales to the GPU (a quarter of the float32 bytes, half of float16's) and de
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
@@ -58,11 +59,24 @@ SCALE_DTYPE = "float32"
 _CHECK_EDGES = 10.0 ** (np.arange(-90, 1) / 10.0)
 
 
-def int8_spec(arrays: tuple[str, ...] = ("patch", "cls"), power: float = 0.5) -> dict[str, Any]:
-    """The metadata of the ``int8`` codec (``power`` 0.5: square-root companding; 1.0 would be
-    plain linear absmax, kept for measurements only)."""
-    return {"name": INT8, "version": INT8_VERSION, "levels": LEVELS, "power": power, "scale_dtype": SCALE_DTYPE,
-            "arrays": list(arrays)}
+@dataclass(frozen=True)
+class Int8Codec:
+    """The ``int8`` codec of a group: which arrays it stores quantised and its companding power
+    (0.5: square root; 1.0 would be plain linear absmax, kept for measurements only). Its JSON
+    (:meth:`to_json`) is what a group's metadata and fingerprint record."""
+
+    arrays: tuple[str, ...] = ("patch", "cls")
+    power: float = 0.5
+    name: ClassVar[str] = INT8
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": INT8, "version": INT8_VERSION, "levels": LEVELS, "power": self.power, "scale_dtype": SCALE_DTYPE,
+                "arrays": list(self.arrays)}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> Int8Codec:
+        """The codec a group's metadata records (checked first by :func:`codec_problem`)."""
+        return cls(tuple(d["arrays"]), float(d["power"]))
 
 
 def scale_name(array: str) -> str:
@@ -110,9 +124,9 @@ def codec_problem(codec: Any, arrays: dict[str, tuple[tuple[int, ...], str]]) ->
     return None
 
 
-def stored_arrays(codec: dict[str, Any] | None, names: list[str]) -> list[str]:
+def stored_arrays(codec: Int8Codec | None, names: list[str]) -> list[str]:
     """The stored arrays a read of ``names`` needs: each quantised array with its scales."""
-    quantised = set(codec["arrays"]) if codec else set()
+    quantised = set(codec.arrays) if codec else set()
     out: list[str] = []
     for n in names:
         out += [n, scale_name(n)] if n in quantised else [n]
@@ -120,7 +134,7 @@ def stored_arrays(codec: dict[str, Any] | None, names: list[str]) -> list[str]:
 
 
 # -- encode ----------------------------------------------------------------------------------------
-def encode_int8(x: np.ndarray, codec: dict[str, Any], where: str) -> tuple[np.ndarray, np.ndarray]:
+def encode_int8(x: np.ndarray, codec: Int8Codec, where: str) -> tuple[np.ndarray, np.ndarray]:
     """Quantise tokens ``x`` (..., D) to ``(q int8 (..., D), scale float32 (..., 1))``.
 
     All-zero tokens store scale 0 and decode to zeros; a constant token decodes exactly (every
@@ -137,7 +151,7 @@ def encode_int8(x: np.ndarray, codec: dict[str, Any], where: str) -> tuple[np.nd
                          "refusing to quantise it")
     scale = np.abs(x).max(axis=-1, keepdims=True)  # (..., 1)
     u = np.divide(np.abs(x), scale, out=np.zeros_like(x), where=scale > 0)  # (..., D) in [0, 1]
-    power = float(codec["power"])
+    power = codec.power
     if power != 1.0:
         u = np.sqrt(u) if power == 0.5 else u**power
     q = np.rint(u * LEVELS) * np.sign(x)
@@ -148,10 +162,10 @@ _BYTES = np.arange(256, dtype=np.uint8).view(np.int8).astype(np.float32)
 _SQUARE_LUT = _BYTES * np.abs(_BYTES) / np.float32(LEVELS * LEVELS)  # int8 byte -> q |q| / 127², float32
 
 
-def decode_numpy(q: Any, scale: Any, codec: dict[str, Any]) -> Any:
+def decode_numpy(q: Any, scale: Any, codec: Int8Codec) -> Any:
     """Float32 tokens (..., D) from stored ``q`` (..., D) and ``scale`` (..., 1). Plain array
     arithmetic, so a dask array decodes lazily too."""
-    power = float(codec["power"])
+    power = codec.power
     if power == 0.5 and isinstance(q, np.ndarray):  # one table lookup per value, then the scale in place
         out = _SQUARE_LUT[q.view(np.uint8)]
         out *= scale
@@ -163,17 +177,15 @@ def decode_numpy(q: Any, scale: Any, codec: dict[str, Any]) -> Any:
     return np.sign(qf) * mag * scale.astype(np.float32)
 
 
-def dequantize(q: torch.Tensor, scale: torch.Tensor, codec: dict[str, Any] | None) -> torch.Tensor:
+def dequantize(q: torch.Tensor, scale: torch.Tensor, codec: Int8Codec | None) -> torch.Tensor:
     """Float32 tokens (..., D) from stored int8 ``q`` (..., D) and float32 ``scale`` (..., 1), on
     whatever device they are (decode on the GPU after copying the stored bytes). With
     ``codec=None`` (a float16 group) ``q`` is the tokens themselves and ``scale`` is ignored."""
     if codec is None:
         return q.float()
-    if codec.get("name") != INT8:
-        raise ValueError(f"unknown feature codec {codec.get('name')!r}")
     qf = q.float()
     s = scale.float()
-    power = float(codec["power"])
+    power = codec.power
     if power == 0.5:
         return qf * qf.abs() / float(LEVELS * LEVELS) * s  # (..., D), the same arithmetic as decode_numpy
     return qf.sign() * (qf.abs() / LEVELS) ** (1.0 / power) * s
@@ -233,12 +245,12 @@ __all__ = [
     "FLOAT16",
     "INT8",
     "MISSING_INT8",
+    "Int8Codec",
     "codec_problem",
     "cosine_check",
     "decode_numpy",
     "dequantize",
     "encode_int8",
-    "int8_spec",
     "merge_checks",
     "scale_name",
     "stored_arrays",

@@ -256,7 +256,7 @@ def _transcode_group(src: StorePath, dst: StorePath, meta: Any, target: GroupMet
             raise FingerprintMismatch(f"group '{group}' of {dst} was made with other settings: {diff}")
     create_group(dst, meta, target)
     reader = CacheReader(src, groups=[group], verify_checksums=True)
-    floats = [a for a in target.arrays if a.name not in {scale_name(n) for n in (target.feature_codec or {}).get("arrays", [])}]
+    floats = [a for a in target.arrays if a.name not in {scale_name(n) for n in (target.codec.arrays if target.codec else ())}]
     have = record_shards(dst, meta, group)
 
     def transcode_shard(shard: int) -> int | None:

@@ -21,6 +21,7 @@ records and finiteness before they hand anything out. See docs/cache-format.md.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 from dataclasses import dataclass, field
@@ -29,7 +30,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from repa_cache.cache.codec import FEATURE_CODECS, FLOAT16, INT8, codec_problem, int8_spec, scale_name, scale_shape
+from repa_cache.cache.codec import FEATURE_CODECS, FLOAT16, INT8, SCALE_DTYPE, Int8Codec, codec_problem, scale_name, scale_shape
 from repa_cache.cache.storage import StorePath, store_path
 
 #: The format this code writes. v2: every inner chunk and shard index carries a crc32c, and shard
@@ -296,6 +297,12 @@ class GroupMeta:
         return cls(d["group"], d["kind"], d["model"], tuple(ArraySpec.from_json(a) for a in d["arrays"]), d["fingerprint"],
                    d.get("feature_codec"))
 
+    @functools.cached_property
+    def codec(self) -> Int8Codec | None:
+        """The group's feature codec, typed (None: stored as floats); :attr:`feature_codec` is its
+        JSON as read, checked by :func:`group_problem` before a reader uses it."""
+        return None if self.feature_codec is None else Int8Codec.from_json(self.feature_codec)
+
     @property
     def codec_name(self) -> str:
         """``float16`` for a group stored as floats (whatever its float dtype), else the codec's name."""
@@ -315,17 +322,17 @@ def with_feature_codec(gmeta: GroupMeta, codec: str) -> GroupMeta:
         raise ValueError(f"unknown feature codec '{codec}' (known: {', '.join(FEATURE_CODECS)})")
     if gmeta.kind != "teacher":
         raise ValueError(f"group '{gmeta.group}' holds {gmeta.kind}; only teacher tokens have a feature codec")
-    scales = {scale_name(a) for a in (gmeta.feature_codec or {}).get("arrays", [])}
+    scales = {scale_name(a) for a in (gmeta.codec.arrays if gmeta.codec else ())}
     floats = tuple(ArraySpec(a.name, a.sample_shape, FLOAT16, a.codec) for a in gmeta.arrays if a.name not in scales)
     fingerprint = {k: v for k, v in gmeta.fingerprint.items() if k != "feature_codec"}
     if codec == FLOAT16:
         fingerprint["arrays"] = [a.to_json() for a in floats]
         return GroupMeta(gmeta.group, gmeta.kind, gmeta.model, floats, fingerprint)
-    spec = int8_spec(tuple(a.name for a in floats))
+    spec = Int8Codec(tuple(a.name for a in floats)).to_json()
     arrays: tuple[ArraySpec, ...] = ()
     for a in floats:
         arrays += (ArraySpec(a.name, a.sample_shape, "int8", a.codec),
-                   ArraySpec(scale_name(a.name), scale_shape(a.sample_shape), spec["scale_dtype"], a.codec))
+                   ArraySpec(scale_name(a.name), scale_shape(a.sample_shape), SCALE_DTYPE, a.codec))
     fingerprint["arrays"] = [a.to_json() for a in arrays]
     fingerprint["feature_codec"] = spec
     assert codec == INT8

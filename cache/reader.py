@@ -40,7 +40,7 @@ import zarr
 from zarr.core.sync import sync as zarr_sync  # runs a coroutine on zarr's own event loop
 
 from repa_cache.cache.chunks import CheckedStore, ChunkLayout, ChunkTable, chunk_layout
-from repa_cache.cache.codec import MISSING_INT8, decode_numpy, scale_name, stored_arrays
+from repa_cache.cache.codec import MISSING_INT8, Int8Codec, decode_numpy, scale_name, stored_arrays
 from repa_cache.cache.errors import CacheError, one_line
 from repa_cache.cache.format import (
     FORMAT_VERSION,
@@ -240,6 +240,11 @@ class GroupInfo:
         return all(layout is not None for layout in self.layouts.values())
 
 
+def _quantised(codec: Int8Codec | None) -> tuple[str, ...]:
+    """The arrays a group stores quantised (none for a float group)."""
+    return codec.arrays if codec is not None else ()
+
+
 class GroupView(Protocol):
     """What every reader tells of an opened group: its metadata and its commit record."""
 
@@ -303,11 +308,10 @@ class ReaderBase(abc.ABC):
             raise CacheError(f"view out of range [0, {len(self.views)}) in read_views() (views: {', '.join(self.views)})")
         return v
 
-    def feature_codec(self, group: str) -> dict[str, Any] | None:
+    def feature_codec(self, group: str) -> Int8Codec | None:
         """The ``feature_codec`` of a group (None: stored as floats), what :func:`cache.codec.dequantize`
         takes to decode the arrays of a ``raw=True`` read."""
-        meta: GroupMeta = self.group(group).meta
-        return meta.feature_codec
+        return self.group(group).meta.codec
 
     def _stored(self, wanted: list[tuple[str, str]]) -> list[tuple[str, str]]:
         """The stored arrays a read of ``wanted`` fetches: quantised arrays with their scales."""
@@ -328,7 +332,7 @@ class ReaderBase(abc.ABC):
             codec = self.feature_codec(g)
             if codec is None:
                 continue
-            for n in codec["arrays"]:
+            for n in codec.arrays:
                 key, skey = f"{g}/{n}", f"{g}/{scale_name(n)}"
                 if key in out:
                     out[key] = self._to_float16(g, n, decode_numpy(out[key], out[skey], codec))
@@ -386,7 +390,7 @@ class ReaderBase(abc.ABC):
         ``"teachers/dinov2-vit-b/patch"``; a bare teacher name works as the group)."""
         if fields is None:  # a quantised array's scales come with it (see _stored)
             return [(g, name) for g in self._select(groups) for name in self.array_names(g)
-                    if name not in {scale_name(a) for a in (self.feature_codec(g) or {}).get("arrays", [])}]
+                    if name not in {scale_name(a) for a in _quantised(self.feature_codec(g))}]
         if groups is not None:
             raise CacheError("read(): pass groups or fields, not both")
         out = []

@@ -18,7 +18,7 @@ import numpy as np
 import zarr
 
 from repa_cache.cache.chunks import chunk_layout
-from repa_cache.cache.codec import decode_numpy, scale_name
+from repa_cache.cache.codec import Int8Codec, decode_numpy, scale_name
 from repa_cache.cache.defaults import DEFAULT_MAX_SAMPLES
 from repa_cache.cache.errors import UsageError
 from repa_cache.cache.format import MANIFEST_FILE, LatentNorm, sha256_json
@@ -113,7 +113,7 @@ def cache_stats(path: str | Path, max_samples: int = DEFAULT_MAX_SAMPLES, with_h
             if gmeta.kind == "latents":
                 g["latent_stats"], h = _latent_stats(zg, idx)
             else:
-                g["feature_stats"], h = _feature_stats(zg, idx, gmeta.feature_codec)
+                g["feature_stats"], h = _feature_stats(zg, idx, gmeta.codec)
             if with_histograms:
                 hist[group] = h
         groups[group] = g
@@ -147,7 +147,7 @@ def _latent_stats(zg: zarr.Group, idx: np.ndarray) -> tuple[dict[str, Any], dict
     return stats, {"channels": np.moveaxis(sample, 2, 0).reshape(sample.shape[2], -1), "samples": len(sample)}  # (C, n*V*h*w)
 
 
-def _feature_stats(zg: zarr.Group, idx: np.ndarray, codec: dict[str, Any] | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+def _feature_stats(zg: zarr.Group, idx: np.ndarray, codec: Int8Codec | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
     def tokens(name: str) -> da.Array:  # float32, decoded when quantised
         x = _rows(zarr_array(zg, name), idx)
         return x.astype(np.float32) if codec is None else decode_numpy(x, _rows(zarr_array(zg, scale_name(name)), idx), codec)

@@ -190,12 +190,12 @@ def encode_features(gmeta: GroupMeta, data: dict[str, np.ndarray], outcomes: lis
     Raises:
         CacheError: a non-skipped row holds NaN or infinity (``where`` names the shard).
     """
-    codec = gmeta.feature_codec
+    codec = gmeta.codec
     assert codec is not None
     keep = np.array([o[0] != "skipped" for o in outcomes], dtype=bool)
     out = dict(data)
     cosines = []
-    for name in codec["arrays"]:
+    for name in codec.arrays:
         x = np.array(data[name], dtype=np.float32)  # (n, V, ..., D), a copy
         x[~keep] = 0  # skipped rows: no data; the rest keep their positions for the message
         try:

@@ -18,6 +18,7 @@ from typing import Any
 
 from repa_cache.cache.errors import CacheError, UsageError
 from repa_cache.cache.format import LATENTS, teacher_group
+from repa_cache.cache.identity import CacheIdentity
 from repa_cache.cache.open import open_reader
 from repa_cache.cache.progress import Progress
 from repa_cache.cache.reader import ReaderBase
@@ -33,19 +34,15 @@ logger = logging.getLogger(__name__)
 MEASURES = ("cos", "cknna", "cknna_proj", "mutual_knn")
 
 
-def open_training_cache(cache: str | Path, trained_on: dict[str, Any], groups: Sequence[str]) -> ReaderBase:
+def open_training_cache(cache: str | Path, trained_on: CacheIdentity, groups: Sequence[str]) -> ReaderBase:
     """Open ``groups`` of a cache (or its webdataset export), refusing any group whose fingerprint
-    differs from the one recorded when the model was trained (``card.cache``).
+    differs from the one recorded when the model was trained (``card.trained_on``).
 
     Raises:
         CacheError: a missing or uncommitted cache or group, or a group with another fingerprint.
     """
     reader = open_reader(cache, groups=list(groups))
-    recorded = trained_on.get("groups") or {}
-    for group, info in reader.groups.items():
-        if group in recorded and recorded[group] != info.commit["fingerprint_hash"]:
-            raise CacheError(f"group '{group}' of {reader.root} is not the one the checkpoint was trained on "
-                             "(fingerprints differ); pass the training cache with --cache")
+    trained_on.check(reader, "pass the training cache with --cache")
     return reader
 
 
@@ -82,7 +79,7 @@ def align(ckpt: str | Path, cfg: AlignConfig | None = None, quiet: bool = False)
     card = loaded.card
     groups = [LATENTS] + [teacher_group(n) for n in card.teachers]
     try:
-        reader = open_training_cache(_cache_of(loaded, cfg.cache), card.cache, groups)
+        reader = open_training_cache(_cache_of(loaded, cfg.cache), card.trained_on, groups)
     except CacheError as e:
         raise CacheError(f"{e} (needed for alignment with {', '.join(card.teachers)})") from e
     # Progress counts the samples as the student sees them: a hook on its forward pass.

@@ -250,7 +250,7 @@ def open_sampling_bank(card: ModelCard, method: Method, config: SiTConfig, sourc
         raise UsageError(f"this model (--method {method.name}) is conditioned on memory-bank entries, not classes: pass --bank "
                          "CACHE (a cache with its teacher's CLS tokens) or --bank FILE.npy (from repa gmem-bank)")
     teacher = card.teachers[0]
-    weights = (card.cache.get("weights") or {}).get(teacher_group(teacher))
+    weights = card.trained_on.weights.get(teacher_group(teacher))
     return open_bank(source, teacher, config.z_dims[0], weights)
 
 

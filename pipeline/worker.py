@@ -144,7 +144,7 @@ def encode_shard(task: ShardTask) -> list[dict[str, Any]]:
     for group in task.groups:
         gmeta = group_meta(root, group)
         model, weights = _model(gmeta, meta.resolution, device)
-        scales = {scale_name(a) for a in (gmeta.feature_codec or {}).get("arrays", [])}  # made by the writer's encoding
+        scales = {scale_name(a) for a in (gmeta.codec.arrays if gmeta.codec else ())}  # made by the writer's encoding
         data = {
             a.name: np.full((stop - start, len(meta.views), *a.sample_shape), np.nan, dtype=np.float32)
             for a in gmeta.arrays if a.name not in scales

@@ -36,6 +36,7 @@ import torch
 
 from repa_cache.cache.errors import UsageError
 from repa_cache.cache.format import LatentNorm
+from repa_cache.cache.identity import CacheIdentity
 from repa_cache.cache.storage import atomic_file
 
 log = logging.getLogger(__name__)
@@ -62,7 +63,7 @@ class ModelCard:
         method: ``{"name": ..., "options": {...}}``, the training objective.
         path: the interpolant (``"linear"`` or ``"cosine"``), which sampling must integrate.
         train: the run's training config (``TrainConfig.to_json()``).
-        cache: fingerprints of the cache it was trained on (``groups``, ``weights``, ...).
+        cache: the cache it was trained on (:class:`cache.identity.CacheIdentity` as JSON).
     """
 
     model: dict[str, Any]
@@ -78,6 +79,11 @@ class ModelCard:
     @property
     def norm(self) -> LatentNorm:
         return LatentNorm.from_json(self.latent_norm)
+
+    @property
+    def trained_on(self) -> CacheIdentity:
+        """The identity of the cache the run was trained on (:attr:`cache`, typed)."""
+        return CacheIdentity.from_json(self.cache)
 
     @property
     def cache_path(self) -> str | None:

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from repa_cache.cache.codec import dequantize, scale_name
+from repa_cache.cache.codec import Int8Codec, dequantize, scale_name
 from repa_cache.cache.errors import UsageError
 from repa_cache.cache.format import LATENTS, LatentNorm, teacher_group
 from repa_cache.cache.open import open_reader
@@ -196,7 +196,7 @@ def make_loader(ds: CacheBatches, start_step: int, stop_step: int, pin_memory: b
 
 
 def to_device(batch: dict[str, torch.Tensor], norm: LatentNorm, teachers: tuple[str, ...], device: torch.device,
-              codecs: dict[str, dict[str, Any] | None] | None = None) -> StepBatch:
+              codecs: dict[str, Int8Codec | None] | None = None) -> StepBatch:
     """The step's inputs on the device: x is a fresh posterior sample in the model's space; the
     teacher tokens the batch holds (patch tokens, CLS tokens, hidden tokens) in float32, in teacher order,
     dequantised on the device with each teacher's codec (``CacheBatches.codecs``; None: floats)."""

@@ -33,7 +33,8 @@ from typing import Any
 import torch
 
 from repa_cache.cache.errors import CacheError, UsageError
-from repa_cache.cache.format import LATENTS, TEACHER_PREFIX, LatentNorm, sha256_json, teacher_group
+from repa_cache.cache.format import LATENTS, TEACHER_PREFIX, LatentNorm, teacher_group
+from repa_cache.cache.identity import CacheIdentity
 from repa_cache.cache.open import open_meta_any, open_reader
 from repa_cache.stages.devices import check_precision, resolve_device
 from repa_cache.train.checkpoint import (
@@ -98,7 +99,7 @@ class RunSetup:
     model_config: SiTConfig
     norm: LatentNorm
     teacher_tokens: dict[str, int]
-    cache_info: dict[str, Any]
+    identity: CacheIdentity  # of the cache groups the run reads
     card: ModelCard  # what every checkpoint of the run carries for inference
     method: Method
     phases: Phases
@@ -162,11 +163,7 @@ def plan_run(cfg: TrainConfig) -> RunSetup:
                 f"teacher '{t}' has {n} tokens but {cfg.model} on {lat['latent_size']}x{lat['latent_size']} latents has "
                 f"{mcfg.num_tokens}; pick a matching patch size or pass --resample-teacher"
             )
-    cache_info = {
-        "base_fingerprint": sha256_json(meta.base_fingerprint),
-        "groups": {g: info.commit["fingerprint_hash"] for g, info in reader.groups.items()},
-        "weights": {g: info.commit["weights_sha256"] for g, info in reader.groups.items()},
-    }
+    identity = CacheIdentity.of(reader)
     norm = LatentNorm.of_latents(lat)
     norm.check_channels(mcfg.in_channels)
     card = ModelCard(
@@ -179,9 +176,9 @@ def plan_run(cfg: TrainConfig) -> RunSetup:
         method=method.card(),
         path=cfg.transport.path,
         train=cfg.to_json(),
-        cache=cache_info,
+        cache=identity.to_json(),
     )
-    return RunSetup(cfg, teachers, mcfg, norm, tokens, cache_info, card, method, phases)
+    return RunSetup(cfg, teachers, mcfg, norm, tokens, identity, card, method, phases)
 
 
 def init_weights(tr: Trainer, source: str, setup: RunSetup) -> None:
@@ -220,7 +217,7 @@ def with_defaults(recorded: dict[str, Any], defaults: dict[str, Any]) -> dict[st
 def check_resume(ckpt: Checkpoint, cfg: TrainConfig, setup: RunSetup) -> None:
     """Refuse to resume ``ckpt`` under another cache or with a config change that alters the run."""
     path = ckpt.path
-    if ckpt.card.cache != setup.cache_info:
+    if ckpt.card.trained_on != setup.identity:
         raise CacheError(f"checkpoint {path} was trained on another cache (fingerprints differ); use a new --out")
     new = cfg.to_json()
     old = with_defaults(ckpt.card.train, TrainConfig(cache="", out="").to_json())  # a field a run did not record had its default then
@@ -340,7 +337,7 @@ def describe_run(cfg: TrainConfig, dry_run: bool = False, hooks: Sequence[HookFa
             "model": dataclasses.asdict(setup.model_config),
             "latent_norm": setup.norm.to_json(),
             "teacher_tokens": setup.teacher_tokens,
-            "cache": setup.cache_info,
+            "cache": setup.identity.to_json(),
         }
         return json.dumps(resolved, indent=1, default=str)
     res = train(cfg, setup, hooks)

@@ -12,11 +12,11 @@ import torch
 
 from repa_cache.cache.codec import (
     MISSING_INT8,
+    Int8Codec,
     cosine_check,
     decode_numpy,
     dequantize,
     encode_int8,
-    int8_spec,
     merge_checks,
     token_cosine,
 )
@@ -32,7 +32,7 @@ from repa_cache.pipeline.precompute import precompute
 
 from ..conftest import tiny_config
 
-CODEC = int8_spec()
+CODEC = Int8Codec()
 GROUP = "teachers/tiny"
 
 
@@ -62,7 +62,7 @@ def test_int8_holds_cosine_0999_for_every_outlier_heavy_token(dim, outlier):
 def test_plain_linear_absmax_fails_the_bound_on_the_same_tokens():
     """Why the codec compands: the same tokens quantised linearly lose the 0.999 bound."""
     x = outlier_tokens(2048, 768, 30.0, seed=1)
-    linear = int8_spec(power=1.0)
+    linear = Int8Codec(power=1.0)
     q, scale = encode_int8(x, linear, "test")
     assert token_cosine(x, decode_numpy(q, scale, linear)).min() < 0.999
 
@@ -129,7 +129,7 @@ def test_transcoded_cache_verifies_and_reads_the_same_batches(tiny_cache, int8_c
     code, out, err = run_cli(["verify", str(trans)])
     assert code == 0, out + err
     gmeta = group_meta(trans, GROUP)
-    assert gmeta.feature_codec == CODEC
+    assert gmeta.feature_codec == CODEC.to_json() and gmeta.codec == CODEC  # the JSON as recorded, and typed
     assert gmeta.fingerprint_hash == group_meta(pre, GROUP).fingerprint_hash  # same settings, same fingerprint
     assert gmeta.fingerprint["base"] == group_meta(tiny_cache, GROUP).fingerprint["base"]
     assert (trans / "zarr.json").read_bytes() == (tiny_cache / "zarr.json").read_bytes()
@@ -277,7 +277,7 @@ def test_stats_print_codec_bytes_per_view_and_cosine(int8_caches, run_cli):
 def test_cli_transcodes_and_refuses_an_unknown_codec_with_exit_2(tiny_cache, demo_images, tmp_path, run_cli):
     code, out, err = run_cli(["cache", "copy", str(tiny_cache), str(tmp_path / "t"), "--feature-codec", "int8", "-q"])
     assert code == 0, err
-    assert f"{GROUP}: transcoded to int8" in out and group_meta(tmp_path / "t", GROUP).feature_codec == CODEC
+    assert f"{GROUP}: transcoded to int8" in out and group_meta(tmp_path / "t", GROUP).codec == CODEC
     code, out, err = run_cli(["cache", "copy", str(tiny_cache), str(tmp_path / "u"), "--feature-codec", "int4"])
     assert (code, err) == (2, "error: --feature-codec must be one of float16, int8, not 'int4'\n")
     assert not (tmp_path / "u").exists()

@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from repa_cache.cache.codec import Int8Codec
 from repa_cache.cache.copy import copy_cache
 from repa_cache.cache.format import LatentNorm
 from repa_cache.train.config import TrainConfig
@@ -20,7 +21,7 @@ def test_int8_batches_dequantise_on_the_device_to_the_float16_batches(tiny_cache
     fields = ((0, ("cls", "patch")),)
     ref = CacheBatches(DataConfig(str(tiny_cache), ("tiny",), 8, teacher_fields=fields, num_workers=0))
     q = CacheBatches(DataConfig(str(int8), ("tiny",), 8, teacher_fields=fields, num_workers=0))
-    assert ref.codecs == {"tiny": None} and q.codecs["tiny"]["name"] == "int8"
+    assert ref.codecs == {"tiny": None} and q.codecs["tiny"] == Int8Codec(("patch", "cls"))
     norm = LatentNorm((1.0,), (0.0,))
     for step in range(3):
         a, b = ref[step], q[step]
