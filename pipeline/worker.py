@@ -8,6 +8,7 @@ import hashlib
 import logging
 import os
 import threading
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -86,22 +87,19 @@ def release_models() -> None:
         _MODELS.clear()
 
 
-def _encode(gmeta: GroupMeta, model: torch.nn.Module, images: torch.Tensor, resolution: int) -> dict[str, np.ndarray]:
-    """Encode a batch of uint8 crops (B, 3, H, W) into the group's arrays (numpy, float32), in the
-    group's precision (``bf16``: autocast; weights, inputs to autocast and outputs stay float32)."""
+def _encode(gmeta: GroupMeta, model: torch.nn.Module, images: torch.Tensor, resolution: int,
+            names: Sequence[str]) -> dict[str, np.ndarray]:
+    """Encode a batch of uint8 crops (B, 3, H, W) into the group's arrays ``names`` (numpy,
+    float32), in the group's precision (``bf16``: autocast; weights, inputs to autocast and
+    outputs stay float32)."""
     bf16 = gmeta.model.get("precision", "fp32") == "bf16"
     with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=bf16):
         if gmeta.kind == "latents":
             mean, std = vae_mod.encode_images(model, images)  # (B, C, h, w) each
             return {"mean": mean.float().cpu().numpy(), "std": std.float().cpu().numpy()}
         spec = teachers_mod.get_teacher(gmeta.model["name"])
-        hidden = gmeta.model.get("hidden")
-        if hidden is None:
-            patch, cls = teachers_mod.encode_images(model, spec, images, resolution)  # (B, T, D), (B, D)
-            return {"patch": patch.float().cpu().numpy(), "cls": cls.float().cpu().numpy()}
-        patch, cls, h = teachers_mod.encode_images_hidden(model, spec, images, resolution, int(hidden["first_block"]))
-        return {"patch": patch.float().cpu().numpy(), "cls": cls.float().cpu().numpy(),
-                "hidden": h.cpu().numpy()}  # (B, P + T, D): the tokens entering block first_block
+        arrays = teachers_mod.encode_arrays(model, spec, images, resolution, names, gmeta.model)
+        return {n: t.cpu().numpy() for n, t in arrays.items()}
 
 
 def run_shard_task(task: ShardTask) -> dict[str, Any]:
@@ -156,7 +154,7 @@ def encode_shard(task: ShardTask) -> list[dict[str, Any]]:
                     if view == "hflip":
                         batch = batch.flip(-1)
                     batch = batch.contiguous().to(device, non_blocking=True)
-                    out = _encode(gmeta, model, batch, meta.resolution)
+                    out = _encode(gmeta, model, batch, meta.resolution, list(data))
                     rows = np.flatnonzero(keep)[b0 : b0 + task.batch_size]
                     for name, arr in out.items():
                         data[name][rows, v] = arr

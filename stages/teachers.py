@@ -23,7 +23,7 @@ import contextlib
 import functools
 import logging
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, cast
 
@@ -441,6 +441,27 @@ def encode_images_hidden(model: torch.nn.Module, spec: TeacherSpec, images: torc
     with _block_input(model, first_block) as seen:
         patch, cls = encode_images(model, spec, images, resolution)
     return patch, cls, seen[0].float()
+
+
+#: The arrays a teacher group can hold, each computed from one forward pass by :func:`encode_arrays`.
+TEACHER_OUTPUTS = ("patch", "cls", "hidden")
+
+
+def encode_arrays(model: torch.nn.Module, spec: TeacherSpec, images: torch.Tensor, resolution: int, names: Sequence[str],
+                  record: Mapping[str, Any]) -> dict[str, Tensor]:
+    """The arrays ``names`` of a teacher group (its metadata ``record``: for ``hidden``, the block
+    its tokens enter) for a batch of crops, float32 from one forward pass: ``patch`` (B, T, D),
+    ``cls`` (B, D), ``hidden`` (B, P + T, D)."""
+    unknown = [n for n in names if n not in TEACHER_OUTPUTS]
+    if unknown:
+        raise ValueError(f"a teacher group cannot hold {', '.join(unknown)} (known arrays: {', '.join(TEACHER_OUTPUTS)})")
+    if "hidden" in names:
+        patch, cls, hidden = encode_images_hidden(model, spec, images, resolution, int(record["hidden"]["first_block"]))
+        produced = {"patch": patch, "cls": cls, "hidden": hidden}
+    else:
+        patch, cls = encode_images(model, spec, images, resolution)
+        produced = {"patch": patch, "cls": cls}
+    return {n: produced[n].float() for n in names}
 
 
 def attention_logits(block: torch.nn.Module, h: Tensor) -> Tensor:

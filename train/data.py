@@ -38,7 +38,7 @@ from repa_cache.cache.errors import UsageError
 from repa_cache.cache.format import LATENTS, LatentNorm, teacher_group
 from repa_cache.cache.open import open_reader
 from repa_cache.cache.reader import ReaderBase
-from repa_cache.train.methods.base import StepBatch
+from repa_cache.train.methods.base import TEACHER_ARRAYS, StepBatch
 
 
 @dataclass(frozen=True)
@@ -151,20 +151,10 @@ class CacheBatches(Dataset):
             self._reader = self._open()
         idx, views = self.indices(step)
         data = self._reader.read_views(idx, views, fields=self.fields(step), raw=True)  # only the drawn view, as stored
-        out = {
-            "mean": torch.from_numpy(data["latents/mean"]),  # (B, C, h, w)
-            "std": torch.from_numpy(data["latents/std"]),
-            "label": torch.from_numpy(data["label"]),
-            "index": torch.from_numpy(idx),
-            "view": torch.from_numpy(views),
-            "step": torch.tensor(step),
-        }
-        for t, g in zip(self.cfg.teachers, self.groups[1:]):
-            for name, key in (("patch", "feat"), ("cls", "cls"), ("hidden", "hidden")):
-                if f"{g}/{name}" in data:
-                    out[f"{key}/{t}"] = torch.from_numpy(data[f"{g}/{name}"])  # (B, T, D) / (B, D), float16 or int8
-                if f"{g}/{scale_name(name)}" in data:
-                    out[f"{key}_scale/{t}"] = torch.from_numpy(data[f"{g}/{scale_name(name)}"])  # (B, T, 1) / (B, 1) / (B, P + T, 1)
+        # under the cache's own names: "latents/mean" (B, C, h, w), "teachers/<t>/patch" (B, T, D) float16
+        # or int8 with "teachers/<t>/patch_scale" (B, T, 1), ..., "label"
+        out = {k: torch.from_numpy(v) for k, v in data.items()}
+        out.update(index=torch.from_numpy(idx), view=torch.from_numpy(views), step=torch.tensor(step))
         return out
 
 
@@ -200,23 +190,24 @@ def to_device(batch: dict[str, torch.Tensor], norm: LatentNorm, teachers: tuple[
     """The step's inputs on the device: x is a fresh posterior sample in the model's space; the
     teacher tokens the batch holds (patch tokens, CLS tokens, hidden tokens) in float32, in teacher order,
     dequantised on the device with each teacher's codec (``CacheBatches.codecs``; None: floats)."""
-    mean = batch["mean"].to(device, non_blocking=True)
-    std = batch["std"].to(device, non_blocking=True)
+    mean = batch[f"{LATENTS}/mean"].to(device, non_blocking=True)
+    std = batch[f"{LATENTS}/std"].to(device, non_blocking=True)
     x = norm.to_model(mean + std * torch.randn_like(mean))  # (B, C, h, w)
     y = batch["label"].to(device, non_blocking=True)
     codecs = codecs or {}
 
-    def tokens(key: str) -> list[torch.Tensor]:
+    def tokens(name: str) -> list[torch.Tensor]:
         out = []
         for t in teachers:
-            if f"{key}/{t}" not in batch:
+            key = f"{teacher_group(t)}/{name}"
+            if key not in batch:
                 continue
-            q = batch[f"{key}/{t}"].to(device, non_blocking=True)
-            scale = batch.get(f"{key}_scale/{t}")
+            q = batch[key].to(device, non_blocking=True)
+            scale = batch.get(f"{teacher_group(t)}/{scale_name(name)}")
             codec = codecs.get(t)
-            if codec is not None and scale is None:
-                raise ValueError(f"teacher '{t}' is quantised but the batch has no {key} scales")
-            out.append(dequantize(q, scale.to(device, non_blocking=True) if scale is not None else q, codec))
+            if codec is not None and name in codec.arrays and scale is None:
+                raise ValueError(f"teacher '{t}' is quantised but the batch has no {name} scales")
+            out.append(dequantize(q, scale.to(device, non_blocking=True), codec) if scale is not None else q.float())
         return out
 
-    return StepBatch(x, y, tokens("feat"), tokens("cls"), tokens("hidden"))  # (B, T, D) / (B, D) / (B, P + T, D) float32 each
+    return StepBatch(x, y, **{name: tokens(name) for name in TEACHER_ARRAYS})  # float32: (B, T, D) patch, (B, D) cls, ...

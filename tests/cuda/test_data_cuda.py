@@ -25,7 +25,8 @@ def test_pinned_non_blocking_batches_equal_the_cpu_path(tiny_cache, device):
     for step, batch in enumerate(loader):
         assert int(batch["step"]) == step
         if pin:
-            assert all(batch[k].is_pinned() for k in ("mean", "std", "label", "feat/tiny")), "the loader must deliver pinned batches"
+            keys = ("latents/mean", "latents/std", "label", "teachers/tiny/patch")
+            assert all(batch[k].is_pinned() for k in keys), "the loader must deliver pinned batches"
         torch.manual_seed(step)
         moved.append(to_device(batch, norm, TEACHERS, device))  # non-blocking copies; no sync before every step is queued
         del batch  # the pinned source may be released while its copy is in flight

@@ -14,7 +14,9 @@ from repa_cache.stages.hashing import state_dict_sha256
 from repa_cache.stages.teachers import (
     TEACHERS,
     TeacherSpec,
+    encode_arrays,
     encode_images,
+    encode_images_hidden,
     get_teacher,
     load_teacher,
     preprocess,
@@ -150,6 +152,21 @@ def test_preprocess_checks_input() -> None:
         preprocess(spec, torch.zeros(1, 3, 256, 256), 256)
     with pytest.raises(ValueError, match="256x256"):
         preprocess(spec, images(1, 128), 256)
+
+
+def test_a_group_gets_exactly_the_arrays_it_declares(tiny: tuple[TeacherSpec, torch.nn.Module]) -> None:
+    """Stage one asks for a group's arrays by name; each is what the named encoder gives, from one
+    forward pass, and a name no teacher output has is refused."""
+    spec, model = tiny
+    batch = images(2, 256, seed=5)
+    patch, cls = encode_images(model, spec, batch, 256)
+    got = encode_arrays(model, spec, batch, 256, ["cls", "patch"], {})
+    assert list(got) == ["cls", "patch"] and torch.equal(got["cls"], cls) and torch.equal(got["patch"], patch)
+    hp, _, hidden = encode_images_hidden(model, spec, batch, 256, 2)
+    got = encode_arrays(model, spec, batch, 256, ["patch", "hidden"], {"hidden": {"first_block": 2}})
+    assert torch.equal(got["hidden"], hidden) and torch.equal(got["patch"], hp) and hidden.shape == (2, 257, 32)
+    with pytest.raises(ValueError, match=r"a teacher group cannot hold registers \(known arrays: patch, cls, hidden\)"):
+        encode_arrays(model, spec, batch, 256, ["patch", "registers"], {})
 
 
 def test_tiny_encode_matches_timm(tiny: tuple[TeacherSpec, torch.nn.Module]) -> None:

@@ -144,8 +144,8 @@ def test_batches_pair_latent_and_features_from_the_same_view(tiny_cache):
     idx, views = batch["index"].numpy(), batch["view"].numpy()
     full = CacheReader(tiny_cache).read(idx)
     rows = np.arange(len(idx))
-    np.testing.assert_array_equal(batch["mean"].numpy(), full["latents/mean"][rows, views])
-    np.testing.assert_array_equal(batch["feat/tiny"].numpy(), full["teachers/tiny/patch"][rows, views])
+    np.testing.assert_array_equal(batch["latents/mean"].numpy(), full["latents/mean"][rows, views])
+    np.testing.assert_array_equal(batch["teachers/tiny/patch"].numpy(), full["teachers/tiny/patch"][rows, views])
     assert set(views.tolist()) <= {0, 1}
 
 

@@ -270,7 +270,7 @@ def test_after_stop_no_teacher_field_is_read(tiny_cache, monkeypatch):
     ds = CacheBatches(DataConfig(str(tiny_cache), setup.teachers, 8, teacher_fields=setup.data_fields(), num_workers=0))
     items = [ds[s] for s in range(4)]
     assert [any(f.startswith("teachers/") for f in fs) for fs in fields] == [True, True, False, False]
-    assert "feat/tiny" in items[1] and not any(k.startswith(("feat/", "cls/")) for k in items[2])
+    assert "teachers/tiny/patch" in items[1] and not any(k.startswith("teachers/") for k in items[2])
     reg = plan_run(_cfg(tiny_cache, Path("unused"), method="reg", align_schedule="stop:1"))
     assert reg.data_fields() == ((0, ("cls", "patch")), (1, ("cls",)))  # REG still denoises the CLS token
 

@@ -25,10 +25,11 @@ def test_int8_batches_dequantise_on_the_device_to_the_float16_batches(tiny_cache
     norm = LatentNorm((1.0,), (0.0,))
     for step in range(3):
         a, b = ref[step], q[step]
-        for k in ("index", "view", "label", "mean", "std"):
+        for k in ("index", "view", "label", "latents/mean", "latents/std"):
             assert torch.equal(a[k], b[k]), k
-        assert b["feat/tiny"].dtype == torch.int8 and b["feat_scale/tiny"].shape == (*b["feat/tiny"].shape[:2], 1)
-        assert b["cls/tiny"].dtype == torch.int8 and b["cls_scale/tiny"].shape == (8, 1)
+        patch, cls = b["teachers/tiny/patch"], b["teachers/tiny/cls"]
+        assert patch.dtype == torch.int8 and b["teachers/tiny/patch_scale"].shape == (*patch.shape[:2], 1)
+        assert cls.dtype == torch.int8 and b["teachers/tiny/cls_scale"].shape == (8, 1)
         torch.manual_seed(0)
         fa = to_device(a, norm, ("tiny",), torch.device("cpu"), ref.codecs)
         torch.manual_seed(0)

@@ -43,7 +43,9 @@ from repa_cache.train.usit import build_student_model
 
 @dataclass
 class StepBatch:
-    """One step's inputs on the device.
+    """One step's inputs on the device. Every field after ``x`` and ``y`` is a teacher array of the
+    cache under its own name (:data:`TEACHER_ARRAYS`, the one table from cache to step): one tensor
+    per teacher of the run, in teacher order, built by :func:`train.data.to_device`.
 
     Attributes:
         x: clean latents in the model's space (B, C, H, W).
@@ -62,8 +64,11 @@ class StepBatch:
 
     def slice(self, rows: slice) -> StepBatch:
         """Rows ``rows`` of every tensor (a gradient-accumulation micro-batch)."""
-        return StepBatch(self.x[rows], self.y[rows], [p[rows] for p in self.patch], [c[rows] for c in self.cls],
-                         [h[rows] for h in self.hidden])
+        return StepBatch(self.x[rows], self.y[rows], **{name: [t[rows] for t in getattr(self, name)] for name in TEACHER_ARRAYS})
+
+
+#: The teacher arrays a step can receive: the cache's array names, which are StepBatch's fields.
+TEACHER_ARRAYS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(StepBatch) if f.name not in ("x", "y"))
 
 
 @dataclass(frozen=True)
