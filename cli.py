@@ -81,6 +81,8 @@ def precompute(
                                                "(1-based; LAST defaults to the last block), for attention alignment "
                                                "(--method haste; DINOv2-B: 9-12). Without NAME= for every --teacher (repeatable).")
     ] = None,
+    registers: Annotated[bool, typer.Option(help="Also store the register tokens of teachers that have them (dinov2-vit-*-reg: 4 per "
+                                                 "image, final norm), as the array 'registers'.")] = _field(PrecomputeConfig, "registers"),
     flip: Annotated[Optional[bool], typer.Option(help="Also encode the horizontally flipped view. Default: OUT's when it is a cache, "
                                                      f"else {'--flip' if _field(PrecomputeConfig, 'flip') else '--no-flip'}.")] = None,
     shard_size: Annotated[Optional[int], typer.Option(help="Samples per shard (the unit of work and of writing), in [1, 65536]. "
@@ -112,6 +114,7 @@ def precompute(
         teachers=tuple(teacher) if teacher else _field(PrecomputeConfig, "teachers"),
         teacher_checkpoints=_pairs(teacher_checkpoint or [], "--teacher-checkpoint"),
         teacher_layers={k: v for item in teacher_layers or [] for k, v in [item.split("=", 1) if "=" in item else ("*", item)]},
+        registers=registers,
         batch_size=batch_size,
         feature_dtype=feature_dtype,
         feature_codec=feature_codec,

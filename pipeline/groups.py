@@ -56,15 +56,16 @@ def vae_group(meta: CacheMeta, spec: VAESpec, precision: str = "fp32") -> GroupM
 
 
 def teacher_group_meta(meta: CacheMeta, name: str, dtype: str, checkpoint: str | None = None, precision: str = "fp32",
-                       layers: tuple[int, int | None] | None = None) -> GroupMeta:
+                       layers: tuple[int, int | None] | None = None, registers: bool = False) -> GroupMeta:
     """A teacher's group: final-norm patch tokens and CLS, per view, computed in ``precision``;
     with ``layers`` (``--teacher-layers FIRST[-LAST]``, 1-based blocks) also the hidden tokens
     entering block FIRST, which a trainer runs through blocks FIRST..LAST (HASTE). A group without
-    hidden tokens has exactly the metadata and fingerprint it always had."""
+    hidden tokens has exactly the metadata and fingerprint it always had. With ``registers`` a
+    teacher with register tokens also stores them (``--registers``), the same way."""
     check_precision(precision, allowed=STAGE_ONE_PRECISIONS)
     if dtype not in FEATURE_DTYPES:
         raise UsageError(f"--feature-dtype must be one of {', '.join(FEATURE_DTYPES)}, not '{dtype}'")
-    model = teacher_metadata(get_teacher(name), meta.resolution, checkpoint, precision, layers)
+    model = teacher_metadata(get_teacher(name), meta.resolution, checkpoint, precision, layers, registers)
     arrays: tuple[ArraySpec, ...] = (
         ArraySpec("patch", (model["num_tokens"], model["dim"]), dtype, DEFAULT_CODEC),
         ArraySpec("cls", (model["dim"],), dtype, DEFAULT_CODEC),
@@ -73,6 +74,9 @@ def teacher_group_meta(meta: CacheMeta, name: str, dtype: str, checkpoint: str |
     if "hidden" in model:
         arrays += (ArraySpec("hidden", (model["hidden"]["num_tokens"], model["dim"]), dtype, DEFAULT_CODEC),)
         keys += ("hidden",)
+    if "registers" in model:
+        arrays += (ArraySpec("registers", (model["registers"]["num_tokens"], model["dim"]), dtype, DEFAULT_CODEC),)
+        keys += ("registers",)
     fingerprint = {
         "base": meta.base_fingerprint,
         "group": teacher_group(name),

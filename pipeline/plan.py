@@ -38,6 +38,7 @@ class PrecomputeConfig:
     teacher_checkpoints: dict[str, str] = field(default_factory=dict)
     # teacher -> "FIRST[-LAST]": also store the hidden tokens entering block FIRST (HASTE; stages.teachers)
     teacher_layers: dict[str, str] = field(default_factory=dict)
+    registers: bool = False  # also store the register tokens of teachers that have them (a group that has them keeps them)
     flip: bool = False  # REPA trains on the stored image only; --flip adds the mirrored view (2x the time and bytes)
     shard_size: int = 256
     batch_size: int = 64

@@ -119,8 +119,11 @@ def _precompute_locked(cfg: PrecomputeConfig, out: StorePath, listing: Any, meta
         return group_meta(out, group).model.get("precision", "fp32") if group in present else "fp32"
 
     wanted: list[GroupMeta] = [vae_group(meta, _vae_spec(cfg, out if existing else None), precision("latents"))]
+    def registers(group: str) -> bool:  # as the hidden tokens: a group that holds them keeps them
+        return cfg.registers or (group in present and "registers" in group_meta(out, group).model)
+
     wanted += [_stored_as(teacher_group_meta(meta, t, cfg.feature_dtype, cfg.teacher_checkpoints.get(t), precision(teacher_group(t)),
-                                             layers[t]),
+                                             layers[t], registers(teacher_group(t))),
                           cfg.feature_codec)
                for t in cfg.teachers]
 

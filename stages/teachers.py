@@ -297,6 +297,13 @@ def encode_images(
     Raises:
         ValueError: the model returns a token count other than the expected grid.
     """
+    return _encode_tokens(model, spec, images, resolution)[1:]
+
+
+def _encode_tokens(model: torch.nn.Module, spec: TeacherSpec, images: torch.Tensor,
+                   resolution: int) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`encode_images` with the final-norm tokens it cut them from: ``(tokens (B, P + T, D),
+    patch, cls)``."""
     device, dtype = _model_device_dtype(model)
     with torch.no_grad():
         x = preprocess(spec, images.to(device), resolution).to(dtype)  # (B, 3, S, S)
@@ -313,7 +320,7 @@ def encode_images(
             f"teacher '{spec.name}' returned {patch.shape[1]} patch tokens at {resolution} px; "
             f"expected {grid}x{grid} = {grid * grid}"
         )
-    return patch, cls
+    return tokens, patch, cls
 
 
 def _geometry(spec: TeacherSpec, resolution: int) -> tuple[int, int, bool]:
@@ -338,15 +345,19 @@ def teacher_geometry(spec: TeacherSpec, resolution: int) -> tuple[int, int]:
 
 
 def teacher_metadata(spec: TeacherSpec, resolution: int, checkpoint: str | None = None, precision: str = "fp32",
-                     layers: tuple[int, int | None] | None = None) -> dict[str, Any]:
+                     layers: tuple[int, int | None] | None = None, registers: bool = False) -> dict[str, Any]:
     """Describe a teacher for the cache metadata (JSON-friendly), without loading its weights:
     which model (timm id, local ``checkpoint`` if any), its preprocessing, its token geometry at
     ``resolution`` and the ``precision`` it runs in. The hash of the weights a worker actually
     loads is in every shard record instead. With ``layers`` (first, last block, 1-based) the group
-    also stores the hidden tokens entering block ``first`` (:func:`hidden_metadata`)."""
+    also stores the hidden tokens entering block ``first`` (:func:`hidden_metadata`); with
+    ``registers`` a teacher that has register tokens also stores them (final norm applied)."""
     dim, prefix, has_cls = _geometry(spec, resolution)
     grid = token_grid(spec, resolution)
-    extra = {"hidden": hidden_metadata(spec, resolution, layers)} if layers is not None else {}
+    extra: dict[str, Any] = {"hidden": hidden_metadata(spec, resolution, layers)} if layers is not None else {}
+    num_registers = prefix - int(has_cls)
+    if registers and num_registers > 0:
+        extra["registers"] = {"num_tokens": num_registers}
     return {
         "name": spec.name,
         "timm_id": spec.timm_id,
@@ -444,23 +455,28 @@ def encode_images_hidden(model: torch.nn.Module, spec: TeacherSpec, images: torc
 
 
 #: The arrays a teacher group can hold, each computed from one forward pass by :func:`encode_arrays`.
-TEACHER_OUTPUTS = ("patch", "cls", "hidden")
+TEACHER_OUTPUTS = ("patch", "cls", "hidden", "registers")
 
 
 def encode_arrays(model: torch.nn.Module, spec: TeacherSpec, images: torch.Tensor, resolution: int, names: Sequence[str],
                   record: Mapping[str, Any]) -> dict[str, Tensor]:
     """The arrays ``names`` of a teacher group (its metadata ``record``: for ``hidden``, the block
     its tokens enter) for a batch of crops, float32 from one forward pass: ``patch`` (B, T, D),
-    ``cls`` (B, D), ``hidden`` (B, P + T, D)."""
+    ``cls`` (B, D), ``hidden`` (B, P + T, D), ``registers`` (B, R, D), the final-norm register
+    tokens."""
     unknown = [n for n in names if n not in TEACHER_OUTPUTS]
     if unknown:
         raise ValueError(f"a teacher group cannot hold {', '.join(unknown)} (known arrays: {', '.join(TEACHER_OUTPUTS)})")
+    hook: contextlib.AbstractContextManager[list[Tensor]] = (
+        _block_input(model, int(record["hidden"]["first_block"])) if "hidden" in names else contextlib.nullcontext([]))
+    with hook as seen:
+        tokens, patch, cls = _encode_tokens(model, spec, images, resolution)
+    produced = {"patch": patch, "cls": cls}
     if "hidden" in names:
-        patch, cls, hidden = encode_images_hidden(model, spec, images, resolution, int(record["hidden"]["first_block"]))
-        produced = {"patch": patch, "cls": cls, "hidden": hidden}
-    else:
-        patch, cls = encode_images(model, spec, images, resolution)
-        produced = {"patch": patch, "cls": cls}
+        produced["hidden"] = seen[0]
+    if "registers" in names:
+        prefix, first = int(getattr(model, "num_prefix_tokens", 1)), int(_has_class_token(model))
+        produced["registers"] = tokens[:, first:prefix]  # (B, R, D): after the CLS token, before the patches
     return {n: produced[n].float() for n in names}
 
 

@@ -165,8 +165,23 @@ def test_a_group_gets_exactly_the_arrays_it_declares(tiny: tuple[TeacherSpec, to
     hp, _, hidden = encode_images_hidden(model, spec, batch, 256, 2)
     got = encode_arrays(model, spec, batch, 256, ["patch", "hidden"], {"hidden": {"first_block": 2}})
     assert torch.equal(got["hidden"], hidden) and torch.equal(got["patch"], hp) and hidden.shape == (2, 257, 32)
-    with pytest.raises(ValueError, match=r"a teacher group cannot hold registers \(known arrays: patch, cls, hidden\)"):
-        encode_arrays(model, spec, batch, 256, ["patch", "registers"], {})
+    with pytest.raises(ValueError, match=r"a teacher group cannot hold attention \(known arrays: patch, cls, hidden, registers\)"):
+        encode_arrays(model, spec, batch, 256, ["patch", "attention"], {})
+
+
+def test_register_tokens_are_the_final_norm_tokens_between_cls_and_patches() -> None:
+    spec = get_teacher("tiny-reg")
+    model = load_teacher(spec, 256)
+    batch = images(2, 256, seed=6)
+    got = encode_arrays(model, spec, batch, 256, ["registers", "patch", "cls"], {})
+    with torch.no_grad():
+        tokens = model.forward_features(hand_preprocess(batch, 224, *IMAGENET))  # (2, 1 + 4 + 256, 48)
+    assert tokens.shape == (2, 261, 48) and got["registers"].shape == (2, 4, 48)
+    assert torch.equal(got["registers"], tokens[:, 1:5]) and torch.equal(got["patch"], tokens[:, 5:])
+    assert torch.equal(got["cls"], tokens[:, 0])
+    assert "registers" not in teacher_metadata(get_teacher("tiny"), 256, registers=True)  # no register tokens: nothing stored
+    assert teacher_metadata(spec, 256, registers=True)["registers"] == {"num_tokens": 4}
+    assert "registers" not in teacher_metadata(spec, 256)
 
 
 def test_tiny_encode_matches_timm(tiny: tuple[TeacherSpec, torch.nn.Module]) -> None:

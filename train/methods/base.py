@@ -54,6 +54,8 @@ class StepBatch:
         cls: one (B, Z) CLS token per teacher; empty unless the method reads CLS tokens.
         hidden: one (B, P + T, Z) tensor of hidden tokens per teacher (``--teacher-layers``: what
             enters the teacher's first aligned block); empty unless the method reads them.
+        registers: one (B, R, Z) tensor of final-norm register tokens per teacher (``repa
+            precompute --registers``); empty unless the method reads them.
     """
 
     x: Tensor
@@ -61,6 +63,7 @@ class StepBatch:
     patch: list[Tensor] = dataclasses.field(default_factory=list)
     cls: list[Tensor] = dataclasses.field(default_factory=list)
     hidden: list[Tensor] = dataclasses.field(default_factory=list)
+    registers: list[Tensor] = dataclasses.field(default_factory=list)
 
     def slice(self, rows: slice) -> StepBatch:
         """Rows ``rows`` of every tensor (a gradient-accumulation micro-batch)."""
