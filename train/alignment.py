@@ -210,7 +210,7 @@ def alignment_metrics(
             with autocast(device, precision):
                 zs = model(x_t, tt, method.condition(batch), *extras)[1]  # the class, or GMem's condition
             hidden.append(captured[-1].float().mean(dim=1).cpu())  # (B, T, D) -> (B, D) pooled hidden state
-            for j, (aim, feats) in enumerate(zip(method.targets(batch), batch.patch)):
+            for j, (aim, feats) in enumerate(zip(method.targets(batch).tokens, batch.patch)):
                 z = zs[j].float()  # (B, T, Z), aligned to the method's target ``aim`` of the same shape
                 cos_sum[j] += float(F.cosine_similarity(z, aim, dim=-1).mean(dim=1).sum())
                 proj[j].append(z.mean(dim=1).cpu())  # (B, Z)

@@ -103,3 +103,35 @@ def test_grad_accum_larger_than_the_batch_per_rank_is_refused(tiny_cache, tmp_pa
     code, _, err = run_cli(["train", "--cache", str(tiny_cache), "--out", str(tmp_path / "r"), "--model", "SiT-tiny/2",
                             "--batch-size", "4", "--grad-accum", "5", "--device", "cpu"])
     assert code == 2 and err.strip() == "error: --grad-accum 5 must be between 1 and the batch per rank (4)"
+
+
+def test_the_alignment_loss_sees_its_micro_batch_and_their_times():
+    """``Method.alignment`` gets the step's context: each micro-batch's rows and the times drawn
+    for them (here recorded by a REPA subclass; its loss stays REPA's)."""
+    from repa_cache.train.methods.repa import Repa
+
+    class Recording(Repa):
+        def __init__(self) -> None:
+            super().__init__()
+            self.drawn, self.seen = [], []
+
+        def draw(self, transport, batch, phase):
+            self.drawn.append(super().draw(transport, batch, phase))
+            return self.drawn[-1]
+
+        def alignment(self, zs, targets, ctx):
+            self.seen.append(ctx)
+            return super().alignment(zs, targets, ctx)
+
+    mcfg = sit_config("SiT-tiny/2", input_size=8, num_classes=5, z_dims=(6,), projector_dim=16)
+    g = torch.Generator().manual_seed(1)
+    batch = StepBatch(torch.randn(6, 4, 8, 8, generator=g), torch.randint(0, 5, (6,), generator=g),
+                      [torch.randn(6, mcfg.num_tokens, 6, generator=g)])
+    method = Recording()
+    tr = build_trainer(mcfg, torch.device("cpu"), method=method, precision="fp32", seed=4, grad_accum=3)
+    train_step(tr, batch, 0)
+    (draws,) = method.drawn
+    assert len(method.seen) == 3
+    assert torch.equal(torch.cat([c.t for c in method.seen]), draws.t)
+    for ctx, rows in zip(method.seen, micro_batches(6, 3)):
+        assert torch.equal(ctx.batch.x, batch.x[rows]) and torch.equal(ctx.batch.patch[0], batch.patch[0][rows])

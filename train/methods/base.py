@@ -74,6 +74,25 @@ class StepBatch:
 TEACHER_ARRAYS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(StepBatch) if f.name not in ("x", "y"))
 
 
+@dataclass
+class AlignTargets:
+    """What a step aligns the student to: ``tokens``, one (B, T, Z) tensor per projector (the
+    teachers' tokens, possibly transformed by the method), and ``attention``, one (B, heads, T, T)
+    logits tensor per aligned block for methods that align attention maps (HASTE)."""
+
+    tokens: list[Tensor]
+    attention: list[Tensor] = dataclasses.field(default_factory=list)
+
+
+@dataclass
+class AlignContext:
+    """The step an alignment loss belongs to: its (micro-)batch and the times of its samples (B,)
+    (zeros during the encoder warm-up, whose inputs are clean)."""
+
+    batch: StepBatch
+    t: Tensor
+
+
 @dataclass(frozen=True)
 class CacheContext:
     """What a method may read about the cache of a run besides the batches (:meth:`Method.bind`).
@@ -197,9 +216,9 @@ class Method(Generic[OptionsT]):
         """Tokens of each projector output (and so of each alignment target)."""
         return config.num_tokens
 
-    def targets(self, batch: StepBatch) -> list[Tensor]:
-        """What each projector's tokens are aligned to, one (B, T, Z) tensor per teacher."""
-        return batch.patch
+    def targets(self, batch: StepBatch) -> AlignTargets:
+        """What the projectors are aligned to: the teachers' patch tokens."""
+        return AlignTargets(list(batch.patch))
 
     def extras(self, batch: StepBatch) -> list[Tensor]:
         """Clean values of the state the student denoises besides the latent (none for REPA)."""
@@ -238,7 +257,7 @@ class Method(Generic[OptionsT]):
         cos: list[Tensor] = []
         total = denoise
         if align:
-            repa, cos, more = self.alignment(out["zs"], self.targets(batch))
+            repa, cos, more = self.alignment(out["zs"], self.targets(batch), AlignContext(batch, draws.t))
             total = denoise + coeff * repa
             terms["repa"] = repa
             terms.update(more)
@@ -251,13 +270,15 @@ class Method(Generic[OptionsT]):
         """ERW's encoder warm-up: clean inputs at t = 0 through blocks 1..encoder_depth, the
         alignment loss alone, every sample of the batch (see docs/methods.md)."""
         out = fwd(batch.x, draws.t, draws.y_used, *self.extras(batch), encoder_only=True)
-        repa, cos, more = self.alignment(out[1], self.targets(batch))
+        repa, cos, more = self.alignment(out[1], self.targets(batch), AlignContext(batch, draws.t))
         return Losses(coeff * repa, {"repa": repa, **more}, cos)
 
-    def alignment(self, zs: Sequence[Tensor], targets: Sequence[Tensor]) -> tuple[Tensor, list[Tensor], dict[str, Tensor]]:
+    def alignment(self, zs: Sequence[Tensor], targets: AlignTargets,
+                  ctx: AlignContext) -> tuple[Tensor, list[Tensor], dict[str, Tensor]]:
         """The alignment loss (weighted by the schedule's coefficient), the mean cosine per teacher,
-        and any named parts of it to log. REPA's: the mean negative cosine per token."""
-        repa, cos = repa_loss(zs, targets)
+        and any named parts of it to log, for the projections ``zs`` of the step ``ctx``. REPA's:
+        the mean negative cosine per token."""
+        repa, cos = repa_loss(zs, targets.tokens)
         return repa, cos, {}
 
     # ---------------------------------------------------------------- conditioning and sampling

@@ -35,7 +35,7 @@ from torch import Tensor
 from repa_cache.cache.errors import UsageError
 from repa_cache.stages.hashing import state_dict_sha256
 from repa_cache.train.loss import repa_loss
-from repa_cache.train.methods.base import CacheContext, Method, MethodOptions, StepBatch
+from repa_cache.train.methods.base import AlignContext, AlignTargets, CacheContext, Method, MethodOptions, StepBatch
 from repa_cache.train.model import SiT, SiTBlock, SiTConfig
 
 if TYPE_CHECKING:  # the teacher registry imports timm: only a HASTE run that builds its tail needs it
@@ -225,20 +225,22 @@ class Haste(Method[HasteOptions]):
         self._tail = TeacherTail(model, int(h["first_block"]), int(h["last_block"]))
         return self._tail
 
-    def targets(self, batch: StepBatch) -> list[Tensor]:
-        """The patch tokens, then the teacher's attention logits (B, heads, T, T) of each aligned
+    def targets(self, batch: StepBatch) -> AlignTargets:
+        """The patch tokens, and the teacher's attention logits (B, heads, T, T) of each aligned
         block, of the first ``heads`` heads (when the batch carries hidden tokens)."""
         if not batch.hidden:
-            return list(batch.patch)
+            return AlignTargets(list(batch.patch))
         tail = self.teacher_tail(batch.hidden[0].device)
         heads = self.options.heads or int(self._hidden["heads"])
-        return list(batch.patch) + [a[:, :heads] for a in tail(batch.hidden[0])]
+        return AlignTargets(list(batch.patch), [a[:, :heads] for a in tail(batch.hidden[0])])
 
-    def alignment(self, zs: Sequence[Tensor], targets: Sequence[Tensor]) -> tuple[Tensor, list[Tensor], dict[str, Tensor]]:
+    def alignment(self, zs: Sequence[Tensor], targets: AlignTargets,
+                  ctx: AlignContext) -> tuple[Tensor, list[Tensor], dict[str, Tensor]]:
         """REPA on the projected tokens plus ``attn_weight`` times the attention cross-entropy
-        (mean over block pairs); the attention part is logged on its own as ``attn``."""
-        repa, cos = repa_loss(zs[:1], targets[:1])  # one teacher (check_cache): its tokens first, then the pairs
-        pairs = list(zip(zs[1:], targets[1:]))
+        (mean over block pairs); the attention part is logged on its own as ``attn``. The
+        student's outputs are its one teacher's projection (check_cache), then its attention maps."""
+        repa, cos = repa_loss(zs[:1], targets.tokens)
+        pairs = list(zip(zs[1:], targets.attention))
         if not pairs:
             return repa, cos, {}
         attn = torch.stack([attention_loss(s, t) for s, t in pairs]).mean()

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from torch import Tensor, nn
 
 from repa_cache.cache.errors import UsageError
-from repa_cache.train.methods.base import Method, MethodOptions, StepBatch
+from repa_cache.train.methods.base import AlignTargets, Method, MethodOptions, StepBatch
 from repa_cache.train.model import SiT, SiTConfig
 from repa_cache.train.usit import build_student_model
 
@@ -79,6 +79,6 @@ class IRepa(Method[IRepaOptions]):
             nn.init.zeros_(p.conv.bias)
         return model
 
-    def targets(self, batch: StepBatch) -> list[Tensor]:
+    def targets(self, batch: StepBatch) -> AlignTargets:
         o = self.options
-        return [spatial_zscore(y, o.alpha, o.eps) for y in batch.patch]
+        return AlignTargets([spatial_zscore(y, o.alpha, o.eps) for y in batch.patch])

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from repa_cache.cache.errors import UsageError
-from repa_cache.train.methods.base import Method, MethodOptions, StepBatch
+from repa_cache.train.methods.base import AlignTargets, Method, MethodOptions, StepBatch
 from repa_cache.train.model import SiT, SiTConfig, modulate
 
 
@@ -95,8 +95,8 @@ class Reg(Method[RegOptions]):
     def student_tokens(self, config: SiTConfig) -> int:
         return config.num_tokens + 1
 
-    def targets(self, batch: StepBatch) -> list[Tensor]:
-        return [torch.cat([c.unsqueeze(1), p], dim=1) for c, p in zip(batch.cls, batch.patch)]  # (B, 1 + T, Z)
+    def targets(self, batch: StepBatch) -> AlignTargets:
+        return AlignTargets([torch.cat([c.unsqueeze(1), p], dim=1) for c, p in zip(batch.cls, batch.patch)])  # (B, 1 + T, Z)
 
     def extras(self, batch: StepBatch) -> list[Tensor]:
         return [batch.cls[0]]  # (B, Z)

@@ -27,7 +27,7 @@ from torch import Tensor
 
 from repa_cache.cache.errors import UsageError
 from repa_cache.train.loss import repa_loss
-from repa_cache.train.methods.base import Method, MethodOptions
+from repa_cache.train.methods.base import AlignContext, AlignTargets, Method, MethodOptions
 from repa_cache.train.model import SiTConfig
 
 
@@ -72,10 +72,11 @@ class URepa(Method[URepaOptions]):
         if config.layout != "u":
             raise UsageError("--method urepa needs a U-shaped model (USiT-B/2, USiT-L/2, USiT-XL/2, USiT-tiny/2)")
 
-    def alignment(self, zs: Sequence[Tensor], targets: Sequence[Tensor]) -> tuple[Tensor, list[Tensor], dict[str, Tensor]]:
+    def alignment(self, zs: Sequence[Tensor], targets: AlignTargets,
+                  ctx: AlignContext) -> tuple[Tensor, list[Tensor], dict[str, Tensor]]:
         """REPA's cosine loss plus ``manifold_weight`` times the manifold loss (mean over teachers);
         the manifold part is logged on its own as ``manifold``."""
-        align, cos = repa_loss(zs, targets)
-        manifold = torch.stack([manifold_loss(z, y) for z, y in zip(zs, targets)]).mean()
+        align, cos = repa_loss(zs, targets.tokens)
+        manifold = torch.stack([manifold_loss(z, y) for z, y in zip(zs, targets.tokens)]).mean()
         w = self.options.manifold_weight
         return align + w * manifold, cos, {"manifold": manifold}
