@@ -149,6 +149,11 @@ class OptimConfig:
                 raise UsageError(message)
 
 
+def changeable_fields() -> frozenset[str]:
+    """The :class:`TrainConfig` fields a resumed run may change."""
+    return frozenset(f.name for f in dataclasses.fields(TrainConfig) if f.metadata.get("may_change"))
+
+
 #: ``repa train`` options whose field in :class:`TrainConfig` has another name or sits in a part.
 OPTION_FIELDS: dict[str, str] = {
     "teacher": "teachers", "method_option": "method_options", "workers": "num_workers",
@@ -160,12 +165,20 @@ OPTION_FIELDS: dict[str, str] = {
 NOT_RECORDED_OPTIONS = frozenset({"cache", "out", "init_from", "dry_run", "quiet"})
 
 
+def may_change(default: Any = dataclasses.MISSING) -> Any:
+    """A :class:`TrainConfig` field that a resumed run may change: where the run and its cache are,
+    how long it runs, how it runs (device, workers, micro-steps, compile) and what it reports when.
+    Every other field defines the run, and a resume refuses a change to it."""
+    return field(default=default, metadata={"may_change": True})
+
+
 @dataclass
 class TrainConfig:
-    """A training run (``repa train``)."""
+    """A training run (``repa train``). The fields made with :func:`may_change` may differ
+    between a run and its resume (:func:`changeable_fields`); the others may not."""
 
-    cache: str
-    out: str
+    cache: str = may_change()
+    out: str = may_change()
     model: str = "SiT-B/2"
     teachers: tuple[str, ...] = ()  # empty: the cache's only teacher
     encoder_depth: int | None = None  # None: the model size's default (4 for S/B, 8 for L/XL)
@@ -174,34 +187,29 @@ class TrainConfig:
     proj_coeff: float | None = None  # None: the method's default (0.5 for REPA)
     align_schedule: str = "const"  # const | stop:N | exp-decay:C0,HALF_LIFE (repa_cache.train.schedule)
     warmup_steps: int = 0  # encoder warm-up steps before the main objective (ERW)
-    init_from: str | None = None  # a new run starts from this checkpoint's weights (fine-tuning; ignored on resume)
+    init_from: str | None = may_change(None)  # a new run starts from this checkpoint's weights (fine-tuning; ignored on resume)
     batch_size: int = 256  # global, over all ranks
-    grad_accum: int = 1  # micro-steps per optimiser step on each rank (same global batch and samples)
-    max_steps: int = 400_000
+    grad_accum: int = may_change(1)  # micro-steps per optimiser step on each rank (same global batch and samples)
+    max_steps: int = may_change(400_000)
     seed: int = 0
-    device: str = "auto"
+    device: str = may_change("auto")
     precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
-    tf32: bool = True  # TF32 matmuls and convolutions on CUDA (REPA's --allow-tf32)
-    compile: bool = False
-    ckpt_every: int = 10_000
-    log_every: int = 100
-    keep_checkpoints: int = 2
-    num_workers: int | None = None  # DataLoader workers per rank; None: loader_workers() picks
+    tf32: bool = may_change(True)  # TF32 matmuls and convolutions on CUDA (REPA's --allow-tf32)
+    compile: bool = may_change(False)
+    ckpt_every: int = may_change(10_000)
+    log_every: int = may_change(100)
+    keep_checkpoints: int = may_change(2)
+    num_workers: int | None = may_change(None)  # DataLoader workers per rank; None: loader_workers() picks
     resample_teacher: bool = False  # resample teacher tokens to the student grid instead of refusing
-    align_every: int = 0  # every N steps log CKNNA and cosine to the teacher on the held-out samples (0: off)
+    align_every: int = may_change(0)  # every N steps log CKNNA and cosine to the teacher on the held-out samples (0: off)
     holdout: int = 0  # the last N valid cache samples are held out of training (for alignment metrics)
-    verify: bool = True  # check each shard's checksum the first time a loader process reads it
+    verify: bool = may_change(True)  # check each shard's checksum the first time a loader process reads it
     transport: TransportConfig = field(default_factory=TransportConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
-    tensorboard: bool = False
-    wandb: str | None = None  # Weights & Biases project to log to (None: off)
-    sample_every: int = 0  # every N steps write a grid from the EMA weights to RUN/samples (0: off)
-    quiet: bool = False
-
-    # Fields that may change between a run and its resume.
-    RESUMABLE_CHANGES = frozenset({"max_steps", "ckpt_every", "log_every", "keep_checkpoints", "num_workers", "device",
-                                   "compile", "tf32", "tensorboard", "quiet", "out", "cache", "align_every", "verify",
-                                   "grad_accum", "wandb", "sample_every", "init_from"})
+    tensorboard: bool = may_change(False)
+    wandb: str | None = may_change(None)  # Weights & Biases project to log to (None: off)
+    sample_every: int = may_change(0)  # every N steps write a grid from the EMA weights to RUN/samples (0: off)
+    quiet: bool = may_change(False)
 
     def __post_init__(self) -> None:
         check_model_name(self.model)  # names first: no torch is needed to find a typo

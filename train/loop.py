@@ -46,7 +46,7 @@ from repa_cache.train.checkpoint import (
     resolve_checkpoint,
     strip_wrapper_prefixes,
 )
-from repa_cache.train.config import TrainConfig
+from repa_cache.train.config import TrainConfig, changeable_fields
 from repa_cache.train.data import CacheBatches, DataConfig, make_loader, to_device
 from repa_cache.train.hooks import (
     Checkpointing,
@@ -221,7 +221,7 @@ def check_resume(ckpt: Checkpoint, cfg: TrainConfig, setup: RunSetup) -> None:
         raise CacheError(f"checkpoint {path} was trained on another cache (fingerprints differ); use a new --out")
     new = cfg.to_json()
     old = with_defaults(ckpt.card.train, TrainConfig(cache="", out="").to_json())  # a field a run did not record had its default then
-    changed = [k for k in new if k not in TrainConfig.RESUMABLE_CHANGES and old[k] != new[k]]
+    changed = [k for k in new if k not in changeable_fields() and old[k] != new[k]]
     if changed:
         details = "; ".join(f"{k}: {old.get(k)} -> {new[k]}" for k in changed)
         raise UsageError(f"cannot resume {path}: the config changed ({details}); use a new --out")
