@@ -107,7 +107,7 @@ class Transport:
         return Draws(t, noise, y_used, [torch.randn_like(e) for e in extras])
 
     def training_losses(self, model: VelocityModel, x: Tensor, y: Tensor, extras: Sequence[Tensor] = (),
-                        align: bool = True, draws: Draws | None = None) -> dict[str, Any]:
+                        align: bool = True, draws: Draws | None = None) -> FlowLosses:
         """One flow-matching step's loss on clean latents x (B, C, H, W) with labels y (B,).
 
         ``extras`` are further clean state components the model denoises jointly with the latent
@@ -117,9 +117,7 @@ class Transport:
         this batch's random draws (:meth:`draw`, made here when not given; a gradient-accumulation
         micro-batch passes its slice of the whole batch's).
 
-        Returns a dict with ``"denoise"`` (scalar ``mean((v_hat - v)^2)`` in fp32), ``"zs"`` (the
-        model's projected tokens, for the alignment loss), ``"denoise_extras"`` (one such scalar per
-        extra), ``"t"`` (B,) and ``"y_used"`` (the labels after dropout, the ones the model saw).
+        Returns the step's :class:`FlowLosses`.
         """
         d = draws if draws is not None else self.draw(x, y, extras)
         assert d.noise is not None, "training_losses needs noise draws"
@@ -129,7 +127,21 @@ class Transport:
         v_hat, zs = out[0], out[1]
         denoise = (v_hat.float() - v.float()).pow(2).mean()
         extra = [(e_hat.float() - v_e.float()).pow(2).mean() for e_hat, (_, v_e) in zip(out[2:], noisy)]
-        return {"denoise": denoise, "zs": zs, "denoise_extras": extra, "t": d.t, "y_used": d.y_used}
+        return FlowLosses(denoise, zs, extra, d.t, d.y_used)
+
+
+@dataclass
+class FlowLosses:
+    """What :meth:`Transport.training_losses` gives: ``denoise`` (scalar ``mean((v_hat - v)^2)`` in
+    fp32), ``zs`` (the model's projected tokens, for the alignment loss), ``denoise_extras`` (one
+    such scalar per extra state component), ``t`` (B,) and ``y_used`` (the labels after dropout,
+    the ones the model saw)."""
+
+    denoise: Tensor
+    zs: Any
+    denoise_extras: list[Tensor]
+    t: Tensor
+    y_used: Tensor
 
 
 @dataclass

@@ -85,9 +85,9 @@ def test_fused_adamw_equals_unfused_within_rounding(device):
     for s in range(STEPS):
         torch.manual_seed(2000 + s)
         out = tr.transport.training_losses(tr.model, x, y)
-        repa, _ = repa_loss(out["zs"], feats)
+        repa, _ = repa_loss(out.zs, feats)
         fused.zero_grad(set_to_none=True)
-        (out["denoise"] + 0.5 * repa).backward()
+        (out.denoise + 0.5 * repa).backward()
         for p, q in zip(tr.model.parameters(), ref.parameters()):  # the same gradients for both updates
             q.grad = None if p.grad is None else p.grad.detach().clone()
         fused.step()

@@ -194,15 +194,15 @@ def test_overfit_tiny_batch() -> None:
         with torch.no_grad(), torch.random.fork_rng():
             torch.manual_seed(1234)
             draws = [transport.training_losses(model, x, y) for _ in range(4)]
-            denoise = sum(d["denoise"].item() for d in draws) / 4
-            repa = sum(repa_loss(d["zs"], [target])[0].item() for d in draws) / 4
+            denoise = sum(d.denoise.item() for d in draws) / 4
+            repa = sum(repa_loss(d.zs, [target])[0].item() for d in draws) / 4
         return denoise, repa
 
     denoise0, repa0 = evaluate()
     for _ in range(400):
         out = transport.training_losses(model, x, y)
-        repa, _ = repa_loss(out["zs"], [target])
-        loss = out["denoise"] + 0.5 * repa
+        repa, _ = repa_loss(out.zs, [target])
+        loss = out.denoise + 0.5 * repa
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -125,10 +125,10 @@ def test_training_losses_drops_labels_once() -> None:
     with torch.no_grad():
         out = tr.training_losses(model, x, y)
     assert len(model.seen) == 1
-    assert torch.equal(model.seen[0], out["y_used"])
-    rate = (out["y_used"] == 10).float().mean().item()
+    assert torch.equal(model.seen[0], out.y_used)
+    rate = (out.y_used == 10).float().mean().item()
     assert rate == pytest.approx(0.1, abs=0.015)  # twice would give 0.19
-    assert set(out["y_used"].unique().tolist()) == {3, 10}
+    assert set(out.y_used.unique().tolist()) == {3, 10}
 
 
 def test_training_losses_value_and_rng_order() -> None:
@@ -142,7 +142,7 @@ def test_training_losses_value_and_rng_order() -> None:
     torch.manual_seed(7)
     with torch.no_grad():
         out = tr.training_losses(model, x, y)
-    assert out["zs"][0].shape == (6, 4, 8)
+    assert out.zs[0].shape == (6, 4, 8)
     # Replay the documented order: times, then noise, then label dropout, all from the global RNG.
     torch.manual_seed(7)
     t = torch.rand(6)
@@ -152,14 +152,14 @@ def test_training_losses_value_and_rng_order() -> None:
     x_t = (1 - t).view(6, 1, 1, 1) * x + t.view(6, 1, 1, 1) * eps
     with torch.no_grad():
         v_hat, _ = model(x_t, t, y_ref)
-    assert torch.equal(out["t"], t)
-    assert torch.equal(out["y_used"], y_ref)
-    assert out["denoise"].item() == pytest.approx(((v_hat - (eps - x)) ** 2).mean().item(), rel=1e-6)
+    assert torch.equal(out.t, t)
+    assert torch.equal(out.y_used, y_ref)
+    assert out.denoise.item() == pytest.approx(((v_hat - (eps - x)) ** 2).mean().item(), rel=1e-6)
     # The same seed gives the same step: what exact resume relies on.
     torch.manual_seed(7)
     with torch.no_grad():
         again = tr.training_losses(model, x, y)
-    assert torch.equal(again["denoise"], out["denoise"])
+    assert torch.equal(again.denoise, out.denoise)
 
 
 def test_zero_init_model_loss_is_mean_v_squared() -> None:
@@ -171,7 +171,7 @@ def test_zero_init_model_loss_is_mean_v_squared() -> None:
     torch.manual_seed(3)
     torch.rand(4)
     eps = torch.randn_like(x)
-    assert out["denoise"].item() == pytest.approx(((eps - x) ** 2).mean().item(), rel=1e-6)
+    assert out.denoise.item() == pytest.approx(((eps - x) ** 2).mean().item(), rel=1e-6)
 
 
 def test_config_validation() -> None:

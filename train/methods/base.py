@@ -252,16 +252,16 @@ class Method(Generic[OptionsT]):
             return self._warmup(fwd, batch, coeff, draws)
         align = phase != MAIN_NO_ALIGN
         out = transport.training_losses(fwd, batch.x, batch.y, extras=self.extras(batch), align=align, draws=draws)
-        denoise = out["denoise"].float()
+        denoise = out.denoise.float()
         terms = {"denoise": denoise}
         cos: list[Tensor] = []
         total = denoise
         if align:
-            repa, cos, more = self.alignment(out["zs"], self.targets(batch), AlignContext(batch, draws.t))
+            repa, cos, more = self.alignment(out.zs, self.targets(batch), AlignContext(batch, draws.t))
             total = denoise + coeff * repa
             terms["repa"] = repa
             terms.update(more)
-        for name, weight, value in zip(self.extra_terms, self.extra_weights(), out["denoise_extras"]):
+        for name, weight, value in zip(self.extra_terms, self.extra_weights(), out.denoise_extras):
             total = total + weight * value.float()
             terms[name] = value.float()
         return Losses(total, terms, cos)
