@@ -309,6 +309,36 @@ class GroupMeta:
         return FLOAT16 if self.feature_codec is None else str(self.feature_codec["name"])
 
 
+@dataclass(frozen=True)
+class LatentsRecord:
+    """What stage two reads of a latents group's model record: the latent grid and channels,
+    and the normalisation into the model's space (the rest of the record describes the VAE)."""
+
+    latent_size: int
+    latent_channels: int
+    norm: LatentNorm
+
+    @classmethod
+    def of(cls, gmeta: GroupMeta) -> LatentsRecord:
+        m = gmeta.model
+        return cls(int(m["latent_size"]), int(m["latent_channels"]), LatentNorm.of_latents(m))
+
+
+@dataclass(frozen=True)
+class TeacherRecord:
+    """What stage two reads of a teacher group's model record: the registry name, the token
+    width and the patch-token count (the rest describes preprocessing and geometry)."""
+
+    name: str
+    dim: int
+    num_tokens: int
+
+    @classmethod
+    def of(cls, gmeta: GroupMeta) -> TeacherRecord:
+        m = gmeta.model
+        return cls(str(m["name"]), int(m["dim"]), int(m["num_tokens"]))
+
+
 def with_feature_codec(gmeta: GroupMeta, codec: str) -> GroupMeta:
     """A teacher group's metadata stored with ``codec`` (see :mod:`cache.codec`).
 

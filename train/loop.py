@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 from repa_cache.cache.errors import CacheError, UsageError
-from repa_cache.cache.format import LATENTS, TEACHER_PREFIX, LatentNorm, teacher_group
+from repa_cache.cache.format import LATENTS, TEACHER_PREFIX, LatentNorm, LatentsRecord, TeacherRecord, teacher_group
 from repa_cache.cache.identity import CacheIdentity
 from repa_cache.cache.open import open_meta_any, open_reader
 from repa_cache.stages.devices import check_precision, resolve_device
@@ -145,26 +145,27 @@ def plan_run(cfg: TrainConfig) -> RunSetup:
                              int(meta.resolution)))
     latents = reader.group(LATENTS)
     lat = latents.meta.model
-    dims = tuple(int(reader.group(t).meta.model["dim"]) for t in teachers)
+    lrec = LatentsRecord.of(latents.meta)
+    trecs = {t: TeacherRecord.of(reader.group(t).meta) for t in teachers}
     overrides: dict[str, Any] = {
-        "input_size": int(lat["latent_size"]),
-        "in_channels": int(lat["latent_channels"]),
+        "input_size": lrec.latent_size,
+        "in_channels": lrec.latent_channels,
         "num_classes": len(meta.class_names),
-        "z_dims": dims,
+        "z_dims": tuple(trecs[t].dim for t in teachers),
     }
     if cfg.encoder_depth is not None:
         overrides["encoder_depth"] = cfg.encoder_depth
     mcfg = sit_config(cfg.model, **overrides)
     method.check_student(mcfg)  # the shape this method can train, before anything is built
-    tokens = {t: int(reader.group(t).meta.model["num_tokens"]) for t in teachers}
+    tokens = {t: trecs[t].num_tokens for t in teachers}
     for t, n in tokens.items():
         if n != mcfg.num_tokens and not cfg.resample_teacher:
             raise UsageError(
-                f"teacher '{t}' has {n} tokens but {cfg.model} on {lat['latent_size']}x{lat['latent_size']} latents has "
+                f"teacher '{t}' has {n} tokens but {cfg.model} on {lrec.latent_size}x{lrec.latent_size} latents has "
                 f"{mcfg.num_tokens}; pick a matching patch size or pass --resample-teacher"
             )
     identity = CacheIdentity.of(reader)
-    norm = LatentNorm.of_latents(lat)
+    norm = lrec.norm
     norm.check_channels(mcfg.in_channels)
     card = ModelCard(
         model=dataclasses.asdict(mcfg),

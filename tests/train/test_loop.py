@@ -500,3 +500,12 @@ def test_a_record_without_the_newer_fields_reads_as_their_defaults():
     old = {k: v for k, v in defaults.items() if k != "tf32"}
     old["optim"] = {k: v for k, v in defaults["optim"].items() if k != "ema_warmup"} | {"lr": 0.5}
     assert loop.with_defaults(old, defaults) == defaults | {"optim": defaults["optim"] | {"lr": 0.5}}
+
+
+def test_group_records_typed_as_stage_two_reads_them(tiny_cache):
+    from repa_cache.cache.format import LatentNorm, LatentsRecord, TeacherRecord
+    from repa_cache.cache.reader import CacheReader
+
+    reader = CacheReader(tiny_cache)
+    assert LatentsRecord.of(reader.group("latents").meta) == LatentsRecord(32, 4, LatentNorm((0.18215,), (0.0,)))
+    assert TeacherRecord.of(reader.group("tiny").meta) == TeacherRecord("tiny", 32, 256)

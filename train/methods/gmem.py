@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 from repa_cache.cache.codec import dequantize, scale_name
 from repa_cache.cache.errors import RepaError, UsageError
-from repa_cache.cache.format import TEACHER_PREFIX, teacher_group
+from repa_cache.cache.format import TEACHER_PREFIX, TeacherRecord, teacher_group
 from repa_cache.cache.storage import read_npy_header
 from repa_cache.train.methods.base import Method, MethodOptions, StepBatch
 from repa_cache.train.model import SiT, SiTConfig
@@ -175,7 +175,7 @@ class CacheBank(MemoryBank):
         self.valid = self.reader.valid_indices()
         self.views = len(self.reader.views)
         self.size = int(self.valid.size) * self.views
-        self.dim = int(self.reader.group(group).meta.model["dim"])
+        self.dim = TeacherRecord.of(self.reader.group(group).meta).dim
         self.codec = self.reader.feature_codec(group)
         if self.size == 0:
             raise UsageError(f"--bank {cache} holds no samples")
