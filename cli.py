@@ -232,7 +232,7 @@ def train(
     config: Annotated[Optional[Path], typer.Option(help="TOML or JSON file of the run's options, keyed as config.json's card.train "
                                                         "(a run's config.json or --dry-run's output also work); options typed on "
                                                         "the command line override it.")] = None,
-    model: Annotated[str, typer.Option(help="SiT size: SiT-S/2 ... SiT-XL/2 (patch 2/4/8), SiT-tiny/2; U-shaped: USiT-B/2, USiT-L/2, USiT-XL/2 (--method urepa).")] = _field(TrainConfig, "model"),
+    model: Annotated[str, typer.Option(help="SiT size: SiT-S/2 ... SiT-XL/2 (patch 1/2/4/8; /1 for f16 latents), SiT-tiny/2, SiT-tiny/1; U-shaped: USiT-B/2, USiT-L/2, USiT-XL/2 (--method urepa).")] = _field(TrainConfig, "model"),
     teacher: Annotated[Optional[list[str]], typer.Option(help="Teacher group(s) to align to (repeatable). Default: the cache's only teacher.")] = None,
     encoder_depth: Annotated[Optional[int], typer.Option(help="Align the output of this block (default: 4 for S/B, 8 for L/XL).")] = _field(TrainConfig, "encoder_depth"),
     method: Annotated[str, typer.Option(help=f"Training method: {', '.join(METHOD_NAMES)}. 'repa methods' lists each with its "

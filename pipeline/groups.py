@@ -9,7 +9,7 @@ from repa_cache.cache.format import FORMAT_VERSION, LATENTS, ArraySpec, CacheMet
 from repa_cache.cache.writer import DEFAULT_CODEC
 from repa_cache.stages.devices import check_precision
 from repa_cache.stages.teachers import get_teacher, teacher_metadata
-from repa_cache.stages.vae import TINY_VAE, VAESpec, latent_norm, vae_config
+from repa_cache.stages.vae import TINY_VAES, VAESpec, latent_norm, vae_config
 
 FEATURE_DTYPES = ("float16", "float32")
 #: ``--precision`` of stage one: the encoders' arithmetic (``bf16``: autocast). No ``auto``: the
@@ -34,7 +34,7 @@ def vae_group(meta: CacheMeta, spec: VAESpec, precision: str = "fp32") -> GroupM
     model = {
         "id": spec.name,
         "revision": spec.revision,
-        "tiny": spec.name == TINY_VAE,
+        "tiny": spec.name in TINY_VAES,
         "class": "AutoencoderKL",
         "latent_norm": norm.to_json(),
         "latent_channels": channels,

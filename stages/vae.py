@@ -26,6 +26,7 @@ from repa_cache.cache.format import LatentNorm
 
 __all__ = [
     "DEFAULT_VAE",
+    "TINY_F16_VAE",
     "TINY_VAE",
     "VAESpec",
     "encode_images",
@@ -40,6 +41,11 @@ logger = logging.getLogger(__name__)
 DEFAULT_VAE = "stabilityai/sd-vae-ft-ema"
 #: Name of a small random-initialised VAE with the real geometry, for tests and demos.
 TINY_VAE = "tiny"
+#: A small random-initialised VAE with the geometry of today's f16 latent spaces (16x downsampling,
+#: 32 channels: REPA-E's E2E-VAVAE, VA-VAE), for tests and demos.
+TINY_F16_VAE = "tiny-f16"
+#: The random-initialised presets, by name: (down blocks, latent channels).
+TINY_VAES: dict[str, tuple[int, int]] = {TINY_VAE: (4, 4), TINY_F16_VAE: (5, 32)}
 
 
 @dataclass(frozen=True)
@@ -55,18 +61,20 @@ class VAESpec:
     revision: str | None = None
 
 
-def _build_tiny_vae() -> AutoencoderKL:
-    """Build the tiny VAE with identical weights in every process (seeded, global RNG untouched)."""
+def _build_tiny_vae(name: str = TINY_VAE) -> AutoencoderKL:
+    """Build a tiny VAE preset with identical weights in every process (seeded, global RNG
+    untouched): ``tiny`` is f8 with 4 channels (SD-VAE's geometry), ``tiny-f16`` f16 with 32."""
+    blocks, channels = TINY_VAES[name]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         return AutoencoderKL(
             in_channels=3,
             out_channels=3,
-            down_block_types=("DownEncoderBlock2D",) * 4,
-            up_block_types=("UpDecoderBlock2D",) * 4,
-            block_out_channels=(8, 16, 16, 16),
+            down_block_types=("DownEncoderBlock2D",) * blocks,
+            up_block_types=("UpDecoderBlock2D",) * blocks,
+            block_out_channels=(8, 16, 16, 16, 16)[:blocks],
             layers_per_block=1,
-            latent_channels=4,
+            latent_channels=channels,
             norm_num_groups=8,
             sample_size=256,
         )
@@ -120,16 +128,17 @@ def load_vae(
     """Load a VAE in eval mode with gradients off.
 
     ``"tiny"`` builds a small random-initialised ``AutoencoderKL`` (seeded, identical in every
-    process) with the real geometry: 8x downsampling, 4 latent channels (``4x32x32`` at 256 px). An
+    process) with the real geometry: 8x downsampling, 4 latent channels (``4x32x32`` at 256 px);
+    ``"tiny-f16"`` one with 16x downsampling and 32 channels (``32x16x16`` at 256 px). An
     existing local folder is loaded with ``from_pretrained`` (a full pipeline folder with a ``vae/``
     sub-folder works too); any other name is a Hugging Face model id loaded at ``spec.revision``.
 
     Raises:
         UsageError: the VAE cannot be loaded (missing folder, unknown id, no network).
     """
-    if spec.name == TINY_VAE:
+    if spec.name in TINY_VAES:
         # Plain nn.Module.to: diffusers' own .to() warns about fp32 modules on every dtype cast.
-        vae = torch.nn.Module.to(_build_tiny_vae(), dtype=dtype)
+        vae = torch.nn.Module.to(_build_tiny_vae(spec.name), dtype=dtype)
     else:
         try:
             where, kwargs = _where(spec)
@@ -150,8 +159,8 @@ def vae_config(spec: VAESpec) -> dict[str, Any]:
     Raises:
         UsageError: the config cannot be read (missing folder, unknown id, no network).
     """
-    if spec.name == TINY_VAE:
-        return dict(_build_tiny_vae().config)
+    if spec.name in TINY_VAES:
+        return dict(_build_tiny_vae(spec.name).config)
     try:
         where, kwargs = _where(spec)
         with warnings.catch_warnings():

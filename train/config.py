@@ -41,7 +41,8 @@ TIME_SAMPLINGS: tuple[str, ...] = ("uniform", "lognormal")
 
 
 def _sizes() -> dict[str, dict[str, int]]:
-    """The named SiT sizes: S/B/L/XL at patch 2/4/8, plus a tiny one for tests."""
+    """The named SiT sizes: S/B/L/XL at patch 1/2/4/8 (patch 1: for f16 latents, whose 16x16 grid at
+    256 px is already the teacher's), plus tiny ones for tests."""
     widths = {  # name: (depth, width, heads, encoder_depth)
         "S": (12, 384, 6, 4),
         "B": (12, 768, 12, 4),
@@ -50,12 +51,13 @@ def _sizes() -> dict[str, dict[str, int]]:
     }
     sizes: dict[str, dict[str, int]] = {}
     for size, (depth, width, heads, enc) in widths.items():
-        for patch in (2, 4, 8):
+        for patch in (1, 2, 4, 8):
             sizes[f"SiT-{size}/{patch}"] = dict(
                 depth=depth, hidden_size=width, num_heads=heads, patch_size=patch, encoder_depth=enc)
     # Tests and demos: small enough to train for a few hundred steps on a laptop CPU.
-    sizes["SiT-tiny/2"] = dict(
-        depth=4, hidden_size=64, num_heads=4, patch_size=2, encoder_depth=2, projector_dim=256)
+    for patch in (1, 2):
+        sizes[f"SiT-tiny/{patch}"] = dict(
+            depth=4, hidden_size=64, num_heads=4, patch_size=patch, encoder_depth=2, projector_dim=256)
     return sizes
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import os
 import sys
 import time
@@ -63,7 +64,7 @@ from repa_cache.train.hooks import (
 from repa_cache.train.loss import resample_tokens
 from repa_cache.train.methods import Method, make_method
 from repa_cache.train.methods.base import CacheContext
-from repa_cache.train.model import SiTConfig, count_parameters, sit_config
+from repa_cache.train.model import SIT_SIZES, SiTConfig, count_parameters, sit_config
 from repa_cache.train.schedule import MAIN_NO_ALIGN, AlignSchedule, Phases
 from repa_cache.train.step import Trainer, build_trainer, train_step
 from repa_cache.train.student import card_config
@@ -160,9 +161,14 @@ def plan_run(cfg: TrainConfig) -> RunSetup:
     tokens = {t: trecs[t].num_tokens for t in teachers}
     for t, n in tokens.items():
         if n != mcfg.num_tokens and not cfg.resample_teacher:
+            side, patch = math.isqrt(n), 0
+            if side * side == n and lrec.latent_size % side == 0:
+                patch = lrec.latent_size // side
+            matching = f"{cfg.model.rsplit('/', 1)[0]}/{patch}"
+            pick = f"--model {matching}" if patch and matching in SIT_SIZES else "a matching patch size"
             raise UsageError(
                 f"teacher '{t}' has {n} tokens but {cfg.model} on {lrec.latent_size}x{lrec.latent_size} latents has "
-                f"{mcfg.num_tokens}; pick a matching patch size or pass --resample-teacher"
+                f"{mcfg.num_tokens}; pick {pick} or pass --resample-teacher"
             )
     identity = CacheIdentity.of(reader)
     norm = lrec.norm
