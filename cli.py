@@ -81,6 +81,9 @@ def precompute(
                                                "(1-based; LAST defaults to the last block), for attention alignment "
                                                "(--method haste; DINOv2-B: 9-12). Without NAME= for every --teacher (repeatable).")
     ] = None,
+    latent_norm: Annotated[str, typer.Option(help="dataset: also compute the latents' per-channel mean and std over the cache "
+                                                  "(what repa train --latent-norm dataset uses; repa latent-stats adds them later). "
+                                                  "vae: only the VAE config's scale.")] = _field(PrecomputeConfig, "latent_norm"),
     registers: Annotated[bool, typer.Option(help="Also store the register tokens of teachers that have them (dinov2-vit-*-reg: 4 per "
                                                  "image, final norm), as the array 'registers'.")] = _field(PrecomputeConfig, "registers"),
     flip: Annotated[Optional[bool], typer.Option(help="Also encode the horizontally flipped view. Default: OUT's when it is a cache, "
@@ -115,6 +118,7 @@ def precompute(
         teacher_checkpoints=_pairs(teacher_checkpoint or [], "--teacher-checkpoint"),
         teacher_layers={k: v for item in teacher_layers or [] for k, v in [item.split("=", 1) if "=" in item else ("*", item)]},
         registers=registers,
+        latent_norm=latent_norm,
         batch_size=batch_size,
         feature_dtype=feature_dtype,
         feature_codec=feature_codec,
@@ -204,6 +208,24 @@ def stats(
         print(f"plot: {plot}", file=sys.stderr if json_out else sys.stdout)
 
 
+@app.command("latent-stats", rich_help_panel="Stage one: the cache")
+def latent_stats(
+    cache: Annotated[str, typer.Argument(help="Committed cache folder or URL.")],
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+) -> None:
+    """Compute the latents' per-channel mean and std over the whole cache (every valid sample and view, float64) and store
+    them in the cache, for repa train --latent-norm dataset."""
+    from repa_cache.cache.latent_stats import compute_latent_stats, describe_latent_stats, write_latent_stats
+    from repa_cache.cache.lock import writer_lock
+    from repa_cache.cache.storage import store_path
+
+    root = store_path(cache)
+    with writer_lock(root, "repa latent-stats"):
+        stats = compute_latent_stats(root, quiet=quiet)
+        path = write_latent_stats(root, stats)
+    print("\n".join([f"wrote {path}", *describe_latent_stats(stats)]))
+
+
 @app.command(rich_help_panel="Stage one: the cache")
 def verify(
     cache: Annotated[str, typer.Argument(help="Cache folder or URL.")],
@@ -260,6 +282,8 @@ def train(
     seed: Annotated[int, typer.Option(help="Seed of data order, initial weights and noise.")] = _field(TrainConfig, "seed"),
     device: Annotated[str, typer.Option(help="'auto' (CUDA if present), 'cpu', 'cuda'.")] = _field(TrainConfig, "device"),
     precision: Annotated[str, typer.Option(help="'auto' (bf16 autocast on CUDA, fp32 on CPU), 'bf16' or 'fp32'.")] = _field(TrainConfig, "precision"),
+    latent_norm: Annotated[str, typer.Option(help="Latent normalisation: vae (the VAE config's scale, REPA) or dataset "
+                                                  "(z = (x - mean) / std per channel, from repa latent-stats).")] = _field(TrainConfig, "latent_norm"),
     compile: Annotated[bool, typer.Option(help="torch.compile the model.")] = _field(TrainConfig, "compile"),
     tf32: Annotated[bool, typer.Option(help="Allow TF32 matmuls and convolutions on CUDA (REPA's --allow-tf32).")] = _field(TrainConfig, "tf32"),
     ckpt_every: Annotated[int, typer.Option(help="Checkpoint every N steps (and at the end).")] = _field(TrainConfig, "ckpt_every"),
@@ -301,6 +325,7 @@ def train(
         seed=seed,
         device=device,
         precision=precision,
+        latent_norm=latent_norm,
         compile=compile,
         tf32=tf32,
         ckpt_every=ckpt_every,

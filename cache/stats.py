@@ -22,6 +22,7 @@ from repa_cache.cache.codec import Int8Codec, decode_numpy, scale_name
 from repa_cache.cache.defaults import DEFAULT_MAX_SAMPLES
 from repa_cache.cache.errors import UsageError
 from repa_cache.cache.format import MANIFEST_FILE, LatentNorm, sha256_json
+from repa_cache.cache.latent_stats import LatentStats, describe_latent_stats, read_latent_stats
 from repa_cache.cache.layout import bulk_reads, open_zarr, zarr_array
 from repa_cache.cache.progress import format_bytes
 from repa_cache.cache.reader import check_plan, commit_record, group_arrays, group_meta, list_groups, open_meta, read_manifest
@@ -112,6 +113,12 @@ def cache_stats(path: str | Path, max_samples: int = DEFAULT_MAX_SAMPLES, with_h
         if commit is not None and idx.size:
             if gmeta.kind == "latents":
                 g["latent_stats"], h = _latent_stats(zg, idx)
+                try:  # the dataset statistics, when computed (repa latent-stats)
+                    dataset = read_latent_stats(root, commit["fingerprint_hash"])
+                    if dataset is not None:
+                        g["dataset_stats"] = dataset.to_json()
+                except UsageError as e:
+                    g["dataset_stats_problem"] = str(e)
             else:
                 g["feature_stats"], h = _feature_stats(zg, idx, gmeta.codec)
             if with_histograms:
@@ -228,6 +235,10 @@ def format_stats(s: dict[str, Any]) -> str:
                          f"measured 1/std {ls['suggested_scale']}")
             lines.append(f"  ch mean      {ls['channel_mean']}")
             lines.append(f"  ch std       {ls['channel_std_of_sample']} (of a posterior sample)")
+            if "dataset_stats" in g:
+                lines += ["  " + line for line in describe_latent_stats(LatentStats.from_json(g["dataset_stats"], "stats"))]
+            elif "dataset_stats_problem" in g:
+                lines.append(f"  dataset stats {g['dataset_stats_problem']}")
         if "feature_stats" in g:
             fs = g["feature_stats"]
             lines.append(f"  tokens       {m.get('num_tokens')} x {m.get('dim')} (grid {m.get('grid')}, input {m.get('input_size')} px)")

@@ -39,6 +39,7 @@ class PrecomputeConfig:
     # teacher -> "FIRST[-LAST]": also store the hidden tokens entering block FIRST (HASTE; stages.teachers)
     teacher_layers: dict[str, str] = field(default_factory=dict)
     registers: bool = False  # also store the register tokens of teachers that have them (a group that has them keeps them)
+    latent_norm: str = "vae"  # dataset: also compute the latents' per-channel statistics (repa latent-stats)
     flip: bool = False  # REPA trains on the stored image only; --flip adds the mirrored view (2x the time and bytes)
     shard_size: int = 256
     batch_size: int = 64
@@ -93,6 +94,8 @@ def check_config(cfg: PrecomputeConfig) -> None:
         raise UsageError(f"--shard-size must be in [1, {MAX_SHARD_SIZE}], not {cfg.shard_size}")
     if cfg.batch_size < 1:
         raise UsageError(f"--batch-size must be at least 1, not {cfg.batch_size}")
+    if cfg.latent_norm not in ("vae", "dataset"):
+        raise UsageError(f"--latent-norm must be vae or dataset, not '{cfg.latent_norm}'")
     if cfg.feature_codec not in FEATURE_CODECS:
         raise UsageError(f"--feature-codec must be one of {', '.join(FEATURE_CODECS)}, not '{cfg.feature_codec}'")
     if cfg.feature_codec != FLOAT16 and cfg.feature_dtype != "float16":

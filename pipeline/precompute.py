@@ -35,6 +35,7 @@ from repa_cache.cache.format import (
     teacher_group,
     with_feature_codec,
 )
+from repa_cache.cache.latent_stats import compute_latent_stats, stats_path, write_latent_stats
 from repa_cache.cache.layout import read_record, record_shards, shard_key
 from repa_cache.cache.lock import LOCK_FILE, is_our_lock, writer_lock
 from repa_cache.cache.progress import Progress
@@ -61,6 +62,7 @@ class PrecomputeResult:
     samples: int = 0
     skipped: int = 0
     repaired: dict[str, list[int]] = field(default_factory=dict)  # group -> damaged shards encoded again
+    latent_stats: bool = False  # dataset latent statistics computed (--latent-norm dataset)
 
 
 def _check_out_path(out: StorePath) -> bool:
@@ -159,6 +161,9 @@ def _precompute_locked(cfg: PrecomputeConfig, out: StorePath, listing: Any, meta
         if result.groups[g.group] != "already committed":
             commit = commit_group(out, meta, g)
             result.skipped = commit["counts"]["skipped"]
+    if cfg.latent_norm == "dataset" and (result.groups[LATENTS] != "already committed" or not stats_path(out).exists()):
+        write_latent_stats(out, compute_latent_stats(out, quiet=cfg.quiet))  # over the latents just committed
+        result.latent_stats = True
     result.seconds = time.perf_counter() - t0
     return result
 
@@ -362,7 +367,7 @@ def describe_result(res: PrecomputeResult) -> str:
     parts = [f"{g}: {s}" + (f" (shards {res.repaired[g]} repaired)" if res.repaired.get(g) else "") for g, s in res.groups.items()]
     return (
         f"cache {res.root}: {res.samples} samples ({res.skipped} skipped), {res.shards_written} shard tasks run "
-        f"in {res.seconds:.1f}s; " + ", ".join(parts)
+        f"in {res.seconds:.1f}s; " + ", ".join(parts) + ("; latent statistics computed" if res.latent_stats else "")
     )
 
 

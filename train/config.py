@@ -38,6 +38,8 @@ METHOD_REGISTRY: dict[str, str] = {
 }
 METHOD_NAMES: tuple[str, ...] = tuple(METHOD_REGISTRY)
 TIME_SAMPLINGS: tuple[str, ...] = ("uniform", "lognormal")
+#: ``--latent-norm``: the VAE config's normalisation, or the cache's dataset statistics (repa latent-stats)
+LATENT_NORMS: tuple[str, ...] = ("vae", "dataset")
 
 
 def _sizes() -> dict[str, dict[str, int]]:
@@ -196,6 +198,7 @@ class TrainConfig:
     seed: int = 0
     device: str = may_change("auto")
     precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
+    latent_norm: str = "vae"  # vae: the VAE config's scale/shift (REPA); dataset: the cache's per-channel statistics
     tf32: bool = may_change(True)  # TF32 matmuls and convolutions on CUDA (REPA's --allow-tf32)
     compile: bool = may_change(False)
     ckpt_every: int = may_change(10_000)
@@ -218,6 +221,8 @@ class TrainConfig:
         check_method_name(self.method)
         if self.keep_checkpoints < 1:
             raise UsageError(f"--keep-checkpoints must be at least 1, not {self.keep_checkpoints}")
+        if self.latent_norm not in LATENT_NORMS:
+            raise unknown_name("latent normalisation", self.latent_norm, LATENT_NORMS)
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> TrainConfig:

@@ -36,6 +36,7 @@ import torch
 from repa_cache.cache.errors import CacheError, UsageError
 from repa_cache.cache.format import LATENTS, TEACHER_PREFIX, LatentNorm, LatentsRecord, TeacherRecord, teacher_group
 from repa_cache.cache.identity import CacheIdentity
+from repa_cache.cache.latent_stats import read_latent_stats
 from repa_cache.cache.open import open_meta_any, open_reader
 from repa_cache.stages.devices import check_precision, resolve_device
 from repa_cache.train.checkpoint import (
@@ -171,7 +172,7 @@ def plan_run(cfg: TrainConfig) -> RunSetup:
                 f"{mcfg.num_tokens}; pick {pick} or pass --resample-teacher"
             )
     identity = CacheIdentity.of(reader)
-    norm = lrec.norm
+    norm = lrec.norm if cfg.latent_norm == "vae" else _dataset_norm(root, latents.commit["fingerprint_hash"], cfg)
     norm.check_channels(mcfg.in_channels)
     card = ModelCard(
         model=dataclasses.asdict(mcfg),
@@ -213,6 +214,19 @@ def init_weights(tr: Trainer, source: str, setup: RunSetup) -> None:
     print(f"starting from the weights of {ckpt.path} (step {ckpt.step})", file=sys.stderr)
 
 
+def _dataset_norm(root: Any, fingerprint: str, cfg: TrainConfig) -> LatentNorm:
+    """``--latent-norm dataset``: the cache's per-channel statistics (``repa latent-stats``)."""
+    stats = read_latent_stats(root, fingerprint)
+    if stats is None:
+        raise UsageError(f"--latent-norm dataset: the cache {root} holds no latent statistics; compute them with "
+                         f"repa latent-stats {root} (a webdataset export carries none: use the cache)")
+    if cfg.holdout:
+        log.warning("the latent statistics cover all %d valid samples of the cache; this run holds the last %d of them out "
+                    "of training (--holdout), so they are in the statistics but not in the training set", stats.samples,
+                    cfg.holdout)
+    return stats.norm
+
+
 def with_defaults(recorded: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
     """``recorded`` with each field it lacks (also inside a part such as ``optim``) taken from ``defaults``."""
     out = dict(defaults)
@@ -232,6 +246,9 @@ def check_resume(ckpt: Checkpoint, cfg: TrainConfig, setup: RunSetup) -> None:
     if changed:
         details = "; ".join(f"{k}: {old.get(k)} -> {new[k]}" for k in changed)
         raise UsageError(f"cannot resume {path}: the config changed ({details}); use a new --out")
+    if ckpt.card.latent_norm != setup.card.latent_norm:  # the same option, but the cache's statistics were computed again
+        raise UsageError(f"cannot resume {path}: the cache's latent statistics changed since the run started "
+                         "(repa latent-stats was run again); use a new --out")
 
 
 @dataclass
