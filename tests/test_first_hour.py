@@ -70,7 +70,7 @@ finally:
     (["precompute", "DATA", "OUT", "--teacher", "timm:"], "error: teacher 'timm:' names no timm model: timm:MODEL_ID"),
     (["precompute", "DATA", "DATA/cache"], "error: output folder DATA/cache is inside the data folder DATA"),
     (["train", "--cache", "C", "--out", "R", "--model", "SiT-XXL/2"],
-     "error: unknown model 'SiT-XXL/2' (did you mean 'SiT-XL/2'?); known models: SiT-S/2, "),
+     "error: unknown model 'SiT-XXL/2' (did you mean 'SiT-XL/2'?); known models: SiT-S/1, "),
     (["train", "--cache", "C", "--out", "R", "--method", "rpa"],
      "error: unknown method 'rpa' (did you mean 'repa'?); known methods: repa, irepa, reg, urepa, gmem, haste"),
     (["train", "--cache", "C", "--out", "R", "--method", "dino"], "error: unknown method 'dino'; known methods: repa, "),
