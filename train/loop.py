@@ -265,6 +265,8 @@ def train(cfg: TrainConfig, setup: RunSetup | None = None, hooks: Sequence[HookF
     (``eval.grid.sample_grid`` draws the ``--sample-every`` grids)."""
     setup = setup if setup is not None else plan_run(cfg)
     cfg = setup.cfg  # with the method's options resolved
+    if cfg.sample_every and not hooks:  # before the run folder is written
+        raise UsageError("--sample-every needs the sample grid hook: use repa_cache.train_run (or pass eval.grid.sample_grid in hooks)")
     ctx, ckpt = start_run(cfg, setup)
     ds = CacheBatches(
         DataConfig(cfg.cache, setup.teachers, cfg.batch_size, cfg.seed, holdout=cfg.holdout, verify_checksums=cfg.verify,
@@ -283,8 +285,6 @@ def train(cfg: TrainConfig, setup: RunSetup | None = None, hooks: Sequence[HookF
     metrics = MetricsLog(ctx, [alignment_probe(ctx)], t_start)
     extra = [h for h in (make(ctx) for make in hooks) if h is not None]
     run_hooks: list[Hook] = [DivergenceGuard(ctx), metrics, *extra, Checkpointing(ctx)]
-    if cfg.sample_every and ctx.di.is_main and not extra:
-        raise UsageError("--sample-every needs the sample grid hook: use repa_cache.train_run (or pass eval.grid.sample_grid in hooks)")
     step, t_wait0 = ctx.start, t_start
     try:
         for batch in loader:

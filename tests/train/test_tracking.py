@@ -67,3 +67,12 @@ def test_tensorboard_and_wandb_offline_get_the_metrics_rows(tiny_cache, tmp_path
     # the run's record log holds every row's values as W&B's history items (JSON-encoded numbers)
     log = next(offline[0].glob("*.wandb")).read_bytes()
     assert all(json.dumps(r["loss"]).encode() in log and json.dumps(r["denoise"]).encode() in log for r in rows)
+
+
+def test_sample_every_without_the_grid_hook_is_refused_before_the_run_is_written(tiny_cache, tmp_path):
+    from repa_cache.cache.errors import UsageError
+    from repa_cache.train.loop import train as bare_train
+
+    with pytest.raises(UsageError, match="--sample-every needs the sample grid hook: use repa_cache.train_run"):
+        bare_train(_cfg(tiny_cache, tmp_path / "r", sample_every=2))
+    assert not (tmp_path / "r").exists()
