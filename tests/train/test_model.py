@@ -141,9 +141,9 @@ def test_parameter_counts_match_published(name: str) -> None:
 
 
 def test_size_registry() -> None:
-    assert len(SIT_SIZES) == 13
+    assert len(SIT_SIZES) == 18  # S/B/L/XL at patch 1/2/4/8, tiny at 1/2
     for name, (depth, width, heads, enc) in {
-        "SiT-S/8": (12, 384, 6, 4), "SiT-B/4": (12, 768, 12, 4),
+        "SiT-S/8": (12, 384, 6, 4), "SiT-B/4": (12, 768, 12, 4), "SiT-XL/1": (28, 1152, 16, 8), "SiT-tiny/1": (4, 64, 4, 2),
         "SiT-L/2": (24, 1024, 16, 8), "SiT-XL/2": (28, 1152, 16, 8),
         "SiT-tiny/2": (4, 64, 4, 2),
     }.items():
@@ -155,10 +155,10 @@ def test_size_registry() -> None:
 
 
 def test_unknown_model_message() -> None:
-    message = r"^unknown model 'SiT-XXL/2' \(did you mean 'SiT-XL/2'\?\); known models: SiT-S/2, .*SiT-XL/8"
+    message = r"^unknown model 'SiT-XXL/2' \(did you mean 'SiT-XL/2'\?\); known models: SiT-S/1, SiT-S/2, .*SiT-XL/8"
     with pytest.raises(UsageError, match=message):
         sit_config("SiT-XXL/2")
-    with pytest.raises(UsageError, match=r"^unknown model 'ViT-B'; known models: SiT-S/2, "):  # nothing close: no guess
+    with pytest.raises(UsageError, match=r"^unknown model 'ViT-B'; known models: SiT-S/1, "):  # nothing close: no guess
         sit_config("ViT-B")
     with pytest.raises(UsageError, match="unknown SiT option"):
         sit_config("SiT-B/2", widht=10)
