@@ -59,6 +59,15 @@ def test_stored_latents_equal_autoencoderkl_posterior(tiny_cache, demo_images):
             np.testing.assert_array_equal(got["latents/std"][:, v], dist.std.numpy())
 
 
+def timm_tokens(model: torch.nn.Module, spec, images: torch.Tensor) -> torch.Tensor:
+    """A teacher's final-norm tokens (B, prefix + T, D) of uint8 crops, preprocessed by hand
+    (bicubic to 224 px, the teacher's mean/std), as timm computes them."""
+    x = F.interpolate(images.float() / 255, size=224, mode="bicubic", align_corners=False)
+    x = (x - torch.tensor(spec.mean).view(1, 3, 1, 1)) / torch.tensor(spec.std).view(1, 3, 1, 1)
+    with torch.no_grad():
+        return model.forward_features(x)
+
+
 def test_stored_teacher_tokens_equal_timm_final_norm_tokens(tiny_cache, demo_images):
     reader = CacheReader(tiny_cache)
     spec = get_teacher("tiny")
@@ -66,10 +75,7 @@ def test_stored_teacher_tokens_equal_timm_final_norm_tokens(tiny_cache, demo_ima
     idx, crops = _shard_crops(reader, demo_images, 0)
     got = reader.read(idx)
     for v, images in enumerate([crops, crops.flip(-1)]):
-        x = F.interpolate(images.float() / 255, size=224, mode="bicubic", align_corners=False)
-        x = (x - torch.tensor(spec.mean).view(1, 3, 1, 1)) / torch.tensor(spec.std).view(1, 3, 1, 1)
-        with torch.no_grad():
-            tokens = model.forward_features(x)  # (B, 1 + 256, D), final norm applied
+        tokens = timm_tokens(model, spec, images)  # (B, 1 + 256, D)
         np.testing.assert_array_equal(got["teachers/tiny/patch"][:, v], tokens[:, 1:].half().numpy())
         np.testing.assert_array_equal(got["teachers/tiny/cls"][:, v], tokens[:, 0].half().numpy())
 

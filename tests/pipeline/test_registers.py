@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from repa_cache.cache.format import LatentNorm
 from repa_cache.cache.reader import CacheReader, group_meta
@@ -15,7 +14,7 @@ from repa_cache.stages.teachers import get_teacher, load_teacher
 from repa_cache.train.data import CacheBatches, DataConfig, to_device
 
 from ..conftest import tiny_config
-from .test_precompute import _shard_crops
+from .test_precompute import _shard_crops, timm_tokens
 
 
 def test_registers_are_stored_and_reach_the_step(demo_images, tmp_path, run_cli):
@@ -31,10 +30,7 @@ def test_registers_are_stored_and_reach_the_step(demo_images, tmp_path, run_cli)
     idx, crops = _shard_crops(reader, demo_images, 0)
     got = reader.read(idx)
     for v, images in enumerate([crops, crops.flip(-1)]):
-        x = F.interpolate(images.float() / 255, size=224, mode="bicubic", align_corners=False)
-        x = (x - torch.tensor(spec.mean).view(1, 3, 1, 1)) / torch.tensor(spec.std).view(1, 3, 1, 1)
-        with torch.no_grad():
-            tokens = model.forward_features(x)  # (B, 1 + 4 + 256, 48)
+        tokens = timm_tokens(model, spec, images)  # (B, 1 + 4 + 256, 48)
         np.testing.assert_array_equal(got["teachers/tiny-reg/registers"][:, v], tokens[:, 1:5].half().numpy())
         np.testing.assert_array_equal(got["teachers/tiny-reg/patch"][:, v], tokens[:, 5:].half().numpy())
 
