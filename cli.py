@@ -67,9 +67,14 @@ def precompute(
     resolution: Annotated[Optional[int], typer.Option(help="Crop size in pixels (ADM center crop): a multiple of 8 in [64, 4096]. "
                                                            f"Default: OUT's when it is a cache, else {_field(PrecomputeConfig, 'resolution')}.")] = None,
     vae: Annotated[
-        Optional[str], typer.Option(help="Diffusers AutoencoderKL: HF id, local folder, or 'tiny'. Default: the cache's VAE, else stabilityai/sd-vae-ft-ema.")
+        Optional[str], typer.Option(help="AutoencoderKL: a preset (repa vaes), HF id, local diffusers folder, single-file checkpoint "
+                                         "(.safetensors/.pt/.ckpt, with --vae-config), or 'tiny' / 'tiny-f16'. "
+                                         "Default: the cache's VAE, else stabilityai/sd-vae-ft-ema.")
     ] = _field(PrecomputeConfig, "vae"),
     vae_revision: Annotated[Optional[str], typer.Option(help="HF revision of the VAE.")] = _field(PrecomputeConfig, "vae_revision"),
+    vae_config: Annotated[Optional[str], typer.Option(help="Diffusers config a single-file --vae is read with: a bundled config "
+                                                           "(va-vae-f16d32), a preset, a local diffusers folder or an HF id.")
+    ] = _field(PrecomputeConfig, "vae_config"),
     teacher: Annotated[
         Optional[list[str]], typer.Option(help=f"Teacher: a registry name, or timm:MODEL_ID for any timm ViT (preprocessing from its pretrained config) (repeatable). Default: {', '.join(_field(PrecomputeConfig, 'teachers'))}.")
     ] = None,
@@ -114,6 +119,7 @@ def precompute(
         out=str(out),
         vae=vae,
         vae_revision=vae_revision,
+        vae_config=vae_config,
         teachers=tuple(teacher) if teacher else _field(PrecomputeConfig, "teachers"),
         teacher_checkpoints=_pairs(teacher_checkpoint or [], "--teacher-checkpoint"),
         teacher_layers={k: v for item in teacher_layers or [] for k, v in [item.split("=", 1) if "=" in item else ("*", item)]},
@@ -377,6 +383,18 @@ def methods() -> None:
         fields = ", ".join(m.teacher_fields(True))
         opts = ", ".join(f"{k}={v}" for k, v in m.card()["options"].items())
         print(f"{name}: {cls.summary}\n  source: {cls.source}\n  reads: latents, teacher {fields}\n  options: {opts}")
+
+
+@app.command(rich_help_panel="Stage one: the cache")
+def vaes() -> None:
+    """List the VAE presets for --vae: geometry, where the weights come from, who publishes them."""
+    from repa_cache.stages.vae_presets import TINY_VAES, VAE_PRESETS
+
+    for name, p in VAE_PRESETS.items():
+        where = p.source + (f" ({p.subfolder}/)" if p.subfolder else "") + (f" file {p.file}, config {p.config}" if p.file else "")
+        print(f"{name}: {p.geometry}; {p.origin}\n  from: {where}")
+    for name, (blocks, channels) in TINY_VAES.items():
+        print(f"{name}: f{2 ** (blocks - 1)}, {channels} channels; random-initialised, for tests and demos")
 
 
 S, F, A = SampleConfig, FidConfig, AlignConfig  # short names for the defaults below

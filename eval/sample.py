@@ -110,11 +110,15 @@ def load_decoder(card: ModelCard, device: torch.device | str, vae: str | None = 
     """
     from repa_cache.stages.hashing import state_dict_sha256
     from repa_cache.stages.vae import VAESpec, load_vae
+    from repa_cache.stages.vae_presets import SINGLE_FILE_SUFFIXES
 
     named = card.vae.get("id")
     if vae is None and not named:
         raise UsageError("the checkpoint does not name its VAE; pass a local copy with --vae")
-    spec = VAESpec(vae, None) if vae is not None else VAESpec(str(named), card.vae.get("revision"))
+    if vae is None:
+        spec = VAESpec.of_record(card.vae)
+    else:  # a local copy: a single file is read with the config the card records
+        spec = VAESpec(vae, None, card.vae.get("config") if Path(vae).suffix.lower() in SINGLE_FILE_SUFFIXES else None)
     model = load_vae(spec, device, torch.float32)
     recorded = card.vae.get("weights_sha256")
     if not recorded:

@@ -9,7 +9,8 @@ from repa_cache.cache.format import FORMAT_VERSION, LATENTS, ArraySpec, CacheMet
 from repa_cache.cache.writer import DEFAULT_CODEC
 from repa_cache.stages.devices import check_precision
 from repa_cache.stages.teachers import get_teacher, teacher_metadata
-from repa_cache.stages.vae import TINY_VAES, VAESpec, latent_norm, vae_config
+from repa_cache.stages.vae import TINY_VAES, VAESpec, check_vae_file, latent_norm, vae_config
+from repa_cache.stages.vae_presets import VAE_PRESETS
 
 FEATURE_DTYPES = ("float16", "float32")
 #: ``--precision`` of stage one: the encoders' arithmetic (``bf16``: autocast). No ``auto``: the
@@ -23,6 +24,7 @@ def vae_group(meta: CacheMeta, spec: VAESpec, precision: str = "fp32") -> GroupM
     normalisation comes from the VAE's own config."""
     check_precision(precision, allowed=STAGE_ONE_PRECISIONS)
     config = vae_config(spec)
+    check_vae_file(spec)  # a single file must fit its config before anything is written
     down = 2 ** (len(config["block_out_channels"]) - 1)
     if meta.resolution % down:
         raise UsageError(f"--resolution {meta.resolution} is not divisible by the VAE's downsampling factor {down}")
@@ -44,11 +46,16 @@ def vae_group(meta: CacheMeta, spec: VAESpec, precision: str = "fp32") -> GroupM
         "stored": "posterior mean and std (sample = mean + std * eps, then normalised with latent_norm)",
         "precision": precision,
     }
+    identity: dict[str, object] = {"id": spec.name, "revision": spec.revision, "precision": precision}
+    if spec.config is not None:  # a single file: the config it is read with is part of what it is
+        model["config"] = identity["config"] = spec.config
+    if spec.name in VAE_PRESETS:
+        model["source"] = VAE_PRESETS[spec.name].source
     arrays = tuple(ArraySpec(n, (channels, side, side), "float32", DEFAULT_CODEC) for n in ("mean", "std"))
     fingerprint = {
         "base": meta.base_fingerprint,
         "group": LATENTS,
-        "model": {"id": spec.name, "revision": spec.revision, "precision": precision},
+        "model": identity,
         "arrays": [a.to_json() for a in arrays],
         "format_version": FORMAT_VERSION,
     }

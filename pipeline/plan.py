@@ -15,6 +15,7 @@ from repa_cache.cache.format import CODE_VERSION, CROP_RULE, FORMAT_VERSION, VIE
 from repa_cache.cache.storage import store_path
 from repa_cache.pipeline.source import SourceListing
 from repa_cache.stages.registry import check_teacher_name
+from repa_cache.stages.vae_presets import check_vae_name
 
 #: ``--resolution`` bounds (a multiple of 8, so that the SD-VAE's 8x downsampling is exact).
 MIN_RESOLUTION = 64
@@ -34,6 +35,7 @@ class PrecomputeConfig:
     resolution: int = 256
     vae: str | None = None  # None: the cache's VAE when resuming, else stages.vae.DEFAULT_VAE
     vae_revision: str | None = None
+    vae_config: str | None = None  # the diffusers config a single-file --vae is read with (stages.vae_presets)
     teachers: tuple[str, ...] = ("dinov2-vit-b",)
     teacher_checkpoints: dict[str, str] = field(default_factory=dict)
     # teacher -> "FIRST[-LAST]": also store the hidden tokens entering block FIRST (HASTE; stages.teachers)
@@ -104,6 +106,7 @@ def check_config(cfg: PrecomputeConfig) -> None:
         raise UsageError(f"--workers must be at least 1, not {cfg.workers}")
     for name in cfg.teachers:
         check_teacher_name(name)
+    check_vae_name(cfg.vae, cfg.vae_config)
     out, data = store_path(cfg.out), store_path(cfg.data)
     if out.is_local and out.is_within(data):
         raise UsageError(

@@ -49,6 +49,7 @@ from repa_cache.pipeline.worker import ShardTask, release_models, run_shard_task
 from repa_cache.stages.devices import check_precision
 from repa_cache.stages.teachers import get_teacher, hidden_metadata, parse_layers
 from repa_cache.stages.vae import DEFAULT_VAE, VAESpec
+from repa_cache.stages.vae_presets import canonical_vae
 
 log = logging.getLogger(__name__)
 
@@ -248,11 +249,10 @@ def _stored_as(gmeta: GroupMeta, codec: str) -> GroupMeta:
 def _vae_spec(cfg: PrecomputeConfig, existing: StorePath | None) -> VAESpec:
     """The VAE asked for; when none is named, the one the cache already has, else the default."""
     if cfg.vae is not None:
-        return VAESpec(cfg.vae, cfg.vae_revision)
+        return VAESpec(canonical_vae(cfg.vae), cfg.vae_revision, cfg.vae_config)
     if existing is not None and "latents" in list_groups(existing):
-        model = group_meta(existing, "latents").model
-        return VAESpec(model["id"], model["revision"])
-    return VAESpec(DEFAULT_VAE, cfg.vae_revision)
+        return VAESpec.of_record(group_meta(existing, "latents").model)
+    return VAESpec(DEFAULT_VAE, cfg.vae_revision, cfg.vae_config)
 
 
 def _run_tasks(cfg: PrecomputeConfig, tasks: list[ShardTask], known_weights: dict[str, str]) -> int:

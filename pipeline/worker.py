@@ -65,11 +65,11 @@ def _model(gmeta: GroupMeta, resolution: int, device: torch.device) -> tuple[tor
     """The group's model on ``device`` and the sha256 of its weights, loaded once per process."""
     m = gmeta.model
     precision = m.get("precision", "fp32")
-    key = (gmeta.group, m.get("id"), m.get("revision"), m.get("timm_id"), m.get("checkpoint"), resolution, str(device), precision)
+    key = (gmeta.group, m.get("id"), m.get("revision"), m.get("config"), m.get("timm_id"), m.get("checkpoint"), resolution, str(device), precision)
     with _MODELS_LOCK:
         if key not in _MODELS:
             if gmeta.kind == "latents":
-                model = vae_mod.load_vae(vae_mod.VAESpec(m["id"], m["revision"]), device=device)
+                model = vae_mod.load_vae(vae_mod.VAESpec.of_record(m), device=device)
                 if precision == "bf16" and device.type == "cuda":
                     model = model.to(memory_format=torch.channels_last)  # the VAE is all convolutions: NHWC is faster under bf16
             else:

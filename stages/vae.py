@@ -1,4 +1,5 @@
-"""The SD-VAE encoder of stage one (diffusers ``AutoencoderKL``).
+"""The VAE encoder of stage one (diffusers ``AutoencoderKL``, any geometry: f8 or f16, 4 to 32
+channels).
 
 Latents are stored as the posterior (mean and std of the diagonal Gaussian), not as a sample, so
 that training can draw a fresh ``mean + std * eps`` at every step. Normalisation is left to the
@@ -11,6 +12,7 @@ from __future__ import annotations
 import inspect
 import logging
 import os
+import re
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -23,15 +25,18 @@ from diffusers.utils import is_accelerate_available
 
 from repa_cache.cache.errors import UsageError
 from repa_cache.cache.format import LatentNorm
+from repa_cache.stages.vae_presets import BUNDLED_CONFIGS, SINGLE_FILE_SUFFIXES, TINY_VAES, VAE_PRESETS, suggest_vae
 
 __all__ = [
     "DEFAULT_VAE",
     "TINY_F16_VAE",
     "TINY_VAE",
     "VAESpec",
+    "check_vae_file",
     "encode_images",
     "latent_norm",
     "load_vae",
+    "read_single_file",
     "vae_config",
 ]
 
@@ -44,8 +49,6 @@ TINY_VAE = "tiny"
 #: A small random-initialised VAE with the geometry of today's f16 latent spaces (16x downsampling,
 #: 32 channels: REPA-E's E2E-VAVAE, VA-VAE), for tests and demos.
 TINY_F16_VAE = "tiny-f16"
-#: The random-initialised presets, by name: (down blocks, latent channels).
-TINY_VAES: dict[str, tuple[int, int]] = {TINY_VAE: (4, 4), TINY_F16_VAE: (5, 32)}
 
 
 @dataclass(frozen=True)
@@ -53,12 +56,22 @@ class VAESpec:
     """Which VAE to load.
 
     Attributes:
-        name: A Hugging Face model id, a local diffusers folder, or ``"tiny"``.
+        name: A Hugging Face model id, a local diffusers folder, a preset
+            (:data:`~repa_cache.stages.vae_presets.VAE_PRESETS`), a local single-file checkpoint
+            (``.safetensors`` / ``.pt`` / ``.ckpt``, latent diffusion's layout), or ``"tiny"``.
         revision: Hub revision (branch, tag or commit) for a model id; ignored otherwise.
+        config: For a single file, the diffusers config it is read with: a bundled config name,
+            a preset, a local diffusers folder or a model id. ``None`` for everything else.
     """
 
     name: str = DEFAULT_VAE
     revision: str | None = None
+    config: str | None = None
+
+    @classmethod
+    def of_record(cls, model: Mapping[str, Any]) -> VAESpec:
+        """The VAE a latents group (or a model card) records."""
+        return cls(str(model["id"]), model.get("revision"), model.get("config"))
 
 
 def _build_tiny_vae(name: str = TINY_VAE) -> AutoencoderKL:
@@ -101,7 +114,8 @@ def _where(spec: VAESpec) -> tuple[str, dict[str, Any]]:
     """The name to hand to diffusers and its keyword arguments (``subfolder`` or ``revision``).
 
     An existing local folder is used as it is, or its ``vae/`` sub-folder when it is a full
-    pipeline folder; any other name that is not a path is a Hugging Face model id.
+    pipeline folder; a preset gives its repository (and sub-folder); any other name that is not a
+    path is a Hugging Face model id.
 
     Raises:
         NotADirectoryError, FileNotFoundError: a local path that is not a folder.
@@ -112,14 +126,39 @@ def _where(spec: VAESpec) -> tuple[str, dict[str, Any]]:
         is_pipeline = not (local / "config.json").exists() and (local / "vae" / "config.json").exists()
         return str(local), {"subfolder": "vae" if is_pipeline else None}
     if local.exists():
-        raise NotADirectoryError(f"{name} is not a folder")
+        raise NotADirectoryError(f"{name} is not a folder (a single-file checkpoint ends in {', '.join(SINGLE_FILE_SUFFIXES)})")
     if _looks_like_path(name):
         raise FileNotFoundError(f"no such folder {name}")
+    preset = VAE_PRESETS.get(name)
+    if preset is not None:
+        return preset.source, {"subfolder": preset.subfolder, "revision": spec.revision}
     return name, {"revision": spec.revision}
 
 
+def _single_file(spec: VAESpec) -> tuple[Path | None, str | None]:
+    """``(file, config)`` when ``spec`` names a single-file checkpoint, else ``(None, None)``.
+    The file is ``None`` for a preset whose file is still on the hub."""
+    preset = VAE_PRESETS.get(spec.name)
+    if preset is not None and preset.file is not None:
+        return None, spec.config or preset.config
+    local = Path(spec.name).expanduser()
+    if local.suffix.lower() in SINGLE_FILE_SUFFIXES and not local.is_dir():
+        if not local.exists():
+            raise FileNotFoundError(f"no such file {spec.name}")
+        if spec.config is None:
+            raise UsageError(f"'{spec.name}' is a single-file checkpoint: name the diffusers config it is read with "
+                             f"(--vae-config: {', '.join(BUNDLED_CONFIGS)}, a preset, a local diffusers folder or an HF id)")
+        return local, spec.config
+    if spec.config is not None:
+        raise UsageError(f"--vae-config applies to single-file checkpoints only; '{spec.name}' brings its own config")
+    return None, None
+
+
 def _cannot_load(spec: VAESpec, exc: BaseException) -> UsageError:
-    return UsageError(f"cannot load VAE '{spec.name}': {_short_reason(exc)}; pass a local diffusers folder with --vae")
+    if isinstance(exc, UsageError):
+        return exc
+    return UsageError(f"cannot load VAE '{spec.name}': {_short_reason(exc)}{suggest_vae(spec.name)}; "
+                      "pass a local diffusers folder with --vae")
 
 
 def load_vae(
@@ -131,25 +170,158 @@ def load_vae(
     process) with the real geometry: 8x downsampling, 4 latent channels (``4x32x32`` at 256 px);
     ``"tiny-f16"`` one with 16x downsampling and 32 channels (``32x16x16`` at 256 px). An
     existing local folder is loaded with ``from_pretrained`` (a full pipeline folder with a ``vae/``
-    sub-folder works too); any other name is a Hugging Face model id loaded at ``spec.revision``.
+    sub-folder works too); a single-file checkpoint is read with the config ``spec.config`` names
+    (:func:`read_single_file`); a preset loads from its source; any other name is a Hugging Face
+    model id loaded at ``spec.revision``.
 
     Raises:
-        UsageError: the VAE cannot be loaded (missing folder, unknown id, no network).
+        UsageError: the VAE cannot be loaded (missing folder, unknown id, no network), or a single
+            file does not fit its config.
     """
-    if spec.name in TINY_VAES:
-        # Plain nn.Module.to: diffusers' own .to() warns about fp32 modules on every dtype cast.
-        vae = torch.nn.Module.to(_build_tiny_vae(spec.name), dtype=dtype)
-    else:
-        try:
+    try:
+        file, config = _single_file(spec)
+        if config is not None:
+            vae = torch.nn.Module.to(_load_single_file(spec, file, config), dtype=dtype)
+        elif spec.name in TINY_VAES:
+            # Plain nn.Module.to: diffusers' own .to() warns about fp32 modules on every dtype cast.
+            vae = torch.nn.Module.to(_build_tiny_vae(spec.name), dtype=dtype)
+        else:
             where, kwargs = _where(spec)
             vae = AutoencoderKL.from_pretrained(where, **kwargs, torch_dtype=dtype, low_cpu_mem_usage=is_accelerate_available())
-        except Exception as exc:
-            raise _cannot_load(spec, exc) from exc
+    except Exception as exc:
+        raise _cannot_load(spec, exc) from exc
     vae = vae.to(device)
     vae.eval()
     vae.requires_grad_(False)
     logger.info("loaded VAE %s on %s (%s)", spec.name, device, dtype)
     return vae
+
+
+#: Keys of latent diffusion's ``AutoencoderKL`` that hold the VAE itself (a checkpoint may also
+#: carry its training loss: discriminator, LPIPS, an alignment projector).
+_LDM_VAE_PARTS = ("encoder.", "decoder.", "quant_conv.", "post_quant_conv.")
+#: Where a single file may nest its weights (Lightning's ``state_dict``, plain ``model``).
+_NESTED_KEYS = ("state_dict", "model")
+#: The attention of one level of latent diffusion's encoder or decoder (``attn_resolutions``).
+_LEVEL_ATTENTION = re.compile(r"^(encoder\.down|decoder\.up)\.(\d+)\.attn\.(\d+)\.(.+)$")
+_ATTENTION_NAMES = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0"}
+
+
+def read_single_file(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a single-file checkpoint: ``.safetensors``, or a ``torch.save`` file read
+    with ``weights_only=True`` (no pickled code runs) and memory-mapped, so its size costs no
+    memory before the weights are used. A ``state_dict`` or ``model`` entry holding the weights
+    is unwrapped.
+
+    Raises:
+        UsageError: the file cannot be read, or holds no tensors by name.
+    """
+    try:
+        if path.suffix.lower() == ".safetensors":
+            from safetensors.torch import load_file
+
+            obj: Any = load_file(str(path))
+        else:
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as exc:
+        raise UsageError(f"cannot read VAE checkpoint {path}: {_short_reason(exc)}") from exc
+    for key in _NESTED_KEYS:
+        if isinstance(obj, Mapping) and isinstance(obj.get(key), Mapping):
+            obj = obj[key]
+    if not isinstance(obj, Mapping) or not obj or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
+        raise UsageError(f"VAE checkpoint {path} holds no state dict (tensors by name)")
+    return dict(obj)
+
+
+def _level_attentions(converted: dict[str, torch.Tensor], num_up: int) -> dict[str, torch.Tensor]:
+    """Rename the attention of encoder and decoder levels, which diffusers' conversion leaves in
+    latent diffusion's names (it knows only the middle block's): ``encoder.down.i.attn.j`` to
+    ``encoder.down_blocks.i.attentions.j``, ``decoder.up.i.attn.j`` to
+    ``decoder.up_blocks.(n-1-i).attentions.j`` (diffusers numbers the decoder from the bottom),
+    1x1 convolutions to linear weights."""
+    out: dict[str, torch.Tensor] = {}
+    for key, value in converted.items():
+        match = _LEVEL_ATTENTION.match(key)
+        if match is None:
+            out[key] = value
+            continue
+        part, level, index, rest = match.groups()
+        layer, _, leaf = rest.rpartition(".")
+        if part == "encoder.down":
+            block = f"encoder.down_blocks.{level}"
+        else:
+            block = f"decoder.up_blocks.{num_up - 1 - int(level)}"
+        if value.ndim == 4 and layer in ("q", "k", "v", "proj_out"):
+            value = value[:, :, 0, 0]
+        out[f"{block}.attentions.{index}.{_ATTENTION_NAMES.get(layer, layer)}.{leaf}"] = value
+    return out
+
+
+def _check_fits(converted: dict[str, torch.Tensor], source: Mapping[str, torch.Tensor], model: AutoencoderKL, where: str) -> None:
+    """Refuse, naming the first key, a converted state dict that does not fill ``model`` exactly:
+    a weight the model has and the file lacks, a shape that differs, or a VAE weight in the file
+    that no part of the model takes (the file has more levels, blocks or attention than the config)."""
+    expected = model.state_dict()
+    for key, tensor in expected.items():
+        if key not in converted:
+            raise UsageError(f"VAE checkpoint {where}: it has no weight for {key}")
+        if tuple(converted[key].shape) != tuple(tensor.shape):
+            raise UsageError(f"VAE checkpoint {where}: {key} is {tuple(converted[key].shape)} in the file but "
+                             f"{tuple(tensor.shape)} in the config")
+    used = {converted[key].untyped_storage().data_ptr() for key in expected}
+    for key, tensor in source.items():
+        if key.startswith(_LDM_VAE_PARTS) and tensor.untyped_storage().data_ptr() not in used:
+            raise UsageError(f"VAE checkpoint {where}: its weight {key} has no place in the config")
+
+
+def _single_file_state(spec: VAESpec, file: Path | None, config_name: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The weights of an original single-file checkpoint (latent diffusion's layout) under
+    diffusers' names, checked to fill the config ``config_name`` exactly, and that config.
+
+    Diffusers' own single-file conversion renames the keys, the attention of encoder and decoder
+    levels is renamed on top (:func:`_level_attentions`), and the result must fit a model built
+    on the ``meta`` device (:func:`_check_fits`; no memory). ``file`` is ``None`` for a preset
+    whose file is on the hub."""
+    from diffusers.loaders.single_file_utils import LDM_VAE_KEYS, convert_ldm_vae_checkpoint
+
+    if file is None:
+        from huggingface_hub import hf_hub_download
+
+        preset = VAE_PRESETS[spec.name]
+        assert preset.file is not None
+        file = Path(hf_hub_download(preset.source, preset.file, revision=spec.revision))
+    config = vae_config(VAESpec(config_name))
+    state = read_single_file(file)
+    prefix = next((p for p in LDM_VAE_KEYS if any(k.startswith(p) for k in state)), "")
+    source = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    converted = _level_attentions(convert_ldm_vae_checkpoint(source, config), len(config["up_block_types"]))
+    with torch.device("meta"):
+        shapes = AutoencoderKL.from_config(config)
+    _check_fits(converted, source, shapes, f"{file} does not fit config '{config_name}'")
+    return {k: converted[k] for k in shapes.state_dict()}, config
+
+
+def check_vae_file(spec: VAESpec) -> None:
+    """Read a single-file VAE and check that it fits its config, without building the model;
+    nothing for any other VAE. Lets stage one refuse a bad file before it writes anything.
+
+    Raises:
+        UsageError: the file cannot be read, or does not fit its config.
+    """
+    try:
+        file, config = _single_file(spec)
+        if config is not None:
+            _single_file_state(spec, file, config)
+    except Exception as exc:
+        raise _cannot_load(spec, exc) from exc
+
+
+def _load_single_file(spec: VAESpec, file: Path | None, config_name: str) -> AutoencoderKL:
+    """A VAE from a single-file checkpoint and the diffusers config it is read with."""
+    state, config = _single_file_state(spec, file, config_name)
+    model = AutoencoderKL.from_config(config)
+    model.load_state_dict(state, strict=True)
+    return model
 
 
 def vae_config(spec: VAESpec) -> dict[str, Any]:
@@ -159,9 +331,14 @@ def vae_config(spec: VAESpec) -> dict[str, Any]:
     Raises:
         UsageError: the config cannot be read (missing folder, unknown id, no network).
     """
-    if spec.name in TINY_VAES:
-        return dict(_build_tiny_vae(spec.name).config)
+    if spec.name in BUNDLED_CONFIGS:
+        return dict(BUNDLED_CONFIGS[spec.name])
     try:
+        _, config = _single_file(spec)
+        if config is not None:
+            return vae_config(VAESpec(config))
+        if spec.name in TINY_VAES:
+            return dict(_build_tiny_vae(spec.name).config)
         where, kwargs = _where(spec)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # hub deprecation chatter; a failure is reported below

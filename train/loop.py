@@ -179,7 +179,7 @@ def plan_run(cfg: TrainConfig) -> RunSetup:
         teachers=teachers,
         latent_norm=norm.to_json(),
         vae={"id": lat.get("id"), "revision": lat.get("revision"), "tiny": bool(lat.get("tiny")),
-             "weights_sha256": latents.commit.get("weights_sha256")},
+             "weights_sha256": latents.commit.get("weights_sha256")} | ({"config": lat["config"]} if "config" in lat else {}),
         class_names=tuple(meta.class_names),
         method=method.card(),
         path=cfg.transport.path,

@@ -180,11 +180,22 @@ def test_missing_local_path(tmp_path: Path, read: Callable[[VAESpec], object]) -
 
 
 def test_file_is_not_a_vae_folder(tmp_path: Path) -> None:
-    path = tmp_path / "vae.safetensors"
+    path = tmp_path / "vae.txt"
     path.write_bytes(b"")
     with pytest.raises(UsageError) as info:
         load_vae(VAESpec(str(path)))
-    assert str(info.value) == f"cannot load VAE '{path}': {path} is not a folder{SUFFIX}"
+    assert str(info.value) == (f"cannot load VAE '{path}': {path} is not a folder (a single-file checkpoint ends in "
+                               f".safetensors, .pt, .pth, .ckpt, .bin){SUFFIX}")
+    single = tmp_path / "vae.safetensors"
+    single.write_bytes(b"")
+    for read in (load_vae, vae_config):
+        with pytest.raises(UsageError) as info:
+            read(VAESpec(str(single)))
+        assert str(info.value) == (f"'{single}' is a single-file checkpoint: name the diffusers config it is read with "
+                                   "(--vae-config: va-vae-f16d32, a preset, a local diffusers folder or an HF id)")
+    with pytest.raises(UsageError) as info:
+        vae_config(VAESpec("tiny", config="tiny-f16"))
+    assert str(info.value) == "--vae-config applies to single-file checkpoints only; 'tiny' brings its own config"
 
 
 def test_empty_local_folder(tmp_path: Path) -> None:
