@@ -517,11 +517,14 @@ def import_ckpt(
     encoder_depth: Annotated[Optional[int], typer.Option(help="Block the projectors read. Default: the checkpoint's args, else the size's default.")] = None,
     num_heads: Annotated[Optional[int], typer.Option(help="Attention heads. Default: from the model size.")] = None,
     path: Annotated[Optional[str], typer.Option(help="Interpolant: linear or cosine. Default: the checkpoint's args, else linear.")] = None,
+    latent_norm: Annotated[str, typer.Option(help="repa: SD-VAE's scale 0.18215 (REPA's runs); vae: what the --vae config asks for "
+                                                  "(REPA-E's SiT/1 releases on E2E-VAEs).")] = "repa",
 ) -> None:
     """Turn a REPA checkpoint into a run folder that repa sample and repa align read."""
     from repa_cache.train.interop import ImportOptions, describe_import, import_repa_checkpoint
 
-    given: dict[str, Any] = dict(teachers=tuple(teacher) if teacher else None, vae=vae, encoder_depth=encoder_depth, num_heads=num_heads, path=path)
+    given: dict[str, Any] = dict(teachers=tuple(teacher) if teacher else None, vae=vae, encoder_depth=encoder_depth, num_heads=num_heads,
+                                 path=path, latent_norm=latent_norm)
     opts = ImportOptions(**{k: v for k, v in given.items() if v is not None})  # unset: the dataclass default
     print(describe_import(import_repa_checkpoint(src, out, opts)))
 

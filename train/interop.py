@@ -31,6 +31,7 @@ import torch
 from repa_cache.cache.errors import UsageError
 from repa_cache.cache.format import LatentNorm
 from repa_cache.cache.storage import atomic_file
+from repa_cache.stages.vae_presets import TINY_VAES, canonical_vae
 from repa_cache.train.checkpoint import (
     ModelCard,
     latest_checkpoint,
@@ -72,6 +73,9 @@ class ImportOptions:
         num_heads: attention heads; default: the run's ``args`` model name, else the named size
             with the same depth and width.
         path: the interpolant; default: the run's ``args.path_type``, else linear.
+        latent_norm: ``repa``: SD-VAE's scale 0.18215, as REPA trains; ``vae``: the normalisation
+            ``vae``'s config asks for (per-channel statistics for REPA-E's E2E-VAEs), which needs
+            that config (a preset, a local folder, or the hub).
     """
 
     teachers: tuple[str, ...] = ()
@@ -79,6 +83,7 @@ class ImportOptions:
     encoder_depth: int | None = None
     num_heads: int | None = None
     path: str | None = None
+    latent_norm: str = "repa"
 
 
 # --------------------------------------------------------------------------------------------
@@ -350,8 +355,8 @@ def import_repa_checkpoint(src: str | Path, out_run: str | Path, opts: ImportOpt
     card = ModelCard(
         model=dataclasses.asdict(config),
         teachers=tuple(opts.teachers),
-        latent_norm=REPA_LATENT_NORM.to_json(),
-        vae={"id": opts.vae, "revision": None, "weights_sha256": None, "tiny": opts.vae == "tiny"},
+        latent_norm=_import_norm(opts, config, src).to_json(),
+        vae={"id": canonical_vae(opts.vae), "revision": None, "weights_sha256": None, "tiny": opts.vae in TINY_VAES},
         class_names=tuple(str(i) for i in range(config.num_classes)),
         method={"name": "repa", "options": options},
         path=path,
@@ -362,6 +367,20 @@ def import_repa_checkpoint(src: str | Path, out_run: str | Path, opts: ImportOpt
     written = save_state_dicts(out_run, step, card, ema, model, optimizer)
     log.info("imported %s (%s, step %d) into %s", src, _describe(config), step, written)
     return written
+
+
+def _import_norm(opts: ImportOptions, config: SiTConfig, src: Path) -> LatentNorm:
+    """The latent normalisation a release was trained with (see :class:`ImportOptions`)."""
+    if opts.latent_norm == "repa":
+        return REPA_LATENT_NORM
+    if opts.latent_norm != "vae":
+        raise UsageError(f"--latent-norm must be repa or vae, not '{opts.latent_norm}'")
+    from repa_cache.stages.vae import VAESpec, latent_norm, vae_config
+
+    vae = vae_config(VAESpec(canonical_vae(opts.vae)))
+    if int(vae["latent_channels"]) != config.in_channels:
+        raise UsageError(f"{src} takes {config.in_channels} latent channels but VAE '{opts.vae}' has {vae['latent_channels']}")
+    return latent_norm(vae)
 
 
 def _describe(config: SiTConfig) -> str:

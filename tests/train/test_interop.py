@@ -20,8 +20,10 @@ from timm.models.vision_transformer import Attention, Mlp, PatchEmbed
 from torch import nn
 
 from repa_cache.cache.errors import UsageError
+from repa_cache.cache.format import LatentNorm
 from repa_cache.eval.config import SampleConfig
 from repa_cache.eval.sample import sample
+from repa_cache.stages.vae import VAESpec, latent_norm, vae_config
 from repa_cache.train.checkpoint import ModelCard, latest_checkpoint, load_checkpoint, save_checkpoint
 from repa_cache.train.interop import ImportOptions, export_repa_checkpoint, import_repa_checkpoint
 from repa_cache.train.model import SiT, SiTConfig
@@ -89,9 +91,10 @@ class _Final(nn.Module):
 class RepaSiT(nn.Module):
     """REPA's SiT module tree at a tiny size, every tensor random."""
 
-    def __init__(self) -> None:
+    def __init__(self, latent: int = LATENT, patch: int = PATCH, channels: int = 4) -> None:
         super().__init__()
-        self.x_embedder = PatchEmbed(LATENT, PATCH, 4, WIDTH, bias=True)
+        self.patch, self.channels = patch, channels
+        self.x_embedder = PatchEmbed(latent, patch, channels, WIDTH, bias=True)
         self.t_embedder = _TimeEmbed(WIDTH)
         self.y_embedder = _Labels(CLASSES, WIDTH)
         self.pos_embed = nn.Parameter(torch.zeros(1, self.x_embedder.num_patches, WIDTH), requires_grad=False)
@@ -99,7 +102,7 @@ class RepaSiT(nn.Module):
         self.projectors = nn.ModuleList([
             nn.Sequential(nn.Linear(WIDTH, PROJ_DIM), nn.SiLU(), nn.Linear(PROJ_DIM, PROJ_DIM), nn.SiLU(), nn.Linear(PROJ_DIM, z))
             for z in Z_DIMS])
-        self.final_layer = _Final(WIDTH, PATCH, 4)
+        self.final_layer = _Final(WIDTH, patch, channels)
         with torch.no_grad():
             for p in self.parameters():
                 p.copy_(0.1 * torch.randn_like(p))
@@ -114,8 +117,9 @@ class RepaSiT(nn.Module):
                 zs = [proj(h) for proj in self.projectors]
         h = self.final_layer(h, c)  # (B, T, P*P*C)
         g = int(h.shape[1] ** 0.5)
-        h = h.reshape(h.shape[0], g, g, PATCH, PATCH, 4)
-        return torch.einsum("nhwpqc->nchpwq", h).reshape(h.shape[0], 4, g * PATCH, g * PATCH), zs
+        p, ch = self.patch, self.channels
+        h = h.reshape(h.shape[0], g, g, p, p, ch)
+        return torch.einsum("nhwpqc->nchpwq", h).reshape(h.shape[0], ch, g * p, g * p), zs
 
 
 def _repa_args(**over: object) -> argparse.Namespace:
@@ -397,3 +401,51 @@ def test_a_named_size_gives_the_heads_and_a_default_encoder_depth(caplog: pytest
     with caplog.at_level("WARNING"):
         assert infer_config(sd, {}, ImportOptions(), "f") == want
     assert "f records no encoder depth; assuming 8 (the SiT-XL/2 default)" in caplog.text
+
+
+def test_a_patch_1_release_on_f16d32_latents_round_trips(tmp_path: Path) -> None:
+    """REPA-E's SiT/1 releases: 32 latent channels on a 16x16 grid, one token per latent."""
+    torch.manual_seed(1)
+    model, ema = RepaSiT(latent=16, patch=1, channels=32), RepaSiT(latent=16, patch=1, channels=32)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    v, zs = model(torch.randn(2, 32, 16, 16), torch.rand(2), torch.tensor([0, 3]))
+    (v.square().mean() + sum(z.square().mean() for z in zs)).backward()
+    opt.step()
+    ckpt = {"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(), "args": _repa_args(), "steps": 1}
+    torch.save(ckpt, tmp_path / "0000001.pt")
+    run = tmp_path / "run"
+    import_repa_checkpoint(tmp_path / "0000001.pt", run, OPTS)
+    loaded = load_checkpoint(latest_checkpoint(run))
+    cfg = SiTConfig(**loaded.card.model)
+    assert (cfg.patch_size, cfg.in_channels, cfg.input_size, cfg.num_tokens) == (1, 32, 16, 256)
+    back = _load(export_repa_checkpoint(run, tmp_path / "back.pt"))
+    for name in ("model", "ema"):
+        assert list(back[name]) == list(ckpt[name])
+        for key, value in ckpt[name].items():
+            assert torch.equal(back[name][key], value), key
+    for i, state in ckpt["opt"]["state"].items():
+        assert all(torch.equal(back["opt"]["state"][i][k], state[k]) for k in state)
+    # and our student computes what REPA's module computes on the same weights
+    x, t, y = torch.randn(2, 32, 16, 16), torch.rand(2), torch.tensor([1, 2])
+    with torch.no_grad():
+        want, _ = ema(x, t, y)
+        got, _ = load_student(run).model(x, t, y)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    # the latent normalisation of the VAE the release was trained on, from that VAE's config
+    assert loaded.card.norm == LatentNorm((0.18215,), (0.0,))
+    import_repa_checkpoint(tmp_path / "0000001.pt", tmp_path / "f16", dataclasses.replace(OPTS, vae="tiny-f16", latent_norm="vae"))
+    assert load_checkpoint(latest_checkpoint(tmp_path / "f16")).card.norm == latent_norm(vae_config(VAESpec("tiny-f16")))
+    with pytest.raises(UsageError, match=r"takes 32 latent channels but VAE 'tiny' has 4$"):
+        import_repa_checkpoint(tmp_path / "0000001.pt", tmp_path / "f8", dataclasses.replace(OPTS, latent_norm="vae"))
+
+
+def test_sit_xl_1_on_f16d32_latents_is_named_from_its_shapes() -> None:
+    """REPA-E's E2E-VAVAE + SiT-XL/1 release: the shapes alone give the size (meta tensors)."""
+    from repa_cache.train.interop import infer_config
+    from repa_cache.train.model import sit_config
+
+    want = sit_config("SiT-XL/1", input_size=16, in_channels=32, z_dims=(768,))
+    with torch.device("meta"):
+        sd = SiT(want).state_dict()
+    assert infer_config(sd, {"encoder_depth": 8}, ImportOptions(), "f") == want
+    assert (want.num_tokens, want.hidden_size, want.depth, want.num_heads) == (256, 1152, 28, 16)
