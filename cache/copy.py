@@ -30,6 +30,7 @@ from repa_cache.cache.codec import FEATURE_CODECS, scale_name
 from repa_cache.cache.defaults import DEFAULT_COPY_JOBS
 from repa_cache.cache.errors import CacheError, FingerprintMismatch, UsageError
 from repa_cache.cache.format import (
+    LATENTS,
     MANIFEST_FILE,
     PLAN_FILE,
     TEACHER_PREFIX,
@@ -39,6 +40,7 @@ from repa_cache.cache.format import (
     record_path,
     with_feature_codec,
 )
+from repa_cache.cache.latent_stats import carry_latent_stats, stats_path
 from repa_cache.cache.layout import bulk_reads, open_zarr, read_record, record_shards, shard_key, zarr_array
 from repa_cache.cache.lock import LOCK_FILE, is_our_lock, writer_lock
 from repa_cache.cache.progress import Progress, format_bytes
@@ -153,6 +155,11 @@ def _copy_locked(src_root: StorePath, dst_root: StorePath, meta: Any, wanted: li
 
             commit_group(dst_root, meta, target)
             result.groups[target.group] = f"transcoded to {target.codec_name}"
+    latents = commit_record(src_root, LATENTS)
+    assert latents is not None  # every copy holds the latents, checked committed above
+    carried = carry_latent_stats(src_root, stats_path(dst_root), latents["fingerprint_hash"])
+    if carried is not None:
+        result.groups["latent statistics"] = carried
     result.seconds = time.perf_counter() - t0
     return result
 

@@ -26,12 +26,37 @@ from repa_cache.cache.reader import CacheReader
 from repa_cache.cache.storage import StorePath
 
 STATS_DIR = "_stats"
+#: The same record in a webdataset export (a flat folder: shards, index, manifest).
+EXPORT_STATS_FILE = "latent-stats.json"
 KIND = "latent-stats"
 VERSION = 1
 
 
 def stats_path(root: StorePath) -> StorePath:
-    return root / STATS_DIR / f"{LATENTS}.json"
+    """Where a cache keeps its latent statistics; a webdataset export keeps them as
+    :data:`EXPORT_STATS_FILE` (read from there when present)."""
+    exported = root / EXPORT_STATS_FILE
+    return exported if exported.exists() else root / STATS_DIR / f"{LATENTS}.json"
+
+
+def carry_latent_stats(src: StorePath, dst: StorePath, fingerprint: str) -> str | None:
+    """Copy ``src``'s statistics to ``dst`` (a cache folder, or an export's file) when the latents
+    with ``fingerprint`` travel with them: what happened, or None when ``src`` has none. Damaged
+    statistics, or statistics of other latents, stay behind (a run would refuse them anyway); a
+    destination that has its own is left as it is."""
+    if not stats_path(src).exists():
+        return None
+    try:
+        stats = read_latent_stats(src, fingerprint)
+    except UsageError:
+        return "not copied (damaged or of other latents; compute them again with repa latent-stats)"
+    assert stats is not None
+    if dst.exists() and read_json(dst) == stats.to_json():
+        return "already there"
+    if dst.exists():
+        return "kept the destination's own"
+    write_json_atomic(dst, stats.to_json())
+    return "copied"
 
 
 def indices_sha256(indices: np.ndarray) -> str:

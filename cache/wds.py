@@ -52,9 +52,11 @@ from repa_cache.cache.defaults import DEFAULT_SHARD_BYTES
 from repa_cache.cache.errors import UsageError
 from repa_cache.cache.format import (
     FORMAT_VERSION,
+    LATENTS,
     MANIFEST_FILE,
     write_json_atomic,
 )
+from repa_cache.cache.latent_stats import EXPORT_STATS_FILE, carry_latent_stats
 from repa_cache.cache.layout import bulk_reads
 from repa_cache.cache.lock import LOCK_FILE, is_our_lock, writer_lock
 from repa_cache.cache.progress import Progress, format_bytes
@@ -125,7 +127,7 @@ def is_export(path: str | Path | StorePath) -> bool:
 def _is_export_file(name: str) -> bool:
     """A name export-wds writes in its destination (shards, index, manifest, marker, lock, and the
     temporary names of its atomic writes)."""
-    ours = (INDEX_FILE, MANIFEST_FILE, EXPORT_MARKER, LOCK_FILE)
+    ours = (INDEX_FILE, MANIFEST_FILE, EXPORT_MARKER, LOCK_FILE, EXPORT_STATS_FILE)
     if _SHARD_RE.match(name) or name in ours or name == f"{LOCK_FILE}.takeover":
         return True
     return name.startswith(".") and name.endswith(".tmp") and any(name.startswith(f".{n}.") for n in ours)
@@ -259,6 +261,8 @@ def _export_locked(reader: CacheReader, out: StorePath, shard_bytes: int, quiet:
 
     manifest_bytes = (reader.root / MANIFEST_FILE).read_bytes()
     (out / MANIFEST_FILE).write_bytes(manifest_bytes)
+    if LATENTS in reader.groups:  # the latents' dataset statistics travel with them (repa train --latent-norm dataset)
+        carry_latent_stats(reader.root, out / EXPORT_STATS_FILE, reader.groups[LATENTS].commit["fingerprint_hash"])
     index = {
         "format": WDS_MARKER,
         "wds_version": WDS_VERSION,

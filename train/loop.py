@@ -219,7 +219,7 @@ def _dataset_norm(root: Any, fingerprint: str, cfg: TrainConfig) -> LatentNorm:
     stats = read_latent_stats(root, fingerprint)
     if stats is None:
         raise UsageError(f"--latent-norm dataset: the cache {root} holds no latent statistics; compute them with "
-                         f"repa latent-stats {root} (a webdataset export carries none: use the cache)")
+                         f"repa latent-stats {root} (a webdataset export carries its cache's: export again after computing them)")
     if cfg.holdout:
         log.warning("the latent statistics cover all %d valid samples of the cache; this run holds the last %d of them out "
                     "of training (--holdout), so they are in the statistics but not in the training set", stats.samples,

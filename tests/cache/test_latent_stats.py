@@ -78,7 +78,7 @@ def test_missing_damaged_or_foreign_statistics_are_refused_in_one_line(stats_cac
     code, _, err = run_cli([*base, "--cache", str(plain), "--out", str(tmp_path / "a")])
     root = store_path(plain)
     assert (code, err) == (2, f"error: --latent-norm dataset: the cache {root} holds no latent statistics; compute them with "
-                              f"repa latent-stats {root} (a webdataset export carries none: use the cache)\n")
+                              f"repa latent-stats {root} (a webdataset export carries its cache's: export again after computing them)\n")
     path = stats_path(root)
     file = Path(path.path)
     file.parent.mkdir(parents=True, exist_ok=True)
@@ -92,3 +92,37 @@ def test_missing_damaged_or_foreign_statistics_are_refused_in_one_line(stats_cac
     assert (code, err) == (2, f"error: {path} was computed from other latents than the cache holds; compute them again with "
                               "repa latent-stats\n")
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists() and not (tmp_path / "c").exists()
+
+
+def test_copies_and_exports_carry_them_and_runs_on_either_normalise_alike(stats_cache, tmp_path, run_cli):
+    code, out, err = run_cli(["cache", "copy", str(stats_cache), str(tmp_path / "copy"), "-q"])
+    assert code == 0 and "latent statistics: copied" in out, err
+    assert _stored(tmp_path / "copy") == _stored(stats_cache)
+    code, out, _ = run_cli(["cache", "copy", str(stats_cache), str(tmp_path / "copy"), "-q"])
+    assert code == 0 and "latent statistics: already there" in out
+    code, _, err = run_cli(["export-wds", str(stats_cache), str(tmp_path / "wds"), "-q"])
+    assert code == 0, err
+    assert stats_path(store_path(tmp_path / "wds")) == store_path(tmp_path / "wds") / "latent-stats.json"
+    assert _stored(tmp_path / "wds") == _stored(stats_cache)
+    norms = []
+    for cache in ("copy", "wds"):
+        code, _, err = run_cli(["train", "--cache", str(tmp_path / cache), "--out", str(tmp_path / f"r-{cache}"), "--model",
+                                "SiT-tiny/2", "--batch-size", "4", "--max-steps", "1", "--workers", "0", "--device", "cpu",
+                                "--latent-norm", "dataset", "-q"])
+        assert code == 0, err
+        norms.append(load_checkpoint(latest_checkpoint(tmp_path / f"r-{cache}")).card.norm)
+    assert norms == [_stored(stats_cache).norm] * 2
+    # a second export into the same folder replaces the record with the cache's own
+    code, _, err = run_cli(["export-wds", str(stats_cache), str(tmp_path / "wds"), "-q"])
+    assert code == 0 and _stored(tmp_path / "wds") == _stored(stats_cache), err
+
+
+def test_damaged_statistics_stay_behind_in_a_copy(stats_cache, tmp_path, run_cli):
+    src = tmp_path / "src"
+    code, _, err = run_cli(["cache", "copy", str(stats_cache), str(src), "-q"])
+    assert code == 0, err
+    file = Path(stats_path(store_path(src)).path)
+    file.write_text(file.read_text().replace('"samples": ', '"samples": 1'))
+    code, out, err = run_cli(["cache", "copy", str(src), str(tmp_path / "dst"), "-q"])
+    assert code == 0 and "latent statistics: not copied (damaged or of other latents" in out, err
+    assert not stats_path(store_path(tmp_path / "dst")).exists()
