@@ -25,6 +25,7 @@ Examples::
     python bench/loader.py                                    # CPU defaults: batch 16, workers 0,2,4,8
     python bench/loader.py --device cuda --batch-size 256 --steps 8
     python bench/loader.py --cache /data/imagenet-cache --teacher dinov2-vit-b --states cold
+    python bench/loader.py --latents f16d32                   # an E2E-VAVAE / VA-VAE geometry cache (32x16x16)
 """
 
 from __future__ import annotations
@@ -60,6 +61,9 @@ from repa_cache.cache.format import LATENTS, LatentNorm, teacher_group
 from repa_cache.cache.reader import CacheReader
 from repa_cache.stages.devices import resolve_device
 from repa_cache.train.data import CacheBatches, DataConfig, make_loader, to_device
+
+#: ``--latents``: (downsampling factor, latent channels).
+LATENT_GEOMETRIES = {"f8d4": (8, 4), "f16d32": (16, 32)}
 
 
 def _ints(s: str) -> list[int]:
@@ -151,6 +155,8 @@ def main() -> None:
     p.add_argument("--samples", type=int, default=None, help="samples of the generated cache (default: one epoch of the longest configuration)")
     p.add_argument("--workdir", default=None, help="where the generated cache goes (default: a temporary folder, removed)")
     p.add_argument("--json", default=None, help="also write the result here")
+    p.add_argument("--latents", default="f8d4", choices=sorted(LATENT_GEOMETRIES),
+                   help="latent geometry of a generated cache: f8d4 (SD-VAE, 4x32x32 at 256 px) or f16d32 (E2E-VAVAE, VA-VAE: 32x16x16)")
     p.add_argument("--feature-codec", default="float16", choices=FEATURE_CODECS,
                    help="store the teacher tokens in this codec: the cache is transcoded with `repa cache copy --feature-codec` first")
     args = p.parse_args()
@@ -178,7 +184,8 @@ def main() -> None:
             teacher = args.teacher
             longest = max(sum(batches(args, w)) for w in workers)
             samples = args.samples or longest * args.batch_size
-            cache = write_synthetic_cache(tmp / "cache", samples, teacher=teacher)
+            down, channels = LATENT_GEOMETRIES[args.latents]
+            cache = write_synthetic_cache(tmp / "cache", samples, teacher=teacher, downsample=down, latent_channels=channels)
         if args.feature_codec != FLOAT16:
             cache = copy_cache(cache, tmp / f"cache-{args.feature_codec}", feature_codec=args.feature_codec, quiet=True).dst.local
         prep_s = time.perf_counter() - t0
