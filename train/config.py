@@ -68,10 +68,12 @@ SIT_SIZES: dict[str, dict[str, int]] = _sizes()
 #: U-shaped sizes (layout "u"): SiT's width, heads and depth; ``encoder_depth`` ends the middle stage,
 #: so the full-grid stages have ``depth - encoder_depth`` blocks each (B: 4+4+4, L: 8+8+8, XL: 8+12+8).
 USIT_SIZES: dict[str, dict[str, int]] = {
-    "USiT-B/2": dict(depth=12, hidden_size=768, num_heads=12, patch_size=2, encoder_depth=8),
-    "USiT-L/2": dict(depth=24, hidden_size=1024, num_heads=16, patch_size=2, encoder_depth=16),
-    "USiT-XL/2": dict(depth=28, hidden_size=1152, num_heads=16, patch_size=2, encoder_depth=20),
-    "USiT-tiny/2": dict(depth=4, hidden_size=64, num_heads=4, patch_size=2, encoder_depth=3, projector_dim=256),
+    f"USiT-{size}/{patch}": dict(depth=depth, hidden_size=width, num_heads=heads, patch_size=patch, encoder_depth=enc)
+    for patch in (2, 1)
+    for size, (depth, width, heads, enc) in {"B": (12, 768, 12, 8), "L": (24, 1024, 16, 16), "XL": (28, 1152, 16, 20)}.items()
+} | {
+    f"USiT-tiny/{patch}": dict(depth=4, hidden_size=64, num_heads=4, patch_size=patch, encoder_depth=3, projector_dim=256)
+    for patch in (2, 1)
 }
 
 

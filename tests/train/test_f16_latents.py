@@ -56,14 +56,19 @@ def test_patch_1_sizes_put_one_token_on_each_f16_latent():
     for size in ("S", "B", "L", "XL", "tiny"):
         cfg = sit_config(f"SiT-{size}/1", input_size=16, in_channels=32)
         assert (cfg.patch_size, cfg.num_tokens) == (1, 256)
+    for size in ("B", "L", "XL", "tiny"):  # U-shaped: the middle stage runs on 8x8, as USiT/2 on f8 latents
+        u1, u2 = sit_config(f"USiT-{size}/1", input_size=16, in_channels=32), sit_config(f"USiT-{size}/2")
+        assert (u1.layout, u1.patch_size, u1.num_tokens) == ("u", 1, 256)
+        assert dataclasses.replace(u1, patch_size=2, input_size=32, in_channels=4) == u2
 
 
 def _cfg(cache: Path, out: Path, method: str, max_steps: int) -> TrainConfig:
-    return TrainConfig(cache=str(cache), out=str(out), model="SiT-tiny/1", method=method, batch_size=4, max_steps=max_steps,
+    model = "USiT-tiny/1" if method == "urepa" else "SiT-tiny/1"  # U-REPA's student is U-shaped
+    return TrainConfig(cache=str(cache), out=str(out), model=model, method=method, batch_size=4, max_steps=max_steps,
                        ckpt_every=3, log_every=3, num_workers=0, device="cpu", quiet=True, seed=5)
 
 
-@pytest.mark.parametrize("method", ["repa", "irepa", "reg", "gmem", "haste"])
+@pytest.mark.parametrize("method", ["repa", "irepa", "reg", "gmem", "haste", "urepa"])
 def test_each_method_trains_resumes_exactly_and_samples_on_f16_latents(f16_cache, tmp_path, method):
     setup = plan_run(_cfg(f16_cache, tmp_path / "p", method, 6))
     assert (setup.model_config.in_channels, setup.model_config.input_size, setup.model_config.num_tokens) == (32, 16, 256)
