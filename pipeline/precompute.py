@@ -108,8 +108,6 @@ def _precompute_locked(cfg: PrecomputeConfig, out: StorePath, listing: Any, meta
         meta = old
         if not (out / PLAN_FILE).exists():  # killed between the root metadata and the plan
             create_cache(out, meta, plan)
-    else:
-        create_cache(out, meta, plan)
 
     present = list_groups(out) if existing else []
     repaired = _reopen_damaged(cfg, out, meta, present) if cfg.repair else {}
@@ -129,6 +127,8 @@ def _precompute_locked(cfg: PrecomputeConfig, out: StorePath, listing: Any, meta
                                              layers[t], registers(teacher_group(t))),
                           cfg.feature_codec)
                for t in cfg.teachers]
+    if not existing:  # only now: a VAE or teacher that cannot be described leaves no cache behind
+        create_cache(out, meta, plan)
 
     result = PrecomputeResult(root=out, samples=meta.num_samples, repaired=repaired)
     todo: dict[int, list[str]] = {}
