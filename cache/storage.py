@@ -337,7 +337,8 @@ def describe_storage_error(e: BaseException) -> str:
             "once the storage is back to resume.")
 
 
-__all__ = ["StorePath", "atomic_file", "describe_storage_error", "is_storage_error", "is_url", "store_path"]
+__all__ = ["StorePath", "atomic_file", "describe_storage_error", "is_storage_error", "is_url", "npy_problem", "read_npy_header",
+           "store_path"]
 
 
 def read_npy_header(f: Any) -> tuple[tuple[int, ...], bool, Any]:
@@ -355,3 +356,18 @@ def read_npy_header(f: Any) -> tuple[tuple[int, ...], bool, Any]:
     if version == (2, 0):
         return np.lib.format.read_array_header_2_0(f)
     raise ValueError(f"unsupported .npy format version {version}")
+
+
+def npy_problem(shape: tuple[int, ...], dtype: Any, offset: int, size: int, max_bytes: int) -> str | None:
+    """What makes a ``.npy`` unfit to read, from its header alone (:func:`read_npy_header`): Python
+    objects (reading them would unpickle), or data bytes (``size`` in all, the data from ``offset``)
+    that are not exactly what the header claims, or more than ``max_bytes``. None when fit: every
+    size the header gives is then backed by bytes that are there."""
+    if dtype.hasobject:
+        return f"it holds Python objects ({dtype} {shape}), which are never unpickled"
+    nbytes = dtype.itemsize
+    for n in shape:
+        nbytes *= int(n)
+    if nbytes > max_bytes or size != offset + nbytes:
+        return f"its header says {dtype} {shape} but the file has {size} bytes"
+    return None

@@ -40,7 +40,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from repa_cache.cache.errors import RepaError, UsageError
+from repa_cache.cache.errors import RepaError, UsageError, one_line
 from repa_cache.cache.progress import Progress
 from repa_cache.cache.storage import atomic_file
 from repa_cache.eval.config import FidConfig
@@ -53,7 +53,7 @@ from repa_cache.eval.extractors import (
     dinov2_extractor,
     inception_extractor,
 )
-from repa_cache.eval.images import iter_npz_batches, npz_array_info
+from repa_cache.eval.images import MAX_IMAGE_SIDE, iter_npz_batches, npz_array_info
 from repa_cache.eval.metrics import FeatureStats, Moments, frechet_distance, inception_score, kernel_inception_distance, precision_recall
 from repa_cache.eval.sample import IMAGES_DIR
 from repa_cache.stages.devices import resolve_device
@@ -82,10 +82,14 @@ def _npz_images(path: Path) -> tuple[int, ...]:
         shape, dtype = npz_array_info(path)
     except KeyError:
         raise UsageError(f"{path} has no 'arr_0' array of images") from None
+    except UsageError:
+        raise
     except Exception as e:  # not a zip, not an npy member
-        raise UsageError(f"{path} is not an npz file or an image folder ({e})") from e
+        raise UsageError(f"{path} is not an npz file or an image folder ({one_line(e)})") from e
     if dtype != np.uint8 or len(shape) != 4 or shape[-1] != 3:
         raise UsageError(f"{path}: arr_0 must be uint8 (N, H, W, 3) images, got {dtype} {shape}")
+    if not (1 <= shape[1] <= MAX_IMAGE_SIDE and 1 <= shape[2] <= MAX_IMAGE_SIDE):
+        raise UsageError(f"{path}: arr_0 holds {shape[2]}x{shape[1]} images; evaluation reads sides of 1 to {MAX_IMAGE_SIDE}")
     return shape
 
 
@@ -383,6 +387,8 @@ def fid(
     for name, p in (("samples", samples), ("reference", ref)):
         if not Path(p).exists():
             raise UsageError(f"no such {name} npz or image folder: {p}")
+    for p in (samples, *((ref,) if has_images(ref) else ())):
+        count_images(p)  # an npz's header is checked before any extractor loads
     dev = torch.device("cpu")
     result_skipped: dict[str, str] = {}
     if extractors is None:

@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from repa_cache.cache.errors import RepaError
-from repa_cache.cache.storage import atomic_file, read_npy_header
+from repa_cache.cache.errors import RepaError, UsageError
+from repa_cache.cache.storage import atomic_file, npy_problem, read_npy_header
 
 
 def write_png(path: Path, image: np.ndarray) -> None:
@@ -96,28 +96,42 @@ def make_grid(images: np.ndarray, pad: int = 2, labels: Sequence[str] | None = N
     return grid
 
 
+#: Most bytes one npz array may hold (the 50K-sample ADM batch at 512 px is 39 GB).
+MAX_NPZ_ARRAY_BYTES = 2**40
+#: Largest image side evaluation reads from an npz (a batch is read whole: its size is bounded).
+MAX_IMAGE_SIDE = 4096
+
+
 def npz_array_info(path: Path, key: str = "arr_0") -> tuple[tuple[int, ...], np.dtype]:
-    """Shape and dtype of one array of an npz, read from its header only."""
+    """Shape and dtype of one array of an npz, read from its header only.
+
+    Raises:
+        UsageError: the header does not fit the member (:func:`cache.storage.npy_problem`: Python
+            objects, or a size the member's bytes do not back), or the array is in Fortran order
+            (it could not be read a batch of rows at a time).
+    """
     with zipfile.ZipFile(path) as zf, zf.open(f"{key}.npy") as f:
-        shape, _, dtype = read_npy_header(f)
+        shape, fortran, dtype = read_npy_header(f)
+        problem = npy_problem(shape, dtype, f.tell(), zf.getinfo(f"{key}.npy").file_size, MAX_NPZ_ARRAY_BYTES)
+    if problem is None and fortran and len(shape) > 1:
+        problem = "it is stored in Fortran order; save it C-ordered (np.ascontiguousarray)"
+    if problem:
+        raise UsageError(f"{path}: '{key}' cannot be read: {problem}")
     return shape, dtype
 
 
 def iter_npz_batches(path: Path, batch_size: int, key: str = "arr_0") -> Iterator[np.ndarray]:
-    """Rows of one npz array in batches, streamed from the zip member (never all in memory)."""
+    """Rows of one npz array in batches, streamed from the zip member (never all in memory); the
+    header is checked first (:func:`npz_array_info`)."""
+    shape, dtype = npz_array_info(path, key)
     with zipfile.ZipFile(path) as zf, zf.open(f"{key}.npy") as f:
-        shape, fortran, dtype = read_npy_header(f)
-        if fortran or dtype.hasobject:
-            data = np.load(path)[key]
-            for start in range(0, len(data), batch_size):
-                yield np.ascontiguousarray(data[start:start + batch_size])
-            return
+        read_npy_header(f)
         row = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
         for start in range(0, shape[0], batch_size):
             n = min(batch_size, shape[0] - start)
             buf = f.read(n * row)
             if len(buf) != n * row:
-                raise ValueError(f"{path}: '{key}' ends early (row {start + len(buf) // max(row, 1)} of {shape[0]})")
+                raise UsageError(f"{path}: '{key}' ends early (row {start + len(buf) // max(row, 1)} of {shape[0]})")
             yield np.frombuffer(bytearray(buf), dtype=dtype).reshape(n, *shape[1:])  # writable
 
 

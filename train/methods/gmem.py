@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from repa_cache.cache.codec import dequantize, scale_name
 from repa_cache.cache.errors import RepaError, UsageError
 from repa_cache.cache.format import TEACHER_PREFIX, TeacherRecord, teacher_group
-from repa_cache.cache.storage import read_npy_header
+from repa_cache.cache.storage import npy_problem, read_npy_header
 from repa_cache.train.methods.base import Method, MethodOptions, StepBatch
 from repa_cache.train.model import SiT, SiTConfig
 from repa_cache.train.schedule import WARMUP
@@ -221,9 +221,9 @@ class NpyBank(MemoryBank):
             raise UsageError(bad) from None
         if dtype.kind != "f" or len(shape) != 2 or shape[0] < 1 or shape[1] < 1:
             raise UsageError(f"{bad}; it holds {dtype} {shape}")
-        nbytes = int(shape[0]) * int(shape[1]) * dtype.itemsize
-        if nbytes > MAX_BANK_BYTES or size != offset + nbytes:
-            raise UsageError(f"{bad}; its header says {dtype} {shape} but the file has {size} bytes")
+        problem = npy_problem(shape, dtype, offset, size, MAX_BANK_BYTES)
+        if problem:
+            raise UsageError(f"{bad}; {problem}")
         self.array = np.load(path, mmap_mode="r", allow_pickle=False)  # (N, Z)
         self.size, self.dim = int(shape[0]), int(shape[1])
 
