@@ -37,6 +37,7 @@ from repa_cache.cache.storage import StorePath
 LOCK_FILE = "_lock.json"
 _TAKEOVER = "_lock.json.takeover"
 _TAKEOVER_STALE_S = 60.0  # a takeover marker older than this was left by a writer killed mid-takeover
+_MAX_LOCK_BYTES = 1 << 16  # ours are a few hundred bytes
 
 
 class LockHeld(CacheError):
@@ -77,9 +78,16 @@ def lock_info(command: str) -> dict[str, Any]:
     }
 
 
+def _shown(value: Any, limit: int = 80) -> str:
+    """A lock field as it may appear in a message: one line of printable characters, cut short
+    (the file may have been written by anyone)."""
+    text = "".join(c if c.isprintable() else "?" for c in str(value))
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _holder(info: dict[str, Any]) -> str:
-    return (f"{info.get('command', 'a writer')} (host {info.get('host')}, pid {info.get('pid')}, "
-            f"started {info.get('started_at')})")
+    return (f"{_shown(info.get('command', 'a writer'))} (host {_shown(info.get('host'))}, pid {_shown(info.get('pid'))}, "
+            f"started {_shown(info.get('started_at'))})")
 
 
 def is_stale(info: dict[str, Any]) -> bool:
@@ -129,11 +137,15 @@ def _create_exclusive(path: StorePath, data: bytes) -> bool:
 
 
 def _read(path: StorePath) -> dict[str, Any] | None:
-    """The lock's content; None when absent; {} when it cannot be parsed (half-written)."""
+    """The lock's content; None when absent; {} when it cannot be parsed (half-written) or is
+    larger than any lock this module writes (only its first bytes are read)."""
     try:
-        raw = path.read_bytes()
+        with path.open("rb") as f:
+            raw = f.read(_MAX_LOCK_BYTES + 1)
     except FileNotFoundError:
         return None
+    if len(raw) > _MAX_LOCK_BYTES:
+        return {}
     try:
         info = json.loads(raw)
     except ValueError:
@@ -169,8 +181,9 @@ def _take_over(root: StorePath, stale: dict[str, Any], data: bytes) -> bool:
         marker.unlink()
 
 
-def acquire(root: StorePath, command: str) -> dict[str, Any]:
-    """Take the lock of ``root`` (created if needed); LockHeld naming the holder when another writer has it."""
+def acquire(root: StorePath, command: str, quiet: bool = False) -> dict[str, Any]:
+    """Take the lock of ``root`` (created if needed); LockHeld naming the holder when another writer has it.
+    Taking over a stale lock is said on stderr unless ``quiet``."""
     root.mkdir()
     info = lock_info(command)
     data = json.dumps(info, indent=1, sort_keys=True).encode()
@@ -185,7 +198,8 @@ def acquire(root: StorePath, command: str) -> dict[str, Any]:
             continue
         if not is_stale(held):
             raise _refuse(root, held)
-        print(f"taking over the stale lock of {root} left by {_holder(held)}", file=sys.stderr)
+        if not quiet:
+            print(f"taking over the stale lock of {root} left by {_holder(held)}", file=sys.stderr)
         if _take_over(root, held, data):
             return info
     held = _read(path)
@@ -201,9 +215,9 @@ def release(root: StorePath, info: dict[str, Any]) -> None:
 
 
 @contextlib.contextmanager
-def writer_lock(root: StorePath, command: str) -> Iterator[dict[str, Any]]:
+def writer_lock(root: StorePath, command: str, quiet: bool = False) -> Iterator[dict[str, Any]]:
     """Hold the lock of ``root`` for the duration of a ``with`` block."""
-    info = acquire(root, command)
+    info = acquire(root, command, quiet)
     try:
         yield info
     finally:
