@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 import zarr
 from zarr.core.sync import sync as zarr_sync  # runs a coroutine on zarr's own event loop
@@ -122,14 +123,59 @@ def check_plan(root: StorePath, meta: CacheMeta) -> None:
 
 def read_manifest(root: StorePath, meta: CacheMeta, columns: list[str] | None = None) -> Any:
     """The manifest (required once a group is committed), checked to have one row per sample."""
-    path = root / MANIFEST_FILE
-    _check_rows(path, meta, "every committed cache has one; damaged cache")
+    return read_manifest_file(root / MANIFEST_FILE, meta, columns, "every committed cache has one; damaged cache")
+
+
+#: The manifest's columns that readers use, and the Arrow type each must have.
+_MANIFEST_TYPES = {"index": pa.types.is_integer, "key": pa.types.is_string, "label": pa.types.is_integer,
+                   "status": pa.types.is_string, "reason": pa.types.is_string, "width": pa.types.is_integer,
+                   "height": pa.types.is_integer}
+#: The outcome of each input, as the manifest's ``status`` column records it.
+STATUSES = ("ok", "converted", "skipped")
+
+
+def read_manifest_file(path: StorePath, meta: CacheMeta, columns: list[str] | None, missing: str) -> Any:
+    """A manifest (the columns asked for, every column when None), checked before it is used: one
+    row per sample (from the footer, before any data is read), the types of the columns readers
+    use, labels in ``[0, classes)`` and known outcomes. ``missing`` says why its absence is damage.
+
+    Raises:
+        CacheError: one line naming the file and what is wrong with it (damaged cache).
+    """
+    _check_rows(path, meta, missing)
     try:
-        return path.read_parquet(columns=columns)
+        table = path.read_parquet(columns=columns)
     except Exception as e:
         if is_storage_error(e):
             raise
         raise CacheError(f"{path} is not a readable manifest (damaged cache): {one_line(e)}") from e
+    problem = _manifest_problem(table, meta, required=columns or ["key", "label", "status", "reason"])
+    if problem:
+        raise CacheError(f"{path} is not a manifest of this cache: {problem} (damaged cache)")
+    return table
+
+
+def _manifest_problem(table: Any, meta: CacheMeta, required: list[str]) -> str | None:
+    """What makes a manifest table unusable for a cache of ``meta``, or None."""
+    absent = [c for c in required if c not in table.column_names]
+    if absent:
+        return f"it has no column {', '.join(repr(c) for c in absent)}"
+    for name in table.column_names:
+        want = _MANIFEST_TYPES.get(name)
+        if want is not None and not want(table.schema.field(name).type):
+            return f"column '{name}' holds {table.schema.field(name).type}"
+        if want is not None and table.column(name).null_count:
+            return f"column '{name}' has {table.column(name).null_count} missing values"
+    if "label" in table.column_names and table.num_rows:
+        lo, hi = pc.min_max(table.column("label")).values()
+        classes = len(meta.class_names)
+        if lo.as_py() < 0 or hi.as_py() >= classes:
+            return f"labels range over [{lo.as_py()}, {hi.as_py()}], the cache has classes 0..{classes - 1}"
+    if "status" in table.column_names:
+        unknown = pc.unique(pc.filter(table.column("status"), pc.invert(pc.is_in(table.column("status"), pa.array(STATUSES)))))
+        if len(unknown):
+            return f"status {unknown[0].as_py()!r} is not one of {', '.join(STATUSES)}"
+    return None
 
 
 def array_problem(arr: zarr.Array, meta: CacheMeta, spec: ArraySpec) -> str | None:
@@ -704,6 +750,12 @@ class CacheReader(ReaderBase):
                 f"group '{group}' of {self.root}: shard {self.meta.shard_of(i)} has missing or non-finite data "
                 f"in '{name}' at index {i} (damaged cache; run `repa verify`)"
             )
+        if name in {scale_name(a) for a in _quantised(self.feature_codec(group))}:
+            negative = (flat < 0).any(axis=1)  # a scale is a token's largest magnitude: never below 0
+            if negative.any():
+                i = int(idx[np.flatnonzero(negative)[0]])
+                raise CacheError(f"group '{group}' of {self.root}: shard {self.meta.shard_of(i)} has negative scales "
+                                 f"in '{name}' at index {i} (damaged cache; run `repa verify`)")
 
 
 def parse_record(group: str, shard: int, raw: bytes) -> ShardRecord | None:

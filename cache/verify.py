@@ -85,7 +85,7 @@ def verify_cache(path: str | Path, quiet: bool = False) -> VerifyReport:
     committed = {g for g in groups if commit_record(root, g) is not None}
     valid = None
     if committed or (root / MANIFEST_FILE).exists():
-        status = read_manifest(root, meta, columns=["status"]).column("status")
+        status = read_manifest(root, meta, columns=["status", "label"]).column("status")  # labels checked in range
         valid = pc.not_equal(status, "skipped").to_numpy(zero_copy_only=False)
     total = len(groups) * meta.num_shards
     bar = Progress(total, "verify", "shards", quiet=quiet)

@@ -33,7 +33,7 @@ from repa_cache.cache.format import (
     CacheMeta,
     GroupMeta,
 )
-from repa_cache.cache.reader import ReaderBase
+from repa_cache.cache.reader import ReaderBase, read_manifest_file
 from repa_cache.cache.storage import StorePath, store_path
 from repa_cache.cache.wds import (
     INDEX_FILE,
@@ -124,7 +124,7 @@ class WdsReader(ReaderBase):
         self._verified: set[int] = set()  # exports of version 1: shards hashed whole by this process
 
     def _manifest(self, columns: list[str]) -> Any:
-        return (self.root / self.index["manifest"]["file"]).read_parquet(columns=columns)
+        return read_manifest_file(self.root / self.index["manifest"]["file"], self.meta, columns, "every export has one")
 
     @functools.cached_property
     def keys(self) -> Sequence[str]:  # type: ignore[override]
