@@ -88,6 +88,16 @@ class SiTConfig:
         """Tokens per sample, ``grid ** 2``; a teacher must supply this many (or be resampled)."""
         return self.grid**2
 
+    def approx_values(self) -> float:
+        """About how many parameters and buffers the model holds (blocks, embeddings, projectors),
+        computed from the config alone, so that a shape read from a file is bounded before anything
+        is allocated."""
+        d, p, c, mlp = float(self.hidden_size), float(self.patch_size), float(self.in_channels), float(self.mlp_ratio)
+        blocks = self.depth * (10 + 2 * mlp) * d * d  # attention 4 D^2, MLP 2 r D^2, adaLN 6 D^2
+        embed = (self.num_classes + 1 + self.num_tokens + 2 * c * p * p + 256) * d + 4 * d * d
+        proj = sum(d * self.projector_dim + self.projector_dim * (self.projector_dim + z) for z in self.z_dims)
+        return blocks + embed + proj
+
     def validate(self) -> None:
         """Raise :class:`UsageError` with a one-line message when the shape cannot work."""
         positive = ("input_size", "patch_size", "in_channels", "hidden_size", "depth",
@@ -110,6 +120,10 @@ class SiTConfig:
                              "2-D sin-cos position embedding")
         if any(z < 1 for z in self.z_dims):
             raise UsageError(f"teacher feature dims must be positive, got {self.z_dims}")
+        if self.approx_values() > MAX_MODEL_VALUES:
+            raise UsageError(f"a SiT of depth {self.depth}, width {self.hidden_size}, {self.num_tokens} tokens, "
+                             f"{self.num_classes} classes and projectors {list(self.z_dims)} would hold about "
+                             f"{self.approx_values():.3g} values; at most {MAX_MODEL_VALUES:.3g} are built")
         if self.layout not in LAYOUTS:
             raise UsageError(f"unknown model layout '{self.layout}'; known: {', '.join(LAYOUTS)}")
         if self.layout == "u":
@@ -119,6 +133,10 @@ class SiTConfig:
             if self.grid % 2:
                 raise UsageError(f"a U-shaped model halves the token grid, but {self.grid} tokens per side is odd")
 
+
+#: Most parameters and buffers a SiT may hold (about 12x SiT-XL/2 with its projector): a config
+#: read from a checkpoint is refused above it rather than allocated.
+MAX_MODEL_VALUES = 2**33
 
 #: the student layouts: a plain SiT, or a U-shaped one (repa_cache.train.usit)
 LAYOUTS: tuple[str, ...] = ("flat", "u")
