@@ -394,7 +394,10 @@ def parse_layers(text: str) -> tuple[int, int | None]:
     m = re.fullmatch(r"\s*(\d{1,4})\s*(?:-\s*(\d{1,4})\s*)?", text)
     if not m:
         raise UsageError(f"--teacher-layers takes FIRST or FIRST-LAST (1-based block numbers, e.g. 9-12), not '{text}'")
-    return int(m.group(1)), int(m.group(2)) if m.group(2) else None
+    first, last = int(m.group(1)), int(m.group(2)) if m.group(2) else None
+    if last is not None and last < first:
+        raise UsageError(f"--teacher-layers {first}-{last} runs backwards; give FIRST-LAST with FIRST <= LAST (e.g. {last}-{first})")
+    return first, last
 
 
 def _check_readable(spec: TeacherSpec, model: torch.nn.Module) -> int:
@@ -419,7 +422,8 @@ def hidden_metadata(spec: TeacherSpec, resolution: int, layers: tuple[int, int |
     depth = _check_readable(spec, model)
     first, last = layers[0], layers[1] if layers[1] is not None else depth
     if not 1 <= first <= last <= depth:
-        raise UsageError(f"--teacher-layers {first}-{last} is outside the blocks 1..{depth} of teacher '{spec.name}'")
+        given = f"{first}-{layers[1]}" if layers[1] is not None else f"{first}"
+        raise UsageError(f"--teacher-layers {given} is outside the blocks 1..{depth} of teacher '{spec.name}'")
     info = cast(Any, model)
     attn = cast(Attention, info.blocks[0].attn)
     return {
