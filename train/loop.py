@@ -19,6 +19,7 @@ passes in) is a hook of :mod:`train.hooks` with its own cadence.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -26,7 +27,7 @@ import math
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,7 +38,9 @@ from repa_cache.cache.errors import CacheError, UsageError
 from repa_cache.cache.format import LATENTS, TEACHER_PREFIX, LatentNorm, LatentsRecord, TeacherRecord, teacher_group
 from repa_cache.cache.identity import CacheIdentity
 from repa_cache.cache.latent_stats import read_latent_stats
+from repa_cache.cache.lock import writer_lock
 from repa_cache.cache.open import open_meta_any, open_reader
+from repa_cache.cache.storage import store_path
 from repa_cache.stages.devices import check_precision, resolve_device
 from repa_cache.train.checkpoint import (
     Checkpoint,
@@ -267,6 +270,32 @@ def train(cfg: TrainConfig, setup: RunSetup | None = None, hooks: Sequence[HookF
     cfg = setup.cfg  # with the method's options resolved
     if cfg.sample_every and not hooks:  # before the run folder is written
         raise UsageError("--sample-every needs the sample grid hook: use repa_cache.train_run (or pass eval.grid.sample_grid in hooks)")
+    with run_lock(Path(cfg.out), quiet=cfg.quiet):
+        return _train(cfg, setup, hooks)
+
+
+@contextlib.contextmanager
+def run_lock(run: Path, quiet: bool = False) -> Iterator[None]:
+    """One ``repa train`` per run folder: rank 0 holds the folder's lock (:mod:`cache.lock`) while
+    the run lasts, so a second run into it is refused in one line naming the first (a lock left by a
+    killed run on this host is taken over). A folder made for the lock alone is removed again when
+    the run left nothing in it (refused before it started)."""
+    if int(os.environ.get("RANK", "0")) != 0:
+        yield
+        return
+    if run.exists() and not run.is_dir():
+        raise UsageError(f"--out {run} is an existing file, not a run folder")
+    created = not run.exists()
+    try:
+        with writer_lock(store_path(run), "repa train", quiet=quiet):
+            yield
+    finally:
+        if created and run.is_dir() and not any(run.iterdir()):
+            run.rmdir()
+
+
+def _train(cfg: TrainConfig, setup: RunSetup, hooks: Sequence[HookFactory]) -> TrainResult:
+    """The run itself, under its folder's lock."""
     ctx, ckpt = start_run(cfg, setup)
     ds = CacheBatches(
         DataConfig(cfg.cache, setup.teachers, cfg.batch_size, cfg.seed, holdout=cfg.holdout, verify_checksums=cfg.verify,
