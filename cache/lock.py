@@ -1,7 +1,8 @@
 """One writer per cache: a lock file in the root of what is being written.
 
-``precompute``, ``cache copy`` and ``export-wds`` hold :data:`LOCK_FILE` (``_lock.json``: host, pid,
-process start time, command, start time, a random token) in their destination while they write,
+``precompute``, ``cache copy``, ``export-wds``, ``latent-stats`` and ``train`` (in its run folder) hold
+:data:`LOCK_FILE` (``_lock.json``: host, pid, process start time, command, start time, a random
+token) in their destination while they write,
 and remove it when they finish or fail. A second writer finds it and is refused with one line that
 names the holder. Readers never look at it: any number of them read a cache at once.
 
