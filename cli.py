@@ -375,14 +375,16 @@ def train(
 
 @app.command(rich_help_panel="Stage two: training")
 def methods() -> None:
-    """List the training methods: source, what each reads from the cache, and its options (repa train -O KEY=VALUE)."""
+    """List the training methods: source, what each reads from the cache, its options (repa train -O KEY=VALUE) and the
+    sampling settings repa sample uses for its checkpoints."""
     from repa_cache.train.methods import METHODS
 
     for name, cls in METHODS.items():
         m = cls()
         fields = ", ".join(m.teacher_fields(True))
         opts = ", ".join(f"{k}={v}" for k, v in m.card()["options"].items())
-        print(f"{name}: {cls.summary}\n  source: {cls.source}\n  reads: latents, teacher {fields}\n  options: {opts}")
+        print(f"{name}: {cls.summary}\n  source: {cls.source}\n  reads: latents, teacher {fields}\n  options: {opts}\n"
+              f"  sampling: {cls.sampling.describe()} ({cls.sampling_source})")
 
 
 @app.command(rich_help_panel="Stage one: the cache")
@@ -405,15 +407,18 @@ def sample(
     ckpt: Annotated[Path, typer.Option(help="Run folder (latest checkpoint) or a checkpoint / EMA weights file.")],
     out: Annotated[Path, typer.Option(help="Folder for images/, grid.png and samples.npz (ADM layout). Running again resumes.")],
     num: Annotated[int, typer.Option(help="Number of samples (50000 for FID).")] = _field(S, "num"),
-    cfg: Annotated[float, typer.Option(help="Classifier-free guidance scale (1 = off; REPA's best: 1.8 with 0,0.7).")] = _field(S, "cfg_scale"),
-    guidance_interval: Annotated[str, typer.Option(help="LOW,HIGH: apply guidance only for t in this interval.")] = ",".join(
-        f"{v:g}" for v in _field(S, "guidance_interval")),
-    sampler: Annotated[str, typer.Option(help="ode or sde (Euler-Maruyama).")] = _field(S, "sampler"),
-    steps: Annotated[int, typer.Option(help="Integration steps.")] = _field(S, "steps"),
-    heun: Annotated[bool, typer.Option("--heun/--euler", help="Heun (2nd order) or Euler steps for the ODE sampler.")] = _field(S, "heun"),
+    cfg: Annotated[Optional[float], typer.Option(help="Classifier-free guidance scale (1 = off; REPA's best: 1.8 with 0,0.7). "
+                                                      "Default: the method's (repa methods), as the checkpoint records it.")] = _field(S, "cfg_scale"),
+    guidance_interval: Annotated[Optional[str], typer.Option(help="LOW,HIGH: apply guidance only for t in this interval. "
+                                                                  "Default: the method's.")] = None,
+    sampler: Annotated[Optional[str], typer.Option(help="ode or sde (Euler-Maruyama). Default: the method's.")] = _field(S, "sampler"),
+    steps: Annotated[Optional[int], typer.Option(help="Integration steps. Default: the method's.")] = _field(S, "steps"),
+    heun: Annotated[Optional[bool], typer.Option("--heun/--euler", help="Heun (2nd order) or Euler steps for the ODE sampler. "
+                                                                         "Default: the method's.")] = _field(S, "heun"),
     class_id: Annotated[Optional[list[int]], typer.Option("--class", help="Sample only these class ids (repeatable). Default: any.")] = None,
-    cls_cfg: Annotated[Optional[float], typer.Option(help="REG models: guidance scale of the jointly denoised CLS token "
-                                                         "(default: --cfg; REG's evaluation: 2.3 with --cfg 2.3, 0,0.85).")] = _field(S, "cls_cfg_scale"),
+    cls_cfg: Annotated[Optional[float], typer.Option(help="REG models: guidance scale of the jointly denoised CLS token; 0: its "
+                                                         "conditional drift, as REG's sampler. Default: --cfg when given, else the "
+                                                         "method's (REG: 2.3).")] = _field(S, "cls_cfg_scale"),
     bank: Annotated[Optional[str], typer.Option(help="GMem models (required): the memory bank each sample's condition is drawn from, by "
                                                      "its seed: a cache with the run's first teacher, or a .npy from repa gmem-bank.")] = _field(S, "bank"),
     seed: Annotated[int, typer.Option(help="Sample i uses seed (seed, i): results do not depend on batch size or ranks.")] = _field(S, "seed"),
@@ -430,7 +435,8 @@ def sample(
     from repa_cache.eval.samplers import parse_guidance_interval
 
     job = SampleConfig(
-        num=num, cfg_scale=cfg, guidance_interval=parse_guidance_interval(guidance_interval), sampler=sampler, steps=steps,
+        num=num, cfg_scale=cfg, guidance_interval=None if guidance_interval is None else parse_guidance_interval(guidance_interval),
+        sampler=sampler, steps=steps,
         heun=heun, classes=tuple(class_id or ()), seed=seed, cls_cfg_scale=cls_cfg, bank=bank, batch_size=batch_size, vae=vae, device=device,
         precision=precision, grid=grid, weights=weights, quiet=quiet,
     )

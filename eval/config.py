@@ -2,15 +2,19 @@
 
 ``repa sample``, ``repa fid`` and ``repa align`` take their option defaults from these classes,
 so every default is written once, here. Values fixed by the checkpoint (model shape, interpolant,
-teachers, latent normalisation, VAE) are not settings: they are read from its model card. This
-module imports no torch, so the CLI's ``--help`` stays fast.
+teachers, latent normalisation, VAE) are not settings: they are read from its model card; so are
+the sampling settings a job leaves unset (None), which are the method's
+(:class:`~repa_cache.train.config.SamplingDefaults`, recorded in the card). This module imports no
+torch, so the CLI's ``--help`` stays fast.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from repa_cache.cache.errors import UsageError
+from repa_cache.train.config import SamplingDefaults
 
 #: Which weights of a checkpoint sampling and alignment use.
 WEIGHTS: tuple[str, ...] = ("ema", "raw")
@@ -25,6 +29,10 @@ def check_weights(weights: str) -> None:
 class SampleConfig:
     """A sampling job (``repa sample``).
 
+    The sampler settings (``cfg_scale``, ``guidance_interval``, ``sampler``, ``steps``, ``heun``,
+    ``cls_cfg_scale``) left None are the ones the checkpoint's method is evaluated with (its model
+    card's record, :meth:`resolve`; REPA's for a card without one).
+
     Attributes:
         num: number of samples (50 000 for FID). A rerun may raise it; samples already made are kept.
         cfg_scale: classifier-free guidance scale (1: none).
@@ -34,8 +42,9 @@ class SampleConfig:
         steps: model evaluations per sample.
         heun: Heun steps (ODE only).
         classes: class ids to cycle through; empty: a random class per sample from its seed.
-        cls_cfg_scale: guidance scale of the CLS token a REG model denoises with the latent
-            (None: ``cfg_scale``); models without extra state ignore it.
+        cls_cfg_scale: guidance scale of the CLS token a REG model denoises with the latent; unset,
+            ``cfg_scale`` when that is set, else the method's. 0 takes the conditional CLS drift
+            alone, as REG's sampler does. Models without extra state ignore it.
         bank: the memory bank a GMem model samples from (required for it, refused for others): a
             cache holding the CLS tokens of the run's first teacher, or a ``.npy`` written by
             ``repa gmem-bank``. Sample ``i`` is conditioned on the entry drawn from ``(seed, i)``.
@@ -53,11 +62,11 @@ class SampleConfig:
     """
 
     num: int = 50_000
-    cfg_scale: float = 1.0
-    guidance_interval: tuple[float, float] = (0.0, 0.7)
-    sampler: str = "sde"
-    steps: int = 250
-    heun: bool = False
+    cfg_scale: float | None = None
+    guidance_interval: tuple[float, float] | None = None
+    sampler: str | None = None
+    steps: int | None = None
+    heun: bool | None = None
     classes: tuple[int, ...] = ()
     seed: int = 0
     cls_cfg_scale: float | None = None
@@ -71,9 +80,20 @@ class SampleConfig:
     quiet: bool = False
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "guidance_interval", tuple(float(v) for v in self.guidance_interval))
+        if self.guidance_interval is not None:
+            object.__setattr__(self, "guidance_interval", tuple(float(v) for v in self.guidance_interval))
         object.__setattr__(self, "classes", tuple(int(c) for c in self.classes))
         check_weights(self.weights)
+
+    def resolve(self, method: SamplingDefaults) -> SampleConfig:
+        """This job with each unset sampler setting taken from ``method`` (the checkpoint's). An
+        unset ``cls_cfg_scale`` follows ``cfg_scale`` when that is set (it stays None), else it is
+        the method's."""
+        fill = {k: getattr(method, k) for k in ("cfg_scale", "guidance_interval", "sampler", "steps", "heun")
+                if getattr(self, k) is None}
+        if self.cls_cfg_scale is None and self.cfg_scale is None:
+            fill["cls_cfg_scale"] = method.cls_cfg_scale
+        return dataclasses.replace(self, **fill)
 
 
 @dataclass(frozen=True)

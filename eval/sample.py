@@ -37,15 +37,16 @@ import torch.distributed as dist
 from PIL import Image
 from torch import Tensor
 
-from repa_cache.cache.errors import UsageError
+from repa_cache.cache.errors import UsageError, unknown_name
 from repa_cache.cache.format import LatentNorm, teacher_group
 from repa_cache.cache.progress import Progress
 from repa_cache.cache.storage import atomic_file
 from repa_cache.eval.config import SampleConfig
 from repa_cache.eval.images import assemble_npz, make_grid, npz_array_info, png_name, write_png
-from repa_cache.eval.samplers import SamplerConfig, bank_choices, sample_joint, sample_labels
+from repa_cache.eval.samplers import SAMPLERS, SamplerConfig, bank_choices, check_guidance_interval, sample_joint, sample_labels
 from repa_cache.stages.devices import check_precision, resolve_device
-from repa_cache.train.checkpoint import ModelCard
+from repa_cache.train.checkpoint import ModelCard, load_checkpoint
+from repa_cache.train.config import SamplingDefaults
 from repa_cache.train.methods import Method
 from repa_cache.train.methods.gmem import MemoryBank, open_bank
 from repa_cache.train.model import SiTConfig
@@ -225,8 +226,9 @@ def _previous_job(out: Path, job: _Job) -> dict[str, Any] | None:
     return None
 
 
-def _check(cfg: SampleConfig) -> SamplerConfig:
-    """Refuse settings that cannot work (one line each); the sampler's part of them."""
+def _check(cfg: SampleConfig) -> None:
+    """Refuse settings that cannot work (one line each), before the checkpoint is read; the
+    sampler's settings are checked together once the method's fill those left unset."""
     if cfg.num <= 0:
         raise UsageError(f"--num must be positive, got {cfg.num}")
     if cfg.batch_size <= 0:
@@ -238,8 +240,24 @@ def _check(cfg: SampleConfig) -> SamplerConfig:
         raise UsageError(f"--class takes class ids >= 0, got {list(cfg.classes)}")
     if cfg.cls_cfg_scale is not None and not (math.isfinite(cfg.cls_cfg_scale) and cfg.cls_cfg_scale >= 0):
         raise UsageError(f"--cls-cfg must be a finite number >= 0, got {cfg.cls_cfg_scale}")
-    return SamplerConfig(sampler=cfg.sampler, steps=cfg.steps, heun=cfg.heun, cfg_scale=cfg.cfg_scale,
-                         guidance_interval=cfg.guidance_interval)
+    if cfg.guidance_interval is not None:
+        check_guidance_interval(cfg.guidance_interval)
+    if cfg.cfg_scale is not None and not (math.isfinite(cfg.cfg_scale) and cfg.cfg_scale >= 0):
+        raise UsageError(f"--cfg must be a finite number >= 0, got {cfg.cfg_scale}")
+    if cfg.steps is not None and cfg.steps < 1:
+        raise UsageError(f"--steps must be at least 1, got {cfg.steps}")
+    if cfg.sampler is not None and cfg.sampler not in SAMPLERS:
+        raise unknown_name("sampler", cfg.sampler, list(SAMPLERS))
+
+
+def sampler_config(cfg: SampleConfig, method: SamplingDefaults) -> tuple[SampleConfig, SamplerConfig]:
+    """The job with its unset sampler settings taken from the ``method``'s (a checkpoint's
+    :attr:`~repa_cache.train.checkpoint.ModelCard.sampling_defaults`), and the sampler's part of it."""
+    cfg = cfg.resolve(method)
+    assert cfg.sampler is not None and cfg.steps is not None and cfg.heun is not None
+    assert cfg.cfg_scale is not None and cfg.guidance_interval is not None
+    return cfg, SamplerConfig(sampler=cfg.sampler, steps=cfg.steps, heun=cfg.heun, cfg_scale=cfg.cfg_scale,
+                              guidance_interval=cfg.guidance_interval)
 
 
 def open_sampling_bank(card: ModelCard, method: Method, config: SiTConfig, source: str | Path | None) -> MemoryBank | None:
@@ -267,7 +285,8 @@ def sample(ckpt: str | Path, out: str | Path, cfg: SampleConfig | None = None) -
     Args:
         ckpt: a run folder (its newest weights) or a checkpoint file (full or EMA-only).
         out: output folder (see the module docstring for its layout).
-        cfg: the job's settings (default: :class:`SampleConfig`'s, REPA's SDE sampler with 250 steps).
+        cfg: the job's settings (default: :class:`SampleConfig`'s); the sampler settings it leaves
+            unset are the ones the checkpoint's model card records for its method.
 
     Raises:
         UsageError: bad settings, an unknown or unreadable checkpoint, a VAE with other weights, or
@@ -275,8 +294,10 @@ def sample(ckpt: str | Path, out: str | Path, cfg: SampleConfig | None = None) -
     """
     t0 = time.perf_counter()
     cfg = cfg if cfg is not None else SampleConfig()
-    scfg = _check(cfg)
+    _check(cfg)
     ckpt_path = weights_file(ckpt, cfg.weights).resolve()
+    ckpt_file = load_checkpoint(ckpt_path)  # its card; the weights are read only if a model is built
+    cfg, scfg = sampler_config(cfg, ckpt_file.card.sampling_defaults)
     out = Path(out)
     rank, world = _dist_info()
     device = resolve_device(cfg.device, local_rank())
@@ -293,7 +314,7 @@ def sample(ckpt: str | Path, out: str | Path, cfg: SampleConfig | None = None) -
     loaded: LoadedModel | None = None
     bank: MemoryBank | None = None
     if todo or old is None:
-        loaded = load_student(ckpt_path, device, cfg.weights)
+        loaded = load_student(ckpt_file, device, cfg.weights)
         job.path, job.num_classes, job.step = loaded.card.path, loaded.config.num_classes, loaded.step
         bank = open_sampling_bank(loaded.card, loaded.method, loaded.config, cfg.bank)
         job.conditioning = "class" if bank is None else "bank"
@@ -356,12 +377,14 @@ def sample_batch(model: torch.nn.Module, method: Method, config: SiTConfig, scfg
     component the method denoises (REG's CLS token), then the SDE increments; its class comes from
     ``classes`` or its seed, or for a method that samples from a memory bank (GMem) its condition is
     the ``bank`` entry its seed draws (:func:`bank_choices`). Guidance: ``scfg.cfg_scale`` on the
-    latent, ``cls_cfg_scale`` (default the same) on the extra components; the unconditional branch
-    gets the method's null condition."""
+    latent, ``cls_cfg_scale`` (default the same) on the extra components, where 0 takes their
+    conditional drift alone, as REG's sampler does; the unconditional branch gets the method's null
+    condition."""
     shape = (config.in_channels, config.input_size, config.input_size)
     extra_shapes = method.extra_shapes(config)
     cls_scale = cls_cfg_scale if cls_cfg_scale is not None else scfg.cfg_scale
-    scales = [scfg.cfg_scale] + [cls_scale] * len(extra_shapes)
+    extra_scale = None if cls_scale == 0 else cls_scale
+    scales: list[float | None] = [scfg.cfg_scale, *[extra_scale] * len(extra_shapes)]
     noise = SampleNoise(seed, indices, device)
     x1 = noise.randn(shape)  # (B, C, h, w) initial noise, first draw of each sample's stream
     extras = [noise.randn(s) for s in extra_shapes]  # then the noise of each extra component

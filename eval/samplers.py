@@ -36,15 +36,15 @@ import torch
 from torch import Tensor
 
 from repa_cache.cache.errors import UsageError, unknown_name
-from repa_cache.eval.config import SampleConfig
 from repa_cache.stages.devices import autocast
-from repa_cache.train.config import PATHS
+from repa_cache.train.config import PATHS, SamplingDefaults
 from repa_cache.train.noise import SampleNoise, sample_seed
 from repa_cache.train.transport import VelocityModel, path_coefficients
 
 logger = logging.getLogger(__name__)
 
 SAMPLERS = ("ode", "sde")
+REPA_SAMPLING = SamplingDefaults()
 #: REPA's SDE sampler stops the stochastic steps here and ends with one deterministic step to 0.
 SDE_LAST_T = 0.04
 
@@ -63,11 +63,11 @@ class SamplerConfig:
         last_t: time at which the SDE sampler switches to its final deterministic step.
     """
 
-    sampler: str = SampleConfig.sampler  # the defaults are the sampling job's
-    steps: int = SampleConfig.steps
-    heun: bool = SampleConfig.heun
-    cfg_scale: float = SampleConfig.cfg_scale
-    guidance_interval: tuple[float, float] = SampleConfig.guidance_interval
+    sampler: str = REPA_SAMPLING.sampler  # the defaults are REPA's, as a method's without a record of its own
+    steps: int = REPA_SAMPLING.steps
+    heun: bool = REPA_SAMPLING.heun
+    cfg_scale: float = REPA_SAMPLING.cfg_scale
+    guidance_interval: tuple[float, float] = REPA_SAMPLING.guidance_interval
     path: str = "linear"
     last_t: float = SDE_LAST_T
 
@@ -174,13 +174,14 @@ class _Drift:
     """Evaluates the (guided) velocity of the model at one time for a batch.
 
     The state is a list of components: the latent, then any extra state the model denoises
-    jointly (REG's CLS token), each with its own guidance scale. The model is called as
+    jointly (REG's CLS token), each with its own guidance scale; a scale of None takes the
+    component's conditional drift alone where guidance applies. The model is called as
     ``model(x, t, y, *extras) -> (v, zs, *extra_v)``; the guided batch stacks ``y`` and its
     unconditional counterpart ``null_y`` (default: the null class).
     """
 
     def __init__(self, model: VelocityModel, y: Tensor, null_class: int, cfg: SamplerConfig,
-                 precision: str, scales: Sequence[float], null_y: Tensor | None = None) -> None:
+                 precision: str, scales: Sequence[float | None], null_y: Tensor | None = None) -> None:
         self.model, self.cfg, self.precision = model, cfg, precision
         self.y = y
         null = null_y if null_y is not None else torch.full_like(y, null_class)
@@ -207,7 +208,7 @@ class _Drift:
         out = []
         for d, scale in zip(ds, self.scales):
             cond, uncond = d.chunk(2)
-            out.append(uncond + scale * (cond - uncond))
+            out.append(cond if scale is None else uncond + scale * (cond - uncond))
         return out
 
 
@@ -247,14 +248,15 @@ def sample_joint(
     y: Tensor,
     config: SamplerConfig,
     null_class: int,
-    scales: Sequence[float],
+    scales: Sequence[float | None],
     step_noise: SampleNoise | None = None,
     precision: str = "fp32",
     null_y: Tensor | None = None,
 ) -> list[Tensor]:
     """Integrate a joint state (the latent and extra components, e.g. REG's CLS token) from noise
-    (t=1) to data (t=0); ``scales`` is the guidance scale of each component (the latent's first).
-    Guidance applies to every component at the same steps (the guidance interval); its
+    (t=1) to data (t=0); ``scales`` is the guidance scale of each component (the latent's first;
+    None: that component's conditional drift alone, unguided). Guidance applies to every component
+    at the same steps (the guidance interval); its
     unconditional branch gets ``null_y`` (default: the null class). SDE increments are drawn per
     step for each component in order, so a latent-only state draws exactly what
     :func:`sample_latents` always drew. Returns float32 components at t=0."""

@@ -8,7 +8,7 @@ A run folder holds::
 
 Every file carries a :class:`ModelCard`: everything inference needs without the training cache
 (model shape, teachers in projector order, latent normalisation, the VAE's id, revision and
-weights hash, class names, method and its options, interpolant), plus the training config and
+weights hash, class names, method and its options, interpolant, the method's sampling settings), plus the training config and
 the fingerprints of the cache it was trained on. Files hold tensors and plain Python values only
 and are read with ``torch.load(weights_only=True)``, so loading a file never runs code. Writes go
 to a temporary file that is renamed into place, so a kill or a full disk never leaves a half
@@ -38,6 +38,7 @@ from repa_cache.cache.errors import UsageError
 from repa_cache.cache.format import LatentNorm
 from repa_cache.cache.identity import CacheIdentity
 from repa_cache.cache.storage import atomic_file
+from repa_cache.train.config import SamplingDefaults
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +65,9 @@ class ModelCard:
         path: the interpolant (``"linear"`` or ``"cosine"``), which sampling must integrate.
         train: the run's training config (``TrainConfig.to_json()``).
         cache: the cache it was trained on (:class:`cache.identity.CacheIdentity` as JSON).
+        sampling: the method's sampling settings (:class:`train.config.SamplingDefaults` as JSON),
+            which ``repa sample`` uses where its command line sets none; empty in cards written
+            before the record existed, which sample with REPA's settings as they always did.
     """
 
     model: dict[str, Any]
@@ -75,6 +79,7 @@ class ModelCard:
     path: str = "linear"
     train: dict[str, Any] = field(default_factory=dict)
     cache: dict[str, Any] = field(default_factory=dict)
+    sampling: dict[str, Any] = field(default_factory=dict)
 
     @property
     def norm(self) -> LatentNorm:
@@ -84,6 +89,11 @@ class ModelCard:
     def trained_on(self) -> CacheIdentity:
         """The identity of the cache the run was trained on (:attr:`cache`, typed)."""
         return CacheIdentity.from_json(self.cache)
+
+    @property
+    def sampling_defaults(self) -> SamplingDefaults:
+        """The sampling settings the card records (REPA's when it records none)."""
+        return SamplingDefaults.from_json(self.sampling) if self.sampling else SamplingDefaults()
 
     @property
     def cache_path(self) -> str | None:

@@ -67,6 +67,7 @@ SIT_SIZES: dict[str, dict[str, int]] = _sizes()
 
 #: U-shaped sizes (layout "u"): SiT's width, heads and depth; ``encoder_depth`` ends the middle stage,
 #: so the full-grid stages have ``depth - encoder_depth`` blocks each (B: 4+4+4, L: 8+8+8, XL: 8+12+8).
+#: Patch 1 is for f16 latents: at 256 px their 16x16 grid is the teacher's, as /2 makes of f8's 32x32.
 USIT_SIZES: dict[str, dict[str, int]] = {
     f"USiT-{size}/{patch}": dict(depth=depth, hidden_size=width, num_heads=heads, patch_size=patch, encoder_depth=enc)
     for patch in (2, 1)
@@ -87,6 +88,51 @@ def check_method_name(name: str) -> None:
     """Refuse a method name that is not one of :data:`METHOD_NAMES`."""
     if name not in METHOD_NAMES:
         raise unknown_name("method", name, METHOD_NAMES)
+
+
+@dataclass(frozen=True)
+class SamplingDefaults:
+    """The sampling settings a training method is evaluated with (its paper's or its public code's,
+    ``Method.sampling``). Every checkpoint records them in its model card, and ``repa sample`` uses
+    each one that its command line does not set. The defaults here are REPA's settings as this
+    tool has always sampled them; a model card without the record means them.
+
+    Attributes:
+        sampler: ``"sde"`` (Euler–Maruyama) or ``"ode"``.
+        steps: model evaluations per sample.
+        heun: Heun steps (ODE only).
+        cfg_scale: classifier-free guidance scale (1: none).
+        guidance_interval: ``(low, high)``: guidance applies to steps starting at ``low <= t <= high``.
+        cls_cfg_scale: guidance scale of the jointly denoised CLS token (REG); None: ``cfg_scale``.
+    """
+
+    sampler: str = "sde"
+    steps: int = 250
+    heun: bool = False
+    cfg_scale: float = 1.0
+    guidance_interval: tuple[float, float] = (0.0, 0.7)
+    cls_cfg_scale: float | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["guidance_interval"] = list(self.guidance_interval)
+        return d
+
+    @classmethod
+    def from_json(cls, d: Any) -> SamplingDefaults:
+        """The record :meth:`to_json` wrote (UsageError in one line when it is not one)."""
+        hints = typing.get_type_hints(cls)
+        if not isinstance(d, dict) or any(k not in hints or not _is_a(v, hints[k]) for k, v in d.items()):
+            raise UsageError(f"unreadable sampling record {d!r} in the model card")
+        fields: dict[str, Any] = {k: tuple(v) if k == "guidance_interval" else v for k, v in d.items()}
+        return cls(**fields)
+
+    def describe(self) -> str:
+        """One line, e.g. ``SDE, 250 steps, cfg 2.3 on t in [0, 0.85], CLS cfg 2.3``."""
+        low, high = self.guidance_interval
+        guide = "no guidance (cfg 1)" if self.cfg_scale == 1 else f"cfg {self.cfg_scale:g} on t in [{low:g}, {high:g}]"
+        cls = "" if self.cls_cfg_scale is None else f", CLS cfg {self.cls_cfg_scale:g}"
+        return f"{self.sampler.upper()}{' Heun' if self.heun else ''}, {self.steps} steps, {guide}{cls}"
 
 
 @dataclass

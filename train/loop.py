@@ -188,6 +188,7 @@ def plan_run(cfg: TrainConfig) -> RunSetup:
         path=cfg.transport.path,
         train=cfg.to_json(),
         cache=identity.to_json(),
+        sampling=method.sampling.to_json(),
     )
     return RunSetup(cfg, teachers, mcfg, norm, tokens, identity, card, method, phases)
 
@@ -244,7 +245,10 @@ def check_resume(ckpt: Checkpoint, cfg: TrainConfig, setup: RunSetup) -> None:
     if ckpt.card.trained_on != setup.identity:
         raise CacheError(f"checkpoint {path} was trained on another cache (fingerprints differ); use a new --out")
     new = cfg.to_json()
-    old = with_defaults(ckpt.card.train, TrainConfig(cache="", out="").to_json())  # a field a run did not record had its default then
+    defaults = TrainConfig(cache="", out="").to_json()  # a field a run did not record had its default then,
+    if ckpt.card.train.get("method", defaults["method"]) == cfg.method:  # and so had a method option added since
+        defaults["method_options"] = {k: v for k, v in make_method(cfg.method).card()["options"].items() if k != "proj_coeff"}
+    old = with_defaults(ckpt.card.train, defaults)
     changed = [k for k in new if k not in changeable_fields() and old[k] != new[k]]
     if changed:
         details = "; ".join(f"{k}: {old.get(k)} -> {new[k]}" for k in changed)

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from repa_cache.cache.errors import UsageError
-from repa_cache.train.checkpoint import ModelCard, latest_checkpoint, load_checkpoint, resolve_checkpoint, strip_wrapper_prefixes
+from repa_cache.train.checkpoint import Checkpoint, ModelCard, latest_checkpoint, load_checkpoint, resolve_checkpoint, strip_wrapper_prefixes
 from repa_cache.train.methods import Method, method_from_card
 from repa_cache.train.model import SiT, SiTConfig
 
@@ -62,15 +62,15 @@ def weights_file(ckpt: str | Path, weights: str = "ema") -> Path:
     return resolve_checkpoint(ckpt)
 
 
-def load_student(ckpt: str | Path, device: torch.device | str = "cpu", weights: str = "ema") -> LoadedModel:
-    """Rebuild the student of a checkpoint (file or run folder) from its model card alone, with
-    its EMA weights (``weights="raw"``: the trained weights themselves).
+def load_student(ckpt: str | Path | Checkpoint, device: torch.device | str = "cpu", weights: str = "ema") -> LoadedModel:
+    """Rebuild the student of a checkpoint (file or run folder, or a checkpoint already read) from
+    its model card alone, with its EMA weights (``weights="raw"``: the trained weights themselves).
 
     Raises:
         UsageError: no such file, not a checkpoint of this tool, an unknown format version, or
             weights that do not fit the card's model shape.
     """
-    ckpt_file = load_checkpoint(weights_file(ckpt, weights))
+    ckpt_file = ckpt if isinstance(ckpt, Checkpoint) else load_checkpoint(weights_file(ckpt, weights))
     config = card_config(ckpt_file.card, ckpt_file.path)
     method = method_from_card(ckpt_file.card.method)
     model = method.build_student(config)

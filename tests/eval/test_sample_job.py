@@ -178,6 +178,38 @@ def _edited_checkpoint(run: SimpleNamespace, folder: Path, **card_changes: objec
     return path
 
 
+def test_unset_sampler_settings_are_the_ones_the_card_records(run: SimpleNamespace, tmp_path: Path) -> None:
+    """A job takes each sampler setting it leaves unset from the card's record of the method's; a
+    card without the record (written before it existed) samples with REPA's, as it always did."""
+    assert run.card.sampling == {"sampler": "sde", "steps": 250, "heun": False, "cfg_scale": 1.0,
+                                 "guidance_interval": [0.0, 0.7], "cls_cfg_scale": None}  # the trainer records REPA's
+    edits = tmp_path / "cards"
+    edits.mkdir()
+    record = {"sampler": "ode", "steps": 2, "heun": True, "cfg_scale": 2.5, "guidance_interval": [0.1, 0.9], "cls_cfg_scale": 3.0}
+    recorded = _edited_checkpoint(run, edits, sampling=record)
+    bare = SampleConfig(num=1, batch_size=1, device="cpu", grid=0, quiet=True)
+
+    def job(out: Path) -> dict:
+        return {k: v for k, v in json.loads((out / "sample.json").read_text()).items()
+                if k in ("sampler", "steps", "heun", "cfg_scale", "guidance_interval", "cls_cfg_scale")}
+
+    sample(recorded, tmp_path / "a", bare)
+    assert job(tmp_path / "a") == record
+    sample(recorded, tmp_path / "b", dataclasses.replace(bare, cfg_scale=1.5, heun=False))  # typed settings win
+    assert job(tmp_path / "b") == {**record, "heun": False, "cfg_scale": 1.5, "cls_cfg_scale": None}  # the CLS scale follows --cfg
+    with pytest.raises(UsageError, match="other settings"):  # a rerun resolves them the same way, so a change is seen
+        sample(recorded, tmp_path / "a", dataclasses.replace(bare, steps=3))
+
+    state = torch.load(run.dir / "checkpoints" / "ema-step-00000010.pt", weights_only=True)
+    del state["card"]["sampling"]
+    torch.save(state, edits / "old.pt")
+    sample(edits / "old.pt", tmp_path / "c", dataclasses.replace(bare, steps=2))
+    assert job(tmp_path / "c") == {"sampler": "sde", "steps": 2, "heun": False, "cfg_scale": 1.0,
+                                   "guidance_interval": [0.0, 0.7], "cls_cfg_scale": None}
+    with pytest.raises(UsageError, match="^unreadable sampling record"):
+        sample(_edited_checkpoint(run, edits, sampling={"steps": "many"}), tmp_path / "d", bare)
+
+
 def test_bad_inputs_are_one_line_errors(run: SimpleNamespace, tmp_path: Path) -> None:
     torch.save({"weights": torch.zeros(2)}, tmp_path / "foreign.pt")
     torch.save({"kind": "repa-ema-weights", "version": 1, "ema": {}}, tmp_path / "old.pt")

@@ -19,6 +19,7 @@ from torch import Tensor
 
 from repa_cache.cache.errors import UsageError
 from repa_cache.eval.config import SampleConfig
+from repa_cache.eval.sample import sample_batch
 from repa_cache.eval.samplers import (
     SamplerConfig,
     parse_guidance_interval,
@@ -26,6 +27,9 @@ from repa_cache.eval.samplers import (
     sample_latents,
     score_from_velocity,
 )
+from repa_cache.train.config import SamplingDefaults
+from repa_cache.train.methods import make_method
+from repa_cache.train.model import sit_config
 from repa_cache.train.noise import SampleNoise
 
 SHAPE = (1, 2, 2)
@@ -202,7 +206,57 @@ def test_parse_guidance_interval() -> None:
             parse_guidance_interval(bad)
 
 
-def test_sampler_defaults_are_the_sampling_jobs() -> None:
-    job, sampler = SampleConfig(), SamplerConfig()
+def test_sampler_defaults_are_repas_which_a_job_takes_when_the_card_records_none() -> None:
+    job, sampler = SampleConfig().resolve(SamplingDefaults()), SamplerConfig()
     assert (sampler.sampler, sampler.steps, sampler.heun, sampler.cfg_scale, sampler.guidance_interval) == (
         job.sampler, job.steps, job.heun, job.cfg_scale, job.guidance_interval) == ("sde", 250, False, 1.0, (0.0, 0.7))
+    assert job.cls_cfg_scale is None
+    bare = SampleConfig()  # nothing set: every sampler setting is the checkpoint's method's
+    assert (bare.sampler, bare.steps, bare.heun, bare.cfg_scale, bare.guidance_interval, bare.cls_cfg_scale) == (None,) * 6
+
+
+def test_a_job_takes_the_methods_sampling_settings_it_does_not_set() -> None:
+    reg = SamplingDefaults(cfg_scale=2.3, guidance_interval=(0.0, 0.85), cls_cfg_scale=2.3)
+    job = SampleConfig().resolve(reg)
+    assert (job.sampler, job.steps, job.heun, job.cfg_scale, job.guidance_interval, job.cls_cfg_scale) == (
+        "sde", 250, False, 2.3, (0.0, 0.85), 2.3)
+    mine = SampleConfig(cfg_scale=1.5, steps=20, sampler="ode", heun=True, guidance_interval=(0.1, 0.6)).resolve(reg)
+    assert (mine.sampler, mine.steps, mine.heun, mine.cfg_scale, mine.guidance_interval) == ("ode", 20, True, 1.5, (0.1, 0.6))
+    assert mine.cls_cfg_scale is None  # a --cfg given without --cls-cfg: the CLS token follows it, as before
+    assert SampleConfig(cls_cfg_scale=0.0).resolve(reg).cls_cfg_scale == 0.0
+    assert SampleConfig(cls_cfg_scale=4.0, cfg_scale=1.5).resolve(reg).cls_cfg_scale == 4.0
+
+
+class JointVelocity(torch.nn.Module):
+    """A velocity model of a latent and a CLS token, simple enough to integrate by hand: with
+    ``g = label + 1`` for a class and 0 for the null class ``NULL``, ``v = x/2 + g * mean(cls)`` and
+    ``v_cls = g * cls + 1``."""
+
+    NULL = 3
+
+    def forward(self, x: Tensor, t: Tensor, y: Tensor, cls: Tensor) -> tuple[Tensor, list[Tensor], Tensor]:
+        g = torch.where(y == self.NULL, 0.0, y.float() + 1)  # (B,)
+        return 0.5 * x + (g * cls.mean(dim=1)).view(-1, 1, 1, 1), [], g.view(-1, 1) * cls + 1.0
+
+
+def test_cls_cfg_zero_takes_the_conditional_cls_drift_as_regs_sampler() -> None:
+    config = sit_config("SiT-tiny/2", input_size=4, in_channels=2, num_classes=JointVelocity.NULL, z_dims=(3,))
+    scfg = SamplerConfig(sampler="ode", steps=2, cfg_scale=2.0, guidance_interval=(0.0, 1.0))
+    indices, classes = [0, 1], (1, 2)
+    got = sample_batch(JointVelocity(), make_method("reg"), config, scfg, 5, indices, classes, cls_cfg_scale=0.0)
+
+    def by_hand(cls_drift: str) -> Tensor:
+        noise = SampleNoise(5, indices)
+        x, c = noise.randn((2, 4, 4)).double(), noise.randn((3,)).double()  # the latent's noise first, then the CLS token's
+        g = torch.tensor([2.0, 3.0], dtype=torch.float64)  # classes 1 and 2
+        for _ in range(2):  # Euler from t = 1 to 0.5 to 0: dt = -0.5, guided at both steps
+            v_cond, v_uncond = 0.5 * x + (g * c.mean(dim=1)).view(-1, 1, 1, 1), 0.5 * x
+            c_cond, c_uncond = g.view(-1, 1) * c + 1.0, torch.ones_like(c)
+            x = x - 0.5 * (v_uncond + 2.0 * (v_cond - v_uncond))
+            c = c - 0.5 * (c_cond if cls_drift == "cond" else c_uncond)
+        return x.float()
+
+    torch.testing.assert_close(got, by_hand("cond"), rtol=1e-5, atol=1e-5)
+    assert (got - by_hand("uncond")).abs().max() > 0.1  # what a scale of 0 gave before: the unconditional CLS drift
+    same = sample_batch(JointVelocity(), make_method("reg"), config, scfg, 5, indices, classes, cls_cfg_scale=1.0)
+    torch.testing.assert_close(same, got)  # scale 1 is the conditional drift too

@@ -20,10 +20,10 @@ from repa_cache.cache.errors import UsageError
 from repa_cache.eval.config import SampleConfig
 from repa_cache.eval.sample import sample
 from repa_cache.eval.samplers import SamplerConfig, sample_joint
-from repa_cache.train.checkpoint import latest_checkpoint, load_checkpoint
-from repa_cache.train.config import METHOD_NAMES, OptimConfig, TrainConfig, TransportConfig
+from repa_cache.train.checkpoint import Checkpoint, latest_checkpoint, load_checkpoint
+from repa_cache.train.config import METHOD_NAMES, OptimConfig, SamplingDefaults, TrainConfig, TransportConfig
 from repa_cache.train.data import CacheBatches, DataConfig
-from repa_cache.train.loop import plan_run, train
+from repa_cache.train.loop import check_resume, plan_run, train
 from repa_cache.train.methods import METHODS, StepBatch, make_method, method_from_card
 from repa_cache.train.methods.irepa import ConvProjector, spatial_zscore
 from repa_cache.train.methods.reg import RegSiT
@@ -65,6 +65,7 @@ def test_the_registry_names_every_method_and_the_cli_list_matches():
     ("reg", {"alpha": "1"}, "method 'reg' has no option alpha; its options: cls_coeff, proj_coeff"),
     ("irepa", {"kernel_size": "2"}, "irepa kernel_size must be a positive odd number, got 2"),
     ("irepa", {"kernel_size": "x"}, "method 'irepa': option kernel_size takes an integer, got 'x'"),
+    ("irepa", {"init": "kaiming"}, "irepa init must be one of xavier, torch, got 'kaiming'"),
     ("repa", {"proj_coeff": "nan"}, "proj_coeff must be a finite number >= 0, got nan"),
 ])
 def test_bad_method_settings_are_one_line_usage_errors(name, options, message):
@@ -100,6 +101,31 @@ def test_irepa_conv_projector_is_a_3x3_same_padded_convolution_over_the_token_gr
                         if 0 <= rr < 4 and 0 <= cc < 4:
                             acc = acc + W[:, :, dr + 1, dc + 1] @ grid[n, rr, cc]
                 torch.testing.assert_close(out[n, r * 4 + c], acc)
+
+
+def test_irepa_projector_init_is_xavier_by_default_or_torchs_own_conv_init():
+    """``init=xavier`` (the default) draws the projector as a (Z, D*k*k) xavier-uniform linear with
+    a zero bias after the SiT's own init; ``init=torch`` keeps the weights nn.Conv2d drew when the
+    projector was made, before the SiT (iREPA's latent-diffusion code). Nothing else differs."""
+    mcfg = sit_config("SiT-tiny/2", input_size=8, num_classes=5, z_dims=(6,))
+    builds = {}
+    for options in ({}, {"init": "xavier"}, {"init": "torch"}, {"init": "torch", "kernel_size": "1"}):
+        torch.manual_seed(0)
+        builds[json.dumps(options)] = make_method("irepa", options).build_student(mcfg)
+    default, xavier, own, own_k1 = builds.values()
+    torch.manual_seed(0)
+    drawn = torch.nn.Conv2d(mcfg.hidden_size, 6, 3, padding=1)  # the first draws of the global RNG, as the projector's
+    conv = own.projectors[0].conv
+    assert torch.equal(conv.weight, drawn.weight) and torch.equal(conv.bias, drawn.bias) and conv.bias.abs().min() > 0
+    x = default.projectors[0].conv
+    assert torch.equal(x.bias, torch.zeros(6)) and not torch.equal(x.weight, drawn.weight)
+    bound = math.sqrt(6 / (mcfg.hidden_size * 9 + 6))  # xavier-uniform of the (Z, D*3*3) view
+    assert 0.9 * bound < x.weight.abs().max() <= bound
+    for name, value in default.state_dict().items():
+        assert torch.equal(value, xavier.state_dict()[name]), name  # the default is init=xavier, draw for draw
+        if not name.startswith("projectors."):
+            assert torch.equal(value, own.state_dict()[name]), name
+    assert own_k1.projectors[0].conv.weight.shape == (6, mcfg.hidden_size, 1, 1)  # iREPA's latent-diffusion default
 
 
 def test_irepa_objective_against_a_hand_computation():
@@ -313,9 +339,53 @@ def test_a_method_the_cache_cannot_feed_is_refused(tiny_cache, tmp_path):
     with pytest.raises(UsageError, match="method 'irepa' has no option cls_coeff"):
         plan_run(_cfg(tiny_cache, tmp_path / "r", method="irepa", method_options={"cls_coeff": "1"}))
     setup = plan_run(_cfg(tiny_cache, tmp_path / "r", method="irepa", proj_coeff=0.25))
-    assert setup.card.method == {"name": "irepa", "options": {"proj_coeff": 0.25, "alpha": 0.6, "eps": 1e-6, "kernel_size": 3}}
+    assert setup.card.method == {"name": "irepa", "options": {"proj_coeff": 0.25, "alpha": 0.6, "eps": 1e-6, "kernel_size": 3,
+                                                              "init": "xavier"}}
     assert dataclasses.asdict(setup.cfg)["proj_coeff"] == 0.25
     assert math.isclose(plan_run(_cfg(tiny_cache, tmp_path / "r")).cfg.proj_coeff, 0.5)
+
+
+def test_irepa_options_travel_through_the_command_line_and_config_files(tiny_cache, tmp_path, run_cli):
+    args = ["train", "--cache", str(tiny_cache), "--out", str(tmp_path / "r"), "--model", "SiT-tiny/2", "--method", "irepa",
+            "--dry-run"]
+    code, out, err = run_cli([*args, "-O", "init=torch", "-O", "kernel_size=1"])
+    assert code == 0, err
+    assert json.loads(out)["method"]["options"] == {"proj_coeff": 1.0, "alpha": 0.6, "eps": 1e-6, "kernel_size": 1, "init": "torch"}
+    (tmp_path / "c.toml").write_text('[method_options]\ninit = "torch"\n')
+    code, out, err = run_cli([*args, "--config", str(tmp_path / "c.toml")])
+    assert code == 0, err
+    assert json.loads(out)["method"]["options"]["init"] == "torch"
+    code, out, err = run_cli([*args, "-O", "init=normal"])
+    assert code == 2 and err.strip() == "error: irepa init must be one of xavier, torch, got 'normal'"
+
+
+def test_a_resume_takes_an_option_the_run_did_not_record_at_its_default(tiny_cache, tmp_path):
+    """A run recorded before an option existed had that option's default: resuming it with the
+    default is the same run; with another value it is refused."""
+    setup = plan_run(_cfg(tiny_cache, tmp_path / "r", method="irepa"))
+    recorded = {**setup.card.train, "method_options": {k: v for k, v in setup.card.train["method_options"].items() if k != "init"}}
+    old = Checkpoint(tmp_path / "step.pt", "train", 3, dataclasses.replace(setup.card, train=recorded), {})
+    check_resume(old, setup.cfg, setup)  # no error: init was xavier then
+    other = plan_run(_cfg(tiny_cache, tmp_path / "r", method="irepa", method_options={"init": "torch"}))
+    with pytest.raises(UsageError, match=r"the config changed \(method_options: .*'init': 'xavier'.* -> .*'init': 'torch'"):
+        check_resume(old, other.cfg, other)
+
+
+def test_every_checkpoint_records_its_methods_sampling_settings(tiny_cache, tmp_path, run_cli):
+    reg = plan_run(_cfg(tiny_cache, tmp_path / "r", method="reg"))
+    assert reg.card.sampling == {"sampler": "sde", "steps": 250, "heun": False, "cfg_scale": 2.3, "guidance_interval": [0.0, 0.85],
+                                 "cls_cfg_scale": 2.3}
+    assert reg.card.sampling_defaults == METHODS["reg"].sampling
+    assert METHODS["repa"].sampling == SamplingDefaults()  # REPA samples as repa sample always has
+    assert METHODS["haste"].sampling == SamplingDefaults(cfg_scale=1.65, guidance_interval=(0.0, 0.72))
+    code, out, _ = run_cli(["methods"])
+    assert code == 0
+    lines = {line.split(":")[0]: line for line in out.splitlines() if not line.startswith(" ")}
+    assert set(lines) == set(METHOD_NAMES)
+    sampling = [line.strip() for line in out.splitlines() if line.startswith("  sampling: ")]
+    assert len(sampling) == len(METHOD_NAMES)
+    assert sampling[0].startswith("sampling: SDE, 250 steps, no guidance (cfg 1) (")  # repa
+    assert sampling[2].startswith("sampling: SDE, 250 steps, cfg 2.3 on t in [0, 0.85], CLS cfg 2.3 (REG's eval.sh")  # reg
 
 
 @pytest.mark.slow

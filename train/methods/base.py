@@ -34,6 +34,7 @@ import torch
 from torch import Tensor
 
 from repa_cache.cache.errors import UsageError
+from repa_cache.train.config import SamplingDefaults
 from repa_cache.train.loss import repa_loss
 from repa_cache.train.model import SiT, SiTConfig
 from repa_cache.train.schedule import MAIN_NO_ALIGN, WARMUP
@@ -152,6 +153,10 @@ class Method(Generic[OptionsT]):
     extra_terms: ClassVar[tuple[str, ...]] = ()
     #: the student's weights are a REPA SiT's, key for key (``repa export-ckpt`` may write them)
     repa_weights: ClassVar[bool] = False
+    #: the sampling settings the method is evaluated with (recorded in every checkpoint's model
+    #: card; ``repa sample`` uses those its command line does not set), and where they come from
+    sampling: ClassVar[SamplingDefaults] = SamplingDefaults()
+    sampling_source: ClassVar[str] = "REPA's settings as repa sample has always used them"
 
     def __init__(self, options: dict[str, Any] | None = None) -> None:
         known = {f.name: f for f in dataclasses.fields(self.Options)}

@@ -34,6 +34,7 @@ from torch import Tensor
 
 from repa_cache.cache.errors import UsageError
 from repa_cache.stages.hashing import state_dict_sha256
+from repa_cache.train.config import SamplingDefaults
 from repa_cache.train.loss import repa_loss
 from repa_cache.train.methods.base import AlignContext, AlignTargets, CacheContext, Method, MethodOptions, StepBatch
 from repa_cache.train.model import SiT, SiTBlock, SiTConfig
@@ -113,6 +114,8 @@ class Haste(Method[HasteOptions]):
     source = "arXiv 2505.16792; github.com/NUS-HPC-AI-Lab/HASTE (loss.py, train.py, modify_dinov2/layers/attention.py)"
     Options = HasteOptions
     repa_weights = True  # the attention term adds no parameter
+    sampling = SamplingDefaults(sampler="sde", steps=250, cfg_scale=1.65, guidance_interval=(0.0, 0.72))
+    sampling_source = "HASTE's README (generate.py --mode sde --num-steps 250 --cfg-scale 1.65 --guidance-low 0 --guidance-high 0.72)"
 
     def __init__(self, options: dict[str, Any] | None = None) -> None:
         super().__init__(options)

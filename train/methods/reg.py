@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from repa_cache.cache.errors import UsageError
+from repa_cache.train.config import SamplingDefaults
 from repa_cache.train.methods.base import AlignTargets, Method, MethodOptions, StepBatch
 from repa_cache.train.model import SiT, SiTConfig, modulate
 
@@ -79,6 +80,8 @@ class Reg(Method[RegOptions]):
     source = "arXiv 2507.01467; github.com/Martinser/REG (loss.py, models/sit.py, samplers.py)"
     Options = RegOptions
     extra_terms = ("denoise_cls",)
+    sampling = SamplingDefaults(sampler="sde", steps=250, cfg_scale=2.3, guidance_interval=(0.0, 0.85), cls_cfg_scale=2.3)
+    sampling_source = "REG's eval.sh (generate.py --mode sde --num-steps 250 --cfg-scale 2.3 --cls-cfg-scale 2.3 --guidance-high 0.85)"
 
     def teacher_fields(self, align: bool = True) -> tuple[str, ...]:
         return ("cls", "patch") if align else ("cls",)

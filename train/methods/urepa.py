@@ -67,6 +67,7 @@ class URepa(Method[URepaOptions]):
                "plus a sample-similarity manifold loss (proj_coeff 0.5, manifold_weight 3.0)")
     source = "arXiv 2503.18414 (U-REPA: Aligning Diffusion U-Nets to ViTs)"
     Options = URepaOptions
+    sampling_source = "REPA's, inherited: no public U-REPA sampling settings could be read"
 
     def check_student(self, config: SiTConfig) -> None:
         if config.layout != "u":
