@@ -9,6 +9,7 @@ the same W&B run. Set ``WANDB_MODE=offline`` where there is no network (files st
 
 from __future__ import annotations
 
+import logging
 import secrets
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -17,6 +18,8 @@ from repa_cache.cache.errors import UsageError
 
 if TYPE_CHECKING:
     import numpy as np
+
+log = logging.getLogger(__name__)
 
 WANDB_ID_FILE = "wandb-id.txt"
 
@@ -75,7 +78,31 @@ class Trackers:
             self.wandb.log({name: wandb.Image(image)}, step=step)
 
     def close(self) -> None:
-        if self.tb is not None:
-            self.tb.close()
-        if self.wandb is not None:
-            self.wandb.finish()
+        """Flush and close every sink; when it returns, their files hold every row logged.
+
+        ``wandb.finish()`` only asks W&B's service process to close the run: it writes the last
+        records of the run's file (``RUN/wandb/*/run-*.wandb``) afterwards, on its own time. So
+        unless another W&B run of this process still needs it, the service is shut down here too,
+        which waits for it to close every file (a later ``wandb.init`` starts a new one)."""
+        try:
+            if self.tb is not None:
+                self.tb.close()
+        finally:
+            if self.wandb is not None:
+                import wandb
+
+                run, self.wandb = self.wandb, None
+                run.finish()
+                if wandb.run is None:
+                    _shut_down_wandb()
+
+
+def _shut_down_wandb() -> None:
+    """``wandb.teardown()``, which waits for W&B's service process to exit; W&B exits the program
+    when that process failed, which a run that has finished its own work reports as a warning."""
+    import wandb
+
+    try:
+        wandb.teardown()
+    except SystemExit as e:
+        log.warning("W&B's service process exited with code %s; its files may be incomplete", e.code)

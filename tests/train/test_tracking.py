@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import io
 import json
+import struct
+import sys
+import types
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +16,7 @@ from PIL import Image
 
 from repa_cache.eval.grid import train_run as train  # the loop with the --sample-every grid hook
 from repa_cache.train.config import TrainConfig
+from repa_cache.train.tracking import Trackers
 
 
 def _cfg(cache: Path, out: Path, **kw) -> TrainConfig:
@@ -64,9 +68,66 @@ def test_tensorboard_and_wandb_offline_get_the_metrics_rows(tiny_cache, tmp_path
     assert len(offline) == 1 and list(offline[0].glob("*.wandb"))
     (wb_image,) = (offline[0] / "files" / "media" / "images").glob("samples_2_*.png")
     assert np.array_equal(np.asarray(Image.open(wb_image)), grid)
-    # the run's record log holds every row's values as W&B's history items (JSON-encoded numbers)
-    log = next(offline[0].glob("*.wandb")).read_bytes()
-    assert all(json.dumps(r["loss"]).encode() in log and json.dumps(r["denoise"]).encode() in log for r in rows)
+    # read as soon as train returns: the run's record holds every row, value for value, as W&B's history
+    history = _wandb_history(next(offline[0].glob("*.wandb")))
+    assert [h["_step"] for h in history] == [r["step"] for r in rows] == [1, 2]
+    for h, r in zip(history, rows):
+        assert {k: h[k] for k in r if k != "step"} == {k: v for k, v in r.items() if k != "step"}
+
+
+def _wandb_history(path: Path) -> list[dict]:
+    """The history rows of a W&B run record (``run-*.wandb``): a 7-byte file header, then
+    LevelDB-log blocks of 32 KiB holding protobuf ``Record``s, each in one FULL fragment or in
+    FIRST, MIDDLE..., LAST fragments, each fragment behind a 7-byte header (crc32, length, type)."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data, block = path.read_bytes(), 32768
+    assert data[:4] == b":W&B"
+    pos, parts, rows = 7, [], []
+    while pos + 7 <= len(data):
+        left = block - pos % block
+        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7]) if left >= 7 else (0, 0, 0)
+        if kind == 0:  # a block's zero padding
+            pos += left
+            continue
+        parts.append(data[pos + 7:pos + 7 + length])
+        pos += 7 + length
+        if kind in (1, 4):  # FULL or LAST: a whole record
+            record = pb.Record.FromString(b"".join(parts))
+            parts = []
+            if record.WhichOneof("record_type") == "history":
+                rows.append({"/".join(item.nested_key) or item.key: json.loads(item.value_json) for item in record.history.item})
+    assert pos == len(data) and not parts, "the record ends in the middle of a record"
+    return rows
+
+
+def test_closing_the_trackers_waits_for_wandbs_service(tmp_path, monkeypatch):
+    """W&B writes a run's last records after finish() returns, in its service process; closing the
+    trackers shuts that down (which waits for its files), unless another W&B run still uses it."""
+    calls = []
+
+    class Run:
+        def log(self, row, step):
+            calls.append(("log", step))
+
+        def finish(self):
+            calls.append("finish")
+
+    fake = types.ModuleType("wandb")
+    fake.run = None
+    fake.init = lambda **kw: calls.append("init") or Run()
+    fake.teardown = lambda: calls.append("teardown")
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    trackers = Trackers(tmp_path, {}, wandb_project="p")
+    trackers.log({"loss": 1.0}, 1)
+    trackers.close()
+    assert calls == ["init", ("log", 1), "finish", "teardown"]
+    calls.clear()
+    fake.run = Run()  # the caller's own W&B run is still active: its service stays
+    trackers = Trackers(tmp_path, {}, wandb_project="p")
+    trackers.close()
+    trackers.close()  # twice: nothing more
+    assert calls == ["init", "finish"]
 
 
 def test_sample_every_without_the_grid_hook_is_refused_before_the_run_is_written(tiny_cache, tmp_path):
