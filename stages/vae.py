@@ -26,6 +26,7 @@ from diffusers.utils import is_accelerate_available
 from repa_cache.cache.errors import UsageError
 from repa_cache.cache.format import LatentNorm
 from repa_cache.stages.vae_presets import BUNDLED_CONFIGS, SINGLE_FILE_SUFFIXES, TINY_VAES, VAE_PRESETS, suggest_vae
+from repa_cache.stages.weights import load_weights_file
 
 __all__ = [
     "DEFAULT_VAE",
@@ -222,7 +223,7 @@ def read_single_file(path: Path) -> dict[str, torch.Tensor]:
 
             obj: Any = load_file(str(path))
         else:
-            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            obj = load_weights_file(path)
     except Exception as exc:
         raise UsageError(f"cannot read VAE checkpoint {path}: {_short_reason(exc)}") from exc
     for key in _NESTED_KEYS:

@@ -38,6 +38,7 @@ from repa_cache.cache.errors import UsageError
 from repa_cache.cache.format import LatentNorm
 from repa_cache.cache.identity import CacheIdentity
 from repa_cache.cache.storage import atomic_file
+from repa_cache.stages.weights import load_weights_file
 from repa_cache.train.config import SamplingDefaults
 
 log = logging.getLogger(__name__)
@@ -272,12 +273,7 @@ def load_checkpoint(path: str | Path, kinds: tuple[str, ...] = (KIND_TRAIN, KIND
         raise UsageError(f"no checkpoint file at {path}")
     check_file(path, required=checksum_required)
     try:
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as e:
-            if "mmap" not in str(e):
-                raise
-            state = torch.load(path, map_location="cpu", weights_only=True)  # legacy zip layout
+        state = load_weights_file(path)
     except Exception as e:  # noqa: BLE001 - truncated, corrupt, foreign or code-carrying: all refused
         reason = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
         raise UsageError(f"{path} is not a readable checkpoint of this tool ({reason})") from None

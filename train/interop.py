@@ -32,6 +32,7 @@ from repa_cache.cache.errors import UsageError
 from repa_cache.cache.format import LatentNorm
 from repa_cache.cache.storage import atomic_file
 from repa_cache.stages.vae_presets import TINY_VAES, canonical_vae
+from repa_cache.stages.weights import load_weights_file
 from repa_cache.train.checkpoint import (
     ModelCard,
     latest_checkpoint,
@@ -139,8 +140,7 @@ def _load_repa(src: Path) -> dict[str, Any]:
     if not src.is_file():
         raise UsageError(f"no checkpoint file at {src}")
     try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            state = torch.load(src, map_location="cpu", weights_only=True)
+        state = load_weights_file(src, allowed=[argparse.Namespace])
     except Exception as e:  # noqa: BLE001 - corrupt, truncated or code-carrying: all refused
         reason = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
         raise UsageError(f"{src} is not a readable REPA checkpoint ({reason})") from None
