@@ -87,8 +87,7 @@ class Gmem(Method[GMemOptions]):
     source = ("arXiv 2412.08781; github.com/LINs-lab/GMem (models/lightningdit.py, models/feature_embedder.py, "
               "engine/train.py, engine/evaluation.py, transport/transport.py)")
     Options = GMemOptions
-    sampling_source = ("GMem's SiT sampling script (scripts/sample-gmem-xl.sh: SDE, 250 steps, guidance off), "
-                       "which are REPA's settings; its guidance interval is REPA's")
+    sampling_source = "GMem's SiT script scripts/sample-gmem-xl.sh, guidance off; the interval is REPA's"
 
     def teacher_fields(self, align: bool = True) -> tuple[str, ...]:
         return ("cls", "patch") if align else ("cls",)

@@ -15,5 +15,4 @@ class Repa(Method[MethodOptions]):
     summary = "REPA: MLP projector after block encoder_depth, cosine to the teacher's patch tokens (proj_coeff 0.5)"
     source = "arXiv 2410.06940; github.com/sihyun-yu/REPA (loss.py, models/sit.py)"
     repa_weights = True
-    sampling_source = ("REPA's generate.py sampler (SDE, 250 steps), unguided as repa sample has always run it; "
-                       "REPA's best FID uses --cfg 1.8 on 0,0.7")
+    sampling_source = "REPA's generate.py SDE sampler, unguided as repa sample has always run it; REPA's best FID: --cfg 1.8"
