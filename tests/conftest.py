@@ -11,6 +11,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "error")
 
 
+#: Seconds after which a subprocess or a thread a test waits for counts as hung. Only a hang reaches
+#: it: nothing a correct run does on a loaded machine takes a fraction of it, and no assertion
+#: depends on how long the work took.
+HUNG = 1800
+
+
 def tiny_config(data: Path, out: Path, **overrides):
     """Precompute config with the tiny presets, run in this process (fast, for tests)."""
     from repa_cache.pipeline.plan import PrecomputeConfig

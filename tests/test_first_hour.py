@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from .conftest import HUNG
+
 REPA = Path(sys.executable).with_name("repa")
 
 
@@ -25,7 +27,7 @@ def clean_env(tmp_path: Path) -> dict[str, str]:
 
 
 def repa(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([str(REPA), *args], cwd=tmp_path, env=clean_env(tmp_path), capture_output=True, text=True, timeout=600)
+    return subprocess.run([str(REPA), *args], cwd=tmp_path, env=clean_env(tmp_path), capture_output=True, text=True, timeout=HUNG)
 
 
 @pytest.mark.slow
@@ -84,7 +86,7 @@ def test_a_typo_is_reported_before_torch_is_imported(tmp_path, args, message):
     exit 2, torch never imported (it costs seconds); a close known name is suggested."""
     (tmp_path / "DATA").mkdir()
     res = subprocess.run([sys.executable, "-c", PROBE, json.dumps(args)], cwd=tmp_path, env=clean_env(tmp_path),
-                         capture_output=True, text=True, timeout=120)
+                         capture_output=True, text=True, timeout=HUNG)
     assert res.returncode == 2, res.stderr
     assert len(res.stderr.splitlines()) == 1 and res.stderr.startswith(message), res.stderr
     assert json.loads(res.stdout) == {"torch": False}

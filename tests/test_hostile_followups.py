@@ -31,6 +31,7 @@ import torch
 from repa_cache.cache.lock import LOCK_FILE
 
 from .cache.test_cache_format import N, build
+from .conftest import HUNG
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -531,7 +532,7 @@ def test_sigkill_during_an_int8_transcode_then_rerun_equals_an_uninterrupted_cop
 
     dst = tmp_path / "d"
     proc = subprocess.run([sys.executable, "-c", _KILLER, str(tiny_cache), str(dst), str(kill_at)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=600)
+                          capture_output=True, text=True, timeout=HUNG)
     assert proc.returncode == -signal.SIGKILL, proc.stderr
     assert (dst / LOCK_FILE).exists() and not commit_path(dst, GROUP).exists()  # killed mid-way, holding the lock
     code, out, err = run_cli(["cache", "copy", str(tiny_cache), str(dst), "--feature-codec", "int8", "-q"])

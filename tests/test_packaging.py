@@ -20,6 +20,8 @@ from pathlib import Path
 
 import pytest
 
+from .conftest import HUNG
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -31,7 +33,7 @@ def wheel(tmp_path_factory) -> Path:
                                                              "demo-out", "runs", ".whl"))
     out = tmp_path_factory.mktemp("wheel")
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(out), str(src)],
-                   check=True, capture_output=True, timeout=300)
+                   check=True, capture_output=True, timeout=HUNG)
     (found,) = out.glob("repa_cache-*.whl")
     return found
 
@@ -53,18 +55,18 @@ def test_the_repa_script_works_from_a_fresh_venv(wheel, tmp_path):
     """A new venv holding only the wheel (its dependencies are borrowed from the test venv through a
     path entry, which does not run the test venv's editable-install hook)."""
     venv = tmp_path / "fresh"
-    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=HUNG)
     python = venv / "bin" / "python"
     site = Path(subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                                check=True, capture_output=True, text=True).stdout.strip())
     (site / "borrowed_deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
     subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install", "-q", "--no-deps", "--no-index", str(wheel)],
-                   check=True, capture_output=True, timeout=300)
+                   check=True, capture_output=True, timeout=HUNG)
     where = subprocess.run([str(python), "-c", "import repa_cache.cli as c; print(c.__file__)"], cwd=tmp_path,
-                           capture_output=True, text=True, timeout=120)
+                           capture_output=True, text=True, timeout=HUNG)
     assert where.returncode == 0, where.stderr
     assert Path(where.stdout.strip()).is_relative_to(venv), where.stdout  # the wheel's copy, not this checkout
-    res = subprocess.run([str(venv / "bin" / "repa"), "--help"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    res = subprocess.run([str(venv / "bin" / "repa"), "--help"], cwd=tmp_path, capture_output=True, text=True, timeout=HUNG)
     assert res.returncode == 0, res.stderr
     for command in ("precompute", "train", "sample", "verify", "stats"):
         assert command in res.stdout
@@ -82,7 +84,7 @@ def test_commands_work_from_a_folder_with_modules_of_the_same_names(demo_images,
 
     def repa(*args: str) -> subprocess.CompletedProcess[str]:
         res = subprocess.run([sys.executable, "-m", "repa_cache.cli", *args], cwd=work, env=env, capture_output=True,
-                             text=True, timeout=600)
+                             text=True, timeout=HUNG)
         assert res.returncode == 0, res.stderr[-3000:]
         return res
 
@@ -102,7 +104,7 @@ def test_import_repa_cache_gives_the_version_and_imports_no_torch(tmp_path):
     probe = ("import sys, json, repa_cache as rc; before = 'torch' in sys.modules; "
              "names = {n: getattr(rc, n).__module__ + '.' + getattr(rc, n).__qualname__ for n in rc.__all__ if n != '__version__'}; "
              "print(json.dumps([rc.__version__, before, names]))")
-    res = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    res = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True, timeout=HUNG)
     assert res.returncode == 0, res.stderr
     version, torch_before, names = json.loads(res.stdout)
     assert version == importlib.metadata.version("repa-cache") == re.search(r'^version = "(.+)"$', (ROOT / "pyproject.toml").read_text(), re.M)[1]
@@ -128,7 +130,7 @@ def test_the_python_api_example_in_the_docs_runs_as_written(tmp_path):
     text = (ROOT / "docs" / "python-api.md").read_text()
     (code,) = re.findall(r"```python\n(.*?)```", text, flags=re.S)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    res = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    res = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=HUNG)
     assert res.returncode == 0, res.stderr[-3000:]
     lines = res.stdout.splitlines()
     assert lines[0] == "24 samples cached"

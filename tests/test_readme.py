@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from .conftest import HUNG
 from .test_first_hour import REPA, clean_env
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -79,7 +80,7 @@ def test_the_readme_walkthrough_runs_in_order(tmp_path, monkeypatch):
                                           ["repa", "evaluate"], ["repa", "align"]]
     for args in commands:
         res = subprocess.run([str(REPA), *args[1:]], cwd=tmp_path, env=clean_env(tmp_path), capture_output=True, text=True,
-                             timeout=900)
+                             timeout=HUNG)
         assert res.returncode == 0, f"{shlex.join(args)}\n{res.stderr[-3000:]}"
     assert (tmp_path / "in1k.png").is_file()
     assert sorted(p.name for p in (tmp_path / "samples" / "xl" / "images").iterdir()) == [f"00000{i}.png" for i in range(4)]

@@ -15,6 +15,8 @@ import pytest
 from repa_cache.cache.lock import LOCK_FILE, LockHeld, acquire, is_stale, release, writer_lock
 from repa_cache.cache.storage import store_path
 
+from ..conftest import HUNG
+
 
 def _dead_pid() -> int:
     p = subprocess.Popen([sys.executable, "-c", "pass"])
@@ -94,7 +96,7 @@ def test_racing_writers_one_wins_even_on_a_stale_lock(tmp_path):
     procs = [ctx.Process(target=_race, args=(str(tmp_path), q, done)) for _ in range(6)]
     for p in procs:
         p.start()
-    results = sorted(q.get(timeout=30) for _ in procs)
+    results = sorted(q.get(timeout=HUNG) for _ in procs)
     done.set()
     for p in procs:
         p.join(30)

@@ -26,12 +26,9 @@ from repa_cache.cache.verify import verify_cache
 from repa_cache.cache.wds import export_wds
 from repa_cache.cache.wds_reader import WdsReader
 
-from ..conftest import tiny_config
+from ..conftest import HUNG, tiny_config
 
 ROOT = Path(__file__).resolve().parents[2]
-#: Seconds after which a subprocess counts as hung. Only a hang reaches it: nothing a correct run does
-#: on a loaded machine takes a fraction of it, and no assertion depends on how long the work took.
-HUNG = 1800
 
 
 class S3Server:

@@ -17,6 +17,8 @@ import torch
 
 from repa_cache.train.checkpoint import Checkpoint, latest_checkpoint, load_checkpoint, training_checkpoints
 
+from ..conftest import HUNG
+
 pytestmark = pytest.mark.cuda
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -33,7 +35,7 @@ def test_torchrun_one_rank_initialises_nccl_and_trains(tiny_cache, tmp_path, dev
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "1", "-m", "repa_cache.cli"]
     args = _train_args(tiny_cache, run, device, **{"max-steps": 4, "ckpt-every": 4, "log-every": 2})
     args.remove("--quiet")  # the status lines go to stdout
-    res = subprocess.run(torchrun + args, cwd=ROOT, env=subprocess_env, capture_output=True, text=True, timeout=300)
+    res = subprocess.run(torchrun + args, cwd=ROOT, env=subprocess_env, capture_output=True, text=True, timeout=HUNG)
     assert res.returncode == 0, res.stderr[-3000:]
     backend = "nccl" if device.type == "cuda" else "gloo"
     assert f"world size 1 on 1 node, batch 8 per rank (8 global), backend {backend}, device {device.type}" in res.stderr, res.stderr[-3000:]
@@ -89,7 +91,7 @@ def test_sigkill_then_rerun_equals_uninterrupted_on_the_gpu(tiny_cache, tmp_path
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert len(training_checkpoints(killed)) >= 2, proc.stderr.read().decode()[-3000:]
-    again = subprocess.run(cmd(killed), cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    again = subprocess.run(cmd(killed), cwd=ROOT, env=env, capture_output=True, text=True, timeout=HUNG)
     assert again.returncode == 0, again.stderr[-3000:]
     resumed = re.search(rf"resuming {re.escape(str(killed))} from step (\d+)", again.stderr)
     assert resumed is not None, again.stderr[-3000:]
@@ -97,12 +99,12 @@ def test_sigkill_then_rerun_equals_uninterrupted_on_the_gpu(tiny_cache, tmp_path
     assert step_at_kill in (10, 20, 30, 40, 50), "the run finished before it could be killed; the test proves nothing"
 
     clean = tmp_path / "clean"
-    res = subprocess.run(cmd(clean), cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    res = subprocess.run(cmd(clean), cwd=ROOT, env=env, capture_output=True, text=True, timeout=HUNG)
     assert res.returncode == 0, res.stderr[-3000:]
     diff = _differences(_state(clean), _state(killed))
     if diff:  # tell a resume bug from run-to-run nondeterminism of the kernels
         twice = tmp_path / "clean-again"
-        subprocess.run(cmd(twice), cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=True)
+        subprocess.run(cmd(twice), cwd=ROOT, env=env, capture_output=True, text=True, timeout=HUNG, check=True)
         noise = _differences(_state(clean), _state(twice))
         pytest.fail(f"resumed from step {step_at_kill} != uninterrupted in {len(diff)} tensors (e.g. {diff[:5]}); "
                     f"two uninterrupted runs differ in {len(noise)} tensors (e.g. {noise[:5]})")

@@ -29,7 +29,7 @@ from repa_cache.stages.images import decode_and_crop
 from repa_cache.stages.teachers import get_teacher, load_teacher
 from repa_cache.stages.vae import VAESpec, load_vae
 
-from ..conftest import tiny_config
+from ..conftest import HUNG, tiny_config
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -336,10 +336,10 @@ def test_sigkill_mid_precompute_then_rerun_equals_uninterrupted(demo_images, tmp
     time.sleep(1.0)  # the worker dies with its parent; give it a moment
     with pytest.raises(CacheError, match="not committed|no committed group"):
         CacheReader(killed)
-    rerun = subprocess.run(base + [str(killed)] + opts, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    rerun = subprocess.run(base + [str(killed)] + opts, cwd=ROOT, capture_output=True, text=True, timeout=HUNG)
     assert rerun.returncode == 0, rerun.stderr
     assert "resumed" in rerun.stdout
-    clean = subprocess.run(base + [str(tmp_path / "clean")] + opts, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    clean = subprocess.run(base + [str(tmp_path / "clean")] + opts, cwd=ROOT, capture_output=True, text=True, timeout=HUNG)
     assert clean.returncode == 0, clean.stderr
     a, b = CacheReader(tmp_path / "clean"), CacheReader(killed)
     np.testing.assert_array_equal(a.valid, b.valid)

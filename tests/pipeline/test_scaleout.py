@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 from distributed.diagnostics.plugin import WorkerPlugin
 
-from ..conftest import tiny_config
+from ..conftest import HUNG, tiny_config
 
 READ_GROUPS = ["latents", "tiny"]
 READ_KEYS = ["latents/mean", "latents/std", "teachers/tiny/patch", "teachers/tiny/cls"]
@@ -114,14 +114,14 @@ def test_worker_sigkilled_mid_precompute_run_completes_and_equals_in_process_run
         done_at_kill = len(list(records.rglob("*.json")))
         os.kill(pids[victim], signal.SIGKILL)
         print(f"killed {victim} with {done_at_kill} of 22 shard records written")
-        th.join(timeout=240)
+        th.join(timeout=HUNG)
         assert not th.is_alive(), "precompute did not finish after a worker was killed"
         assert "error" not in result, result.get("error")
         assert done_at_kill < 2 * 11, "the kill landed after the last shard; the test proves nothing"
         res = result["res"]
         assert res.shards_written == 11
         assert res.groups == {"latents": "written", "teachers/tiny": "written"}
-        client.wait_for_workers(2, timeout=60)  # the nanny replaced the killed worker process
+        client.wait_for_workers(2, timeout=HUNG)  # the nanny replaced the killed worker process
         new_pids = client.run(os.getpid)
         assert pids[victim] not in new_pids.values() and len(new_pids) == 2
         assert set(client.run(_torch_threads).values()) == {max(1, os.cpu_count() or 1)}
@@ -243,7 +243,7 @@ def test_four_readers_and_a_writer_adding_a_teacher(tiny_cache, demo_images, tmp
             elif msg[0] != "ready":
                 results[msg[1]] = msg
         for p in procs:
-            p.join(timeout=30)
+            p.join(timeout=HUNG)
     finally:
         writer_done.set()
         for p in procs:

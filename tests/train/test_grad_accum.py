@@ -19,6 +19,8 @@ from repa_cache.train.methods import StepBatch, make_method
 from repa_cache.train.model import sit_config
 from repa_cache.train.step import build_trainer, micro_batches, train_step
 
+from ..conftest import HUNG
+
 
 def test_micro_batches_cover_the_batch_in_order():
     assert micro_batches(8, 1) == [slice(0, 8)]
@@ -93,7 +95,7 @@ def test_torchrun_two_gloo_ranks_with_k_2_match_k_1(tiny_cache, tmp_path):
             torchrun + ["-m", "repa_cache.cli", "train", "--cache", str(tiny_cache), "--out", str(tmp_path / f"k{k}"), "--model",
                         "SiT-tiny/2", "--batch-size", "8", "--max-steps", "2", "--ckpt-every", "2", "--workers", "0", "--device", "cpu",
                         "--grad-accum", str(k), "-q"],
-            env=env, capture_output=True, text=True, timeout=300,
+            env=env, capture_output=True, text=True, timeout=HUNG,
         )
         assert res.returncode == 0, res.stderr[-2000:]
     _close_states(tmp_path / "k1", tmp_path / "k2", atol=1e-5)

@@ -29,6 +29,7 @@ from repa_cache.train.loop import train
 from repa_cache.train.methods import base as step_mod
 
 from ..cache.shards import index_entries, num_chunks_of
+from ..conftest import HUNG
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -105,7 +106,7 @@ def test_sigkill_then_rerun_equals_uninterrupted(tiny_cache, tmp_path):
     assert kept is not None, proc.stderr.read().decode()
     step_at_kill = load_checkpoint(kept).step
     assert step_at_kill < 40, "the run finished before it could be killed; the test proves nothing"
-    out = subprocess.run(args + ["--out", str(killed)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    out = subprocess.run(args + ["--out", str(killed)], cwd=ROOT, capture_output=True, text=True, timeout=HUNG)
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith(f"run {killed}: step 40 (resumed from step {step_at_kill});") and out.stderr == ""  # -q
     train(cfg(tiny_cache, tmp_path / "clean", max_steps=40, ckpt_every=5, log_every=5))
@@ -165,7 +166,7 @@ def test_torchrun_two_gloo_processes(tiny_cache, tmp_path):
     )
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    res = subprocess.run(torchrun + [str(script), str(tiny_cache), str(tmp_path / "idx.json")], env=env, capture_output=True, text=True, timeout=300)
+    res = subprocess.run(torchrun + [str(script), str(tiny_cache), str(tmp_path / "idx.json")], env=env, capture_output=True, text=True, timeout=HUNG)
     assert res.returncode == 0, res.stderr[-2000:]
     per_rank = json.loads((tmp_path / "idx.json").read_text())
     single = CacheBatches(DataConfig(str(tiny_cache), ("tiny",), global_batch=8, num_workers=0))
@@ -178,7 +179,7 @@ def test_torchrun_two_gloo_processes(tiny_cache, tmp_path):
     res = subprocess.run(
         torchrun + ["-m", "repa_cache.cli", "train", "--cache", str(tiny_cache), "--out", str(run), "--model", "SiT-tiny/2",
                     "--batch-size", "8", "--max-steps", "2", "--ckpt-every", "2", "--log-every", "1", "--workers", "0", "--device", "cpu"],
-        env=env, capture_output=True, text=True, timeout=300,
+        env=env, capture_output=True, text=True, timeout=HUNG,
     )
     assert res.returncode == 0, res.stderr[-2000:]
     assert load_checkpoint(latest_checkpoint(run)).step == 2
@@ -220,7 +221,7 @@ def test_torchrun_non_finite_loss_on_one_rank_stops_every_rank_before_the_next_c
     run = tmp_path / "ddp-nan"
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    res = subprocess.run(torchrun + [str(script), str(tiny_cache), str(run)], env=env, capture_output=True, text=True, timeout=300)
+    res = subprocess.run(torchrun + [str(script), str(tiny_cache), str(run)], env=env, capture_output=True, text=True, timeout=HUNG)
     assert res.returncode == 0, res.stderr[-2000:]
     kept = latest_checkpoint(run)
     assert kept is not None and load_checkpoint(kept).step == 2

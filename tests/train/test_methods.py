@@ -32,6 +32,7 @@ from repa_cache.train.schedule import MAIN, MAIN_NO_ALIGN, WARMUP, AlignSchedule
 from repa_cache.train.step import build_trainer, train_step
 from repa_cache.train.student import load_student
 
+from ..conftest import HUNG
 from ..train.hand import hand_step, kick
 
 CPU = torch.device("cpu")
@@ -402,7 +403,7 @@ def test_phase_changes_under_torchrun(tiny_cache, tmp_path):
         torchrun + ["-m", "repa_cache.cli", "train", "--cache", str(tiny_cache), "--out", str(run), "--model", "SiT-tiny/2",
                     "--method", "reg", "--warmup-steps", "1", "--align-schedule", "stop:1", "--batch-size", "8", "--max-steps", "3",
                     "--ckpt-every", "3", "--log-every", "1", "--workers", "0", "--device", "cpu", "-q"],
-        env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=HUNG,
     )
     assert res.returncode == 0, res.stderr[-2000:]
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
