@@ -359,6 +359,14 @@ class ReaderBase(abc.ABC):
         takes to decode the arrays of a ``raw=True`` read."""
         return self.group(group).meta.codec
 
+    def _negative_scale(self, group: str, name: str, rows: np.ndarray) -> int | None:
+        """The first row of ``rows`` (of ``group/name``) holding a negative int8 scale, or None. A
+        scale is its token's largest magnitude, never below 0: a negative one would flip the token."""
+        if name not in {scale_name(a) for a in _quantised(self.feature_codec(group))}:
+            return None
+        negative = (rows.reshape(rows.shape[0], -1) < 0).any(axis=1)
+        return int(np.flatnonzero(negative)[0]) if negative.any() else None
+
     def _stored(self, wanted: list[tuple[str, str]]) -> list[tuple[str, str]]:
         """The stored arrays a read of ``wanted`` fetches: quantised arrays with their scales."""
         out: list[tuple[str, str]] = []
@@ -750,12 +758,11 @@ class CacheReader(ReaderBase):
                 f"group '{group}' of {self.root}: shard {self.meta.shard_of(i)} has missing or non-finite data "
                 f"in '{name}' at index {i} (damaged cache; run `repa verify`)"
             )
-        if name in {scale_name(a) for a in _quantised(self.feature_codec(group))}:
-            negative = (flat < 0).any(axis=1)  # a scale is a token's largest magnitude: never below 0
-            if negative.any():
-                i = int(idx[np.flatnonzero(negative)[0]])
-                raise CacheError(f"group '{group}' of {self.root}: shard {self.meta.shard_of(i)} has negative scales "
-                                 f"in '{name}' at index {i} (damaged cache; run `repa verify`)")
+        row = self._negative_scale(group, name, rows)
+        if row is not None:
+            i = int(idx[row])
+            raise CacheError(f"group '{group}' of {self.root}: shard {self.meta.shard_of(i)} has negative scales "
+                             f"in '{name}' at index {i} (damaged cache; run `repa verify`)")
 
 
 def parse_record(group: str, shard: int, raw: bytes) -> ShardRecord | None:

@@ -282,6 +282,8 @@ class WdsReader(ReaderBase):
                              f"expected {spec.dtype}{want}")
         if not np.isfinite(arr).all():
             raise CacheError(f"{self.root}: shard {fname} has non-finite data in '{group}/{name}' at index {index}")
+        if self._negative_scale(group, name, arr[None]) is not None:
+            raise CacheError(f"{self.root}: shard {fname} has negative scales in '{group}/{name}' at index {index}")
         return arr
 
 

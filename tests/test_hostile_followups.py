@@ -449,6 +449,24 @@ def test_a_negative_scale_is_refused_by_the_reader_naming_the_sample(int8_cache,
                             "(damaged cache; run `repa verify`)")
 
 
+def test_a_negative_scale_in_an_export_is_refused_by_its_reader(int8_cache, tmp_path):
+    """The webdataset export's reader checks the values of each member as the cache's does."""
+    from repa_cache.cache.errors import CacheError
+    from repa_cache.cache.wds import export_wds, npy_bytes
+    from repa_cache.cache.wds_reader import WdsReader
+
+    export_wds(int8_cache, tmp_path / "wds", quiet=True)
+    reader = WdsReader(tmp_path / "wds")
+    i = int(reader.valid_indices()[0])
+    good = reader.read([i], raw=True)[f"{GROUP}/cls_scale"][0]  # (V, 1)
+    assert reader._decode(npy_bytes(good), "x.tar", i, GROUP, "cls_scale").tolist() == good.tolist()
+    bad = good.copy()
+    bad[0, 0] = -0.5
+    with pytest.raises(CacheError) as e:
+        reader._decode(npy_bytes(bad), "x.tar", i, GROUP, "cls_scale")
+    assert str(e.value) == f"{reader.root}: shard x.tar has negative scales in '{GROUP}/cls_scale' at index {i}"
+
+
 @pytest.mark.parametrize("kind", ["pickle", "garbage"])
 def test_init_from_a_hostile_checkpoint_runs_no_code(tiny_cache, tmp_path, run_cli, kind):
     from repa_cache.train import checkpoint as ck
