@@ -217,12 +217,17 @@ def release(root: StorePath, info: dict[str, Any]) -> None:
 
 @contextlib.contextmanager
 def writer_lock(root: StorePath, command: str, quiet: bool = False) -> Iterator[dict[str, Any]]:
-    """Hold the lock of ``root`` for the duration of a ``with`` block."""
+    """Hold the lock of ``root`` for the duration of a ``with`` block. A local folder made for the
+    lock alone is removed again when the block left nothing in it (a command refused before it
+    wrote anything leaves no empty folder behind)."""
+    created = root.is_local and not root.exists()
     info = acquire(root, command, quiet)
     try:
         yield info
     finally:
         release(root, info)
+        if created and root.is_dir() and not any(root.iterdir()):
+            root.local.rmdir()
 
 
 def is_our_lock(path: StorePath) -> bool:

@@ -282,20 +282,15 @@ def train(cfg: TrainConfig, setup: RunSetup | None = None, hooks: Sequence[HookF
 def run_lock(run: Path, quiet: bool = False) -> Iterator[None]:
     """One ``repa train`` per run folder: rank 0 holds the folder's lock (:mod:`cache.lock`) while
     the run lasts, so a second run into it is refused in one line naming the first (a lock left by a
-    killed run on this host is taken over). A folder made for the lock alone is removed again when
-    the run left nothing in it (refused before it started)."""
+    killed run on this host is taken over; a folder made for the lock alone goes again when the run
+    was refused before it started, see :func:`cache.lock.writer_lock`)."""
     if int(os.environ.get("RANK", "0")) != 0:
         yield
         return
     if run.exists() and not run.is_dir():
         raise UsageError(f"--out {run} is an existing file, not a run folder")
-    created = not run.exists()
-    try:
-        with writer_lock(store_path(run), "repa train", quiet=quiet):
-            yield
-    finally:
-        if created and run.is_dir() and not any(run.iterdir()):
-            run.rmdir()
+    with writer_lock(store_path(run), "repa train", quiet=quiet):
+        yield
 
 
 def _train(cfg: TrainConfig, setup: RunSetup, hooks: Sequence[HookFactory]) -> TrainResult:
