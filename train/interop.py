@@ -49,6 +49,8 @@ log = logging.getLogger(__name__)
 
 #: REPA's latent normalisation (``latents_scale`` 0.18215, ``latents_bias`` 0 in train.py and generate.py).
 REPA_LATENT_NORM = LatentNorm((0.18215,), (0.0,))
+#: ``--latent-norm`` of an import: REPA's scale, or the named VAE's config (:class:`ImportOptions`).
+LATENT_NORMS = ("repa", "vae")
 #: Key prefixes that differ: REPA's (timm ``PatchEmbed``) -> ours (a bare ``Conv2d``).
 _RENAMES = (("x_embedder.proj.", "x_embedder."),)
 _BLOCK = re.compile(r"^blocks\.(\d+)\.")
@@ -311,6 +313,8 @@ def import_repa_checkpoint(src: str | Path, out_run: str | Path, opts: ImportOpt
             missing or mismatched keys (named), or ``out_run`` is not a new or empty folder.
     """
     opts = opts or ImportOptions()
+    if opts.latent_norm not in LATENT_NORMS:  # options first: before the file is read
+        raise UsageError(f"--latent-norm must be {' or '.join(LATENT_NORMS)}, not '{opts.latent_norm}'")
     src, out_run = Path(src), Path(out_run)
     if out_run.exists() and (not out_run.is_dir() or any(out_run.iterdir())):
         raise UsageError(f"{out_run} exists and is not an empty folder; pass a new run folder")
@@ -373,8 +377,6 @@ def _import_norm(opts: ImportOptions, config: SiTConfig, src: Path) -> LatentNor
     """The latent normalisation a release was trained with (see :class:`ImportOptions`)."""
     if opts.latent_norm == "repa":
         return REPA_LATENT_NORM
-    if opts.latent_norm != "vae":
-        raise UsageError(f"--latent-norm must be repa or vae, not '{opts.latent_norm}'")
     from repa_cache.stages.vae import VAESpec, latent_norm, vae_config
 
     vae = vae_config(VAESpec(canonical_vae(opts.vae)))

@@ -437,6 +437,8 @@ def test_a_patch_1_release_on_f16d32_latents_round_trips(tmp_path: Path) -> None
     assert load_checkpoint(latest_checkpoint(tmp_path / "f16")).card.norm == latent_norm(vae_config(VAESpec("tiny-f16")))
     with pytest.raises(UsageError, match=r"takes 32 latent channels but VAE 'tiny' has 4$"):
         import_repa_checkpoint(tmp_path / "0000001.pt", tmp_path / "f8", dataclasses.replace(OPTS, latent_norm="vae"))
+    with pytest.raises(UsageError, match=r"^--latent-norm must be repa or vae, not 'sd'$"):
+        import_repa_checkpoint(tmp_path / "missing.pt", tmp_path / "f8", dataclasses.replace(OPTS, latent_norm="sd"))
 
 
 def test_sit_xl_1_on_f16d32_latents_is_named_from_its_shapes() -> None:
