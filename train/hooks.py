@@ -81,6 +81,16 @@ def init_distributed(device: torch.device) -> DistInfo:
     )
 
 
+def leave_distributed(di: DistInfo) -> None:
+    """The end of a run under torchrun: wait for every rank, then leave the process group, so that
+    no rank exits (closing its connections) while another still tears its own down; gloo aborts a
+    process whose peer vanished under it. Only after a run that ended normally: a failed rank
+    leaves at once and torchrun stops the others."""
+    if di.world_size > 1 and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 @dataclass
 class RunContext:
     """The run as its hooks see it (built once, after the trainer and before the first step)."""

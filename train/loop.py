@@ -63,6 +63,7 @@ from repa_cache.train.hooks import (
     StepInfo,
     alignment_probe,
     init_distributed,
+    leave_distributed,
     loss_terms,
 )
 from repa_cache.train.loss import resample_tokens
@@ -333,6 +334,7 @@ def _train(cfg: TrainConfig, setup: RunSetup, hooks: Sequence[HookFactory]) -> T
     finally:
         if ctx.trackers is not None:
             ctx.trackers.close()
+    leave_distributed(ctx.di)
     return TrainResult(ctx.run, step, metrics.last, ckpt.step if ckpt is not None else None)
 
 

@@ -405,7 +405,7 @@ def test_phase_changes_under_torchrun(tiny_cache, tmp_path):
                     "--ckpt-every", "3", "--log-every", "1", "--workers", "0", "--device", "cpu", "-q"],
         env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=HUNG,
     )
-    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.returncode == 0, res.stderr[:3000] + "\n...\n" + res.stderr[-2000:]  # a rank's own error comes first
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [sorted(k for k in r if k in ("repa", "denoise", "denoise_cls")) for r in rows] == [
         ["repa"], ["denoise", "denoise_cls", "repa"], ["denoise", "denoise_cls"]]
