@@ -76,7 +76,7 @@ class IRepa(Method[IRepaOptions]):
     summary = "iREPA: 3x3 conv projector, target z-scored over each image's tokens (alpha 0.6, proj_coeff 1.0)"
     source = "arXiv 2512.10794; github.com/End2End-Diffusion/iREPA (ldm/utils.py spatial_zscore, ldm/models/sit.py)"
     Options = IRepaOptions
-    sampling_source = "REPA's, inherited: iREPA's README runs generate.py with its defaults, which could not be read here"
+    sampling_source = "REPA's, inherited: iREPA's README runs generate.py with its defaults and publishes no settings of its own"
 
     def build_student(self, config: SiTConfig) -> SiT:
         k = self.options.kernel_size
