@@ -4,6 +4,7 @@ produce, resume and add-a-teacher do only the missing work, mismatches and bad i
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -44,6 +45,19 @@ def _shard_crops(reader: CacheReader, data: Path, shard: int) -> tuple[np.ndarra
             idx.append(i)
             crops.append(res.image)
     return np.array(idx), torch.from_numpy(np.stack(crops)).permute(0, 3, 1, 2).contiguous()
+
+
+def encode_as_worker(vae, crops: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``encode_images`` with as many threads as the one local worker used: CPU results depend on
+    the thread count in the last bits."""
+    from repa_cache.stages.vae import encode_images
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(os.cpu_count() or 1)
+    try:
+        return encode_images(vae, crops)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_stored_latents_equal_autoencoderkl_posterior(tiny_cache, demo_images):

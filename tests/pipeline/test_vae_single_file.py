@@ -22,13 +22,13 @@ from repa_cache.eval.config import SampleConfig
 from repa_cache.eval.sample import sample
 from repa_cache.pipeline.precompute import precompute
 from repa_cache.stages.hashing import state_dict_sha256
-from repa_cache.stages.vae import VAESpec, encode_images, load_vae, vae_config
+from repa_cache.stages.vae import VAESpec, load_vae, vae_config
 from repa_cache.train.config import TrainConfig
 from repa_cache.train.loop import train
 
 from ..conftest import tiny_config
 from ..stages.ldm_layout import ldm_state_dict
-from .test_precompute import _shard_crops
+from .test_precompute import _shard_crops, encode_as_worker
 
 
 def _f16d32(seed: int, **changes) -> AutoencoderKL:
@@ -78,12 +78,7 @@ def test_precompute_from_each_form_stores_the_vaes_own_posterior(caches, demo_im
     readers = {kind: CacheReader(path) for kind, path in caches.items()}
     for shard in range(readers["folder"].meta.num_shards):
         idx, crops = _shard_crops(readers["folder"], demo_images, shard)
-        threads = torch.get_num_threads()
-        torch.set_num_threads(os.cpu_count() or 1)  # as the one local worker did: CPU results depend on it in the last bits
-        try:
-            mean, std = encode_images(vae, crops)
-        finally:
-            torch.set_num_threads(threads)
+        mean, std = encode_as_worker(vae, crops)
         for kind, reader in readers.items():
             got = reader.read(idx)
             np.testing.assert_array_equal(got["latents/mean"][:, 0], mean.numpy(), err_msg=kind)

@@ -6,7 +6,6 @@ samples on them."""
 from __future__ import annotations
 
 import dataclasses
-import os
 from pathlib import Path
 
 import numpy as np
@@ -18,14 +17,14 @@ from repa_cache.cache.reader import CacheReader
 from repa_cache.eval.config import SampleConfig
 from repa_cache.eval.sample import sample
 from repa_cache.pipeline.precompute import precompute
-from repa_cache.stages.vae import VAESpec, encode_images, load_vae
+from repa_cache.stages.vae import VAESpec, load_vae
 from repa_cache.train.checkpoint import latest_checkpoint, load_checkpoint
 from repa_cache.train.config import TrainConfig
 from repa_cache.train.loop import plan_run, train
 from repa_cache.train.model import sit_config
 
 from ..conftest import tiny_config
-from ..pipeline.test_precompute import _shard_crops
+from ..pipeline.test_precompute import _shard_crops, encode_as_worker
 
 
 @pytest.fixture(scope="module")
@@ -41,12 +40,7 @@ def test_tiny_f16_latents_are_the_vaes_own_posterior(f16_cache, demo_images):
     assert (rec.latent_size, rec.latent_channels, reader.group("latents").meta.model["downsample_factor"]) == (16, 32, 16)
     vae = load_vae(VAESpec("tiny-f16"))
     idx, crops = _shard_crops(reader, demo_images, 0)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(os.cpu_count() or 1)  # as the one local worker did: CPU results depend on it in the last bits
-    try:
-        mean, std = encode_images(vae, crops)
-    finally:
-        torch.set_num_threads(threads)
+    mean, std = encode_as_worker(vae, crops)
     got = reader.read(idx)
     np.testing.assert_array_equal(got["latents/mean"][:, 0], mean.numpy())
     np.testing.assert_array_equal(got["latents/std"][:, 0], std.numpy())
